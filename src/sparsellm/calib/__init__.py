@@ -1,0 +1,1 @@
+"""Calibration glue: hooks and sequential block-by-block propagation."""

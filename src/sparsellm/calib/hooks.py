@@ -1,0 +1,28 @@
+"""Context managers for forward hooks that are always removed, even on error."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+@contextmanager
+def input_hooks(
+    modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]
+) -> Iterator[None]:
+    """Call ``fn(name, x)`` with the (detached) first input of each module on every forward."""
+    handles = []
+    try:
+        for name, module in modules.items():
+
+            def hook(_mod: nn.Module, args: tuple, _out: object, _name: str = name) -> None:
+                fn(_name, args[0].detach())
+
+            handles.append(module.register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,1 @@
+"""Text corpora and token windows for calibration and evaluation."""

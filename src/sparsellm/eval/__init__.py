@@ -1,0 +1,1 @@
+"""Evaluation: perplexity (and, later, zero-shot, long-context, KL, speed)."""

@@ -1,0 +1,78 @@
+"""The one table of architecture knowledge.
+
+Everything that walks a model asks this module where the transformer blocks are and
+which leaf modules are "linear projections"; no other file knows `model.model.layers`.
+Adding an architecture is one row in `ADAPTERS` plus a tiny builder in `tiny.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from sparsellm.errors import SparseLLMError
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Where things live in one family of HF causal LMs."""
+
+    blocks: str  # dotted path from the top model to the nn.ModuleList of blocks
+
+
+ADAPTERS: dict[str, Adapter] = {
+    "llama": Adapter(blocks="model.layers"),
+    "mistral": Adapter(blocks="model.layers"),
+    "qwen2": Adapter(blocks="model.layers"),
+    "qwen3": Adapter(blocks="model.layers"),
+    "gemma3_text": Adapter(blocks="model.layers"),
+    "gpt2": Adapter(blocks="transformer.h"),  # projections are Conv1D, see weight_matrix
+}
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    """Adapter for `model`, or a clear error listing what is supported."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ADAPTERS:
+        raise SparseLLMError(
+            f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(ADAPTERS))}"
+        )
+    return ADAPTERS[model_type]
+
+
+def get_blocks(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of transformer blocks."""
+    return model.get_submodule(get_adapter(model).blocks)
+
+
+def blocks_prefix(model: nn.Module) -> str:
+    """Dotted prefix of block names, e.g. ``model.layers``."""
+    return get_adapter(model).blocks
+
+
+def is_linear(module: nn.Module) -> bool:
+    """True for the leaf projections we know how to sparsify."""
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def block_linears(block: nn.Module) -> dict[str, nn.Module]:
+    """Linear projections inside one block, by name relative to the block."""
+    return {name: m for name, m in block.named_modules() if name and is_linear(m)}
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight as (out_features, in_features), a view into the parameter.
+
+    GPT-2's Conv1D stores (in, out); we hide that here so that every score, mask and
+    update is written once for the (out, in) convention of nn.Linear.
+    """
+    w = module.weight.data
+    return w.t() if isinstance(module, Conv1D) else w
+
+
+def set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
+    """Write an (out, in) matrix back into the module's parameter, keeping its dtype."""
+    weight_matrix(module).copy_(w.to(module.weight.dtype))

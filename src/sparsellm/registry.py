@@ -1,0 +1,22 @@
+"""Method name -> (config class, method class). Explicit imports, one line per method."""
+
+from __future__ import annotations
+
+from sparsellm.errors import SparseLLMError
+from sparsellm.weights.base import WeightPruneConfig, WeightPruner
+from sparsellm.weights.magnitude import Magnitude, MagnitudeConfig
+from sparsellm.weights.sparsegpt import SparseGPT, SparseGPTConfig
+from sparsellm.weights.wanda import Wanda, WandaConfig
+
+METHODS: dict[str, tuple[type[WeightPruneConfig], type[WeightPruner]]] = {
+    "magnitude": (MagnitudeConfig, Magnitude),
+    "wanda": (WandaConfig, Wanda),
+    "sparsegpt": (SparseGPTConfig, SparseGPT),
+}
+
+
+def lookup(method: str) -> tuple[type[WeightPruneConfig], type[WeightPruner]]:
+    """Config and method classes for `method`, or an error listing the valid names."""
+    if method not in METHODS:
+        raise SparseLLMError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    return METHODS[method]

@@ -1,0 +1,1 @@
+"""Human-readable reports (Markdown tables) from run results."""

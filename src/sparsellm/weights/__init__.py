@@ -1,0 +1,1 @@
+"""Weight sparsity: mask math, scores and the pruning methods."""

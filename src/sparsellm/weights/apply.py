@@ -1,0 +1,121 @@
+"""Apply one weight-pruning recipe step to a model (the framework side of pruning).
+
+Owns: choosing target layers, validating them before any work starts, running the
+sequential calibration, feeding hooks into the method's statistics, writing pruned
+weights back, and measuring what was achieved per layer.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparsellm.calib.hooks import input_hooks
+from sparsellm.calib.sequential import run_sequential
+from sparsellm.errors import SparseLLMError
+from sparsellm.models.adapters import (
+    block_linears,
+    blocks_prefix,
+    get_blocks,
+    set_weight_matrix,
+    weight_matrix,
+)
+from sparsellm.recipe import Step
+from sparsellm.registry import lookup
+from sparsellm.weights.masks import check_nm_shape
+
+
+def matches(name: str, patterns: tuple[str, ...]) -> bool:
+    """``re:REGEX`` (re.match) or an exact name / trailing dotted component."""
+    for pat in patterns:
+        if pat.startswith("re:"):
+            if re.match(pat[3:], name):
+                return True
+        elif name == pat or name.endswith("." + pat):
+            return True
+    return False
+
+
+def select_targets(model: nn.Module, step: Step) -> list[dict[str, nn.Module]]:
+    """Per block, the linears (by fully qualified name) this step prunes."""
+    cfg = step.config
+    prefix = blocks_prefix(model)
+    selected = []
+    for i, block in enumerate(get_blocks(model)):
+        chosen = {}
+        for rel, module in block_linears(block).items():
+            fqn = f"{prefix}.{i}.{rel}"
+            if cfg.targets and not matches(fqn, cfg.targets):
+                continue
+            if matches(fqn, cfg.ignore):
+                continue
+            chosen[fqn] = module
+        selected.append(chosen)
+    if not any(selected):
+        raise SparseLLMError(
+            f"step {step.method!r}: targets {list(cfg.targets)} / ignore {list(cfg.ignore)} "
+            "match no linear layer inside the transformer blocks"
+        )
+    return selected
+
+
+def check_finite(model: nn.Module) -> None:
+    """Refuse to work on weights that already contain NaN or Inf."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise SparseLLMError(f"weights contain NaN/Inf in {name}; refusing to prune")
+
+
+def apply_step(
+    model: nn.Module,
+    step: Step,
+    calib: torch.Tensor | None = None,
+    batch_size: int = 8,
+    calib_dtype: torch.dtype | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Prune the step's targets in place; return per-layer target/measured sparsity."""
+    _, method_cls = lookup(step.method)
+    pruner = method_cls(step.config)
+    selected = select_targets(model, step)
+    pattern = step.config.parsed_pattern
+    for chosen in selected:
+        for fqn, module in chosen.items():
+            check_nm_shape(pattern, weight_matrix(module).shape[1], fqn)
+    target = step.config.target_sparsity
+    layers: dict[str, dict[str, Any]] = {}
+
+    def prune(fqn: str, module: nn.Module, stats: Any) -> None:
+        t0 = time.perf_counter()
+        new = pruner.prune(weight_matrix(module).float(), stats)
+        set_weight_matrix(module, new)
+        measured = (weight_matrix(module) == 0).float().mean().item()
+        layers[fqn] = {"target": target, "sparsity": measured, "seconds": time.perf_counter() - t0}
+
+    if pruner.stats is None:
+        with torch.no_grad():
+            for chosen in selected:
+                for fqn, module in chosen.items():
+                    prune(fqn, module, None)
+        return layers
+
+    if calib is None:
+        raise SparseLLMError(f"method {step.method!r} needs calibration data")
+    stats_cls = pruner.stats
+
+    def process_block(i: int, block: nn.Module, forward: Any) -> None:
+        chosen = selected[i]
+        if not chosen:
+            return
+        stats = {fqn: stats_cls(weight_matrix(m).shape[1]) for fqn, m in chosen.items()}
+        with input_hooks(chosen, lambda fqn, x: stats[fqn].update(x)):
+            forward()
+        for fqn, module in chosen.items():
+            prune(fqn, module, stats[fqn])
+
+    batches = list(calib.split(batch_size))
+    run_sequential(model, batches, process_block, desc=f"{step.method}", dtype=calib_dtype)
+    return layers

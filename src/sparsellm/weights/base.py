@@ -1,0 +1,123 @@
+"""Base classes for weight pruners: step config, calibration statistics, pruner.
+
+A pruner is a small object with pure math: given an (out, in) fp32 weight and the
+statistics collected for that layer, return the pruned weight. Everything else
+(walking the model, hooks, sequential propagation, dtypes, progress) lives in
+`sparsellm.weights.apply`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from sparsellm.errors import SparseLLMError
+from sparsellm.weights.masks import Pattern, check_sparsity, make_mask, parse_pattern
+
+
+@dataclass(frozen=True)
+class WeightPruneConfig:
+    """Keys every weight-pruning recipe step accepts.
+
+    `sparsity` defaults to 0.5; for an N:M pattern it defaults to N/M and, if given,
+    must agree with it. `targets` / `ignore` select block linears by fully qualified
+    name: ``"re:REGEX"`` matches with `re.match`, any other string matches the exact
+    name or a trailing ``.name`` component (so ``"down_proj"`` selects every down_proj).
+    Empty `targets` means every linear projection inside the transformer blocks.
+    """
+
+    sparsity: float | None = None
+    pattern: str = "unstructured"
+    targets: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        parsed = parse_pattern(self.pattern)
+        if self.sparsity is not None:
+            check_sparsity(self.sparsity)
+            if parsed.is_nm and abs(self.sparsity - parsed.sparsity) > 1e-9:
+                raise SparseLLMError(
+                    f"pattern {parsed} implies sparsity {parsed.sparsity:g}, "
+                    f"but sparsity {self.sparsity:g} was asked for"
+                )
+        for key in ("targets", "ignore"):
+            value = getattr(self, key)
+            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                raise SparseLLMError(f"{key} must be a list of strings, got {value!r}")
+            object.__setattr__(self, key, tuple(value))
+
+    @property
+    def parsed_pattern(self) -> Pattern:
+        return parse_pattern(self.pattern)
+
+    @property
+    def target_sparsity(self) -> float:
+        implied = self.parsed_pattern.sparsity
+        if implied is not None:
+            return implied
+        return 0.5 if self.sparsity is None else float(self.sparsity)
+
+
+class Stats:
+    """Per-layer calibration statistics, accumulated in fp32 from (tokens, in) inputs."""
+
+    def __init__(self, in_features: int) -> None:
+        self.in_features = in_features
+        self.tokens = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class RowNormSq(Stats):
+    """Σ_t x_tj² per input channel j: Wanda's ‖X_j‖₂² (squared column norm of the inputs)."""
+
+    def __init__(self, in_features: int) -> None:
+        super().__init__(in_features)
+        self.value = torch.zeros(in_features, dtype=torch.float32)
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, self.in_features).float()
+        self.value += x.square().sum(0)
+        self.tokens += x.shape[0]
+
+
+class Hessian(Stats):
+    """XᵀX / tokens: the layer-wise reconstruction Hessian (up to the factor 2)."""
+
+    def __init__(self, in_features: int) -> None:
+        super().__init__(in_features)
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float32)
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, self.in_features).float()
+        self.sum.addmm_(x.t(), x)
+        self.tokens += x.shape[0]
+
+    @property
+    def value(self) -> torch.Tensor:
+        return self.sum / max(self.tokens, 1)
+
+
+class WeightPruner:
+    """A weight-pruning method. Subclasses set `stats` and implement `score` or `prune`."""
+
+    stats: ClassVar[type[Stats] | None] = None  # None: needs no calibration data
+    per: ClassVar[str] = "layer"  # comparison group for unstructured masks
+
+    def __init__(self, config: WeightPruneConfig) -> None:
+        self.config = config
+
+    def score(self, weight: torch.Tensor, stats: Stats | None) -> torch.Tensor:
+        """Importance of every weight; the lowest are pruned."""
+        raise NotImplementedError
+
+    def prune(self, weight: torch.Tensor, stats: Stats | None) -> torch.Tensor:
+        """Pruned copy of the fp32 (out, in) `weight`; score-and-mask by default."""
+        cfg = self.config
+        mask = make_mask(
+            self.score(weight, stats), cfg.target_sparsity, cfg.parsed_pattern, self.per
+        )
+        return weight.masked_fill(mask, 0.0)

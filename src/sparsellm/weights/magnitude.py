@@ -1,0 +1,22 @@
+"""Magnitude pruning: drop the smallest |W| in each layer (no calibration data)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sparsellm.weights.base import Stats, WeightPruneConfig, WeightPruner
+
+
+@dataclass(frozen=True)
+class MagnitudeConfig(WeightPruneConfig):
+    """Magnitude has no knobs beyond the common ones."""
+
+
+class Magnitude(WeightPruner):
+    stats = None
+    per = "layer"  # one threshold per weight matrix
+
+    def score(self, weight: torch.Tensor, stats: Stats | None) -> torch.Tensor:
+        return weight.abs()

@@ -1,0 +1,128 @@
+"""SparseGPT (Frantar & Alistarh, 2023): one-shot pruning with OBS weight updates.
+
+For a layer with calibration inputs X, minimise ‖WX − ŴX‖² with H = XᵀX. Columns are
+processed left to right in blocks of `blocksize`; within a block each column's pruned
+entries are removed and the error is spread over the not-yet-processed columns with
+the row of the upper Cholesky factor of H⁻¹ (the OBS update), then the accumulated
+block error is applied to all later columns in one matmul (lazy batch update).
+
+Masks are chosen adaptively per block (unstructured: the lowest w²/[H⁻¹]_jj² over the
+whole block) or per group of M columns (N:M: the N lowest in each row), always on the
+*already updated* weights, as in the paper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sparsellm.errors import SparseLLMError
+from sparsellm.weights.base import Hessian, Stats, WeightPruneConfig, WeightPruner
+from sparsellm.weights.masks import lowest_k_mask
+
+
+@dataclass(frozen=True)
+class SparseGPTConfig(WeightPruneConfig):
+    """`dampening`: fraction of mean(diag H) added to H's diagonal; `blocksize`: update width."""
+
+    dampening: float = 0.01
+    blocksize: int = 128
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.dampening > 0:
+            raise SparseLLMError(f"dampening must be > 0, got {self.dampening}")
+        if self.blocksize < 1:
+            raise SparseLLMError(f"blocksize must be >= 1, got {self.blocksize}")
+
+
+def inverse_hessian_factor(
+    hessian: torch.Tensor, dampening: float, retries: int = 3
+) -> torch.Tensor:
+    """Upper Cholesky factor U of (H + λI)⁻¹ (so (H + λI)⁻¹ = UᵀU), λ = dampening·mean(diag H).
+
+    If H + λI is not numerically positive definite, λ is multiplied by 10 up to
+    `retries` times before giving up with a clear error.
+    """
+    n = hessian.shape[0]
+    eye = torch.eye(n, dtype=hessian.dtype)
+    mean_diag = hessian.diagonal().mean().clamp_min(1e-12)
+    for attempt in range(retries + 1):
+        lam = dampening * (10**attempt) * mean_diag
+        chol, info = torch.linalg.cholesky_ex(hessian + lam * eye)
+        if info == 0:
+            inv = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+            if info == 0:
+                return upper
+    raise SparseLLMError(
+        f"Hessian is not positive definite even with dampening {dampening * 10**retries:g}; "
+        "use more calibration samples or a larger dampening"
+    )
+
+
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float,
+    n: int = 0,
+    m: int = 0,
+    blocksize: int = 128,
+    dampening: float = 0.01,
+) -> torch.Tensor:
+    """Pruned and OBS-updated copy of the fp32 (out, in) `weight` (pure function)."""
+    w = weight.clone().float()
+    h = hessian.clone().float()
+    cols = w.shape[1]
+    dead = h.diagonal() == 0  # inputs that never fire: their weights are free to drop
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    hinv = inverse_hessian_factor(h, dampening)
+    if m:
+        blocksize = max(m, blocksize // m * m)  # N:M groups never straddle blocks
+
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        d = hinv1.diagonal()
+        if not m:
+            mask1 = lowest_k_mask(
+                (w1.square() / d.square()).reshape(-1), int(w1.numel() * sparsity)
+            ).view_as(w1)
+        else:
+            mask1 = torch.zeros_like(w1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if m and i % m == 0:
+                group = w1[:, i : i + m].square() / d[i : i + m].square()
+                mask1[:, i : i + m] = lowest_k_mask(group, n)
+            col = w1[:, i]
+            q = col.masked_fill(mask1[:, i], 0.0)
+            e = (col - q) / d[i]
+            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            w1[:, i] = q
+            err1[:, i] = e
+        w[:, i1:i2] = w1
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return w
+
+
+class SparseGPT(WeightPruner):
+    stats = Hessian
+
+    def prune(self, weight: torch.Tensor, stats: Stats | None) -> torch.Tensor:
+        assert isinstance(stats, Hessian)
+        cfg = self.config
+        assert isinstance(cfg, SparseGPTConfig)
+        pattern = cfg.parsed_pattern
+        return sparsegpt_prune(
+            weight,
+            stats.value,
+            cfg.target_sparsity,
+            pattern.n,
+            pattern.m,
+            cfg.blocksize,
+            cfg.dampening,
+        )
