@@ -1,0 +1,45 @@
+import pytest
+
+from sparsellm.errors import SparseLLMError
+from sparsellm.models.adapters import get_adapter
+from sparsellm.models.load import load_model, resolve_source
+from sparsellm.models.tiny import tiny_model
+
+
+def test_resolve_sources(tmp_path, tiny_dir):
+    assert resolve_source(tiny_dir) == ("dir", tiny_dir)
+    assert resolve_source("HuggingFaceTB/SmolLM2-135M") == ("hub", "HuggingFaceTB/SmolLM2-135M")
+    with pytest.raises(SparseLLMError, match="unknown model"):
+        resolve_source("./does/not/exist")
+    with pytest.raises(SparseLLMError, match="no config.json"):
+        resolve_source(tmp_path)
+    junk = tmp_path / "weights.bin"
+    junk.write_bytes(b"\0" * 16)
+    with pytest.raises(SparseLLMError, match="is not a model"):
+        resolve_source(junk)
+
+
+def test_corrupt_inputs_give_clear_errors(tmp_path, tiny_dir):
+    bad_gguf = tmp_path / "broken.gguf"
+    bad_gguf.write_bytes(b"not a gguf file at all")
+    with pytest.raises(SparseLLMError, match="not a loadable GGUF"):
+        load_model(bad_gguf)
+    (tiny_dir / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(SparseLLMError, match="could not load model"):
+        load_model(tiny_dir)
+
+
+def test_load_local_dir(tiny_dir):
+    loaded = load_model(tiny_dir)
+    model, tok = loaded
+    assert loaded.info["kind"] == "dir" and loaded.info["model_type"] == "llama"
+    ids = tok("sparse é").input_ids
+    assert len(ids) == len("sparse é".encode()) and tok.decode(ids) == "sparse é"
+    assert not model.training
+
+
+def test_unsupported_architecture_listed():
+    model = tiny_model("llama")
+    model.config.model_type = "mystery"
+    with pytest.raises(SparseLLMError, match="supported: gemma3_text, gpt2, llama"):
+        get_adapter(model)

@@ -1,0 +1,108 @@
+"""CLI behaviour on a tiny on-disk model: end to end, and clear errors on bad input."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from sparsellm.cli import main
+
+
+def _args(tiny_dir, text_file, out, *extra):
+    return ["prune", "--model", str(tiny_dir), "--calib", str(text_file), "--eval",
+            str(text_file), "--nsamples", "4", "--seqlen", "64", "--eval-windows", "4",
+            "--out", str(out), *extra]
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_prune_end_to_end_json(tiny_dir, text_file, tmp_path, capsys, method):
+    out = tmp_path / "sparse"
+    code = main(_args(tiny_dir, text_file, out, "--method", method, "--pattern", "2:4", "--json"))
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("method", "pattern", "target_sparsity", "measured_sparsity", "prune_seconds",
+                "dense_ppl", "sparse_ppl"):
+        assert key in result
+    assert result["method"] == method and result["pattern"] == "2:4"
+    assert result["measured_sparsity"] == pytest.approx(0.5)
+    assert result["sparse_ppl"] > 0 and result["dense_ppl"] > 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert (model.model.layers[0].mlp.down_proj.weight == 0).float().mean() == 0.5
+    assert (out / "report.md").read_text().count("model.layers.") == 14
+    # `eval` on the saved model reproduces the sparse perplexity
+    assert main(["eval", "--model", str(out), "--eval", str(text_file), "--seqlen", "64",
+                 "--eval-windows", "4", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["ppl"] == pytest.approx(result["sparse_ppl"], rel=1e-6)
+    assert again["block_linear_sparsity"] == pytest.approx(0.5)
+
+
+def test_recipe_file(tiny_dir, text_file, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("- method: wanda\n  sparsity: 0.3\n  targets: ['re:.*mlp']\n"
+                      "- method: magnitude\n  pattern: '4:8'\n  targets: ['re:.*self_attn']\n")
+    assert main(_args(tiny_dir, text_file, tmp_path / "o", "--recipe", str(recipe), "--json")) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["method"] == "wanda+magnitude"
+    layers = result["layers"]
+    assert layers["model.layers.0.mlp.up_proj"]["sparsity"] == pytest.approx(0.3, abs=0.01)
+    assert layers["model.layers.1.self_attn.q_proj"]["sparsity"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--sparsity", "1.0"], "sparsity must be in [0, 1)"),
+    (["--sparsity", "-0.2"], "sparsity must be in [0, 1)"),
+    (["--pattern", "4:4"], "1 <= N < M"),
+    (["--pattern", "2:3"], "divide the input dimension"),
+    (["--method", "obc"], "unknown method 'obc'; valid: magnitude, wanda, sparsegpt"),
+    (["--nsamples", "1000"], "need 64000"),
+    (["--calib", "no-such-corpus"], "neither a bundled name"),
+    (["--seqlen", "100000"], "exceeds the model's context window"),
+])
+def test_bad_input_one_line_error_nothing_written(tiny_dir, text_file, tmp_path, capsys,
+                                                   extra, message):
+    out = tmp_path / "out"
+    assert main(_args(tiny_dir, text_file, out, *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1]
+    assert not out.exists()
+
+
+def test_bad_model_sources(text_file, tmp_path, capsys):
+    junk = tmp_path / "junk.txt"
+    junk.write_text("hello")
+    for src, message in [(str(tmp_path / "nope"), "unknown model"), (str(junk), "not a model")]:
+        assert main(["prune", "--model", src, "--out", str(tmp_path / "o")]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_recipe_errors_list_valid_keys(tiny_dir, text_file, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("- method: sparsegpt\n  sparsity: 0.5\n  damp: 0.1\n")
+    assert main(_args(tiny_dir, text_file, tmp_path / "o", "--recipe", str(recipe))) == 2
+    err = capsys.readouterr().err
+    assert "unknown key(s) damp" in err and "dampening" in err and "blocksize" in err
+    recipe.write_text("- method: [unclosed\n")
+    assert main(_args(tiny_dir, text_file, tmp_path / "o", "--recipe", str(recipe))) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_existing_out_dir_needs_overwrite(tiny_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x").write_text("keep")
+    assert main(_args(tiny_dir, text_file, out)) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(_args(tiny_dir, text_file, out, "--overwrite", "--method", "magnitude")) == 0
+    assert not (out / "x").exists()
+
+
+def test_nan_weights_refused(tiny_dir, text_file, tmp_path, capsys):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.k_proj.weight[1, 2] = float("inf")
+    model.save_pretrained(tiny_dir)
+    assert main(_args(tiny_dir, text_file, tmp_path / "o")) == 2
+    assert "NaN/Inf" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
