@@ -10,9 +10,24 @@ from sparsellm.cli import main
 
 
 def _args(tiny_dir, text_file, out, *extra):
-    return ["prune", "--model", str(tiny_dir), "--calib", str(text_file), "--eval",
-            str(text_file), "--nsamples", "4", "--seqlen", "64", "--eval-windows", "4",
-            "--out", str(out), *extra]
+    return [
+        "prune",
+        "--model",
+        str(tiny_dir),
+        "--calib",
+        str(text_file),
+        "--eval",
+        str(text_file),
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "64",
+        "--eval-windows",
+        "4",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
@@ -21,8 +36,15 @@ def test_prune_end_to_end_json(tiny_dir, text_file, tmp_path, capsys, method):
     code = main(_args(tiny_dir, text_file, out, "--method", method, "--pattern", "2:4", "--json"))
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    for key in ("method", "pattern", "target_sparsity", "measured_sparsity", "prune_seconds",
-                "dense_ppl", "sparse_ppl"):
+    for key in (
+        "method",
+        "pattern",
+        "target_sparsity",
+        "measured_sparsity",
+        "prune_seconds",
+        "dense_ppl",
+        "sparse_ppl",
+    ):
         assert key in result
     assert result["method"] == method and result["pattern"] == "2:4"
     assert result["measured_sparsity"] == pytest.approx(0.5)
@@ -31,8 +53,23 @@ def test_prune_end_to_end_json(tiny_dir, text_file, tmp_path, capsys, method):
     assert (model.model.layers[0].mlp.down_proj.weight == 0).float().mean() == 0.5
     assert (out / "report.md").read_text().count("model.layers.") == 14
     # `eval` on the saved model reproduces the sparse perplexity
-    assert main(["eval", "--model", str(out), "--eval", str(text_file), "--seqlen", "64",
-                 "--eval-windows", "4", "--json"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(out),
+                "--eval",
+                str(text_file),
+                "--seqlen",
+                "64",
+                "--eval-windows",
+                "4",
+                "--json",
+            ]
+        )
+        == 0
+    )
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["ppl"] == pytest.approx(result["sparse_ppl"], rel=1e-6)
     assert again["block_linear_sparsity"] == pytest.approx(0.5)
@@ -40,8 +77,10 @@ def test_prune_end_to_end_json(tiny_dir, text_file, tmp_path, capsys, method):
 
 def test_recipe_file(tiny_dir, text_file, tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("- method: wanda\n  sparsity: 0.3\n  targets: ['re:.*mlp']\n"
-                      "- method: magnitude\n  pattern: '4:8'\n  targets: ['re:.*self_attn']\n")
+    recipe.write_text(
+        "- method: wanda\n  sparsity: 0.3\n  targets: ['re:.*mlp']\n"
+        "- method: magnitude\n  pattern: '4:8'\n  targets: ['re:.*self_attn']\n"
+    )
     assert main(_args(tiny_dir, text_file, tmp_path / "o", "--recipe", str(recipe), "--json")) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["method"] == "wanda+magnitude"
@@ -50,18 +89,22 @@ def test_recipe_file(tiny_dir, text_file, tmp_path, capsys):
     assert layers["model.layers.1.self_attn.q_proj"]["sparsity"] == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize(("extra", "message"), [
-    (["--sparsity", "1.0"], "sparsity must be in [0, 1)"),
-    (["--sparsity", "-0.2"], "sparsity must be in [0, 1)"),
-    (["--pattern", "4:4"], "1 <= N < M"),
-    (["--pattern", "2:3"], "divide the input dimension"),
-    (["--method", "obc"], "unknown method 'obc'; valid: magnitude, wanda, sparsegpt"),
-    (["--nsamples", "1000"], "need 64000"),
-    (["--calib", "no-such-corpus"], "neither a bundled name"),
-    (["--seqlen", "100000"], "exceeds the model's context window"),
-])
-def test_bad_input_one_line_error_nothing_written(tiny_dir, text_file, tmp_path, capsys,
-                                                   extra, message):
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--sparsity", "1.0"], "sparsity must be in [0, 1)"),
+        (["--sparsity", "-0.2"], "sparsity must be in [0, 1)"),
+        (["--pattern", "4:4"], "1 <= N < M"),
+        (["--pattern", "2:3"], "divide the input dimension"),
+        (["--method", "obc"], "unknown method 'obc'; valid: magnitude, wanda, sparsegpt"),
+        (["--nsamples", "1000"], "need 64000"),
+        (["--calib", "no-such-corpus"], "neither a bundled name"),
+        (["--seqlen", "100000"], "exceeds the model's context window"),
+    ],
+)
+def test_bad_input_one_line_error_nothing_written(
+    tiny_dir, text_file, tmp_path, capsys, extra, message
+):
     out = tmp_path / "out"
     assert main(_args(tiny_dir, text_file, out, *extra)) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -31,9 +31,26 @@ def test_dense_perplexity_equals_transformers_loss(default_model):
 
 def test_cli_prune_default_model_end_to_end(tmp_path, capsys):
     out = tmp_path / "sparse"
-    code = main(["prune", "--model", "default", "--method", "wanda", "--pattern", "2:4",
-                 "--nsamples", "4", "--seqlen", "128", "--eval-windows", "4", "--out",
-                 str(out), "--json"])
+    code = main(
+        [
+            "prune",
+            "--model",
+            "default",
+            "--method",
+            "wanda",
+            "--pattern",
+            "2:4",
+            "--nsamples",
+            "4",
+            "--seqlen",
+            "128",
+            "--eval-windows",
+            "4",
+            "--out",
+            str(out),
+            "--json",
+        ]
+    )
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # Q4 de-quantised weights already hold a few exact zeros, so "at least" 2 of 4

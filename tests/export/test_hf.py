@@ -13,8 +13,9 @@ def test_save_load_round_trip_identical_logits(tmp_path, calib_ids):
     model = tiny_model("llama")
     report = sl.sparsify(model, [{"method": "wanda", "pattern": "2:4"}], calib_ids)
     out = sl.save(model, byte_tokenizer(), tmp_path / "out", {"layers": report.layers})
-    assert {"config.json", "model.safetensors", "sparsellm_manifest.json",
-            "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "sparsellm_manifest.json", "tokenizer.json"} <= {
+        p.name for p in out.iterdir()
+    }
     manifest = json.loads((out / "sparsellm_manifest.json").read_text())
     assert manifest["versions"]["torch"] == torch.__version__
     plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)

@@ -11,7 +11,7 @@ def test_resolve_sources(tmp_path, tiny_dir):
     assert resolve_source("HuggingFaceTB/SmolLM2-135M") == ("hub", "HuggingFaceTB/SmolLM2-135M")
     with pytest.raises(SparseLLMError, match="unknown model"):
         resolve_source("./does/not/exist")
-    with pytest.raises(SparseLLMError, match="no config.json"):
+    with pytest.raises(SparseLLMError, match=r"no config\.json"):
         resolve_source(tmp_path)
     junk = tmp_path / "weights.bin"
     junk.write_bytes(b"\0" * 16)

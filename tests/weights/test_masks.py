@@ -28,8 +28,9 @@ def test_unstructured_per_row_hand_computed():
 
 def test_nm_mask_hand_computed():
     scores = torch.tensor([[1.0, 4.0, 3.0, 2.0, 8.0, 5.0, 7.0, 6.0]])
-    assert nm_mask(scores, 2, 4).tolist() == [[True, False, False, True, False, True, False, True]]
-    assert nm_mask(scores, 1, 4).tolist() == [[True, False, False, False, False, True, False, False]]
+    t, f = True, False
+    assert nm_mask(scores, 2, 4).tolist() == [[t, f, f, t, f, t, f, t]]
+    assert nm_mask(scores, 1, 4).tolist() == [[t, f, f, f, f, t, f, f]]
 
 
 @pytest.mark.parametrize(("n", "m"), [(2, 4), (4, 8), (1, 4), (3, 8)])

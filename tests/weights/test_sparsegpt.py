@@ -42,8 +42,11 @@ def test_sparsegpt_beats_magnitude_and_is_exactly_sparse(pattern):
     w = torch.randn(48, 64)
     stats = Hessian(64)
     stats.update(x)
-    pruner = SparseGPT(SparseGPTConfig(sparsity=0.5 if pattern == "unstructured" else None,
-                                       pattern=pattern, blocksize=16))
+    pruner = SparseGPT(
+        SparseGPTConfig(
+            sparsity=0.5 if pattern == "unstructured" else None, pattern=pattern, blocksize=16
+        )
+    )
     out = pruner.prune(w, stats)
     assert (out == 0).float().mean().item() == pytest.approx(0.5, abs=1e-9)
     if pattern != "unstructured":
