@@ -13,13 +13,17 @@ from torch import nn
 def input_hooks(
     modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]
 ) -> Iterator[None]:
-    """Call ``fn(name, x)`` with the (detached) first input of each module on every forward."""
+    """Call ``fn(name, x)`` with the first input of each module on every forward.
+
+    `x` is the very tensor object the module received (not a detached copy), so callers
+    can recognise modules that share an input by identity.
+    """
     handles = []
     try:
         for name, module in modules.items():
 
             def hook(_mod: nn.Module, args: tuple, _out: object, _name: str = name) -> None:
-                fn(_name, args[0].detach())
+                fn(_name, args[0])
 
             handles.append(module.register_forward_hook(hook))
         yield

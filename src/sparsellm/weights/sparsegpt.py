@@ -71,42 +71,47 @@ def sparsegpt_prune(
     blocksize: int = 128,
     dampening: float = 0.01,
 ) -> torch.Tensor:
-    """Pruned and OBS-updated copy of the fp32 (out, in) `weight` (pure function)."""
-    w = weight.clone().float()
+    """Pruned and OBS-updated copy of the fp32 (out, in) `weight` (pure function).
+
+    Works on the transpose (one contiguous row per input column) so the per-column
+    steps of the inner loop touch contiguous memory; measured ~2x faster on CPU than
+    column slices of the (out, in) layout.
+    """
+    wt = weight.t().float().contiguous()  # (in, out): row j holds input column j
     h = hessian.clone().float()
-    cols = w.shape[1]
+    cols = wt.shape[0]
     dead = h.diagonal() == 0  # inputs that never fire: their weights are free to drop
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    wt[dead] = 0.0
     hinv = inverse_hessian_factor(h, dampening)
     if m:
         blocksize = max(m, blocksize // m * m)  # N:M groups never straddle blocks
 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        w1 = w[:, i1:i2].clone()
+        w1 = wt[i1:i2].clone()
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         d = hinv1.diagonal()
-        if not m:
-            mask1 = lowest_k_mask(
-                (w1.square() / d.square()).reshape(-1), int(w1.numel() * sparsity)
-            ).view_as(w1)
-        else:
+        if m:
             mask1 = torch.zeros_like(w1, dtype=torch.bool)
+            scale = torch.zeros_like(w1)
+        else:
+            scores = w1.square() / d.square().unsqueeze(1)
+            mask1 = lowest_k_mask(scores.reshape(-1), int(w1.numel() * sparsity)).view_as(w1)
+            scale = mask1 / d.unsqueeze(1)  # e_i = (w_i - q_i) / d_i = w_i * mask_i / d_i
         for i in range(i2 - i1):
             if m and i % m == 0:
-                group = w1[:, i : i + m].square() / d[i : i + m].square()
-                mask1[:, i : i + m] = lowest_k_mask(group, n)
-            col = w1[:, i]
-            q = col.masked_fill(mask1[:, i], 0.0)
-            e = (col - q) / d[i]
-            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
-            w1[:, i] = q
-            err1[:, i] = e
-        w[:, i1:i2] = w1
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return w
+                group = w1[i : i + m].square() / d[i : i + m].square().unsqueeze(1)
+                mask1[i : i + m] = lowest_k_mask(group.t(), n).t()
+                scale[i : i + m] = mask1[i : i + m] / d[i : i + m].unsqueeze(1)
+            e = torch.mul(w1[i], scale[i], out=err1[i])
+            w1[i:].addr_(hinv1[i, i:], e, alpha=-1.0)  # OBS update of the later columns
+        # Pruned entries were only read by their own column's step: zero them exactly now.
+        w1.masked_fill_(mask1, 0.0)
+        wt[i1:i2] = w1
+        wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err1, alpha=-1.0)  # lazy batch update
+    return wt.t().contiguous()
 
 
 class SparseGPT(WeightPruner):
