@@ -149,3 +149,39 @@ def test_nan_weights_refused(tiny_dir, text_file, tmp_path, capsys):
     assert main(_args(tiny_dir, text_file, tmp_path / "o")) == 2
     assert "NaN/Inf" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.real
+def test_prune_with_tasks_kl_and_speed(tiny_dir, text_file, tmp_path, capsys):
+    """Zero-shot (real request files), KL and speed flow through CLI, JSON and report."""
+    out = tmp_path / "o"
+    args = _args(
+        tiny_dir,
+        text_file,
+        out,
+        "--method",
+        "wanda",
+        "--tasks",
+        "arc_easy,piqa",
+        "--limit",
+        "3",
+        "--speed",
+        "--speed-lengths",
+        "16,32",
+        "--json",
+    )
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["kl"] > 0 and 0 <= result["top1_agreement"] <= 1
+    for side in ("dense", "sparse"):
+        assert set(result["zeroshot"][side]) == {"arc_easy", "piqa"}
+        assert result["zeroshot"][side]["piqa"]["docs"] == 3
+    assert set(result["speed"]["prefill"]) == {"16", "32"}
+    report = (out / "report.md").read_text()
+    assert "## Zero-shot" in report and "## Speed" in report and "KL(dense" in report
+
+
+def test_unknown_task_rejected_before_work(tiny_dir, text_file, tmp_path, capsys):
+    assert main(_args(tiny_dir, text_file, tmp_path / "o", "--tasks", "arc_easy,mmlu")) == 2
+    assert "unknown task 'mmlu'; valid: arc_easy" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -8,6 +8,7 @@ stdout; with ``--json`` the last stdout line is one JSON object.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import random
@@ -48,6 +49,16 @@ def _add_common(p: argparse.ArgumentParser, model_default: str | None) -> None:
         type=int,
         default=512,
         help="tokens per calibration and evaluation window (default: 512)",
+    )
+    p.add_argument(
+        "--tasks",
+        default="",
+        metavar="LIST",
+        help="comma-separated zero-shot tasks to evaluate too, e.g. arc_easy,piqa "
+        "('all' = every task; default: none)",
+    )
+    p.add_argument(
+        "--limit", type=int, default=200, help="documents per zero-shot task (default: 200)"
     )
     p.add_argument(
         "--json",
@@ -109,6 +120,17 @@ def _add_prune(p: argparse.ArgumentParser, out_required: bool) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument(
+        "--speed",
+        action="store_true",
+        help="also measure prefill/decode tokens/s and memory, dense vs sparse, as ratios",
+    )
+    p.add_argument(
+        "--speed-lengths",
+        default="512,2048,8192",
+        metavar="LIST",
+        help="prefill lengths for --speed (default: 512,2048,8192)",
+    )
+    p.add_argument(
         "--no-dense-eval",
         action="store_true",
         help="skip the dense perplexity (dense_ppl is then null)",
@@ -164,12 +186,44 @@ def _recipe(args: argparse.Namespace) -> list[dict[str, Any]] | Any:
 def _check_counts(args: argparse.Namespace) -> None:
     from sparsellm.errors import SparseLLMError
 
-    for name in ("eval_windows", "seqlen", "nsamples", "batch_size"):
+    for name in ("eval_windows", "seqlen", "nsamples", "batch_size", "limit"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise SparseLLMError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.seqlen < 2:
         raise SparseLLMError("--seqlen must be at least 2")
+
+
+def _tasks(args: argparse.Namespace) -> tuple[str, ...]:
+    """Validated zero-shot task names from --tasks (checked before any long work)."""
+    from sparsellm.eval.zeroshot import DEFAULT_TASKS, task_path
+
+    if not args.tasks:
+        return ()
+    if args.tasks == "all":
+        tasks = DEFAULT_TASKS
+    else:
+        tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    for task in tasks:
+        task_path(task)
+    return tasks
+
+
+def _lengths(args: argparse.Namespace, model: Any) -> tuple[int, ...]:
+    """Validated --speed-lengths (each within the model's window)."""
+    from sparsellm.errors import SparseLLMError
+
+    try:
+        lengths = tuple(int(x) for x in args.speed_lengths.split(","))
+    except ValueError:
+        raise SparseLLMError(
+            f"--speed-lengths must be integers, got {args.speed_lengths!r}"
+        ) from None
+    for n in lengths:
+        if n < 1:
+            raise SparseLLMError(f"--speed-lengths must be >= 1, got {n}")
+        _check_window(model, n)
+    return lengths
 
 
 def _seed(seed: int) -> None:
@@ -187,9 +241,18 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     import sparsellm as sl
     from sparsellm.api import versions
     from sparsellm.data.corpora import resolve_corpus, token_windows
+    from sparsellm.errors import SparseLLMError
+    from sparsellm.eval.kl import compare_models
     from sparsellm.eval.perplexity import perplexity
+    from sparsellm.eval.speed import compare_speed
+    from sparsellm.eval.zeroshot import evaluate_tasks
     from sparsellm.export.hf import check_out_dir
-    from sparsellm.report.markdown import comparison_table, markdown_report
+    from sparsellm.report.markdown import (
+        comparison_table,
+        markdown_report,
+        speed_table,
+        zeroshot_table,
+    )
 
     _check_counts(args)
     steps = _recipe(args)
@@ -203,9 +266,12 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     _check_window(model, args.seqlen)
     calib = token_windows(tok, calib_corpus, args.nsamples, args.seqlen)
     eval_ids = token_windows(tok, eval_corpus, args.eval_windows, args.seqlen)
-    dense = None
-    if not args.no_dense_eval:
-        dense = perplexity(model, eval_ids, desc="dense perplexity")
+    tasks = _tasks(args)
+    lengths = _lengths(args, model) if args.speed else ()
+    if args.speed and args.no_dense_eval:
+        raise SparseLLMError("--speed compares against the dense model: drop --no-dense-eval")
+    # The dense copy lets one pass after pruning give both perplexities, KL and top-1.
+    dense_model = None if args.no_dense_eval else copy.deepcopy(model)
     report = sl.sparsify(
         model,
         steps,
@@ -213,7 +279,20 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=args.batch_size,
         calib_dtype=getattr(torch, DTYPES[args.calib_dtype]),
     )
-    sparse = perplexity(model, eval_ids, desc="sparse perplexity")
+    quality: dict[str, Any] = {"dense_ppl": None, "kl": None, "top1_agreement": None}
+    if dense_model is not None:
+        quality.update(compare_models(dense_model, model, eval_ids))
+    else:
+        quality["sparse_ppl"] = perplexity(model, eval_ids, desc="sparse perplexity")["ppl"]
+    zeroshot = {}
+    if tasks:
+        if dense_model is not None:
+            zeroshot["dense"] = evaluate_tasks(dense_model, tok, tasks, args.limit)
+        zeroshot["sparse"] = evaluate_tasks(model, tok, tasks, args.limit)
+    speed = None
+    if args.speed and dense_model is not None:
+        speed = compare_speed(dense_model, model, lengths)
+    del dense_model
     methods = [s["method"] for s in report.steps]
     result = {
         "method": "+".join(methods),
@@ -221,8 +300,12 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
         "target_sparsity": report.steps[-1]["sparsity"],
         "measured_sparsity": report.sparsity,
         "prune_seconds": report.seconds,
-        "dense_ppl": dense["ppl"] if dense else None,
-        "sparse_ppl": sparse["ppl"],
+        "dense_ppl": quality["dense_ppl"],
+        "sparse_ppl": quality["sparse_ppl"],
+        "kl": quality["kl"],
+        "top1_agreement": quality["top1_agreement"],
+        "zeroshot": zeroshot,
+        "speed": speed,
         "out": str(out),
         "model": loaded.info,
         "recipe": report.steps,
@@ -236,8 +319,8 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
             "data": eval_corpus.describe(),
             "windows": args.eval_windows,
             "seqlen": args.seqlen,
-            "dense": dense,
-            "sparse": sparse,
+            "tasks": list(tasks),
+            "limit": args.limit,
         },
         "seed": args.seed,
         "versions": versions(),
@@ -249,6 +332,10 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     }
     sl.save(model, tok, out, manifest=result, overwrite=args.overwrite, extra_files=extra)
     print(comparison_table(result))
+    if zeroshot:
+        print(zeroshot_table(zeroshot["sparse"], zeroshot.get("dense")))
+    if speed:
+        print(speed_table(speed))
     print(f"saved sparse model and report to {out}")
     return result
 
@@ -265,10 +352,12 @@ def _check_window(model: Any, seqlen: int) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     import sparsellm as sl
+    from sparsellm.eval.zeroshot import evaluate_tasks
     from sparsellm.models.adapters import block_linears, get_blocks, weight_matrix
-    from sparsellm.report.markdown import table
+    from sparsellm.report.markdown import table, zeroshot_table
 
     _check_counts(args)
+    tasks = _tasks(args)
     loaded = sl.load(args.model)
     _check_window(loaded.model, args.seqlen)
     result = sl.evaluate(
@@ -285,6 +374,8 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     zeros = sum(int((w == 0).sum()) for w in linears)
     result["block_linear_sparsity"] = zeros / sum(w.numel() for w in linears)
     result["model"] = loaded.info.get("source")
+    if tasks:
+        result["zeroshot"] = evaluate_tasks(loaded.model, loaded.tokenizer, tasks, args.limit)
     print(
         table(
             ["model", "corpus", "windows", "perplexity", "block-linear sparsity"],
@@ -299,6 +390,8 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
             ],
         )
     )
+    if tasks:
+        print(zeroshot_table(result["zeroshot"]))
     return result
 
 

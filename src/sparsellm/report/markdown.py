@@ -6,6 +6,8 @@ from typing import Any
 
 
 def _fmt(v: Any) -> str:
+    if v is None:
+        return "n/a"
     if isinstance(v, float):
         return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
     return str(v)
@@ -20,6 +22,32 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join([line(headers), sep, *(line(r) for r in cells)])
 
 
+def zeroshot_table(sparse: dict[str, Any], dense: dict[str, Any] | None = None) -> str:
+    """Per-task accuracy ± stderr (and acc_norm), the dense model beside when given."""
+    prefixes = ["dense ", "sparse "] if dense else [""]
+    headers = ["task", "docs"] + [f"{p}{m}" for p in prefixes for m in ("acc", "acc_norm")]
+    rows = []
+    for task, res in sparse.items():
+        row: list[Any] = [task, res["docs"]]
+        for r in [dense[task], res] if dense else [res]:
+            row += [f"{r['acc']:.3f} ± {r['acc_stderr']:.3f}", r.get("acc_norm", "")]
+        rows.append(row)
+    return table(headers, rows)
+
+
+def speed_table(speed: dict[str, Any]) -> str:
+    """Tokens/s of both models and the sparse/dense speedup per case."""
+    cases = [(f"prefill {n}", e) for n, e in speed["prefill"].items()]
+    cases.append((f"decode {speed['decode']['tokens']} tokens (batch 1)", speed["decode"]))
+    rows = [
+        [name, e["dense_tok_s"], e["sparse_tok_s"], f"{e['speedup']:.3f}x"] for name, e in cases
+    ]
+    mem = speed["dense_params"], speed["sparse_params"]
+    rows.append(["parameter MiB", mem[0]["bytes"] / 2**20, mem[1]["bytes"] / 2**20, ""])
+    rows.append(["zero parameters", mem[0]["zeros"], mem[1]["zeros"], ""])
+    return table(["case", "dense tok/s", "sparse tok/s", "speedup"], rows)
+
+
 def comparison_table(result: dict[str, Any]) -> str:
     """Dense vs sparse summary rows."""
     dense, sparse = result.get("dense_ppl"), result.get("sparse_ppl")
@@ -30,10 +58,18 @@ def comparison_table(result: dict[str, Any]) -> str:
             sparse,
             f"{(sparse / dense - 1) * 100:+.2f}%" if dense and sparse else "n/a",
         ],
+        ["KL(dense ‖ sparse) per token", 0.0, result.get("kl"), ""],
+        ["top-1 agreement with dense", 1.0, result.get("top1_agreement"), ""],
         ["sparsity (pruned layers)", 0.0, result["measured_sparsity"], ""],
         ["prune seconds", "", result["prune_seconds"], ""],
     ]
     return table(["metric", "dense", "sparse", "change"], rows)
+
+
+def _zeroshot_section(zeroshot: dict[str, Any] | None) -> list[str]:
+    if not zeroshot:
+        return []
+    return ["## Zero-shot\n" + zeroshot_table(zeroshot["sparse"], zeroshot.get("dense"))]
 
 
 def _windows(part: dict[str, Any], count_key: str) -> str:
@@ -56,6 +92,8 @@ def markdown_report(result: dict[str, Any]) -> str:
     sections = [
         f"# sparsellm report: {result['model']['source']}",
         comparison_table(result),
+        *_zeroshot_section(result.get("zeroshot")),
+        *(["## Speed\n" + speed_table(result["speed"])] if result.get("speed") else []),
         "## Recipe\n" + steps,
         "## Protocol\n" + table(["what", "value"], protocol),
         "## Per-layer sparsity\n" + table(["layer", "method", "target", "measured"], layer_rows),

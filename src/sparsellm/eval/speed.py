@@ -1,0 +1,100 @@
+"""Measured speed and memory, dense beside sparse in one process, reported as ratios.
+
+Absolute timings on a shared 2-core machine are noisy, so every measurement runs the
+two models alternately (dense, sparse, dense, …) and keeps the median of each, and the
+summary is the sparse/dense ratio. Prefill is one forward of a `length`-token sequence
+(batch 1); decode is greedy generation of `new_tokens` tokens after a short prompt
+(batch 1, KV cache on), timed end to end.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+
+def _timed(fn: Any) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def prefill_seconds(model: torch.nn.Module, length: int, seed: int = 0) -> float:
+    """Seconds for one forward over `length` random tokens (batch 1, no cache)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (1, length), generator=g)
+    return _timed(lambda: model(input_ids=ids, use_cache=False))
+
+
+@torch.no_grad()
+def decode_seconds(
+    model: torch.nn.Module, new_tokens: int = 128, prompt: int = 16, seed: int = 0
+) -> float:
+    """Seconds to greedily generate exactly `new_tokens` tokens after a `prompt`-token input."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=g)
+    return _timed(
+        lambda: model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    )
+
+
+def parameter_bytes(model: torch.nn.Module) -> dict[str, int]:
+    """Bytes held by parameters, and how many parameter elements are exactly zero."""
+    params = list({id(p): p for p in model.parameters()}.values())  # tied weights once
+    return {
+        "bytes": sum(p.numel() * p.element_size() for p in params),
+        "zeros": sum(int((p == 0).sum()) for p in params),
+        "numel": sum(p.numel() for p in params),
+    }
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def compare_speed(
+    dense: torch.nn.Module,
+    sparse: torch.nn.Module,
+    lengths: tuple[int, ...] = (512, 2048, 8192),
+    new_tokens: int = 128,
+    repeats: int = 3,
+) -> dict[str, Any]:
+    """Median prefill tokens/s per length and decode tokens/s, for both models, plus ratios."""
+    out: dict[str, Any] = {"prefill": {}, "repeats": repeats, "threads": torch.get_num_threads()}
+    jobs = [(f"prefill_{n}", lambda m, n=n: prefill_seconds(m, n), n) for n in lengths]
+    jobs.append(("decode", lambda m: decode_seconds(m, new_tokens), new_tokens))
+    for name, job, tokens in tqdm(jobs, desc="speed", unit="case", leave=False):
+        job(dense)  # warm-up (allocator, thread pool)
+        times: dict[str, list[float]] = {"dense": [], "sparse": []}
+        for _ in range(repeats):
+            times["dense"].append(job(dense))
+            times["sparse"].append(job(sparse))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        entry = {
+            "dense_tok_s": tokens / med["dense"],
+            "sparse_tok_s": tokens / med["sparse"],
+            "speedup": med["dense"] / med["sparse"],
+            "tokens": tokens,
+        }
+        if name == "decode":
+            out["decode"] = entry
+        else:
+            out["prefill"][str(tokens)] = entry
+    out["dense_params"] = parameter_bytes(dense)
+    out["sparse_params"] = parameter_bytes(sparse)
+    out["peak_rss_bytes"] = peak_rss_bytes()
+    return out
