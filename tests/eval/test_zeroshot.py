@@ -78,3 +78,27 @@ def test_bad_inputs(tmp_path):
     model, tok = tiny_model("llama"), byte_tokenizer()
     with pytest.raises(SparseLLMError, match="refusing to truncate"):
         score_pairs(model, tok, [("x" * 600, " y")])
+
+
+def test_greedy_task_with_answer_list_labels(tmp_path, monkeypatch):
+    """lambada-style files carry a list of answer strings as label; acc = greedy match."""
+    model, tok = tiny_model("llama"), byte_tokenizer()
+    path = tmp_path / "requests.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for i, (ctx, cont) in enumerate([("abc", " d"), ("xyz", " w")]):
+            f.write(
+                json.dumps(
+                    {
+                        "doc_id": i,
+                        "label": [cont.strip()],
+                        "request": {"context": ctx, "continuation": cont},
+                    }
+                )
+                + "\n"
+            )
+    monkeypatch.setattr(zeroshot, "task_path", lambda task: path)
+    monkeypatch.setitem(zeroshot.TASKS, "toy_greedy", ("toy", "bpb_0shot", "greedy"))
+    out = zeroshot.evaluate_task(model, tok, "toy_greedy", limit=None)
+    greedy = [g for _, g in score_pairs(model, tok, [("abc", " d"), ("xyz", " w")])]
+    assert out["docs"] == 2 and out["acc"] == sum(greedy) / 2
+    assert "acc_norm" not in out

@@ -82,7 +82,9 @@ def load_docs(path: Path, limit: int | None = None) -> list[Doc]:
                     req = json.loads(line)
                     doc_id = int(req["doc_id"])
                     pair = (req["request"]["context"], req["request"]["continuation"])
-                    gold = int(req.get("label", 0))
+                    label = req.get("label", 0)
+                    # generation-style tasks (lambada) list answer strings: no gold index
+                    gold = -1 if isinstance(label, list) else int(label)
                 except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
                     raise SparseLLMError(f"{path}:{lineno}: corrupt request ({exc})") from None
                 if doc_id >= UNCONDITIONAL_OFFSET:
