@@ -105,7 +105,7 @@ def _add_prune(p: argparse.ArgumentParser, out_required: bool) -> None:
         choices=list(DTYPES),
         default="fp32",
         help="dtype of calibration forwards; statistics and weights stay fp32. "
-        "bf16 is ~3x faster on CPUs with AMX (default: fp32)",
+        "bf16 pruned ~1.3-1.6x faster on a 2-core AVX-512 CPU (default: fp32)",
     )
     p.add_argument(
         "--batch-size", type=int, default=8, help="calibration windows per forward (default: 8)"
