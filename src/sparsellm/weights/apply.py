@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from sparsellm.calib.hooks import input_hooks
-from sparsellm.calib.sequential import run_sequential
+from sparsellm.calib.sequential import StopBlock, run_sequential
 from sparsellm.errors import SparseLLMError
 from sparsellm.models.adapters import (
     block_linears,
@@ -142,7 +142,16 @@ def apply_step(
         if not chosen:
             return
         collector = SharedInputStats(stats_cls)
-        with input_hooks(chosen, collector.update):
+        seen: set[str] = set()
+
+        def update(fqn: str, x: torch.Tensor) -> None:
+            collector.update(fqn, x)
+            seen.add(fqn)
+            if len(seen) == len(chosen):  # every pruned layer has its input for this batch
+                seen.clear()
+                raise StopBlock
+
+        with input_hooks(chosen, update):
             forward()
         for fqn, module in chosen.items():
             prune(fqn, module, collector.stats[fqn])
