@@ -259,6 +259,9 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out or f"sparsellm-runs/{time.strftime('%Y%m%d-%H%M%S')}")
     check_out_dir(out, args.overwrite)
     calib_corpus, eval_corpus = resolve_corpus(args.calib), resolve_corpus(args.eval)
+    tasks = _tasks(args)
+    if args.speed and args.no_dense_eval:
+        raise SparseLLMError("--speed compares against the dense model: drop --no-dense-eval")
     _seed(args.seed)
 
     loaded = sl.load_model(args.model)
@@ -266,10 +269,7 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     _check_window(model, args.seqlen)
     calib = token_windows(tok, calib_corpus, args.nsamples, args.seqlen)
     eval_ids = token_windows(tok, eval_corpus, args.eval_windows, args.seqlen)
-    tasks = _tasks(args)
     lengths = _lengths(args, model) if args.speed else ()
-    if args.speed and args.no_dense_eval:
-        raise SparseLLMError("--speed compares against the dense model: drop --no-dense-eval")
     # The dense copy lets one pass after pruning give both perplexities, KL and top-1.
     dense_model = None if args.no_dense_eval else copy.deepcopy(model)
     report = sl.sparsify(
@@ -290,7 +290,7 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
             zeroshot["dense"] = evaluate_tasks(dense_model, tok, tasks, args.limit)
         zeroshot["sparse"] = evaluate_tasks(model, tok, tasks, args.limit)
     speed = None
-    if args.speed and dense_model is not None:
+    if args.speed:
         speed = compare_speed(dense_model, model, lengths)
     del dense_model
     methods = [s["method"] for s in report.steps]
