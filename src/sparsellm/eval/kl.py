@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from sparsellm.eval.perplexity import next_token_logits
+
 
 @torch.no_grad()
 def compare_models(
@@ -42,5 +44,4 @@ def compare_models(
 
 def _logprobs(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """(tokens, vocab) fp32 log-probabilities of the positions that predict a next token."""
-    logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-    return F.log_softmax(logits.reshape(-1, logits.shape[-1]), dim=-1)
+    return F.log_softmax(next_token_logits(model, ids), dim=-1)

@@ -15,6 +15,16 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 
+def next_token_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """(tokens, vocab) fp32 logits of every position that predicts a next token.
+
+    Row-major (tokens, vocab) layout on purpose: cross_entropy over a strided class dim
+    (the (B, V, S) form) measured ~1e-4 off transformers' own loss here.
+    """
+    logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+    return logits.reshape(-1, logits.shape[-1])
+
+
 @torch.no_grad()
 def window_nll(
     model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 4, desc: str = "perplexity"
@@ -22,12 +32,8 @@ def window_nll(
     """Summed next-token NLL per window (fp64), shape (n_windows,)."""
     sums = []
     for ids in tqdm(windows.split(batch_size), desc=desc, unit="batch", leave=False):
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        # Row-major (tokens, vocab) layout: cross_entropy over a strided class dim
-        # (the (B, V, S) form) measured ~1e-4 off transformers' own loss here.
-        nll = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
-        )
+        logits = next_token_logits(model, ids)
+        nll = F.cross_entropy(logits, ids[:, 1:].reshape(-1), reduction="none")
         sums.append(nll.view(ids.shape[0], -1).double().sum(1))
     return torch.cat(sums)
 
