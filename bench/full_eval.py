@@ -20,7 +20,7 @@ import sparsellm as sl
 from sparsellm.api import versions
 from sparsellm.eval.kl import compare_models
 from sparsellm.eval.speed import compare_speed
-from sparsellm.eval.zeroshot import DEFAULT_TASKS, evaluate_tasks
+from sparsellm.eval.suite import resolve_tasks, run_tasks
 from sparsellm.report.markdown import speed_table, table, zeroshot_table
 
 HERE = Path(__file__).resolve().parent
@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--limit", type=int, default=200)
-    ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
+    ap.add_argument("--tasks", default="zeroshot", help="tasks or groups (see sparsellm --help)")
     ap.add_argument("--speed-lengths", default="512,2048,8192")
     ap.add_argument("--out", default=str(HERE / "results" / "full_eval.json"))
     args = ap.parse_args()
@@ -48,9 +48,9 @@ def main() -> None:
     timed("prune (wanda 50%)", lambda: sl.sparsify(sparse, [{"method": "wanda"}], calib))
     windows = sl.calibration(tok, "wiki", 32, 512)
     quality = timed("ppl + KL (both models)", lambda: compare_models(dense, sparse, windows))
-    tasks = tuple(args.tasks.split(","))
-    zs_dense = timed("zero-shot dense", lambda: evaluate_tasks(dense, tok, tasks, args.limit))
-    zs_sparse = timed("zero-shot sparse", lambda: evaluate_tasks(sparse, tok, tasks, args.limit))
+    tasks = resolve_tasks(args.tasks)
+    zs_dense = timed("zero-shot dense", lambda: run_tasks(dense, tok, tasks, args.limit))
+    zs_sparse = timed("zero-shot sparse", lambda: run_tasks(sparse, tok, tasks, args.limit))
     lengths = tuple(int(n) for n in args.speed_lengths.split(","))
     speed = timed("speed", lambda: compare_speed(dense, sparse, lengths, repeats=1))
 

@@ -162,9 +162,13 @@ def test_prune_with_tasks_kl_and_speed(tiny_dir, text_file, tmp_path, capsys):
         "--method",
         "wanda",
         "--tasks",
-        "arc_easy,piqa",
+        "arc_easy,piqa,naturalqs_open,passkey",
         "--limit",
         "3",
+        "--longctx-lengths",
+        "300,400",
+        "--longctx-samples",
+        "1",
         "--speed",
         "--speed-lengths",
         "16,32",
@@ -174,14 +178,23 @@ def test_prune_with_tasks_kl_and_speed(tiny_dir, text_file, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["kl"] > 0 and 0 <= result["top1_agreement"] <= 1
     for side in ("dense", "sparse"):
-        assert set(result["zeroshot"][side]) == {"arc_easy", "piqa"}
-        assert result["zeroshot"][side]["piqa"]["docs"] == 3
+        tasks = result["zeroshot"][side]
+        assert set(tasks) == {"arc_easy", "piqa", "naturalqs_open", "passkey"}
+        assert tasks["piqa"]["docs"] == 3 and tasks["naturalqs_open"]["bpb"] > 0
+        assert set(tasks["passkey"]["by_length"]) == {"300", "400"}
     assert set(result["speed"]["prefill"]) == {"16", "32"}
     report = (out / "report.md").read_text()
-    assert "## Zero-shot" in report and "## Speed" in report and "KL(dense" in report
+    assert "## Tasks" in report and "## Speed" in report and "KL(dense" in report
 
 
 def test_unknown_task_rejected_before_work(tiny_dir, text_file, tmp_path, capsys):
     assert main(_args(tiny_dir, text_file, tmp_path / "o", "--tasks", "arc_easy,mmlu")) == 2
-    assert "unknown task 'mmlu'; valid: arc_easy" in capsys.readouterr().err
+    assert "unknown task 'mmlu'; valid tasks: arc_easy" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_longctx_length_beyond_window_rejected_before_work(tiny_dir, text_file, tmp_path, capsys):
+    args = _args(tiny_dir, text_file, tmp_path / "o", "--tasks", "longctx")
+    assert main(args) == 2  # default lengths reach 8192; the tiny model's window is 512
+    assert "long-context length 1024 exceeds the model's window 512" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

@@ -54,8 +54,25 @@ def _add_common(p: argparse.ArgumentParser, model_default: str | None) -> None:
         "--tasks",
         default="",
         metavar="LIST",
-        help="comma-separated zero-shot tasks to evaluate too, e.g. arc_easy,piqa "
-        "('all' = every task; default: none)",
+        help="tasks to evaluate too: names or groups, comma-separated, e.g. arc_easy,piqa. "
+        "Groups: zeroshot (9 multiple-choice tasks + lambada), knowledge (naturalqs_open, "
+        "jeopardy closed-book; squad, coqa reading), longctx (passkey, needle, vartrack); "
+        "'all' = every task (default: none)",
+    )
+    p.add_argument(
+        "--longctx-lengths",
+        default="512,1024,2048,4096,8192",
+        metavar="LIST",
+        help="prompt lengths in tokens for the longctx tasks (default: 512,...,8192; "
+        "an 8192-token sample takes ~30 s on 2 cores)",
+    )
+    p.add_argument(
+        "--longctx-samples",
+        type=int,
+        default=3,
+        metavar="N",
+        help="samples per length for longctx tasks; needle puts them on an even depth "
+        "grid 0..1 (default: 3)",
     )
     p.add_argument(
         "--limit", type=int, default=200, help="documents per zero-shot task (default: 200)"
@@ -186,7 +203,7 @@ def _recipe(args: argparse.Namespace) -> list[dict[str, Any]] | Any:
 def _check_counts(args: argparse.Namespace) -> None:
     from sparsellm.errors import SparseLLMError
 
-    for name in ("eval_windows", "seqlen", "nsamples", "batch_size", "limit"):
+    for name in ("eval_windows", "seqlen", "nsamples", "batch_size", "limit", "longctx_samples"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise SparseLLMError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -195,30 +212,41 @@ def _check_counts(args: argparse.Namespace) -> None:
 
 
 def _tasks(args: argparse.Namespace) -> tuple[str, ...]:
-    """Validated zero-shot task names from --tasks (checked before any long work)."""
-    from sparsellm.eval.zeroshot import DEFAULT_TASKS, task_path
+    """Validated task names from --tasks (checked before any long work)."""
+    from sparsellm.eval.suite import resolve_tasks
 
-    if not args.tasks:
-        return ()
-    if args.tasks == "all":
-        tasks = DEFAULT_TASKS
-    else:
-        tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
-    for task in tasks:
-        task_path(task)
-    return tasks
+    return resolve_tasks(args.tasks)
+
+
+def _int_list(value: str, flag: str) -> tuple[int, ...]:
+    from sparsellm.errors import SparseLLMError
+
+    try:
+        return tuple(int(x) for x in value.split(","))
+    except ValueError:
+        raise SparseLLMError(f"{flag} must be comma-separated integers, got {value!r}") from None
+
+
+def _check_longctx(args: argparse.Namespace, model: Any, tasks: tuple[str, ...]) -> None:
+    """Long-context lengths must fit the model's window: refuse before the long work."""
+    from sparsellm.eval.longctx import TASKS, check_lengths
+
+    if any(t in TASKS for t in tasks):
+        check_lengths(model, _int_list(args.longctx_lengths, "--longctx-lengths"))
+
+
+def _run_tasks(args: argparse.Namespace, model: Any, tok: Any, tasks: tuple[str, ...]) -> dict:
+    from sparsellm.eval.suite import run_tasks
+
+    lengths = _int_list(args.longctx_lengths, "--longctx-lengths")
+    return run_tasks(model, tok, tasks, args.limit, lengths, args.longctx_samples)
 
 
 def _lengths(args: argparse.Namespace, model: Any) -> tuple[int, ...]:
     """Validated --speed-lengths (each within the model's window)."""
     from sparsellm.errors import SparseLLMError
 
-    try:
-        lengths = tuple(int(x) for x in args.speed_lengths.split(","))
-    except ValueError:
-        raise SparseLLMError(
-            f"--speed-lengths must be integers, got {args.speed_lengths!r}"
-        ) from None
+    lengths = _int_list(args.speed_lengths, "--speed-lengths")
     for n in lengths:
         if n < 1:
             raise SparseLLMError(f"--speed-lengths must be >= 1, got {n}")
@@ -245,7 +273,6 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     from sparsellm.eval.kl import compare_models
     from sparsellm.eval.perplexity import perplexity
     from sparsellm.eval.speed import compare_speed
-    from sparsellm.eval.zeroshot import evaluate_tasks
     from sparsellm.export.hf import check_out_dir
     from sparsellm.report.markdown import (
         comparison_table,
@@ -267,6 +294,7 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     loaded = sl.load_model(args.model)
     model, tok = loaded.model, loaded.tokenizer
     _check_window(model, args.seqlen)
+    _check_longctx(args, model, tasks)
     calib = token_windows(tok, calib_corpus, args.nsamples, args.seqlen)
     eval_ids = token_windows(tok, eval_corpus, args.eval_windows, args.seqlen)
     lengths = _lengths(args, model) if args.speed else ()
@@ -287,8 +315,8 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     zeroshot = {}
     if tasks:
         if dense_model is not None:
-            zeroshot["dense"] = evaluate_tasks(dense_model, tok, tasks, args.limit)
-        zeroshot["sparse"] = evaluate_tasks(model, tok, tasks, args.limit)
+            zeroshot["dense"] = _run_tasks(args, dense_model, tok, tasks)
+        zeroshot["sparse"] = _run_tasks(args, model, tok, tasks)
     speed = None
     if args.speed:
         speed = compare_speed(dense_model, model, lengths)
@@ -352,7 +380,6 @@ def _check_window(model: Any, seqlen: int) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     import sparsellm as sl
-    from sparsellm.eval.zeroshot import evaluate_tasks
     from sparsellm.models.adapters import block_linears, get_blocks, weight_matrix
     from sparsellm.report.markdown import table, zeroshot_table
 
@@ -360,6 +387,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     tasks = _tasks(args)
     loaded = sl.load(args.model)
     _check_window(loaded.model, args.seqlen)
+    _check_longctx(args, loaded.model, tasks)
     result = sl.evaluate(
         loaded.model,
         loaded.tokenizer,
@@ -375,7 +403,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     result["block_linear_sparsity"] = zeros / sum(w.numel() for w in linears)
     result["model"] = loaded.info.get("source")
     if tasks:
-        result["zeroshot"] = evaluate_tasks(loaded.model, loaded.tokenizer, tasks, args.limit)
+        result["zeroshot"] = _run_tasks(args, loaded.model, loaded.tokenizer, tasks)
     print(
         table(
             ["model", "corpus", "windows", "perplexity", "block-linear sparsity"],

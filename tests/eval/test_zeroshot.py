@@ -1,4 +1,5 @@
 import gzip
+import math
 import json
 
 import pytest
@@ -102,3 +103,23 @@ def test_greedy_task_with_answer_list_labels(tmp_path, monkeypatch):
     greedy = [g for _, g in score_pairs(model, tok, [("abc", " d"), ("xyz", " w")])]
     assert out["docs"] == 2 and out["acc"] == sum(greedy) / 2
     assert "acc_norm" not in out
+
+
+def test_qa_task_reports_bits_per_byte_and_exact_match(tmp_path, monkeypatch):
+    """Knowledge/reading QA: bpb = -log2 p(answer) / UTF-8 bytes; em = greedy match."""
+    model, tok = tiny_model("llama"), byte_tokenizer()
+    path = tmp_path / "requests.jsonl.gz"
+    pairs = [("Question: capital?\nAnswer:", " Paris"), ("Category: X\nAnswer:", " née")]
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for i, (ctx, cont) in enumerate(pairs):
+            req = {"doc_id": i, "label": "str label", "request": {"context": ctx}}
+            req["request"]["continuation"] = cont
+            f.write(json.dumps(req) + "\n")
+    monkeypatch.setattr(zeroshot, "task_path", lambda task: path)
+    monkeypatch.setitem(zeroshot.TASKS, "toy_qa", ("toy", "bpb_5shot", "qa"))
+    out = zeroshot.evaluate_task(model, tok, "toy_qa", limit=None)
+    scores = score_pairs(model, tok, pairs)
+    nbytes = [6, 5]  # " Paris", " née" (é is two bytes)
+    bpb = [-ll / (math.log(2) * n) for (ll, _), n in zip(scores, nbytes, strict=True)]
+    assert out["bpb"] == pytest.approx(sum(bpb) / 2)
+    assert out["em"] == out["acc"] == sum(g for _, g in scores) / 2

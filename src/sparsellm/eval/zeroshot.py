@@ -7,7 +7,12 @@ continuation's log-probabilities gathered), then compute, per task:
 * multiple choice: ``acc`` (argmax of the summed log-likelihood) and ``acc_norm``
   (argmax of log-likelihood per character of the continuation, lm-eval's definition),
   each with the standard error of the mean;
-* ``lambada``: greedy-match accuracy (every continuation token is the argmax).
+* ``lambada``: greedy-match accuracy (every continuation token is the argmax);
+* knowledge and reading QA (``qa``: naturalqs_open, jeopardy closed-book; squad, coqa
+  with the answer in the passage): bits per byte of the gold answer (the files'
+  primary metric, OLMES's ``logits_per_byte`` divided by ln 2) and greedy exact match —
+  every answer token is the argmax, i.e. greedy decoding would start with exactly the
+  gold answer. Closed-book vs in-context separates "forgot facts" from "can't read".
 
 Tokenisation follows lm-evaluation-harness so the numbers match it request for
 request: trailing spaces of the context move to the continuation, the continuation's
@@ -45,8 +50,16 @@ TASKS: dict[str, tuple[str, str, str]] = {
     "sciq": ("sciq", "rc_0shot", "mc"),
     "openbookqa": ("openbookqa", "rc_0shot", "mc"),
     "lambada": ("lambada", "bpb_0shot", "greedy"),
+    "naturalqs_open": ("naturalqs_open", "bpb_5shot", "qa"),
+    "jeopardy": ("jeopardy", "bpb_5shot", "qa"),
+    "squad": ("squad", "bpb_5shot", "qa"),
+    "coqa": ("coqa", "bpb_0shot", "qa"),
 }
-DEFAULT_TASKS = tuple(TASKS)
+GROUPS: dict[str, tuple[str, ...]] = {
+    "zeroshot": tuple(t for t, (_, _, kind) in TASKS.items() if kind != "qa"),
+    "knowledge": tuple(t for t, (_, _, kind) in TASKS.items() if kind == "qa"),
+}
+DEFAULT_TASKS = GROUPS["zeroshot"]
 
 
 @dataclass
@@ -83,8 +96,8 @@ def load_docs(path: Path, limit: int | None = None) -> list[Doc]:
                     doc_id = int(req["doc_id"])
                     pair = (req["request"]["context"], req["request"]["continuation"])
                     label = req.get("label", 0)
-                    # generation-style tasks (lambada) list answer strings: no gold index
-                    gold = -1 if isinstance(label, list) else int(label)
+                    # generation-style tasks (lambada, QA) give answer strings: no gold index
+                    gold = label if isinstance(label, int) else -1
                 except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
                     raise SparseLLMError(f"{path}:{lineno}: corrupt request ({exc})") from None
                 if doc_id >= UNCONDITIONAL_OFFSET:
@@ -184,11 +197,14 @@ def evaluate_task(
     pairs = [p for d in docs for p in d.pairs]
     scores = iter(score_pairs(model, tokenizer, pairs, batch_size, desc=task))
     kind = TASKS[task][2]
-    acc, acc_norm = [], []
+    acc, acc_norm, bpb = [], [], []
     for doc in docs:
         doc_scores = [next(scores) for _ in doc.pairs]
-        if kind == "greedy":
+        if kind in ("greedy", "qa"):
             acc.append(float(all(greedy for _, greedy in doc_scores)))
+            if kind == "qa":
+                nbytes = sum(len(cont.encode("utf-8")) for _, cont in doc.pairs)
+                bpb.append(-sum(ll for ll, _ in doc_scores) / (math.log(2) * max(nbytes, 1)))
             continue
         lls = [ll for ll, _ in doc_scores]
         norm = [ll / max(len(cont), 1) for ll, (_, cont) in zip(lls, doc.pairs, strict=True)]
@@ -196,19 +212,9 @@ def evaluate_task(
         acc_norm.append(float(max(range(len(norm)), key=norm.__getitem__) == doc.gold))
     out: dict[str, Any] = {"task": task, "docs": len(docs), "kind": kind, "file": str(path)}
     out["acc"], out["acc_stderr"] = _mean_stderr(acc)
+    if kind == "qa":  # "acc" is greedy exact match here; name it so too
+        out["em"], out["em_stderr"] = out["acc"], out["acc_stderr"]
+        out["bpb"], out["bpb_stderr"] = _mean_stderr(bpb)
     if acc_norm:
         out["acc_norm"], out["acc_norm_stderr"] = _mean_stderr(acc_norm)
     return out
-
-
-def evaluate_tasks(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    tasks: tuple[str, ...] = DEFAULT_TASKS,
-    limit: int | None = 200,
-    batch_size: int = 16,
-) -> dict[str, dict[str, Any]]:
-    """`evaluate_task` for several tasks (all validated before any scoring starts)."""
-    for task in tasks:
-        task_path(task)
-    return {t: evaluate_task(model, tokenizer, t, limit, batch_size) for t in tasks}

@@ -22,15 +22,30 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join([line(headers), sep, *(line(r) for r in cells)])
 
 
+def _second_metric(r: dict[str, Any]) -> str:
+    """The metric beside accuracy: acc_norm (multiple choice), bits/byte (QA), or
+    accuracy per length (long context)."""
+    if "acc_norm" in r:
+        return f"acc_norm {r['acc_norm']:.3f}"
+    if "bpb" in r:
+        return f"bpb {r['bpb']:.3f}"
+    if "by_length" in r:
+        return " ".join(f"{n}:{a:.2f}" for n, a in r["by_length"].items())
+    return ""
+
+
 def zeroshot_table(sparse: dict[str, Any], dense: dict[str, Any] | None = None) -> str:
-    """Per-task accuracy ± stderr (and acc_norm), the dense model beside when given."""
+    """Per-task accuracy ± stderr and a second metric, the dense model beside when given.
+
+    "acc" is exact-match for QA tasks and retrieval accuracy for long-context tasks.
+    """
     prefixes = ["dense ", "sparse "] if dense else [""]
-    headers = ["task", "docs"] + [f"{p}{m}" for p in prefixes for m in ("acc", "acc_norm")]
+    headers = ["task", "docs"] + [f"{p}{m}" for p in prefixes for m in ("acc", "other")]
     rows = []
     for task, res in sparse.items():
         row: list[Any] = [task, res["docs"]]
         for r in [dense[task], res] if dense else [res]:
-            row += [f"{r['acc']:.3f} ± {r['acc_stderr']:.3f}", r.get("acc_norm", "")]
+            row += [f"{r['acc']:.3f} ± {r['acc_stderr']:.3f}", _second_metric(r)]
         rows.append(row)
     return table(headers, rows)
 
@@ -69,7 +84,7 @@ def comparison_table(result: dict[str, Any]) -> str:
 def _zeroshot_section(zeroshot: dict[str, Any] | None) -> list[str]:
     if not zeroshot:
         return []
-    return ["## Zero-shot\n" + zeroshot_table(zeroshot["sparse"], zeroshot.get("dense"))]
+    return ["## Tasks\n" + zeroshot_table(zeroshot["sparse"], zeroshot.get("dense"))]
 
 
 def _windows(part: dict[str, Any], count_key: str) -> str:
