@@ -1,6 +1,6 @@
 import gzip
-import math
 import json
+import math
 
 import pytest
 import torch
