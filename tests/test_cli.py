@@ -183,8 +183,13 @@ def test_prune_with_tasks_kl_and_speed(tiny_dir, text_file, tmp_path, capsys):
         assert tasks["piqa"]["docs"] == 3 and tasks["naturalqs_open"]["bpb"] > 0
         assert set(tasks["passkey"]["by_length"]) == {"300", "400"}
     assert set(result["speed"]["prefill"]) == {"16", "32"}
+    saved = json.loads((out / "report.json").read_text())
+    memory = saved["speed"]["memory"]  # each model in its own process, after the save
+    for side in ("dense", "sparse"):
+        assert memory[side]["peak_rss_bytes"] >= memory[side]["after_load_rss_bytes"] > 0
+        assert memory[side]["checkpoint_bytes"] > 0
     report = (out / "report.md").read_text()
-    assert "## Tasks" in report and "## Speed" in report and "KL(dense" in report
+    assert "## Tasks" in report and "peak RSS MiB" in report and "KL(dense" in report
 
 
 def test_unknown_task_rejected_before_work(tiny_dir, text_file, tmp_path, capsys):

@@ -273,7 +273,7 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     from sparsellm.eval.kl import compare_models
     from sparsellm.eval.perplexity import perplexity
     from sparsellm.eval.speed import compare_speed
-    from sparsellm.export.hf import check_out_dir
+    from sparsellm.export.hf import MANIFEST, check_out_dir, write_json_atomic, write_text_atomic
     from sparsellm.report.markdown import (
         comparison_table,
         markdown_report,
@@ -359,6 +359,11 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
         "report.md": markdown_report(result),
     }
     sl.save(model, tok, out, manifest=result, overwrite=args.overwrite, extra_files=extra)
+    if speed:  # per-model memory needs the saved checkpoint: measure, then update reports
+        speed["memory"] = _memory(loaded.info["path"], out, lengths)
+        write_json_atomic(out / MANIFEST, result)
+        write_text_atomic(out / "report.json", json.dumps(result, indent=2, default=str) + "\n")
+        write_text_atomic(out / "report.md", markdown_report(result))
     print(comparison_table(result))
     if zeroshot:
         print(zeroshot_table(zeroshot["sparse"], zeroshot.get("dense")))
@@ -366,6 +371,17 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
         print(speed_table(speed))
     print(f"saved sparse model and report to {out}")
     return result
+
+
+def _memory(dense_path: str, sparse_path: Path, lengths: tuple[int, ...]) -> dict[str, Any]:
+    """Checkpoint bytes and peak RSS of each model alone (fresh process, one prefill)."""
+    from sparsellm.eval.memory import checkpoint_bytes, measure_peak_rss
+
+    length = sorted(lengths)[len(lengths) // 2]
+    out: dict[str, Any] = {"prefill_length": length}
+    for name, path in (("dense", dense_path), ("sparse", sparse_path)):
+        out[name] = {"checkpoint_bytes": checkpoint_bytes(path), **measure_peak_rss(path, length)}
+    return out
 
 
 def _check_window(model: Any, seqlen: int) -> None:

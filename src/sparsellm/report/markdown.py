@@ -60,7 +60,16 @@ def speed_table(speed: dict[str, Any]) -> str:
     mem = speed["dense_params"], speed["sparse_params"]
     rows.append(["parameter MiB", mem[0]["bytes"] / 2**20, mem[1]["bytes"] / 2**20, ""])
     rows.append(["zero parameters", mem[0]["zeros"], mem[1]["zeros"], ""])
-    return table(["case", "dense tok/s", "sparse tok/s", "speedup"], rows)
+    if "memory" in speed:  # each model alone in a fresh process
+        m = speed["memory"]
+        d, s = m["dense"], m["sparse"]
+        for key, label in (
+            ("checkpoint_bytes", "checkpoint MiB on disk"),
+            ("peak_rss_bytes", f"peak RSS MiB (load + prefill {m['prefill_length']})"),
+        ):
+            if d.get(key) is not None and s.get(key) is not None:
+                rows.append([label, d[key] / 2**20, s[key] / 2**20, f"{s[key] / d[key]:.3f}x"])
+    return table(["case", "dense", "sparse", "speedup | size ratio"], rows)
 
 
 def comparison_table(result: dict[str, Any]) -> str:
