@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 
-def _fmt(v: Any) -> str:
+def fmt(v: Any) -> str:
     if v is None:
         return "n/a"
     if isinstance(v, float):
@@ -15,7 +15,7 @@ def _fmt(v: Any) -> str:
 
 def table(headers: list[str], rows: list[list[Any]]) -> str:
     """A GitHub-flavoured Markdown table (also readable in a terminal)."""
-    cells = [[_fmt(c) for c in r] for r in rows]
+    cells = [[fmt(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"

@@ -1,0 +1,211 @@
+"""`sparsellm sweep`: a methods × sparsities × patterns grid, resumable, local or on Ray.
+
+Layout of a sweep directory::
+
+    sweep.json                 the grid and the protocol (checked on resume)
+    points/<name>/             one directory per finished point, written atomically:
+        sparsellm_manifest.json, report.json     (no weights unless --save-models)
+    report.md, report.html, plots/               rendered when the grid is done
+
+Resume is by construction: a point whose directory exists is finished and skipped, and
+a point is only renamed into place once its result is complete, so an interrupted
+sweep picks up where it stopped. N:M patterns name the group size M; at sparsity s a
+sweep uses round(s·M) zeros per M (0.3 → 1:4, 0.5 → 2:4, 0.7 → 3:4), and points that
+round to the same pattern run once.
+
+Executors: ``local`` runs points one after another in this process (the model is
+loaded once and restored from a dense copy before each point); ``ray`` submits one
+task per point to a Ray cluster (``ray.init(address)``; without an address a local
+cluster is started), each worker loading the model itself and returning its result to
+the driver, which writes it — so workers need the model source but not the sweep dir.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from sparsellm.errors import SparseLLMError
+from sparsellm.export.hf import MANIFEST, write_json_atomic
+from sparsellm.pipeline import Prepared, Protocol, prepare, prune_and_evaluate, run_tasks
+from sparsellm.weights.masks import parse_pattern
+
+SWEEP_FILE = "sweep.json"
+
+
+@dataclass(frozen=True)
+class Point:
+    """One grid point: a single-step recipe."""
+
+    method: str
+    pattern: str
+    sparsity: float | None  # None for N:M (implied)
+
+    @property
+    def name(self) -> str:
+        if self.sparsity is None:
+            return f"{self.method}-{self.pattern.replace(':', 'of')}"
+        return f"{self.method}-{self.pattern}-{self.sparsity:.2f}"
+
+    def recipe(self) -> list[dict[str, Any]]:
+        step: dict[str, Any] = {"method": self.method, "pattern": self.pattern}
+        if self.sparsity is not None:
+            step["sparsity"] = self.sparsity
+        return [step]
+
+
+def grid(methods: list[str], sparsities: list[float], patterns: list[str]) -> list[Point]:
+    """All points, validated; N:M patterns re-derived per sparsity and deduplicated."""
+    from sparsellm.registry import METHODS
+    from sparsellm.weights.masks import check_sparsity
+
+    for m in methods:
+        if m not in METHODS:
+            raise SparseLLMError(f"unknown method {m!r}; valid: {', '.join(METHODS)}")
+    for s in sparsities:
+        check_sparsity(s)
+    points: list[Point] = []
+    for method in methods:
+        for pattern in patterns:
+            parsed = parse_pattern(pattern)
+            for s in sparsities:
+                if not parsed.is_nm:
+                    point = Point(method, "unstructured", s)
+                else:
+                    m = parsed.m
+                    n = min(max(round(s * m), 1), m - 1)
+                    point = Point(method, f"{n}:{m}", None)
+                if point not in points:
+                    points.append(point)
+    if not points:
+        raise SparseLLMError("the sweep grid is empty")
+    return points
+
+
+def _write_point(out: Path, point: Point, result: dict[str, Any], model: Any = None) -> None:
+    """Write a finished point into points/<name> atomically (temp dir + rename)."""
+    final = out / "points" / point.name
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{point.name}.tmp-", dir=final.parent))
+    try:
+        if model is not None:
+            model.save_pretrained(tmp)
+        write_json_atomic(tmp / MANIFEST, result)
+        write_json_atomic(tmp / "report.json", result)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _settings(source: str, protocol: Protocol, points: list[Point]) -> dict[str, Any]:
+    """What sweep.json holds, in its JSON form (tuples as lists) so it compares on resume."""
+    settings = {"model": source, "protocol": protocol.to_dict(), "points": [p.name for p in points]}
+    return json.loads(json.dumps(settings))
+
+
+def open_sweep(
+    out: Path, source: str, protocol: Protocol, points: list[Point], overwrite: bool
+) -> list[Point]:
+    """Create or resume `out`; return the points still to run."""
+    settings = _settings(source, protocol, points)
+    file = out / SWEEP_FILE
+    if file.is_file() and not overwrite:
+        try:
+            previous = json.loads(file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise SparseLLMError(f"{file} is corrupt: {exc}") from None
+        if {k: previous.get(k) for k in ("model", "protocol")} != {
+            k: settings[k] for k in ("model", "protocol")
+        }:
+            raise SparseLLMError(
+                f"{out} holds a sweep with a different model or protocol; "
+                "use another --out or --overwrite"
+            )
+        settings["points"] = list(dict.fromkeys(previous.get("points", []) + settings["points"]))
+    elif out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise SparseLLMError(f"{out} exists, is not empty and is not a sweep (use --overwrite)")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(file, settings)
+    return [p for p in points if not (out / "points" / p.name / MANIFEST).is_file()]
+
+
+def run_local(
+    out: Path,
+    source: str,
+    protocol: Protocol,
+    todo: list[Point],
+    save_models: bool = False,
+    prep: Prepared | None = None,
+) -> None:
+    """Run `todo` in this process: load once, restore the dense weights before each point."""
+    if not todo:
+        return
+    prep = prep or prepare(source, protocol)
+    model = prep.loaded.model
+    dense = copy.deepcopy(model)
+    dense_tasks = run_tasks(dense, prep.loaded.tokenizer, protocol) if protocol.tasks else None
+    state = {k: v.clone() for k, v in dense.state_dict().items()}
+    for point in tqdm(todo, desc="sweep", unit="point"):
+        model.load_state_dict(state)
+        result = prune_and_evaluate(model, dense, prep, point.recipe(), protocol, dense_tasks)
+        result["sweep_point"] = point.name
+        _write_point(out, point, result, model if save_models else None)
+
+
+def _ray_point(source: str, protocol: dict[str, Any], point: Point) -> dict[str, Any]:
+    """One point in a Ray worker (loads its own model; returns the result dict)."""
+    proto = Protocol.from_dict(protocol)
+    prep = prepare(source, proto)
+    dense = copy.deepcopy(prep.loaded.model)
+    result = prune_and_evaluate(prep.loaded.model, dense, prep, point.recipe(), proto)
+    result["sweep_point"] = point.name
+    return result
+
+
+def run_ray(
+    out: Path,
+    source: str,
+    protocol: Protocol,
+    todo: list[Point],
+    address: str | None = None,
+    cpus_per_point: float | None = None,
+) -> None:
+    """Run `todo` as Ray tasks; results are written here as they finish (resumable)."""
+    if not todo:
+        return
+    try:
+        import ray
+    except ImportError:
+        raise SparseLLMError("--executor ray needs Ray: pip install 'ray==2.60.0'") from None
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    try:
+        cpus = cpus_per_point or max(1.0, float(ray.available_resources().get("CPU", 1)))
+        task = ray.remote(num_cpus=cpus)(_ray_point)
+        pending = {task.remote(source, protocol.to_dict(), p): p for p in todo}
+        with tqdm(total=len(pending), desc="sweep (ray)", unit="point") as bar:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                point = pending.pop(done[0])
+                try:
+                    result = ray.get(done[0])
+                except ray.exceptions.RayTaskError as exc:
+                    cause = exc.cause if hasattr(exc, "cause") else exc
+                    raise SparseLLMError(f"sweep point {point.name} failed: {cause}") from None
+                _write_point(out, point, result)
+                bar.update()
+    finally:
+        if started:
+            ray.shutdown()
