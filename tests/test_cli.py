@@ -203,3 +203,52 @@ def test_longctx_length_beyond_window_rejected_before_work(tiny_dir, text_file, 
     assert main(args) == 2  # default lengths reach 8192; the tiny model's window is 512
     assert "long-context length 1024 exceeds the model's window 512" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.real
+def test_eval_harness_equals_our_scorer_on_the_same_requests(tiny_dir, text_file, capsys):
+    pytest.importorskip("lm_eval")
+    args = [
+        "eval",
+        "--model",
+        str(tiny_dir),
+        "--eval",
+        str(text_file),
+        "--seqlen",
+        "64",
+        "--eval-windows",
+        "2",
+        "--tasks",
+        "piqa,lambada",
+        "--limit",
+        "4",
+        "--json",
+        "--harness",
+        "sparsellm_piqa,sparsellm_lambada",
+    ]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for task in ("piqa", "lambada"):
+        ours, theirs = result["zeroshot"][task], result["harness"][f"sparsellm_{task}"]
+        assert theirs["docs"] == ours["docs"] == 4
+        assert theirs["acc"] == ours["acc"]
+    assert result["harness"]["sparsellm_piqa"]["acc_norm"] == result["zeroshot"]["piqa"]["acc_norm"]
+
+
+def test_eval_harness_unknown_task_is_a_clear_error(tiny_dir, text_file, capsys):
+    pytest.importorskip("lm_eval")
+    args = [
+        "eval",
+        "--model",
+        str(tiny_dir),
+        "--eval",
+        str(text_file),
+        "--seqlen",
+        "64",
+        "--eval-windows",
+        "2",
+        "--harness",
+        "sparsellm_nope",
+    ]
+    assert main(args) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err

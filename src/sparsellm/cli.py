@@ -182,6 +182,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="perplexity of any model (dense or a saved sparse one)")
     _add_common(ev, None)
     ev.add_argument("--batch-size", type=int, default=4, help="windows per forward (default 4)")
+    ev.add_argument(
+        "--harness",
+        default="",
+        metavar="TASKS",
+        help="also run lm-evaluation-harness tasks on the in-memory model (lm-eval's HFLM, "
+        "no re-save; needs `pip install lm-eval`). Names prefixed sparsellm_ (e.g. "
+        "sparsellm_arc_easy) are our bundled requests converted to local lm-eval tasks, "
+        "which work offline; other names are lm-eval's own (their data need network) or "
+        "come from --harness-include. --limit applies",
+    )
+    ev.add_argument(
+        "--harness-include",
+        default=None,
+        metavar="DIR",
+        help="a directory of lm-eval task YAMLs to search as well",
+    )
     sw = sub.add_parser(
         "sweep",
         help="run a methods x sparsities x patterns grid (resumable) and write one report",
@@ -431,6 +447,11 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
     _check_counts(args)
     tasks = _tasks(args)
+    harness = [t.strip() for t in args.harness.split(",") if t.strip()]
+    if harness:
+        from sparsellm.eval.harness import import_lm_eval
+
+        import_lm_eval()  # fail before loading the model
     loaded = sl.load(args.model)
     _check_window(loaded.model, args.seqlen)
     _check_longctx(args, loaded.model, tasks)
@@ -466,7 +487,31 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     )
     if tasks:
         print(zeroshot_table(result["zeroshot"]))
+    if harness:
+        result["harness"] = _harness(args, loaded.model, loaded.tokenizer, harness)
+        rows = [
+            [t, m.get("docs"), m.get("acc"), m.get("acc_norm")]
+            for t, m in result["harness"].items()
+        ]
+        print(table(["lm-eval task", "docs", "acc", "acc_norm"], rows))
     return result
+
+
+def _harness(args: argparse.Namespace, model: Any, tok: Any, names: list[str]) -> dict:
+    """lm-eval on the in-memory model; sparsellm_* names are converted from our requests."""
+    import tempfile
+
+    from sparsellm.errors import SparseLLMError
+    from sparsellm.eval.harness import TASK_PREFIX, run_harness, write_olmo_tasks
+
+    ours = [n.removeprefix(TASK_PREFIX) for n in names if n.startswith(TASK_PREFIX)]
+    if ours and args.harness_include:
+        raise SparseLLMError("use either sparsellm_* tasks or --harness-include, not both")
+    with tempfile.TemporaryDirectory(prefix="sparsellm-lm-eval-") as tmp:
+        include = args.harness_include
+        if ours:
+            include = str(write_olmo_tasks(ours, Path(tmp), args.limit))
+        return run_harness(model, tok, names, limit=args.limit, include_path=include)
 
 
 def _float_list(value: str, flag: str) -> list[float]:
