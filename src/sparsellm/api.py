@@ -76,14 +76,40 @@ def sparsify(
     report = SparsifyReport(steps=[s.to_dict() for s in steps])
     start = time.perf_counter()
     model.eval()
+    dense = _dense_snapshot(model) if any(_needs_dense(s) for s in steps[1:]) else None
     for step in steps:
-        layers = apply_step(model, step, calib, batch_size=batch_size, calib_dtype=calib_dtype)
+        layers = apply_step(
+            model,
+            step,
+            calib,
+            batch_size=batch_size,
+            calib_dtype=calib_dtype,
+            dense_weights=dense,
+        )
         for fqn, entry in layers.items():
             entry["numel"] = model.get_submodule(fqn).weight.numel()
             entry["method"] = step.method
             report.layers[fqn] = entry
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _needs_dense(step: Step) -> bool:
+    from sparsellm.registry import lookup
+
+    return lookup(step.method)[1].needs_dense
+
+
+def _dense_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """fp32 copies of every block linear's weight (for steps that grow weights back)."""
+    from sparsellm.models.adapters import block_linears, blocks_prefix, get_blocks, weight_matrix
+
+    prefix = blocks_prefix(model)
+    return {
+        f"{prefix}.{i}.{rel}": weight_matrix(m).detach().float().clone()
+        for i, block in enumerate(get_blocks(model))
+        for rel, m in block_linears(block).items()
+    }
 
 
 def evaluate(

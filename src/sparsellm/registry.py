@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sparsellm.errors import SparseLLMError
 from sparsellm.weights.base import WeightPruneConfig, WeightPruner
+from sparsellm.weights.dsnot import DSnoT, DSnoTConfig
 from sparsellm.weights.magnitude import Magnitude, MagnitudeConfig
 from sparsellm.weights.sparsegpt import SparseGPT, SparseGPTConfig
 from sparsellm.weights.wanda import Wanda, WandaConfig
@@ -12,6 +13,7 @@ METHODS: dict[str, tuple[type[WeightPruneConfig], type[WeightPruner]]] = {
     "magnitude": (MagnitudeConfig, Magnitude),
     "wanda": (WandaConfig, Wanda),
     "sparsegpt": (SparseGPTConfig, SparseGPT),
+    "dsnot": (DSnoTConfig, DSnoT),
 }
 
 

@@ -26,6 +26,7 @@ from sparsellm.models.adapters import (
 )
 from sparsellm.recipe import Step
 from sparsellm.registry import lookup
+from sparsellm.weights.allocation import owl_layer_sparsity
 from sparsellm.weights.base import Stats
 from sparsellm.weights.masks import check_nm_shape
 
@@ -107,8 +108,13 @@ def apply_step(
     calib: torch.Tensor | None = None,
     batch_size: int = 8,
     calib_dtype: torch.dtype | None = None,
+    dense_weights: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Prune the step's targets in place; return per-layer target/measured sparsity."""
+    """Prune the step's targets in place; return per-layer target/measured sparsity.
+
+    `dense_weights` (fqn -> weight before the recipe) is handed to methods that grow
+    weights back (`needs_dense`); without it they see the current weights.
+    """
     _, method_cls = lookup(step.method)
     pruner = method_cls(step.config)
     selected = select_targets(model, step)
@@ -116,12 +122,28 @@ def apply_step(
     for chosen in selected:
         for fqn, module in chosen.items():
             check_nm_shape(pattern, weight_matrix(module).shape[1], fqn)
-    target = step.config.target_sparsity
+    cfg = step.config
+    budgets: dict[str, float] = {}
+    if cfg.allocation == "owl":
+        if calib is None:
+            raise SparseLLMError("allocation: owl needs calibration data")
+        budgets = owl_layer_sparsity(
+            model,
+            selected,
+            calib,
+            cfg.target_sparsity,
+            cfg.owl_lambda,
+            cfg.owl_threshold,
+            batch_size,
+            calib_dtype,
+        )
     layers: dict[str, dict[str, Any]] = {}
 
     def prune(fqn: str, module: nn.Module, stats: Any) -> None:
         t0 = time.perf_counter()
-        new = pruner.prune(weight_matrix(module).float(), stats)
+        target = budgets.get(fqn, cfg.target_sparsity)
+        dense = (dense_weights or {}).get(fqn) if pruner.needs_dense else None
+        new = pruner.prune(weight_matrix(module).float(), stats, sparsity=target, dense=dense)
         set_weight_matrix(module, new)
         measured = (weight_matrix(module) == 0).float().mean().item()
         layers[fqn] = {"target": target, "sparsity": measured, "seconds": time.perf_counter() - t0}

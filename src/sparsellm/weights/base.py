@@ -21,6 +21,9 @@ from sparsellm.weights.masks import Pattern, check_sparsity, make_mask, parse_pa
 class WeightPruneConfig:
     """Keys every weight-pruning recipe step accepts.
 
+    `allocation: owl` gives each block its own sparsity from its outlier ratio
+    (see `sparsellm.weights.allocation`) with the global sparsity unchanged.
+
     `sparsity` defaults to 0.5; for an N:M pattern it defaults to N/M and, if given,
     must agree with it. `targets` / `ignore` select block linears by fully qualified
     name: ``"re:REGEX"`` matches with `re.match`, any other string matches the exact
@@ -32,9 +35,18 @@ class WeightPruneConfig:
     pattern: str = "unstructured"
     targets: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()
+    allocation: str = "uniform"  # or "owl": per-block budgets, same global sparsity
+    owl_lambda: float = 0.08
+    owl_threshold: float = 5.0
 
     def __post_init__(self) -> None:
         parsed = parse_pattern(self.pattern)
+        if self.allocation not in ("uniform", "owl"):
+            raise SparseLLMError(f"allocation must be uniform or owl, got {self.allocation!r}")
+        if self.allocation == "owl" and parsed.is_nm:
+            raise SparseLLMError("OWL allocates unstructured sparsity; N:M fixes it per group")
+        if not 0 <= self.owl_lambda < 0.5:
+            raise SparseLLMError(f"owl_lambda must be in [0, 0.5), got {self.owl_lambda}")
         if self.sparsity is not None:
             check_sparsity(self.sparsity)
             if parsed.is_nm and abs(self.sparsity - parsed.sparsity) > 1e-9:
@@ -84,6 +96,34 @@ class RowNormSq(Stats):
         self.tokens += x.shape[0]
 
 
+class InputMoments(Stats):
+    """Per input channel Σx and Σx²: mean, (biased) variance and Wanda's squared norm."""
+
+    def __init__(self, in_features: int) -> None:
+        super().__init__(in_features)
+        self.sum = torch.zeros(in_features, dtype=torch.float64)
+        self.sum_sq = torch.zeros(in_features, dtype=torch.float64)
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, self.in_features).float()
+        self.sum += x.sum(0).double()
+        self.sum_sq += x.square().sum(0).double()
+        self.tokens += x.shape[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return (self.sum / max(self.tokens, 1)).float()
+
+    @property
+    def var(self) -> torch.Tensor:
+        mean = self.sum / max(self.tokens, 1)
+        return (self.sum_sq / max(self.tokens, 1) - mean.square()).clamp_min(0).float()
+
+    @property
+    def norm_sq(self) -> torch.Tensor:
+        return self.sum_sq.float()
+
+
 class Hessian(Stats):
     """XᵀX / tokens: the layer-wise reconstruction Hessian (up to the factor 2)."""
 
@@ -106,6 +146,7 @@ class WeightPruner:
 
     stats: ClassVar[type[Stats] | None] = None  # None: needs no calibration data
     per: ClassVar[str] = "layer"  # comparison group for unstructured masks
+    needs_dense: ClassVar[bool] = False  # True: `prune` gets the weights before any step
 
     def __init__(self, config: WeightPruneConfig) -> None:
         self.config = config
@@ -114,10 +155,20 @@ class WeightPruner:
         """Importance of every weight; the lowest are pruned."""
         raise NotImplementedError
 
-    def prune(self, weight: torch.Tensor, stats: Stats | None) -> torch.Tensor:
-        """Pruned copy of the fp32 (out, in) `weight`; score-and-mask by default."""
+    def prune(
+        self,
+        weight: torch.Tensor,
+        stats: Stats | None,
+        *,
+        sparsity: float | None = None,
+        dense: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Pruned copy of the fp32 (out, in) `weight`; score-and-mask by default.
+
+        `sparsity` overrides the step's target for this layer (non-uniform allocation);
+        `dense` is the layer's weight before the recipe started (for `needs_dense`).
+        """
         cfg = self.config
-        mask = make_mask(
-            self.score(weight, stats), cfg.target_sparsity, cfg.parsed_pattern, self.per
-        )
+        target = cfg.target_sparsity if sparsity is None else sparsity
+        mask = make_mask(self.score(weight, stats), target, cfg.parsed_pattern, self.per)
         return weight.masked_fill(mask, 0.0)

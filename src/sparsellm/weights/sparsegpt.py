@@ -117,7 +117,14 @@ def sparsegpt_prune(
 class SparseGPT(WeightPruner):
     stats = Hessian
 
-    def prune(self, weight: torch.Tensor, stats: Stats | None) -> torch.Tensor:
+    def prune(
+        self,
+        weight: torch.Tensor,
+        stats: Stats | None,
+        *,
+        sparsity: float | None = None,
+        dense: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         assert isinstance(stats, Hessian)
         cfg = self.config
         assert isinstance(cfg, SparseGPTConfig)
@@ -125,7 +132,7 @@ class SparseGPT(WeightPruner):
         return sparsegpt_prune(
             weight,
             stats.value,
-            cfg.target_sparsity,
+            cfg.target_sparsity if sparsity is None else sparsity,
             pattern.n,
             pattern.m,
             cfg.blocksize,
