@@ -81,7 +81,13 @@ def run_ours(model, calib, windows, method, pattern, dtype, batch_size) -> dict:
 
 
 def run_peer(
-    python: str, model_dir: str, files: dict[str, Path], method: str, pattern: str, out: Path
+    python: str,
+    model_dir: str,
+    files: dict[str, Path],
+    method: str,
+    pattern: str,
+    out: Path,
+    sparsity: float = 0.5,
 ) -> dict:
     cmd = [
         python,
@@ -95,7 +101,7 @@ def run_peer(
         "--method",
         method,
         "--sparsity",
-        "0.5",
+        str(sparsity),
         "--pattern",
         pattern,
         "--out",
