@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=200)
     ap.add_argument("--tasks", default="zeroshot", help="tasks or groups (see sparsellm --help)")
     ap.add_argument("--speed-lengths", default="512,2048,8192")
+    ap.add_argument("--longctx-lengths", default="512,1024,2048,4096,8192")
+    ap.add_argument("--longctx-samples", type=int, default=3)
     ap.add_argument("--out", default=str(HERE / "results" / "full_eval.json"))
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -49,8 +51,15 @@ def main() -> None:
     windows = sl.calibration(tok, "wiki", 32, 512)
     quality = timed("ppl + KL (both models)", lambda: compare_models(dense, sparse, windows))
     tasks = resolve_tasks(args.tasks)
-    zs_dense = timed("zero-shot dense", lambda: run_tasks(dense, tok, tasks, args.limit))
-    zs_sparse = timed("zero-shot sparse", lambda: run_tasks(sparse, tok, tasks, args.limit))
+    lc_lengths = tuple(int(n) for n in args.longctx_lengths.split(","))
+    zs_dense = timed(
+        "zero-shot dense",
+        lambda: run_tasks(dense, tok, tasks, args.limit, lc_lengths, args.longctx_samples),
+    )
+    zs_sparse = timed(
+        "zero-shot sparse",
+        lambda: run_tasks(sparse, tok, tasks, args.limit, lc_lengths, args.longctx_samples),
+    )
     lengths = tuple(int(n) for n in args.speed_lengths.split(","))
     speed = timed("speed", lambda: compare_speed(dense, sparse, lengths, repeats=1))
 
