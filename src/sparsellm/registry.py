@@ -5,6 +5,7 @@ from __future__ import annotations
 from sparsellm.errors import SparseLLMError
 from sparsellm.weights.base import WeightPruneConfig, WeightPruner
 from sparsellm.weights.dsnot import DSnoT, DSnoTConfig
+from sparsellm.weights.gblm import GBLM, GBLMConfig
 from sparsellm.weights.magnitude import Magnitude, MagnitudeConfig
 from sparsellm.weights.sparsegpt import SparseGPT, SparseGPTConfig
 from sparsellm.weights.wanda import Wanda, WandaConfig
@@ -14,6 +15,7 @@ METHODS: dict[str, tuple[type[WeightPruneConfig], type[WeightPruner]]] = {
     "wanda": (WandaConfig, Wanda),
     "sparsegpt": (SparseGPTConfig, SparseGPT),
     "dsnot": (DSnoTConfig, DSnoT),
+    "gblm": (GBLMConfig, GBLM),
 }
 
 

@@ -73,6 +73,14 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
     return w.t() if isinstance(module, Conv1D) else w
 
 
+def grad_matrix(module: nn.Module) -> torch.Tensor | None:
+    """The weight's gradient in the same (out_features, in_features) layout."""
+    g = module.weight.grad
+    if g is None:
+        return None
+    return g.t() if isinstance(module, Conv1D) else g
+
+
 def set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
     """Write an (out, in) matrix back into the module's parameter, keeping its dtype."""
     weight_matrix(module).copy_(w.to(module.weight.dtype))

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparsellm.calib.gradients import gradient_l2
 from sparsellm.calib.hooks import input_hooks
 from sparsellm.calib.sequential import StopBlock, run_sequential
 from sparsellm.errors import SparseLLMError
@@ -137,13 +138,21 @@ def apply_step(
             batch_size,
             calib_dtype,
         )
+    grads: dict[str, torch.Tensor] = {}
+    if pruner.needs_gradients:
+        if calib is None:
+            raise SparseLLMError(f"method {step.method!r} needs calibration data")
+        targets = {fqn: m for chosen in selected for fqn, m in chosen.items()}
+        grads = gradient_l2(model, calib, targets, getattr(cfg, "grad_scale", 1.0))
     layers: dict[str, dict[str, Any]] = {}
 
     def prune(fqn: str, module: nn.Module, stats: Any) -> None:
         t0 = time.perf_counter()
         target = budgets.get(fqn, cfg.target_sparsity)
         dense = (dense_weights or {}).get(fqn) if pruner.needs_dense else None
-        new = pruner.prune(weight_matrix(module).float(), stats, sparsity=target, dense=dense)
+        new = pruner.prune(
+            weight_matrix(module).float(), stats, sparsity=target, dense=dense, grad=grads.get(fqn)
+        )
         set_weight_matrix(module, new)
         measured = (weight_matrix(module) == 0).float().mean().item()
         layers[fqn] = {"target": target, "sparsity": measured, "seconds": time.perf_counter() - t0}

@@ -147,6 +147,7 @@ class WeightPruner:
     stats: ClassVar[type[Stats] | None] = None  # None: needs no calibration data
     per: ClassVar[str] = "layer"  # comparison group for unstructured masks
     needs_dense: ClassVar[bool] = False  # True: `prune` gets the weights before any step
+    needs_gradients: ClassVar[bool] = False  # True: `prune` gets per-weight gradient norms
 
     def __init__(self, config: WeightPruneConfig) -> None:
         self.config = config
@@ -162,11 +163,13 @@ class WeightPruner:
         *,
         sparsity: float | None = None,
         dense: torch.Tensor | None = None,
+        grad: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Pruned copy of the fp32 (out, in) `weight`; score-and-mask by default.
 
         `sparsity` overrides the step's target for this layer (non-uniform allocation);
-        `dense` is the layer's weight before the recipe started (for `needs_dense`).
+        `dense` is the layer's weight before the recipe started (for `needs_dense`);
+        `grad` the layer's gradient norms on calibration data (for `needs_gradients`).
         """
         cfg = self.config
         target = cfg.target_sparsity if sparsity is None else sparsity

@@ -160,6 +160,7 @@ class DSnoT(WeightPruner):
         *,
         sparsity: float | None = None,
         dense: torch.Tensor | None = None,
+        grad: torch.Tensor | None = None,
     ) -> torch.Tensor:
         assert isinstance(stats, InputMoments)
         cfg = self.config

@@ -124,6 +124,7 @@ class SparseGPT(WeightPruner):
         *,
         sparsity: float | None = None,
         dense: torch.Tensor | None = None,
+        grad: torch.Tensor | None = None,
     ) -> torch.Tensor:
         assert isinstance(stats, Hessian)
         cfg = self.config
