@@ -37,6 +37,11 @@ RECIPES: dict[str, tuple[str, list[dict]]] = {
     "sparsegpt-50+dsnot": ("0.5", [{"method": "sparsegpt", "sparsity": 0.5}, {"method": "dsnot"}]),
     "wanda-50+dsnot": ("0.5", [{"method": "wanda", "sparsity": 0.5}, {"method": "dsnot"}]),
     "sparsegpt-owl-50": ("0.5", [{"method": "sparsegpt", "sparsity": 0.5, **OWL}]),
+    "gblm-50": ("0.5", [{"method": "gblm", "sparsity": 0.5}]),
+    "gblm-owl-70+dsnot": (
+        "0.7",
+        [{"method": "gblm", "sparsity": 0.7, **OWL}, {"method": "dsnot", "sparsity": 0.7}],
+    ),
     "sparsegpt-70": ("0.7", [{"method": "sparsegpt", "sparsity": 0.7}]),
     "sparsegpt-owl-70": ("0.7", [{"method": "sparsegpt", "sparsity": 0.7, **OWL}]),
     "sparsegpt-owl-70+dsnot": (
