@@ -252,3 +252,45 @@ def test_eval_harness_unknown_task_is_a_clear_error(tiny_dir, text_file, capsys)
     ]
     assert main(args) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("lora", ["0", "2"])
+def test_recover_keeps_zeros_and_records_before_after(tiny_dir, text_file, tmp_path, capsys, lora):
+    sparse = tmp_path / "sparse"
+    assert main(_args(tiny_dir, text_file, sparse, "--method", "wanda", "--pattern", "2:4")) == 0
+    out = tmp_path / "rec"
+    args = [
+        "recover",
+        "--model",
+        str(sparse),
+        "--teacher",
+        str(tiny_dir),
+        "--data",
+        str(text_file),
+        "--eval",
+        str(text_file),
+        "--seqlen",
+        "64",
+        "--nsamples",
+        "8",
+        "--eval-windows",
+        "2",
+        "--steps",
+        "4",
+        "--lr",
+        "1e-3",
+        "--lora",
+        lora,
+        "--out",
+        str(out),
+        "--json",
+    ]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["training"]["steps"] == 4 and result["after"]["kl"] >= 0
+    before = AutoModelForCausalLM.from_pretrained(sparse)
+    after = AutoModelForCausalLM.from_pretrained(out)
+    for (name, p), q in zip(before.named_parameters(), after.parameters(), strict=True):
+        if "layers" in name and p.dim() == 2:
+            assert (q[p == 0] == 0).all(), name
+    assert json.loads((out / "sparsellm_manifest.json").read_text())["recovery"]["training"]

@@ -262,6 +262,35 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also save every point's weights (538 MB each for the default model)",
     )
+    rec = sub.add_parser(
+        "recover",
+        help="distillation fine-tuning of a sparse model from its dense teacher, masks frozen",
+        description="Fine-tune SRC (a sparse model) against --teacher with KL on logits plus "
+        "SquareHead per-layer normalised MSE; pruned weights stay exactly zero. With --lora "
+        "only masked low-rank adapters train and are merged (zeros kept) before saving.",
+    )
+    _add_common(rec, None)
+    rec.add_argument("--teacher", required=True, metavar="SRC", help="the dense model")
+    rec.add_argument(
+        "--data",
+        default="c4",
+        metavar="c4|wiki|PATH",
+        help="training text (default: c4; evaluation stays on --eval)",
+    )
+    rec.add_argument("--nsamples", type=int, default=256, help="training windows (default 256)")
+    rec.add_argument("--steps", type=int, default=100, help="optimiser steps (default 100)")
+    rec.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    rec.add_argument("--batch-size", type=int, default=4, help="windows per step (default 4)")
+    rec.add_argument(
+        "--lora",
+        type=int,
+        default=0,
+        metavar="RANK",
+        help="train masked LoRA adapters of this rank instead of all weights",
+    )
+    rec.add_argument("--seed", type=int, default=0)
+    rec.add_argument("--out", required=True, metavar="DIR")
+    rec.add_argument("--overwrite", action="store_true")
     rep = sub.add_parser(
         "report",
         help="render runs and sweeps as Markdown + self-contained HTML with plots",
@@ -551,6 +580,66 @@ def cmd_sweep(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def cmd_recover(args: argparse.Namespace) -> dict[str, Any]:
+    import sparsellm as sl
+    from sparsellm.data.corpora import resolve_corpus, token_windows
+    from sparsellm.eval.kl import compare_models
+    from sparsellm.export.hf import check_out_dir
+    from sparsellm.pipeline import seed_everything
+    from sparsellm.recover.distill import DistillConfig, distill, summary
+    from sparsellm.recover.lora import add_lora, merge_lora
+    from sparsellm.report.markdown import table
+
+    _check_counts(args)
+    cfg = DistillConfig(
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        warmup=max(args.steps // 10, 1),
+    )
+    out = check_out_dir(Path(args.out), args.overwrite)
+    tasks = _tasks(args)
+    data_corpus, eval_corpus = resolve_corpus(args.data), resolve_corpus(args.eval)
+    seed_everything(args.seed)
+    student, teacher = sl.load(args.model), sl.load_model(args.teacher)
+    tok = student.tokenizer
+    _check_window(student.model, args.seqlen)
+    data = token_windows(tok, data_corpus, args.nsamples, args.seqlen)
+    windows = token_windows(tok, eval_corpus, args.eval_windows, args.seqlen)
+    before = compare_models(teacher.model, student.model, windows)
+    if args.lora:
+        add_lora(student.model, rank=args.lora)
+    log = distill(student.model, teacher.model, data, cfg)
+    if args.lora:
+        merge_lora(student.model)
+    after = compare_models(teacher.model, student.model, windows)
+    manifest = dict(student.info.get("manifest") or {})
+    result: dict[str, Any] = {
+        "before": before,
+        "after": after,
+        "training": summary(log),
+        "config": {**vars(cfg), "lora_rank": args.lora, "data": data_corpus.describe()},
+        "teacher": teacher.info,
+        "student": student.info.get("source"),
+    }
+    if tasks:
+        result["zeroshot"] = {"sparse": _run_tasks(args, student.model, tok, tasks)}
+    manifest["recovery"] = result
+    sl.save(student.model, tok, out, manifest=manifest, overwrite=args.overwrite)
+    print(
+        table(
+            ["", "dense ppl", "sparse ppl", "KL", "top-1"],
+            [
+                [k, r["dense_ppl"], r["sparse_ppl"], r["kl"], r["top1_agreement"]]
+                for k, r in (("before", before), ("after", after))
+            ],
+        )
+    )
+    print(f"saved recovered model to {out}")
+    return result
+
+
 def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
     from sparsellm.report.render import write_report
     from sparsellm.report.runs import load_runs
@@ -566,6 +655,7 @@ COMMANDS = {
     "prune": cmd_prune,
     "eval": cmd_eval,
     "sweep": cmd_sweep,
+    "recover": cmd_recover,
     "report": cmd_report,
 }
 

@@ -1,0 +1,1 @@
+"""Recovery after pruning with the masks frozen: distillation and masked LoRA."""
