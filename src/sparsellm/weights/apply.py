@@ -29,6 +29,7 @@ from sparsellm.recipe import Step
 from sparsellm.registry import lookup
 from sparsellm.weights.allocation import owl_layer_sparsity
 from sparsellm.weights.base import Stats
+from sparsellm.weights.evopress import evopress_layer_sparsity
 from sparsellm.weights.masks import check_nm_shape
 
 
@@ -137,6 +138,25 @@ def apply_step(
             cfg.owl_threshold,
             batch_size,
             calib_dtype,
+        )
+    elif cfg.allocation == "evopress":
+        if calib is None:
+            raise SparseLLMError("allocation: evopress needs calibration data")
+        if pruner.needs_gradients or pruner.needs_dense:
+            raise SparseLLMError(f"allocation: evopress cannot build levels with {step.method!r}")
+        budgets = evopress_layer_sparsity(
+            model,
+            selected,
+            calib,
+            pruner,
+            cfg.target_sparsity,
+            step=cfg.evo_step,
+            k=cfg.evo_levels,
+            generations=cfg.evo_generations,
+            offspring=cfg.evo_offspring,
+            state_path=cfg.evo_state,
+            batch_size=batch_size,
+            dtype=calib_dtype,
         )
     grads: dict[str, torch.Tensor] = {}
     if pruner.needs_gradients:

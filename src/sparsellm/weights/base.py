@@ -22,7 +22,9 @@ class WeightPruneConfig:
     """Keys every weight-pruning recipe step accepts.
 
     `allocation: owl` gives each block its own sparsity from its outlier ratio
-    (see `sparsellm.weights.allocation`) with the global sparsity unchanged.
+    (see `sparsellm.weights.allocation`); `allocation: evopress` searches per-layer
+    levels by KL to the dense model (`sparsellm.weights.evopress`, ``evo_*`` keys).
+    Both keep the global sparsity at the target.
 
     `sparsity` defaults to 0.5; for an N:M pattern it defaults to N/M and, if given,
     must agree with it. `targets` / `ignore` select block linears by fully qualified
@@ -35,16 +37,27 @@ class WeightPruneConfig:
     pattern: str = "unstructured"
     targets: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()
-    allocation: str = "uniform"  # or "owl": per-block budgets, same global sparsity
+    allocation: str = "uniform"  # "owl" | "evopress": per-layer budgets, same global sparsity
     owl_lambda: float = 0.08
     owl_threshold: float = 5.0
+    evo_generations: int = 30
+    evo_offspring: int = 8
+    evo_step: float = 0.05
+    evo_levels: int = 3
+    evo_state: str | None = None
 
     def __post_init__(self) -> None:
         parsed = parse_pattern(self.pattern)
-        if self.allocation not in ("uniform", "owl"):
-            raise SparseLLMError(f"allocation must be uniform or owl, got {self.allocation!r}")
-        if self.allocation == "owl" and parsed.is_nm:
-            raise SparseLLMError("OWL allocates unstructured sparsity; N:M fixes it per group")
+        if self.allocation not in ("uniform", "owl", "evopress"):
+            raise SparseLLMError(
+                f"allocation must be uniform, owl or evopress, got {self.allocation!r}"
+            )
+        if self.allocation != "uniform" and parsed.is_nm:
+            raise SparseLLMError(
+                f"{self.allocation} allocates unstructured sparsity; N:M fixes it per group"
+            )
+        if self.evo_generations < 0 or self.evo_offspring < 1 or not 0 < self.evo_step < 0.5:
+            raise SparseLLMError("evo_generations >= 0, evo_offspring >= 1, 0 < evo_step < 0.5")
         if not 0 <= self.owl_lambda < 0.5:
             raise SparseLLMError(f"owl_lambda must be in [0, 0.5), got {self.owl_lambda}")
         if self.sparsity is not None:
