@@ -294,3 +294,43 @@ def test_recover_keeps_zeros_and_records_before_after(tiny_dir, text_file, tmp_p
         if "layers" in name and p.dim() == 2:
             assert (q[p == 0] == 0).all(), name
     assert json.loads((out / "sparsellm_manifest.json").read_text())["recovery"]["training"]
+
+
+def test_recover_learn_masks_keeps_nm(tiny_dir, text_file, tmp_path, capsys):
+    sparse = tmp_path / "sparse"
+    assert main(_args(tiny_dir, text_file, sparse, "--method", "wanda", "--pattern", "2:4")) == 0
+    out = tmp_path / "rec"
+    args = [
+        "recover",
+        "--model",
+        str(sparse),
+        "--teacher",
+        str(tiny_dir),
+        "--data",
+        str(text_file),
+        "--eval",
+        str(text_file),
+        "--seqlen",
+        "64",
+        "--nsamples",
+        "8",
+        "--eval-windows",
+        "2",
+        "--steps",
+        "0",
+        "--learn-masks",
+        "2:4",
+        "--mask-steps",
+        "5",
+        "--out",
+        str(out),
+        "--json",
+    ]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["maskllm"]["steps"] == 5 and result["training"] is None
+    model = AutoModelForCausalLM.from_pretrained(out)
+    for name, p in model.named_parameters():
+        if ".layers." in name and p.dim() == 2:
+            assert ((p == 0).reshape(p.shape[0], -1, 4).sum(-1) == 2).all(), name
+    assert main([*args[:-3], "--learn-masks", "unstructured", "--out", str(tmp_path / "x")]) == 2

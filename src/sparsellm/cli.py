@@ -278,7 +278,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="training text (default: c4; evaluation stays on --eval)",
     )
     rec.add_argument("--nsamples", type=int, default=256, help="training windows (default 256)")
-    rec.add_argument("--steps", type=int, default=100, help="optimiser steps (default 100)")
+    rec.add_argument(
+        "--steps",
+        type=int,
+        default=100,
+        help="distillation steps (default 100; 0 = only --learn-masks)",
+    )
+    rec.add_argument(
+        "--learn-masks",
+        default=None,
+        metavar="N:M",
+        help="first learn N:M masks over the teacher's weights (MaskLLM, weights "
+        "frozen, Gumbel-softmax, prior = the student's current mask)",
+    )
+    rec.add_argument(
+        "--mask-steps", type=int, default=200, help="MaskLLM steps with --learn-masks (default 200)"
+    )
     rec.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
     rec.add_argument("--batch-size", type=int, default=4, help="windows per step (default 4)")
     rec.add_argument(
@@ -583,21 +598,27 @@ def cmd_sweep(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_recover(args: argparse.Namespace) -> dict[str, Any]:
     import sparsellm as sl
     from sparsellm.data.corpora import resolve_corpus, token_windows
+    from sparsellm.errors import SparseLLMError
     from sparsellm.eval.kl import compare_models
     from sparsellm.export.hf import check_out_dir
     from sparsellm.pipeline import seed_everything
     from sparsellm.recover.distill import DistillConfig, distill, summary
     from sparsellm.recover.lora import add_lora, merge_lora
     from sparsellm.report.markdown import table
+    from sparsellm.weights.maskllm import MaskLLMConfig, learn_masks
+    from sparsellm.weights.masks import parse_pattern
 
     _check_counts(args)
     cfg = DistillConfig(
-        steps=args.steps,
+        steps=max(args.steps, 1),
         lr=args.lr,
         batch_size=args.batch_size,
         seed=args.seed,
         warmup=max(args.steps // 10, 1),
     )
+    pattern = parse_pattern(args.learn_masks) if args.learn_masks else None
+    if pattern is not None and not pattern.is_nm:
+        raise SparseLLMError("--learn-masks takes an N:M pattern, e.g. 2:4")
     out = check_out_dir(Path(args.out), args.overwrite)
     tasks = _tasks(args)
     data_corpus, eval_corpus = resolve_corpus(args.data), resolve_corpus(args.eval)
@@ -608,17 +629,28 @@ def cmd_recover(args: argparse.Namespace) -> dict[str, Any]:
     data = token_windows(tok, data_corpus, args.nsamples, args.seqlen)
     windows = token_windows(tok, eval_corpus, args.eval_windows, args.seqlen)
     before = compare_models(teacher.model, student.model, windows)
-    if args.lora:
-        add_lora(student.model, rank=args.lora)
-    log = distill(student.model, teacher.model, data, cfg)
-    if args.lora:
-        merge_lora(student.model)
+    result: dict[str, Any] = {"before": before}
+    if pattern is not None:
+        mcfg = MaskLLMConfig(n=pattern.n, m=pattern.m, steps=args.mask_steps, seed=args.seed)
+        mlog = learn_masks(student.model, teacher.model, data, mcfg)
+        result["maskllm"] = {
+            "steps": len(mlog.losses),
+            "changed_group_fraction": mlog.changed_fraction,
+            "seconds": mlog.seconds,
+            "after": compare_models(teacher.model, student.model, windows),
+        }
+    log = None
+    if args.steps > 0:
+        if args.lora:
+            add_lora(student.model, rank=args.lora)
+        log = distill(student.model, teacher.model, data, cfg)
+        if args.lora:
+            merge_lora(student.model)
     after = compare_models(teacher.model, student.model, windows)
     manifest = dict(student.info.get("manifest") or {})
-    result: dict[str, Any] = {
-        "before": before,
+    result |= {
         "after": after,
-        "training": summary(log),
+        "training": summary(log) if log else None,
         "config": {**vars(cfg), "lora_rank": args.lora, "data": data_corpus.describe()},
         "teacher": teacher.info,
         "student": student.info.get("source"),
