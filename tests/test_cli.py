@@ -334,3 +334,54 @@ def test_recover_learn_masks_keeps_nm(tiny_dir, text_file, tmp_path, capsys):
         if ".layers." in name and p.dim() == 2:
             assert ((p == 0).reshape(p.shape[0], -1, 4).sum(-1) == 2).all(), name
     assert main([*args[:-3], "--learn-masks", "unstructured", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_recover_soft_prompt_is_saved_and_used_by_eval(tiny_dir, text_file, tmp_path, capsys):
+    sparse = tmp_path / "sparse"
+    assert main(_args(tiny_dir, text_file, sparse, "--method", "magnitude")) == 0
+    out = tmp_path / "rec"
+    args = [
+        "recover",
+        "--model",
+        str(sparse),
+        "--teacher",
+        str(tiny_dir),
+        "--data",
+        str(text_file),
+        "--eval",
+        str(text_file),
+        "--seqlen",
+        "64",
+        "--nsamples",
+        "8",
+        "--eval-windows",
+        "2",
+        "--steps",
+        "0",
+        "--soft-prompt",
+        "4",
+        "--prompt-steps",
+        "3",
+        "--out",
+        str(out),
+        "--json",
+    ]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["soft_prompt"]["n_tokens"] == 4 and (out / "soft_prompt.safetensors").is_file()
+    ev = [
+        "eval",
+        "--model",
+        str(out),
+        "--eval",
+        str(text_file),
+        "--seqlen",
+        "64",
+        "--eval-windows",
+        "2",
+        "--json",
+    ]
+    assert main(ev) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluated["soft_prompt"] is True
+    assert evaluated["ppl"] == pytest.approx(result["after"]["sparse_ppl"], rel=1e-5)

@@ -294,6 +294,17 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument(
         "--mask-steps", type=int, default=200, help="MaskLLM steps with --learn-masks (default 200)"
     )
+    rec.add_argument(
+        "--soft-prompt",
+        type=int,
+        default=0,
+        metavar="TOKENS",
+        help="last, learn a soft prompt of this many tokens (Compress-then-Prompt); saved as "
+        "soft_prompt.safetensors and used by `sparsellm eval` automatically",
+    )
+    rec.add_argument(
+        "--prompt-steps", type=int, default=100, help="soft-prompt steps (default 100)"
+    )
     rec.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
     rec.add_argument("--batch-size", type=int, default=4, help="windows per step (default 4)")
     rec.add_argument(
@@ -486,7 +497,9 @@ def _check_window(model: Any, seqlen: int) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     import sparsellm as sl
+    from sparsellm.errors import SparseLLMError
     from sparsellm.models.adapters import block_linears, get_blocks, weight_matrix
+    from sparsellm.recover.prompt import PROMPT_FILE, PromptedLM
     from sparsellm.report.markdown import table, zeroshot_table
 
     _check_counts(args)
@@ -499,22 +512,28 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     loaded = sl.load(args.model)
     _check_window(loaded.model, args.seqlen)
     _check_longctx(args, loaded.model, tasks)
+    base = model = loaded.model
+    prompt_dir = Path(args.model)
+    if (prompt_dir / PROMPT_FILE).is_file():  # a Compress-then-Prompt result
+        if harness:
+            raise SparseLLMError("--harness cannot apply this model's soft prompt")
+        logging.getLogger(__name__).info("using the soft prompt in %s", prompt_dir)
+        model = PromptedLM.attach(base, prompt_dir)
     result = sl.evaluate(
-        loaded.model,
+        model,
         loaded.tokenizer,
         args.eval,
         args.eval_windows,
         args.seqlen,
         batch_size=args.batch_size,
     )
-    linears = [
-        weight_matrix(m) for b in get_blocks(loaded.model) for m in block_linears(b).values()
-    ]
+    linears = [weight_matrix(m) for b in get_blocks(base) for m in block_linears(b).values()]
     zeros = sum(int((w == 0).sum()) for w in linears)
     result["block_linear_sparsity"] = zeros / sum(w.numel() for w in linears)
     result["model"] = loaded.info.get("source")
     if tasks:
-        result["zeroshot"] = _run_tasks(args, loaded.model, loaded.tokenizer, tasks)
+        result["zeroshot"] = _run_tasks(args, model, loaded.tokenizer, tasks)
+    result["soft_prompt"] = model is not base
     print(
         table(
             ["model", "corpus", "windows", "perplexity", "block-linear sparsity"],
@@ -604,6 +623,7 @@ def cmd_recover(args: argparse.Namespace) -> dict[str, Any]:
     from sparsellm.pipeline import seed_everything
     from sparsellm.recover.distill import DistillConfig, distill, summary
     from sparsellm.recover.lora import add_lora, merge_lora
+    from sparsellm.recover.prompt import PromptedLM, train_prompt
     from sparsellm.report.markdown import table
     from sparsellm.weights.maskllm import MaskLLMConfig, learn_masks
     from sparsellm.weights.masks import parse_pattern
@@ -646,7 +666,13 @@ def cmd_recover(args: argparse.Namespace) -> dict[str, Any]:
         log = distill(student.model, teacher.model, data, cfg)
         if args.lora:
             merge_lora(student.model)
-    after = compare_models(teacher.model, student.model, windows)
+    evaluated = student.model
+    if args.soft_prompt:
+        evaluated = PromptedLM(student.model, args.soft_prompt)
+        result["soft_prompt"] = train_prompt(
+            evaluated, teacher.model, data, args.prompt_steps, seed=args.seed
+        )
+    after = compare_models(teacher.model, evaluated, windows)
     manifest = dict(student.info.get("manifest") or {})
     result |= {
         "after": after,
@@ -656,9 +682,11 @@ def cmd_recover(args: argparse.Namespace) -> dict[str, Any]:
         "student": student.info.get("source"),
     }
     if tasks:
-        result["zeroshot"] = {"sparse": _run_tasks(args, student.model, tok, tasks)}
+        result["zeroshot"] = {"sparse": _run_tasks(args, evaluated, tok, tasks)}
     manifest["recovery"] = result
     sl.save(student.model, tok, out, manifest=manifest, overwrite=args.overwrite)
+    if isinstance(evaluated, PromptedLM):
+        evaluated.save_prompt(out)
     print(
         table(
             ["", "dense ppl", "sparse ppl", "KL", "top-1"],
