@@ -1,0 +1,98 @@
+"""Recovery of a 2:4 model on the default model: distillation, LoRA, MaskLLM, soft prompt.
+
+Prunes the default model with SparseGPT 2:4 (32×512 c4), then applies each recovery
+variant to a fresh copy under a wall-time budget per variant, and reports wiki
+perplexity (32×512), KL and top-1 to dense before and after, the time taken, and
+checks that every pruned weight is still exactly zero. Training text: c4 windows after
+the calibration ones. Writes bench/results/recovery.json.
+
+    python bench/recovery.py [--variants distill,lora,maskllm,prompt] [--steps 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+import sparsellm as sl
+from sparsellm.eval.kl import compare_models
+from sparsellm.recover.distill import DistillConfig, distill, summary
+from sparsellm.recover.lora import add_lora, merge_lora
+from sparsellm.recover.prompt import PromptedLM, train_prompt
+from sparsellm.report.markdown import table
+from sparsellm.weights.maskllm import MaskLLMConfig, learn_masks
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", default="distill,lora,maskllm,prompt")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--train-windows", type=int, default=256)
+    ap.add_argument("--out", default=str(HERE / "results" / "recovery.json"))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    dense, tok = sl.load_model("default")
+    data = sl.calibration(tok, "c4", 32 + args.train_windows, 512)
+    calib, train = data[:32], data[32:]
+    windows = sl.calibration(tok, "wiki", 32, 512)
+    sparse = copy.deepcopy(dense)
+    sl.sparsify(sparse, [{"method": "sparsegpt", "pattern": "2:4"}], calib)
+    zeros = {n: p == 0 for n, p in sparse.named_parameters() if p.dim() == 2}
+    rows = [["sparsegpt 2:4", compare_models(dense, sparse, windows), None]]
+    for variant in args.variants.split(","):
+        model = copy.deepcopy(sparse)
+        evaluated = model
+        if variant == "distill":
+            info = summary(distill(model, dense, train, DistillConfig(steps=args.steps)))
+        elif variant == "lora":
+            add_lora(model, rank=16)
+            info = summary(distill(model, dense, train, DistillConfig(steps=args.steps, lr=1e-3)))
+            merge_lora(model)
+        elif variant == "maskllm":
+            log = learn_masks(model, dense, train, MaskLLMConfig(steps=args.steps))
+            info = {
+                "steps": len(log.losses),
+                "changed": log.changed_fraction,
+                "seconds": log.seconds,
+            }
+        elif variant == "prompt":
+            evaluated = PromptedLM(model, 16)
+            info = train_prompt(evaluated, dense, train, args.steps)
+        else:
+            raise SystemExit(f"unknown variant {variant}")
+        if variant != "maskllm":  # MaskLLM may move the mask; it keeps N:M instead
+            for n, p in model.named_parameters():
+                assert n not in zeros or (p[zeros[n]] == 0).all(), n
+        rows.append([variant, compare_models(dense, evaluated, windows), info])
+    dense_ppl = rows[0][1]["dense_ppl"]
+    print(f"dense ppl {dense_ppl:.3f}")
+    print(
+        table(
+            ["variant", "ppl", "vs dense", "KL", "top-1", "seconds"],
+            [
+                [
+                    name,
+                    q["sparse_ppl"],
+                    f"{(q['sparse_ppl'] / dense_ppl - 1) * 100:+.1f}%",
+                    q["kl"],
+                    q["top1_agreement"],
+                    (info or {}).get("seconds"),
+                ]
+                for name, q, info in rows
+            ],
+        )
+    )
+    Path(args.out).write_text(
+        json.dumps([{"variant": n, "quality": q, "training": i} for n, q, i in rows], indent=2)
+        + "\n"
+    )
+
+
+if __name__ == "__main__":
+    main()
