@@ -28,7 +28,7 @@ from sparsellm.models.adapters import (
 from sparsellm.recipe import Step
 from sparsellm.registry import lookup
 from sparsellm.weights.allocation import owl_layer_sparsity
-from sparsellm.weights.base import Stats
+from sparsellm.weights.base import LayerContext, Stats
 from sparsellm.weights.evopress import evopress_layer_sparsity
 from sparsellm.weights.masks import check_nm_shape
 
@@ -170,9 +170,8 @@ def apply_step(
         t0 = time.perf_counter()
         target = budgets.get(fqn, cfg.target_sparsity)
         dense = (dense_weights or {}).get(fqn) if pruner.needs_dense else None
-        new = pruner.prune(
-            weight_matrix(module).float(), stats, sparsity=target, dense=dense, grad=grads.get(fqn)
-        )
+        ctx = LayerContext(sparsity=target, dense=dense, grad=grads.get(fqn))
+        new = pruner.prune(weight_matrix(module).float(), stats, ctx)
         set_weight_matrix(module, new)
         measured = (weight_matrix(module) == 0).float().mean().item()
         layers[fqn] = {"target": target, "sparsity": measured, "seconds": time.perf_counter() - t0}

@@ -154,6 +154,20 @@ class Hessian(Stats):
         return self.sum / max(self.tokens, 1)
 
 
+@dataclass(frozen=True)
+class LayerContext:
+    """Per-layer inputs a method may need besides its statistics.
+
+    `sparsity` overrides the step's target (non-uniform allocation); `dense` is the
+    layer's weight before the recipe started (methods with `needs_dense`); `grad` the
+    layer's gradient norms on calibration data (methods with `needs_gradients`).
+    """
+
+    sparsity: float | None = None
+    dense: torch.Tensor | None = None
+    grad: torch.Tensor | None = None
+
+
 class WeightPruner:
     """A weight-pruning method. Subclasses set `stats` and implement `score` or `prune`."""
 
@@ -165,26 +179,24 @@ class WeightPruner:
     def __init__(self, config: WeightPruneConfig) -> None:
         self.config = config
 
+    def sparsity(self, ctx: LayerContext | None) -> float:
+        """This layer's target: the allocation's budget if any, else the step's."""
+        if ctx is not None and ctx.sparsity is not None:
+            return ctx.sparsity
+        return self.config.target_sparsity
+
     def score(self, weight: torch.Tensor, stats: Stats | None) -> torch.Tensor:
         """Importance of every weight; the lowest are pruned."""
         raise NotImplementedError
 
     def prune(
-        self,
-        weight: torch.Tensor,
-        stats: Stats | None,
-        *,
-        sparsity: float | None = None,
-        dense: torch.Tensor | None = None,
-        grad: torch.Tensor | None = None,
+        self, weight: torch.Tensor, stats: Stats | None, ctx: LayerContext | None = None
     ) -> torch.Tensor:
         """Pruned copy of the fp32 (out, in) `weight`; score-and-mask by default.
 
-        `sparsity` overrides the step's target for this layer (non-uniform allocation);
-        `dense` is the layer's weight before the recipe started (for `needs_dense`);
-        `grad` the layer's gradient norms on calibration data (for `needs_gradients`).
+        `ctx` carries what the framework knows about this layer beyond its statistics.
         """
         cfg = self.config
-        target = cfg.target_sparsity if sparsity is None else sparsity
+        target = self.sparsity(ctx)
         mask = make_mask(self.score(weight, stats), target, cfg.parsed_pattern, self.per)
         return weight.masked_fill(mask, 0.0)

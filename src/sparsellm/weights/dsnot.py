@@ -33,7 +33,13 @@ from dataclasses import dataclass
 import torch
 
 from sparsellm.errors import SparseLLMError
-from sparsellm.weights.base import InputMoments, Stats, WeightPruneConfig, WeightPruner
+from sparsellm.weights.base import (
+    InputMoments,
+    LayerContext,
+    Stats,
+    WeightPruneConfig,
+    WeightPruner,
+)
 from sparsellm.weights.masks import make_mask
 
 
@@ -154,22 +160,16 @@ class DSnoT(WeightPruner):
     needs_dense = True
 
     def prune(
-        self,
-        weight: torch.Tensor,
-        stats: Stats | None,
-        *,
-        sparsity: float | None = None,
-        dense: torch.Tensor | None = None,
-        grad: torch.Tensor | None = None,
+        self, weight: torch.Tensor, stats: Stats | None, ctx: LayerContext | None = None
     ) -> torch.Tensor:
         assert isinstance(stats, InputMoments)
         cfg = self.config
         assert isinstance(cfg, DSnoTConfig)
         pattern = cfg.parsed_pattern
-        dense = weight if dense is None else dense.float()
+        dense = weight if ctx is None or ctx.dense is None else ctx.dense.float()
         if not (weight == 0).any():  # dense layer: start from Wanda's mask
             score = weight.abs() * stats.norm_sq.sqrt()
-            target = cfg.target_sparsity if sparsity is None else sparsity
+            target = self.sparsity(ctx)
             weight = weight.masked_fill(make_mask(score, target, pattern, "row"), 0.0)
         return dsnot_refine(
             weight,

@@ -39,6 +39,7 @@ from sparsellm.calib.sequential import run_sequential
 from sparsellm.eval.perplexity import next_token_logits
 from sparsellm.export.hf import write_json_atomic
 from sparsellm.models.adapters import set_weight_matrix, weight_matrix
+from sparsellm.weights.base import LayerContext
 
 
 def level_grid(target: float, step: float, k: int) -> list[float]:
@@ -112,7 +113,8 @@ def build_database(
         for fqn, module in chosen.items():
             w = weight_matrix(module).float()
             database[fqn] = [
-                pruner.prune(w, stats.get(fqn), sparsity=s).to(module.weight.dtype) for s in levels
+                pruner.prune(w, stats.get(fqn), LayerContext(sparsity=s)).to(module.weight.dtype)
+                for s in levels
             ]
 
     run_sequential(model, list(calib.split(batch_size)), process_block, "evopress db", dtype)

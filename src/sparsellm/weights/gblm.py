@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsellm.errors import SparseLLMError
-from sparsellm.weights.base import RowNormSq, Stats, WeightPruneConfig, WeightPruner
+from sparsellm.weights.base import LayerContext, RowNormSq, Stats, WeightPruneConfig, WeightPruner
 from sparsellm.weights.masks import make_mask
 
 
@@ -42,16 +42,12 @@ class GBLM(WeightPruner):
     needs_gradients = True
 
     def prune(
-        self,
-        weight: torch.Tensor,
-        stats: Stats | None,
-        *,
-        sparsity: float | None = None,
-        dense: torch.Tensor | None = None,
-        grad: torch.Tensor | None = None,
+        self, weight: torch.Tensor, stats: Stats | None, ctx: LayerContext | None = None
     ) -> torch.Tensor:
-        assert isinstance(stats, RowNormSq) and grad is not None
+        assert isinstance(stats, RowNormSq) and ctx is not None and ctx.grad is not None
         cfg = self.config
-        target = cfg.target_sparsity if sparsity is None else sparsity
-        mask = make_mask(gblm_score(weight, stats.value, grad), target, cfg.parsed_pattern, "row")
+        target = self.sparsity(ctx)
+        mask = make_mask(
+            gblm_score(weight, stats.value, ctx.grad), target, cfg.parsed_pattern, "row"
+        )
         return weight.masked_fill(mask, 0.0)

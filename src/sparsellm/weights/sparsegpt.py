@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsellm.errors import SparseLLMError
-from sparsellm.weights.base import Hessian, Stats, WeightPruneConfig, WeightPruner
+from sparsellm.weights.base import Hessian, LayerContext, Stats, WeightPruneConfig, WeightPruner
 from sparsellm.weights.masks import lowest_k_mask
 
 
@@ -118,13 +118,7 @@ class SparseGPT(WeightPruner):
     stats = Hessian
 
     def prune(
-        self,
-        weight: torch.Tensor,
-        stats: Stats | None,
-        *,
-        sparsity: float | None = None,
-        dense: torch.Tensor | None = None,
-        grad: torch.Tensor | None = None,
+        self, weight: torch.Tensor, stats: Stats | None, ctx: LayerContext | None = None
     ) -> torch.Tensor:
         assert isinstance(stats, Hessian)
         cfg = self.config
@@ -133,7 +127,7 @@ class SparseGPT(WeightPruner):
         return sparsegpt_prune(
             weight,
             stats.value,
-            cfg.target_sparsity if sparsity is None else sparsity,
+            self.sparsity(ctx),
             pattern.n,
             pattern.m,
             cfg.blocksize,
