@@ -69,7 +69,7 @@ def speed_table(speed: dict[str, Any]) -> str:
         ):
             if d.get(key) is not None and s.get(key) is not None:
                 rows.append([label, d[key] / 2**20, s[key] / 2**20, f"{s[key] / d[key]:.3f}x"])
-    return table(["case", "dense", "sparse", "speedup | size ratio"], rows)
+    return table(["case", "dense", "sparse", "speedup or size ratio"], rows)
 
 
 def comparison_table(result: dict[str, Any]) -> str:
