@@ -397,12 +397,13 @@ def _run_tasks(args: argparse.Namespace, model: Any, tok: Any, tasks: tuple[str,
 def _lengths(args: argparse.Namespace, model: Any) -> tuple[int, ...]:
     """Validated --speed-lengths (each within the model's window)."""
     from sparsellm.errors import SparseLLMError
+    from sparsellm.pipeline import check_window
 
     lengths = _int_list(args.speed_lengths, "--speed-lengths")
     for n in lengths:
         if n < 1:
             raise SparseLLMError(f"--speed-lengths must be >= 1, got {n}")
-        _check_window(model, n)
+        check_window(model, n)
     return lengths
 
 
@@ -489,16 +490,11 @@ def _memory(dense_path: str, sparse_path: Path, lengths: tuple[int, ...]) -> dic
     return out
 
 
-def _check_window(model: Any, seqlen: int) -> None:
-    from sparsellm.pipeline import check_window
-
-    check_window(model, seqlen)
-
-
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     import sparsellm as sl
     from sparsellm.errors import SparseLLMError
     from sparsellm.models.adapters import block_linears, get_blocks, weight_matrix
+    from sparsellm.pipeline import check_window
     from sparsellm.recover.prompt import PROMPT_FILE, PromptedLM
     from sparsellm.report.markdown import table, zeroshot_table
 
@@ -510,7 +506,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
         import_lm_eval()  # fail before loading the model
     loaded = sl.load(args.model)
-    _check_window(loaded.model, args.seqlen)
+    check_window(loaded.model, args.seqlen)
     _check_longctx(args, loaded.model, tasks)
     base = model = loaded.model
     prompt_dir = Path(args.model)
@@ -620,7 +616,7 @@ def cmd_recover(args: argparse.Namespace) -> dict[str, Any]:
     from sparsellm.errors import SparseLLMError
     from sparsellm.eval.kl import compare_models
     from sparsellm.export.hf import check_out_dir
-    from sparsellm.pipeline import seed_everything
+    from sparsellm.pipeline import check_window, seed_everything
     from sparsellm.recover.distill import DistillConfig, distill, summary
     from sparsellm.recover.lora import add_lora, merge_lora
     from sparsellm.recover.prompt import PromptedLM, train_prompt
@@ -645,7 +641,7 @@ def cmd_recover(args: argparse.Namespace) -> dict[str, Any]:
     seed_everything(args.seed)
     student, teacher = sl.load(args.model), sl.load_model(args.teacher)
     tok = student.tokenizer
-    _check_window(student.model, args.seqlen)
+    check_window(student.model, args.seqlen)
     data = token_windows(tok, data_corpus, args.nsamples, args.seqlen)
     windows = token_windows(tok, eval_corpus, args.eval_windows, args.seqlen)
     before = compare_models(teacher.model, student.model, windows)

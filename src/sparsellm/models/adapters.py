@@ -73,6 +73,12 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
     return w.t() if isinstance(module, Conv1D) else w
 
 
+def context_window(model: nn.Module) -> int | None:
+    """The model's maximum sequence length from its config (None when it names none)."""
+    cfg = model.config
+    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
+
 def grad_matrix(module: nn.Module) -> torch.Tensor | None:
     """The weight's gradient in the same (out_features, in_features) layout."""
     g = module.weight.grad
