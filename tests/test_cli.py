@@ -254,12 +254,9 @@ def test_eval_harness_unknown_task_is_a_clear_error(tiny_dir, text_file, capsys)
     assert "unknown task 'nope'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("lora", ["0", "2"])
-def test_recover_keeps_zeros_and_records_before_after(tiny_dir, text_file, tmp_path, capsys, lora):
-    sparse = tmp_path / "sparse"
-    assert main(_args(tiny_dir, text_file, sparse, "--method", "wanda", "--pattern", "2:4")) == 0
-    out = tmp_path / "rec"
-    args = [
+def _recover_args(tiny_dir, text_file, sparse):
+    """`recover` of `sparse` against the tiny dense model on the test corpus."""
+    return [
         "recover",
         "--model",
         str(sparse),
@@ -275,6 +272,16 @@ def test_recover_keeps_zeros_and_records_before_after(tiny_dir, text_file, tmp_p
         "8",
         "--eval-windows",
         "2",
+    ]
+
+
+@pytest.mark.parametrize("lora", ["0", "2"])
+def test_recover_keeps_zeros_and_records_before_after(tiny_dir, text_file, tmp_path, capsys, lora):
+    sparse = tmp_path / "sparse"
+    assert main(_args(tiny_dir, text_file, sparse, "--method", "wanda", "--pattern", "2:4")) == 0
+    out = tmp_path / "rec"
+    args = [
+        *_recover_args(tiny_dir, text_file, sparse),
         "--steps",
         "4",
         "--lr",
@@ -301,21 +308,7 @@ def test_recover_learn_masks_keeps_nm(tiny_dir, text_file, tmp_path, capsys):
     assert main(_args(tiny_dir, text_file, sparse, "--method", "wanda", "--pattern", "2:4")) == 0
     out = tmp_path / "rec"
     args = [
-        "recover",
-        "--model",
-        str(sparse),
-        "--teacher",
-        str(tiny_dir),
-        "--data",
-        str(text_file),
-        "--eval",
-        str(text_file),
-        "--seqlen",
-        "64",
-        "--nsamples",
-        "8",
-        "--eval-windows",
-        "2",
+        *_recover_args(tiny_dir, text_file, sparse),
         "--steps",
         "0",
         "--learn-masks",
@@ -341,21 +334,7 @@ def test_recover_soft_prompt_is_saved_and_used_by_eval(tiny_dir, text_file, tmp_
     assert main(_args(tiny_dir, text_file, sparse, "--method", "magnitude")) == 0
     out = tmp_path / "rec"
     args = [
-        "recover",
-        "--model",
-        str(sparse),
-        "--teacher",
-        str(tiny_dir),
-        "--data",
-        str(text_file),
-        "--eval",
-        str(text_file),
-        "--seqlen",
-        "64",
-        "--nsamples",
-        "8",
-        "--eval-windows",
-        "2",
+        *_recover_args(tiny_dir, text_file, sparse),
         "--steps",
         "0",
         "--soft-prompt",
