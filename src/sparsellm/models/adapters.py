@@ -90,3 +90,42 @@ def grad_matrix(module: nn.Module) -> torch.Tensor | None:
 def set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
     """Write an (out, in) matrix back into the module's parameter, keeping its dtype."""
     weight_matrix(module).copy_(w.to(module.weight.dtype))
+
+
+# Projections that read the same input, relative to a block (activation sparsity skips
+# the same input channels in all of them, and the CPU runtime fuses them), the MLP's
+# gate activation, and the pieces the decode runtime needs. Only families whose blocks
+# are pre-norm attention + SwiGLU MLP with these names are listed.
+@dataclass(frozen=True)
+class DecoderLayout:
+    """Module names inside one pre-norm SwiGLU decoder block (llama-style)."""
+
+    input_groups: tuple[tuple[str, ...], ...] = (
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.o_proj",),
+        ("mlp.gate_proj", "mlp.up_proj"),
+        ("mlp.down_proj",),
+    )
+    gate_act: str = "mlp.act_fn"
+    attn_norm: str = "input_layernorm"
+    mlp_norm: str = "post_attention_layernorm"
+    final_norm: str = "model.norm"
+    rotary: str = "model.rotary_emb"
+    embed: str = "model.embed_tokens"
+
+
+LAYOUTS: dict[str, DecoderLayout] = {
+    "llama": DecoderLayout(),
+    "mistral": DecoderLayout(),
+    "qwen2": DecoderLayout(),
+}
+
+
+def get_layout(model: nn.Module) -> DecoderLayout:
+    """The llama-style block layout, or a clear error for other families."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in LAYOUTS:
+        raise SparseLLMError(
+            f"activation sparsity supports {', '.join(sorted(LAYOUTS))}; got {model_type!r}"
+        )
+    return LAYOUTS[model_type]

@@ -1,0 +1,15 @@
+"""CATS (Lee et al. 2024): threshold the SwiGLU gate activation |SiLU(W_gate x)|.
+
+Where the gate is cut, the matching row of W_up and column of W_down are never needed,
+so the skipped share is of the MLP's up + down weights (the gate stays dense). One
+threshold per layer, the `sparsity`-quantile of |gate activation| on calibration data.
+"""
+
+from __future__ import annotations
+
+from sparsellm.activation.base import ActivationMethod
+
+
+class CATS(ActivationMethod):
+    name = "cats"
+    target = "gate"
