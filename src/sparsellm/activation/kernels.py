@@ -76,16 +76,15 @@ def _bags(idx: torch.Tensor, weights: torch.Tensor, chunks: int) -> tuple[torch.
     return bag_idx, bag_w
 
 
-def gather_matvec(x: torch.Tensor, cm: ColumnMajor, idx: torch.Tensor) -> torch.Tensor:
-    """y[r] = Σ_j x[r, idx[r, j]] · W[:, idx[r, j]] (+ bias), reading only those columns.
+def gather_matvec(values: torch.Tensor, cm: ColumnMajor, idx: torch.Tensor) -> torch.Tensor:
+    """y[r] = Σ_j values[r, j] · W[:, idx[r, j]] (+ bias), reading only those columns of W.
 
-    `x` is (b, in); `idx` is (b, k) int64 channel indices per row. Rows with fewer kept
-    channels are padded by the caller with any index whose value in `x` is zeroed — see
-    `select_channels`, which builds both.
+    `idx` is (b, k) int64 channel indices per row and `values` (b, k) the inputs at those
+    channels (``x.gather(1, idx)``; padded entries must carry 0, see `select_channels`).
     """
-    bag_idx, bag_w = _bags(idx, x.gather(1, idx), cm.chunks)
+    bag_idx, bag_w = _bags(idx, values, cm.chunks)
     y = F.embedding_bag(bag_idx, cm.table, per_sample_weights=bag_w, mode="sum")
-    y = y.view(x.shape[0], cm.out_features)
+    y = y.view(idx.shape[0], cm.out_features)
     return y if cm.bias is None else y + cm.bias
 
 

@@ -1,0 +1,299 @@
+"""A lean CPU decode runtime for llama-style models, dense or activation-sparse.
+
+Why a runtime of our own: HF `generate` spends ~15% of a decode step outside the
+matmuls and calls `F.linear` per projection, whose M=1 path is slower than the
+column-gather kernel even with every column kept (see `kernels`). To report a speedup
+that is about skipping, not about a better dense kernel, the runtime runs the *same*
+code for dense and sparse: fused projections (q|k|v and gate|up share one input and
+one channel selection), a static KV cache, and `gather_matvec` with either every
+column (dense) or the columns that pass the layer's threshold (sparse).
+
+It reads the model: weights through the adapter layout, thresholds / WINA scales /
+R-Sparse factors / CATS gate thresholds from the wrappers of
+`sparsellm.activation.modules`. The HF model is not modified. Prompt tokens (prefill,
+and Sirius' verification passes) run as batched masked matmuls with the same masks as
+the wrappers, so runtime and HF reference compute the same function.
+
+Costs to know: the runtime keeps a transposed copy of every block weight and the LM
+head (~the model's size again). Batches must be unpadded (equal prompt lengths).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsellm.activation.kernels import ColumnMajor, dense_matvec, gather_matvec, select_channels
+from sparsellm.activation.modules import ActSparseLinear, ThresholdedActivation
+from sparsellm.models.adapters import get_blocks, get_layout
+
+
+@dataclass
+class Rule:
+    """When to skip an input channel of one fused projection (see ActSparseLinear)."""
+
+    threshold: float
+    scale: torch.Tensor | None = None
+    lr_a: torch.Tensor | None = None  # (out, r) fused over the group's projections
+    lr_b: torch.Tensor | None = None  # (r, in)
+
+    def keep(self, x: torch.Tensor) -> torch.Tensor:
+        score = x.abs() if self.scale is None else x.abs() * self.scale
+        return score > self.threshold
+
+
+@dataclass
+class Proj:
+    """One fused projection: the weight in both layouts and its skipping rule."""
+
+    weight: torch.Tensor  # (out, in), shared with the model (no copy)
+    bias: torch.Tensor | None
+    cm: ColumnMajor
+    rule: Rule | None
+    kept: int = 0
+    seen: int = 0
+
+    @classmethod
+    def fuse(cls, modules: list[nn.Module]) -> Proj:
+        bases = [m.base_layer if isinstance(m, ActSparseLinear) else m for m in modules]
+        w = torch.cat([b.weight.detach() for b in bases]) if len(bases) > 1 else bases[0].weight
+        w = w.detach()
+        biases = [b.bias for b in bases]
+        bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+        rule = None
+        first = modules[0]
+        if isinstance(first, ActSparseLinear) and float(first.threshold) > 0:
+            lr_a = lr_b = None
+            if first.lr_b.numel():
+                lr_a = torch.cat([m.lr_a for m in modules])
+                lr_b = first.lr_b
+            scale = first.col_norm if first.col_norm.numel() else None
+            rule = Rule(float(first.threshold), scale, lr_a, lr_b)
+        return cls(w, bias, ColumnMajor.from_weight(w, bias), rule)
+
+    def __call__(self, x: torch.Tensor, sparse: bool) -> torch.Tensor:
+        """x is (tokens, in). One token per row: the kernel; several: batched matmuls."""
+        rule = self.rule if sparse else None
+        keep = None if rule is None else rule.keep(x)
+        if keep is not None:
+            self.kept += int(keep.sum())
+            self.seen += keep.numel()
+        if x.shape[0] > 8:  # prompt / verification pass: compute-bound, masked matmul
+            y = F.linear(x if keep is None else x * keep, self.weight, self.bias)
+        elif keep is None:
+            y = dense_matvec(x, self.cm)
+        else:
+            idx, xz = select_channels(x, keep)
+            y = gather_matvec(xz.gather(1, idx), self.cm, idx)
+        if keep is not None and rule.lr_b is not None:
+            y = y + F.linear(F.linear(x * ~keep, rule.lr_b), rule.lr_a)
+        return y
+
+
+@dataclass
+class GatedMLP:
+    """SwiGLU MLP; with a CATS threshold the up rows / down columns of cut gates are skipped."""
+
+    gate: Proj
+    up_weight: torch.Tensor  # (inter, hidden) natural layout: rows are gathered
+    up_bias: torch.Tensor | None
+    down: Proj
+    act: nn.Module
+    gate_threshold: float  # 0 = no CATS
+    kept: int = 0
+    seen: int = 0
+
+    def __call__(self, x: torch.Tensor, sparse: bool) -> torch.Tensor:
+        if self.gate_threshold <= 0:
+            gu = self.gate(x, sparse)  # fused gate|up
+            inter = self.up_weight.shape[0]
+            return self.down(self.act(gu[:, :inter]) * gu[:, inter:], sparse)
+        a = self.act(self.gate(x, sparse))
+        if not sparse:
+            return self.down(a * F.linear(x, self.up_weight, self.up_bias), False)
+        keep = a.abs() > self.gate_threshold
+        self.kept += int(keep.sum())
+        self.seen += keep.numel()
+        if x.shape[0] > 1:
+            h = (a * keep) * F.linear(x, self.up_weight, self.up_bias)
+            return self.down(h, sparse)
+        idx = keep[0].nonzero().view(-1)
+        u = F.linear(x, self.up_weight.index_select(0, idx))
+        if self.up_bias is not None:
+            u = u + self.up_bias[idx]
+        h = a[:, idx] * u
+        return gather_matvec(h, self.down.cm, idx.view(1, -1))
+
+
+@dataclass
+class Layer:
+    attn_norm: nn.Module
+    mlp_norm: nn.Module
+    qkv: Proj
+    o: Proj
+    mlp: GatedMLP
+    k_cache: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    v_cache: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class DecodeRuntime:
+    """Greedy generation with our kernels; `sparse=False` gives the dense baseline."""
+
+    def __init__(self, model: nn.Module, max_len: int = 2048) -> None:
+        layout = get_layout(model)
+        cfg = model.config
+        self.model = model
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.max_len = max_len
+        self.embed = model.get_submodule(layout.embed)
+        self.final_norm = model.get_submodule(layout.final_norm)
+        self.rotary = model.get_submodule(layout.rotary)
+        head = model.get_output_embeddings()
+        self.lm_head = Proj(head.weight.detach(), None, ColumnMajor.from_weight(head.weight), None)
+        self.layers = [self._layer(block, layout) for block in get_blocks(model)]
+
+    def _layer(self, block: nn.Module, layout: Any) -> Layer:
+        qkv_names, o_names, gu_names, down_names = layout.input_groups
+        act = block.get_submodule(layout.gate_act)
+        gate_thr = float(act.threshold) if isinstance(act, ThresholdedActivation) else 0.0
+        base_act = act.base_layer if isinstance(act, ThresholdedActivation) else act
+        gate_up = [block.get_submodule(n) for n in gu_names]
+        up = gate_up[1].base_layer if isinstance(gate_up[1], ActSparseLinear) else gate_up[1]
+        down = Proj.fuse([block.get_submodule(down_names[0])])
+        # CATS: the gate alone runs dense, up rows and down columns are gathered
+        gate = Proj.fuse(gate_up[:1] if gate_thr > 0 else gate_up)
+        up_bias = None if up.bias is None else up.bias.detach()
+        mlp = GatedMLP(gate, up.weight.detach(), up_bias, down, base_act, gate_thr)
+        return Layer(
+            attn_norm=block.get_submodule(layout.attn_norm),
+            mlp_norm=block.get_submodule(layout.mlp_norm),
+            qkv=Proj.fuse([block.get_submodule(n) for n in qkv_names]),
+            o=Proj.fuse([block.get_submodule(o_names[0])]),
+            mlp=mlp,
+        )
+
+    def reset(self, batch: int) -> None:
+        shape = (batch, self.n_kv, self.max_len, self.head_dim)
+        for layer in self.layers:
+            layer.k_cache = torch.zeros(shape)
+            layer.v_cache = torch.zeros(shape)
+        for proj in self.projections():
+            proj.kept = proj.seen = 0
+
+    def projections(self) -> list[Any]:
+        out: list[Any] = []
+        for layer in self.layers:
+            out += [layer.qkv, layer.o, layer.mlp.gate, layer.mlp.down, layer.mlp]
+        return out
+
+    @torch.no_grad()
+    def forward(
+        self, ids: torch.Tensor, pos: int, sparse: bool, last_only: bool = False
+    ) -> torch.Tensor:
+        """Logits (b, L, vocab) for `ids` (b, L) placed at positions pos..pos+L-1.
+
+        `last_only` computes the LM head for the last position only (prefill).
+        """
+        b, n = ids.shape
+        if pos + n > self.max_len:
+            raise ValueError(f"sequence of {pos + n} tokens exceeds max_len={self.max_len}")
+        x = self.embed(ids)
+        positions = torch.arange(pos, pos + n).expand(b, -1)
+        cos, sin = self.rotary(x, positions)
+        cos, sin = cos[:, None], sin[:, None]
+        mask = None
+        if n > 1:
+            mask = torch.ones(n, pos + n, dtype=torch.bool).tril(pos)
+        hq, hk, d = self.n_heads, self.n_kv, self.head_dim
+        for layer in self.layers:
+            h = layer.attn_norm(x).reshape(b * n, -1)
+            qkv = layer.qkv(h, sparse).view(b, n, hq + 2 * hk, d).transpose(1, 2)
+            q, k, v = qkv.split([hq, hk, hk], dim=1)
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            layer.k_cache[:, :, pos : pos + n] = k
+            layer.v_cache[:, :, pos : pos + n] = v
+            att = F.scaled_dot_product_attention(
+                q,
+                layer.k_cache[:, :, : pos + n],
+                layer.v_cache[:, :, : pos + n],
+                attn_mask=mask,
+                enable_gqa=hq != hk,
+            )
+            att = att.transpose(1, 2).reshape(b * n, hq * d)
+            x = x + layer.o(att, sparse).view(b, n, -1)
+            h = layer.mlp_norm(x).reshape(b * n, -1)
+            x = x + layer.mlp(h, sparse).view(b, n, -1)
+        if last_only:
+            x, n = x[:, -1:], 1
+        h = self.final_norm(x).reshape(b * n, -1)
+        return self.lm_head(h, False).view(b, n, -1)
+
+    @torch.no_grad()
+    def generate(
+        self, ids: torch.Tensor, new_tokens: int, sparse: bool = True, verify_every: int = 0
+    ) -> dict[str, Any]:
+        """Greedy decode of `new_tokens` tokens after `ids` (b, P).
+
+        `verify_every=k` (> 0, sparse only) is Sirius-style correction: after every k
+        sparse tokens the dense model re-reads them in one pass (rewriting their KV
+        entries), and generation resumes from the first token where dense and sparse
+        disagree, with the dense token. Returns the tokens, timings and correction rate.
+        """
+        b, p = ids.shape
+        self.reset(b)
+        t0 = time.perf_counter()
+        logits = self.forward(ids, 0, sparse, last_only=True)
+        prefill_s = time.perf_counter() - t0
+        out = [logits[:, -1].argmax(-1)]
+        pos = p
+        corrected = verified = 0
+        t1 = time.perf_counter()
+        draft_start = len(out) - 1  # index in `out` of the first unverified token
+        while len(out) < new_tokens:
+            logits = self.forward(out[-1][:, None], pos, sparse)
+            out.append(logits[:, -1].argmax(-1))
+            pos += 1
+            if sparse and verify_every and len(out) - 1 - draft_start >= verify_every:
+                block = torch.stack(out[draft_start:-1], dim=1)  # tokens already fed
+                start = pos - block.shape[1]
+                dense = self.forward(block, start, sparse=False).argmax(-1)
+                proposed = torch.stack(out[draft_start + 1 :], dim=1)
+                same = (dense == proposed).all(0)
+                n_ok = int(same.long().cumprod(0).sum())
+                verified += proposed.shape[1]
+                if n_ok < proposed.shape[1]:
+                    corrected += 1
+                    out = [*out[: draft_start + 1 + n_ok], dense[:, n_ok]]
+                    pos = start + n_ok + 1
+                draft_start = len(out) - 1
+        decode_s = time.perf_counter() - t1
+        tokens = torch.cat([ids, torch.stack(out[:new_tokens], dim=1)], dim=1)
+        return {
+            "tokens": tokens,
+            "prefill_s": prefill_s,
+            "decode_s": decode_s,
+            "decode_tok_s": (new_tokens - 1) * b / decode_s if decode_s > 0 else float("inf"),
+            "corrections": corrected,
+            "verified_tokens": verified,
+            "correction_rate": corrected / verified if verified else 0.0,
+            "skipped_fraction": self.skipped_fraction(),
+        }
+
+    def skipped_fraction(self) -> float | None:
+        """Share of the thresholded channels skipped since `reset` (channel-weighted)."""
+        kept = sum(p.kept for p in self.projections())
+        seen = sum(p.seen for p in self.projections())
+        return None if seen == 0 else 1.0 - kept / seen
