@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from sparsellm.activation.io import load_activation_state
 from sparsellm.data.corpora import resolve_corpus, token_windows
 from sparsellm.eval.perplexity import perplexity
 from sparsellm.export.hf import read_manifest
@@ -144,9 +145,15 @@ def save(
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a directory written by `save` (or any HF dir); `.info` carries its manifest."""
+    """Load a directory written by `save` (or any HF dir); `.info` carries its manifest.
+
+    Calibrated activation sparsity saved beside the weights is re-applied (vanilla
+    `transformers` loads the same directory as the plain dense model).
+    """
     loaded = load_model(path, dtype=dtype)
     loaded.info["manifest"] = read_manifest(path)
+    if Path(path).is_dir():
+        loaded.info["activation"] = load_activation_state(loaded.model, path)
     return loaded
 
 

@@ -52,6 +52,7 @@ class ColumnMajor:
     out_features: int
     chunks: int
     bias: torch.Tensor | None = None
+    dense_bags: torch.Tensor | None = None  # bag indices with every column kept, built once
 
     @classmethod
     def from_weight(
@@ -68,10 +69,16 @@ class ColumnMajor:
 
 
 def _bags(idx: torch.Tensor, weights: torch.Tensor, chunks: int) -> tuple[torch.Tensor, ...]:
-    """(b, k) channel indices and input values -> (b * chunks, k) bag indices and weights."""
+    """(b, k) channel indices and input values -> (b * chunks, k) bag indices and weights.
+
+    Batch 1, the decode hot path, takes two cheap ops (one add, one expand view): per-call
+    op count matters as much as bandwidth at ~4 us of dispatch per op.
+    """
     b, k = idx.shape
-    offs = torch.arange(chunks, dtype=idx.dtype)
-    bag_idx = (idx[:, None, :] * chunks + offs[None, :, None]).reshape(b * chunks, k)
+    offs = torch.arange(chunks, dtype=idx.dtype).view(chunks, 1)
+    if b == 1:
+        return torch.add(offs, idx, alpha=chunks), weights.expand(chunks, k)
+    bag_idx = (idx[:, None, :] * chunks + offs[None]).reshape(b * chunks, k)
     bag_w = weights[:, None, :].expand(b, chunks, k).reshape(b * chunks, k)
     return bag_idx, bag_w
 
@@ -82,6 +89,9 @@ def gather_matvec(values: torch.Tensor, cm: ColumnMajor, idx: torch.Tensor) -> t
     `idx` is (b, k) int64 channel indices per row and `values` (b, k) the inputs at those
     channels (``x.gather(1, idx)``; padded entries must carry 0, see `select_channels`).
     """
+    if idx.shape[1] == 0:  # nothing kept: embedding_bag rejects empty fixed-size bags
+        y = values.new_zeros(idx.shape[0], cm.out_features)
+        return y if cm.bias is None else y + cm.bias
     bag_idx, bag_w = _bags(idx, values, cm.chunks)
     y = F.embedding_bag(bag_idx, cm.table, per_sample_weights=bag_w, mode="sum")
     y = y.view(idx.shape[0], cm.out_features)
@@ -90,8 +100,16 @@ def gather_matvec(values: torch.Tensor, cm: ColumnMajor, idx: torch.Tensor) -> t
 
 def dense_matvec(x: torch.Tensor, cm: ColumnMajor) -> torch.Tensor:
     """Every column kept: our dense decode path, the same kernel so the ratio is fair."""
-    idx = torch.arange(cm.in_features).expand(x.shape[0], -1)
-    return gather_matvec(x, cm, idx)
+    b = x.shape[0]
+    if cm.dense_bags is None or cm.dense_bags.shape[0] != b * cm.chunks:
+        cm.dense_bags = _bags(torch.arange(cm.in_features).expand(b, -1), x, cm.chunks)[0]
+    if b == 1:
+        w = x.expand(cm.chunks, -1)
+    else:
+        w = x[:, None, :].expand(-1, cm.chunks, -1).reshape(cm.dense_bags.shape)
+    y = F.embedding_bag(cm.dense_bags, cm.table, per_sample_weights=w, mode="sum")
+    y = y.view(b, cm.out_features)
+    return y if cm.bias is None else y + cm.bias
 
 
 def select_channels(x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

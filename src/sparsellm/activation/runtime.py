@@ -80,15 +80,15 @@ class Proj:
         """x is (tokens, in). One token per row: the kernel; several: batched matmuls."""
         rule = self.rule if sparse else None
         keep = None if rule is None else rule.keep(x)
-        if keep is not None:
-            self.kept += int(keep.sum())
-            self.seen += keep.numel()
         if x.shape[0] > 8:  # prompt / verification pass: compute-bound, masked matmul
             y = F.linear(x if keep is None else x * keep, self.weight, self.bias)
         elif keep is None:
             y = dense_matvec(x, self.cm)
         else:
             idx, xz = select_channels(x, keep)
+            # weight reads, counted from the kernel's own indices (no extra op)
+            self.kept += idx.numel() * self.cm.out_features
+            self.seen += x.numel() * self.cm.out_features
             y = gather_matvec(xz.gather(1, idx), self.cm, idx)
         if keep is not None and rule.lr_b is not None:
             y = y + F.linear(F.linear(x * ~keep, rule.lr_b), rule.lr_a)
@@ -117,12 +117,13 @@ class GatedMLP:
         if not sparse:
             return self.down(a * F.linear(x, self.up_weight, self.up_bias), False)
         keep = a.abs() > self.gate_threshold
-        self.kept += int(keep.sum())
-        self.seen += keep.numel()
         if x.shape[0] > 1:
             h = (a * keep) * F.linear(x, self.up_weight, self.up_bias)
             return self.down(h, sparse)
         idx = keep[0].nonzero().view(-1)
+        per_channel = 2 * x.shape[1]  # a row of up and a column of down
+        self.kept += idx.numel() * per_channel
+        self.seen += keep.numel() * per_channel
         u = F.linear(x, self.up_weight.index_select(0, idx))
         if self.up_bias is not None:
             u = u + self.up_bias[idx]
@@ -131,9 +132,25 @@ class GatedMLP:
 
 
 @dataclass
+class Norm:
+    """RMSNorm as one fused op (HF's module spends six ops per call on it)."""
+
+    weight: torch.Tensor
+    eps: float
+
+    @classmethod
+    def of(cls, module: nn.Module) -> Norm:
+        eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
+        return cls(module.weight.detach(), float(eps))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+@dataclass
 class Layer:
-    attn_norm: nn.Module
-    mlp_norm: nn.Module
+    attn_norm: Norm
+    mlp_norm: Norm
     qkv: Proj
     o: Proj
     mlp: GatedMLP
@@ -141,10 +158,10 @@ class Layer:
     v_cache: torch.Tensor = field(default_factory=lambda: torch.empty(0))
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """x·cos + rotate_half(x)·sin in three ops: rotate_half(x) = roll(x, d/2) with the sign
+    of the first half folded into `sin_signed` (see `DecodeRuntime._rope`)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
 
 
 class DecodeRuntime:
@@ -159,11 +176,12 @@ class DecodeRuntime:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.max_len = max_len
         self.embed = model.get_submodule(layout.embed)
-        self.final_norm = model.get_submodule(layout.final_norm)
+        self.final_norm = Norm.of(model.get_submodule(layout.final_norm))
         self.rotary = model.get_submodule(layout.rotary)
         head = model.get_output_embeddings()
         self.lm_head = Proj(head.weight.detach(), None, ColumnMajor.from_weight(head.weight), None)
         self.layers = [self._layer(block, layout) for block in get_blocks(model)]
+        self.cos, self.sin = self._rope()
 
     def _layer(self, block: nn.Module, layout: Any) -> Layer:
         qkv_names, o_names, gu_names, down_names = layout.input_groups
@@ -178,12 +196,21 @@ class DecodeRuntime:
         up_bias = None if up.bias is None else up.bias.detach()
         mlp = GatedMLP(gate, up.weight.detach(), up_bias, down, base_act, gate_thr)
         return Layer(
-            attn_norm=block.get_submodule(layout.attn_norm),
-            mlp_norm=block.get_submodule(layout.mlp_norm),
+            attn_norm=Norm.of(block.get_submodule(layout.attn_norm)),
+            mlp_norm=Norm.of(block.get_submodule(layout.mlp_norm)),
             qkv=Proj.fuse([block.get_submodule(n) for n in qkv_names]),
             o=Proj.fuse([block.get_submodule(o_names[0])]),
             mlp=mlp,
         )
+
+    def _rope(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sign-folded sin tables for every position, from the model's own rotary
+        module (so any rope scaling it applies is kept), shaped (1, 1, max_len, d)."""
+        x = torch.zeros(1, 1, self.head_dim)
+        cos, sin = self.rotary(x, torch.arange(self.max_len)[None])
+        half = self.head_dim // 2
+        sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+        return cos[:, None], sin[:, None]
 
     def reset(self, batch: int) -> None:
         shape = (batch, self.n_kv, self.max_len, self.head_dim)
@@ -211,9 +238,7 @@ class DecodeRuntime:
         if pos + n > self.max_len:
             raise ValueError(f"sequence of {pos + n} tokens exceeds max_len={self.max_len}")
         x = self.embed(ids)
-        positions = torch.arange(pos, pos + n).expand(b, -1)
-        cos, sin = self.rotary(x, positions)
-        cos, sin = cos[:, None], sin[:, None]
+        cos, sin = self.cos[:, :, pos : pos + n], self.sin[:, :, pos : pos + n]
         mask = None
         if n > 1:
             mask = torch.ones(n, pos + n, dtype=torch.bool).tril(pos)
@@ -221,8 +246,8 @@ class DecodeRuntime:
         for layer in self.layers:
             h = layer.attn_norm(x).reshape(b * n, -1)
             qkv = layer.qkv(h, sparse).view(b, n, hq + 2 * hk, d).transpose(1, 2)
-            q, k, v = qkv.split([hq, hk, hk], dim=1)
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            qk, v = qkv.split([hq + hk, hk], dim=1)
+            q, k = _rotate(qk, cos, sin).split([hq, hk], dim=1)
             layer.k_cache[:, :, pos : pos + n] = k
             layer.v_cache[:, :, pos : pos + n] = v
             att = F.scaled_dot_product_attention(
@@ -250,12 +275,15 @@ class DecodeRuntime:
         `verify_every=k` (> 0, sparse only) is Sirius-style correction: after every k
         sparse tokens the dense model re-reads them in one pass (rewriting their KV
         entries), and generation resumes from the first token where dense and sparse
-        disagree, with the dense token. Returns the tokens, timings and correction rate.
+        disagree, with the dense token; the prompt is then read densely as well, so with
+        k = 1 the output is exactly dense greedy. Returns the tokens, timings and the
+        correction rate (rollbacks per verified token).
         """
         b, p = ids.shape
         self.reset(b)
         t0 = time.perf_counter()
-        logits = self.forward(ids, 0, sparse, last_only=True)
+        # with verification the prompt is read densely too, so every token is checked
+        logits = self.forward(ids, 0, sparse and not verify_every, last_only=True)
         prefill_s = time.perf_counter() - t0
         out = [logits[:, -1].argmax(-1)]
         pos = p
@@ -293,7 +321,7 @@ class DecodeRuntime:
         }
 
     def skipped_fraction(self) -> float | None:
-        """Share of the thresholded channels skipped since `reset` (channel-weighted)."""
+        """Share of the thresholded projections' weight reads skipped in decode steps."""
         kept = sum(p.kept for p in self.projections())
         seen = sum(p.seen for p in self.projections())
         return None if seen == 0 else 1.0 - kept / seen

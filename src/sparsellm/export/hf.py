@@ -16,6 +16,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import save_file
+
 from sparsellm.errors import SparseLLMError
 
 MANIFEST = "sparsellm_manifest.json"
@@ -55,8 +58,14 @@ def save(
     manifest: dict[str, Any],
     overwrite: bool = False,
     extra_files: dict[str, str] | None = None,
+    extra_tensors: dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]] | None = None,
 ) -> Path:
-    """Atomically write model + tokenizer + manifest (+ extra text files) to `out`."""
+    """Atomically write model + tokenizer + manifest (+ extra text / safetensors files).
+
+    `extra_tensors` maps a file name to (tensors, string metadata), written with
+    safetensors inside the same temporary directory, so they appear with the model or
+    not at all.
+    """
     out = check_out_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -67,6 +76,8 @@ def save(
         write_json_atomic(tmp / MANIFEST, manifest)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
+        for name, (tensors, metadata) in (extra_tensors or {}).items():
+            save_file(tensors, str(tmp / name), metadata=metadata)
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, trash / "old")

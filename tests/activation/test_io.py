@@ -1,0 +1,43 @@
+"""Saved activation sparsity reloads exactly; vanilla transformers sees the dense model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from sparsellm.activation.apply import sparsify_activations
+from sparsellm.activation.base import ActivationConfig
+from sparsellm.activation.io import STATE_FILE, activation_state, load_activation_state, unwrapped
+from sparsellm.api import load
+from sparsellm.errors import SparseLLMError
+from sparsellm.export.hf import save
+from sparsellm.models.tiny import tiny_model
+
+
+@pytest.mark.parametrize("method", ["wina", "rsparse", "cats"])
+def test_save_and_load_roundtrip(method: str, calib_ids: torch.Tensor, tmp_path: Path) -> None:
+    model = tiny_model("llama").eval()
+    dense_ref = model(calib_ids).logits
+    cfg = ActivationConfig(method=method, sparsity=0.5, rank=4, max_tokens=256)
+    sparsify_activations(model, calib_ids, cfg)
+    sparse_ref = model(calib_ids).logits
+    out = tmp_path / "m"
+    with unwrapped(model):
+        save(model, None, out, {}, extra_tensors={STATE_FILE: activation_state(model, {"m": 1})})
+    assert torch.equal(model(calib_ids).logits, sparse_ref)  # still wrapped after saving
+
+    loaded = load(out)
+    assert loaded.info["activation"] == {"m": 1}
+    assert torch.equal(loaded.model(calib_ids).logits, sparse_ref)
+    vanilla = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert torch.equal(vanilla(calib_ids).logits, dense_ref)
+
+
+def test_corrupt_state_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / STATE_FILE).write_bytes(b"not safetensors")
+    with pytest.raises(SparseLLMError, match="corrupt"):
+        load_activation_state(tiny_model("llama"), tmp_path)
+    assert load_activation_state(tiny_model("llama"), tmp_path / "none") is None
