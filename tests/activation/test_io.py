@@ -14,7 +14,7 @@ from sparsellm.activation.io import STATE_FILE, activation_state, load_activatio
 from sparsellm.api import load
 from sparsellm.errors import SparseLLMError
 from sparsellm.export.hf import save
-from sparsellm.models.tiny import tiny_model
+from sparsellm.models.tiny import byte_tokenizer, tiny_model
 
 
 @pytest.mark.parametrize("method", ["wina", "rsparse", "cats"])
@@ -26,7 +26,13 @@ def test_save_and_load_roundtrip(method: str, calib_ids: torch.Tensor, tmp_path:
     sparse_ref = model(calib_ids).logits
     out = tmp_path / "m"
     with unwrapped(model):
-        save(model, None, out, {}, extra_tensors={STATE_FILE: activation_state(model, {"m": 1})})
+        save(
+            model,
+            byte_tokenizer(),
+            out,
+            {},
+            extra_tensors={STATE_FILE: activation_state(model, {"m": 1})},
+        )
     assert torch.equal(model(calib_ids).logits, sparse_ref)  # still wrapped after saving
 
     loaded = load(out)
