@@ -26,6 +26,7 @@ from sparsellm.activation.modules import (
     wrapped_modules,
 )
 from sparsellm.errors import SparseLLMError
+from sparsellm.export.hf import save
 
 STATE_FILE = "activation_sparsity.safetensors"
 _KINDS = {"linear": ActSparseLinear, "gate": ThresholdedActivation}
@@ -57,6 +58,20 @@ def unwrapped(model: nn.Module) -> Iterator[None]:
     finally:
         for name, mod in wrappers:
             replace_module(model, name, mod)
+
+
+def save_with_activations(
+    model: nn.Module,
+    tokenizer: Any,
+    out: str | Path,
+    manifest: dict[str, Any],
+    config: dict[str, Any],
+    overwrite: bool = False,
+) -> Path:
+    """Atomically save the dense checkpoint plus the activation-sparsity state."""
+    state = activation_state(model, config)  # read the wrappers before unwrapping
+    with unwrapped(model):
+        return save(model, tokenizer, out, manifest, overwrite, extra_tensors={STATE_FILE: state})
 
 
 def load_activation_state(model: nn.Module, path: str | Path) -> dict[str, Any] | None:
