@@ -157,6 +157,56 @@ def _add_prune(p: argparse.ArgumentParser, out_required: bool) -> None:
     )
 
 
+def _add_activate(sub: Any) -> None:
+    """`sparsellm activate`: calibrated activation sparsity + our CPU decode runtime."""
+    act = sub.add_parser(
+        "activate",
+        help="activation sparsity (TEAL, WINA, R-Sparse, CATS): calibrate thresholds, "
+        "compare with dense, measure CPU decode speed, save",
+        description="Calibrate per-layer activation thresholds on --calib, report dense vs "
+        "sparse perplexity / KL (and --tasks), optionally measure batch-1 decode tokens/s "
+        "with our CPU runtime (dense vs sparse, same kernel), and save. The saved directory "
+        "is the plain dense checkpoint plus activation_sparsity.safetensors: vanilla "
+        "transformers loads it dense, `sparsellm eval`/`sparsellm.load` re-apply sparsity.",
+    )
+    _add_common(act, "default")
+    act.add_argument(
+        "--method",
+        default="teal",
+        help="teal (|x| thresholds) | wina (|x| x column norm) | rsparse (+ rank-r SVD "
+        "path for skipped channels) | cats (SwiGLU gate threshold) (default: teal)",
+    )
+    act.add_argument(
+        "--sparsity",
+        type=float,
+        default=0.5,
+        help="share of the thresholded weight reads to skip, in [0, 0.95) (default: 0.5)",
+    )
+    act.add_argument(
+        "--allocation",
+        choices=["greedy", "uniform"],
+        default="greedy",
+        help="per-layer levels inside each block: greedy by output error (TEAL) or uniform",
+    )
+    act.add_argument("--rank", type=int, default=32, help="R-Sparse low-rank size (default 32)")
+    act.add_argument("--calib", default="c4", metavar="c4|wiki|PATH")
+    act.add_argument("--nsamples", type=int, default=16, help="calibration windows (default 16)")
+    act.add_argument(
+        "--calib-seqlen", type=int, default=256, help="tokens per calibration window (256)"
+    )
+    act.add_argument("--seed", type=int, default=0)
+    act.add_argument(
+        "--speed",
+        action="store_true",
+        help="measure batch-1 decode tokens/s, our runtime dense vs sparse (same kernel)",
+    )
+    act.add_argument(
+        "--new-tokens", type=int, default=128, help="tokens generated per --speed run (128)"
+    )
+    act.add_argument("--out", default=None, metavar="DIR", help="save here (default: no save)")
+    act.add_argument("--overwrite", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparsellm",
@@ -317,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--seed", type=int, default=0)
     rec.add_argument("--out", required=True, metavar="DIR")
     rec.add_argument("--overwrite", action="store_true")
+    _add_activate(sub)
     rep = sub.add_parser(
         "report",
         help="render runs and sweeps as Markdown + self-contained HTML with plots",
@@ -696,6 +747,111 @@ def cmd_recover(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _decode_speed(
+    dense: Any, sparse: Any, tok: Any, new_tokens: int, repeats: int = 3
+) -> dict[str, Any]:
+    """Batch-1 decode tok/s of our runtime, dense and sparse alternated, medians + ratio."""
+    import statistics
+
+    from sparsellm.activation.runtime import DecodeRuntime
+    from sparsellm.data.corpora import resolve_corpus, token_windows
+
+    prompt = token_windows(tok, resolve_corpus("wiki"), 1, 32)
+    max_len = 32 + new_tokens
+    runs = {"dense": DecodeRuntime(dense, max_len), "sparse": DecodeRuntime(sparse, max_len)}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for k, rt in runs.items():
+        rt.generate(prompt, 8, sparse=k == "sparse")  # warm-up
+    for _ in range(repeats):
+        for k, rt in runs.items():
+            times[k].append(rt.generate(prompt, new_tokens, sparse=k == "sparse")["decode_s"])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "dense_tok_s": (new_tokens - 1) / med["dense"],  # the first token comes from prefill
+        "sparse_tok_s": (new_tokens - 1) / med["sparse"],
+        "speedup": med["dense"] / med["sparse"],
+        "skipped_fraction": runs["sparse"].skipped_fraction(),
+        "threads": __import__("torch").get_num_threads(),
+    }
+
+
+def cmd_activate(args: argparse.Namespace) -> dict[str, Any]:
+    import dataclasses
+
+    import sparsellm as sl
+    from sparsellm.activation.apply import lookup, sparsify_activations
+    from sparsellm.activation.base import ActivationConfig
+    from sparsellm.activation.io import save_with_activations
+    from sparsellm.activation.modules import measured_sparsity, reset_counts
+    from sparsellm.api import versions
+    from sparsellm.data.corpora import resolve_corpus, token_windows
+    from sparsellm.errors import SparseLLMError
+    from sparsellm.eval.kl import compare_models
+    from sparsellm.export.hf import check_out_dir
+    from sparsellm.models.adapters import get_layout
+    from sparsellm.pipeline import check_window, seed_everything
+    from sparsellm.report.markdown import table
+
+    _check_counts(args)
+    if args.new_tokens < 2:
+        raise SparseLLMError(f"--new-tokens must be >= 2, got {args.new_tokens}")
+    cfg = ActivationConfig(
+        method=args.method,
+        sparsity=args.sparsity,
+        allocation=args.allocation,
+        rank=args.rank,
+        nsamples=args.nsamples,
+        seqlen=args.calib_seqlen,
+        seed=args.seed,
+    )
+    lookup(cfg.method)
+    out = check_out_dir(Path(args.out), args.overwrite) if args.out else None
+    tasks = _tasks(args)
+    calib_corpus, eval_corpus = resolve_corpus(args.calib), resolve_corpus(args.eval)
+    seed_everything(args.seed)
+    loaded = sl.load_model(args.model)
+    model, tok = loaded.model, loaded.tokenizer
+    get_layout(model)
+    check_window(model, max(args.seqlen, args.calib_seqlen))
+    dense = copy.deepcopy(model)
+    calib = token_windows(tok, calib_corpus, args.nsamples, args.calib_seqlen)
+    start = time.perf_counter()
+    fit = sparsify_activations(model, calib, cfg)
+    calib_s = time.perf_counter() - start
+    windows = token_windows(tok, eval_corpus, args.eval_windows, args.seqlen)
+    reset_counts(model)
+    quality = compare_models(dense, model, windows)
+    result: dict[str, Any] = {
+        "config": dataclasses.asdict(cfg),
+        "calibration_seconds": calib_s,
+        "measured_sparsity": measured_sparsity(model),
+        **quality,
+        "layers": fit["blocks"],
+        "model": loaded.info,
+        "data": {"calib": calib_corpus.describe(), "eval": eval_corpus.describe()},
+        "versions": versions(),
+    }
+    if tasks:
+        result["zeroshot"] = {
+            "dense": _run_tasks(args, dense, tok, tasks),
+            "sparse": _run_tasks(args, model, tok, tasks),
+        }
+    if args.speed:
+        result["decode_speed"] = _decode_speed(dense, model, tok, args.new_tokens)
+    rows = [["perplexity", quality["dense_ppl"], quality["sparse_ppl"], None]]
+    rows.append(["KL / top-1", None, quality["kl"], quality["top1_agreement"]])
+    if args.speed:
+        sp = result["decode_speed"]
+        rows.append(["decode tok/s", sp["dense_tok_s"], sp["sparse_tok_s"], sp["speedup"]])
+    print(table(["", "dense", f"{cfg.method} {cfg.sparsity:g}", "ratio / top-1"], rows))
+    print(f"measured sparsity on the eval windows: {result['measured_sparsity']:.3f}")
+    if out is not None:
+        manifest = {"activation": {k: v for k, v in result.items() if k != "layers"}}
+        save_with_activations(model, tok, out, manifest, dataclasses.asdict(cfg), args.overwrite)
+        print(f"saved to {out} (dense weights + activation_sparsity.safetensors)")
+    return result
+
+
 def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
     from sparsellm.report.render import write_report
     from sparsellm.report.runs import load_runs
@@ -713,6 +869,7 @@ COMMANDS = {
     "sweep": cmd_sweep,
     "recover": cmd_recover,
     "report": cmd_report,
+    "activate": cmd_activate,
 }
 
 

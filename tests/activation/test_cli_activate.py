@@ -1,0 +1,66 @@
+"""`sparsellm activate` end to end on the tiny on-disk model, and its input errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sparsellm.cli import main
+
+
+def _activate(tiny_dir: Path, text_file: Path, *extra: str) -> list[str]:
+    return [
+        "activate",
+        "--model",
+        str(tiny_dir),
+        "--calib",
+        str(text_file),
+        "--eval",
+        str(text_file),
+        "--nsamples",
+        "4",
+        "--calib-seqlen",
+        "32",
+        "--seqlen",
+        "64",
+        "--eval-windows",
+        "2",
+        *extra,
+    ]
+
+
+def _last_json(capsys: pytest.CaptureFixture) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_activate_saves_and_eval_reapplies(tiny_dir, text_file, tmp_path, capsys) -> None:
+    out = tmp_path / "act"
+    args = _activate(
+        tiny_dir, text_file, "--method", "wina", "--speed", "--new-tokens", "8", "--out", str(out)
+    )
+    assert main([*args, "--json"]) == 0
+    result = _last_json(capsys)
+    assert result["sparse_ppl"] > result["dense_ppl"]
+    assert result["measured_sparsity"] == pytest.approx(0.5, abs=0.1)
+    assert result["decode_speed"]["skipped_fraction"] > 0.3
+    assert (out / "activation_sparsity.safetensors").is_file()
+    ev = ["eval", "--model", str(out), "--eval", str(text_file), "--seqlen", "64"]
+    assert main([*ev, "--eval-windows", "2", "--json"]) == 0
+    assert _last_json(capsys)["ppl"] == pytest.approx(result["sparse_ppl"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--method", "nope"), "unknown activation method"),
+        (("--sparsity", "0.99"), "activation sparsity must be in"),
+        (("--nsamples", "0"), "--nsamples must be >= 1"),
+    ],
+)
+def test_activate_bad_input(tiny_dir, text_file, tmp_path, capsys, extra, message) -> None:
+    out = tmp_path / "never"
+    assert main([*_activate(tiny_dir, text_file, *extra), "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
