@@ -32,6 +32,7 @@ import torch
 import sparsellm as sl
 from sparsellm.activation.apply import sparsify_activations
 from sparsellm.activation.base import ActivationConfig
+from sparsellm.activation.coreinfer import apply_coreinfer, split_perplexity, unwrap_coreinfer
 from sparsellm.activation.modules import measured_sparsity, reset_counts, unwrap_activations
 from sparsellm.activation.runtime import DecodeRuntime
 from sparsellm.api import versions
@@ -110,7 +111,8 @@ def quality(args: argparse.Namespace, name: str) -> dict[str, Any]:
     out: dict[str, Any] = {"model": info, "rows": []}
     if tasks:
         out["dense_tasks"] = run_tasks(dense, tok, tasks, args.limit)
-    combos = [(m, s, False) for m in args.methods.split(",") for s in args.sparsities]
+    methods = [m for m in args.methods.split(",") if m != "coreinfer"]
+    combos = [(m, s, False) for m in methods for s in args.sparsities]
     if args.with_wanda:
         combos.append(("teal", 0.5, True))
     for method, s, wanda in combos:
@@ -139,6 +141,26 @@ def quality(args: argparse.Namespace, name: str) -> dict[str, Any]:
         if wanda:
             model.load_state_dict(dense.state_dict())
         print(f"{name} {row['method']} {s}: ppl {q['sparse_ppl']:.2f} (dense {q['dense_ppl']:.2f})")
+    if "coreinfer" in args.methods.split(","):
+        # scored on the second half of each window, the first half read as the prompt
+        half = windows.shape[1] // 2
+        dense_split = split_perplexity(model, windows, half)
+        for s in args.sparsities:
+            apply_coreinfer(model, s)
+            ppl = split_perplexity(model, windows, half)
+            unwrap_coreinfer(model)
+            out["rows"].append(
+                {
+                    "method": "coreinfer (2nd half)",
+                    "sparsity": s,
+                    "measured": s,
+                    "sparse_ppl": ppl,
+                    "dense_ppl": dense_split,
+                    "kl": None,
+                    "top1_agreement": None,
+                }
+            )
+            print(f"{name} coreinfer {s}: ppl {ppl:.2f} (dense, same tokens {dense_split:.2f})")
     if args.ppl_p:
         out["ppl_p"] = sparsing_law_ppl_p(model, calib, windows[:8], args.ppl_p)
     return out
@@ -154,6 +176,11 @@ def speed(args: argparse.Namespace, name: str) -> dict[str, Any]:
     }
     for method in args.methods.split(","):
         for s in args.sparsities:
+            if method == "coreinfer":
+                apply_coreinfer(model, s)
+                runtimes[f"coreinfer {s:g}"] = (DecodeRuntime(model, max_len=256), {"sparse": True})
+                unwrap_coreinfer(model)
+                continue
             sparsify_activations(model, calib, config(method, s, args.max_tokens))
             rt = DecodeRuntime(model, max_len=256)
             runtimes[f"{method} {s:g}"] = (rt, {"sparse": True})
@@ -197,7 +224,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=["quality", "speed"], required=True)
     ap.add_argument("--models", default="default", help="default,qwen0.5b")
-    ap.add_argument("--methods", default="teal,wina,rsparse,cats")
+    ap.add_argument("--methods", default="teal,wina,rsparse,cats,coreinfer")
     ap.add_argument("--sparsities", default="0.5", type=lambda s: [float(x) for x in s.split(",")])
     ap.add_argument("--max-tokens", type=int, default=1024)
     ap.add_argument("--eval-windows", type=int, default=32)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsellm.activation.coreinfer import CoreActivation, core_neurons
 from sparsellm.activation.kernels import ColumnMajor, dense_matvec, gather_matvec, select_channels
 from sparsellm.activation.modules import ActSparseLinear, ThresholdedActivation
 from sparsellm.models.adapters import get_blocks, get_layout
@@ -57,6 +58,11 @@ class Proj:
     rule: Rule | None
     kept: int = 0
     seen: int = 0
+
+    @classmethod
+    def dense(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Proj:
+        """A projection with no skipping rule (copies `weight` into the kernel layout)."""
+        return cls(weight, bias, ColumnMajor.from_weight(weight, bias), None)
 
     @classmethod
     def fuse(cls, modules: list[nn.Module]) -> Proj:
@@ -105,10 +111,36 @@ class GatedMLP:
     down: Proj
     act: nn.Module
     gate_threshold: float  # 0 = no CATS
+    core: CoreActivation | None = None  # CoreInfer: a fixed sub-MLP per prompt
+    core_mlp: tuple[Proj, Proj] | None = None
     kept: int = 0
     seen: int = 0
 
+    def _core_call(self, x: torch.Tensor) -> torch.Tensor:
+        """CoreInfer: the prompt runs dense and picks the core; later tokens use only it."""
+        inter = self.up_weight.shape[0]
+        if self.core_mlp is not None:
+            gu = self.core_mlp[0](x, False)
+            k = gu.shape[1] // 2
+            self.kept += x.shape[0] * k * 3 * x.shape[1]  # gate, up and down weights
+            self.seen += x.shape[0] * inter * 3 * x.shape[1]
+            return self.core_mlp[1](self.act(gu[:, :k]) * gu[:, k:], False)
+        gu = self.gate(x, False)
+        a = self.act(gu[:, :inter])
+        core = core_neurons(a, self.core.token_keep, self.core.sparsity)
+        w_gu = self.gate.weight
+        idx = core.nonzero().view(-1)
+        rows = torch.cat([idx, idx + inter])
+        bias = None if self.gate.bias is None else self.gate.bias[rows]
+        self.core_mlp = (
+            Proj.dense(w_gu[rows], bias),
+            Proj.dense(self.down.weight[:, idx].contiguous(), self.down.bias),
+        )
+        return self.down(a * gu[:, inter:], False)
+
     def __call__(self, x: torch.Tensor, sparse: bool) -> torch.Tensor:
+        if sparse and self.core is not None:
+            return self._core_call(x)
         if self.gate_threshold <= 0:
             gu = self.gate(x, sparse)  # fused gate|up
             inter = self.up_weight.shape[0]
@@ -178,8 +210,7 @@ class DecodeRuntime:
         self.embed = model.get_submodule(layout.embed)
         self.final_norm = Norm.of(model.get_submodule(layout.final_norm))
         self.rotary = model.get_submodule(layout.rotary)
-        head = model.get_output_embeddings()
-        self.lm_head = Proj(head.weight.detach(), None, ColumnMajor.from_weight(head.weight), None)
+        self.lm_head = Proj.dense(model.get_output_embeddings().weight.detach(), None)
         self.layers = [self._layer(block, layout) for block in get_blocks(model)]
         self.cos, self.sin = self._rope()
 
@@ -187,14 +218,17 @@ class DecodeRuntime:
         qkv_names, o_names, gu_names, down_names = layout.input_groups
         act = block.get_submodule(layout.gate_act)
         gate_thr = float(act.threshold) if isinstance(act, ThresholdedActivation) else 0.0
-        base_act = act.base_layer if isinstance(act, ThresholdedActivation) else act
+        core = act if isinstance(act, CoreActivation) else None
+        base_act = (
+            act.base_layer if isinstance(act, (ThresholdedActivation, CoreActivation)) else act
+        )
         gate_up = [block.get_submodule(n) for n in gu_names]
         up = gate_up[1].base_layer if isinstance(gate_up[1], ActSparseLinear) else gate_up[1]
         down = Proj.fuse([block.get_submodule(down_names[0])])
         # CATS: the gate alone runs dense, up rows and down columns are gathered
         gate = Proj.fuse(gate_up[:1] if gate_thr > 0 else gate_up)
         up_bias = None if up.bias is None else up.bias.detach()
-        mlp = GatedMLP(gate, up.weight.detach(), up_bias, down, base_act, gate_thr)
+        mlp = GatedMLP(gate, up.weight.detach(), up_bias, down, base_act, gate_thr, core)
         return Layer(
             attn_norm=Norm.of(block.get_submodule(layout.attn_norm)),
             mlp_norm=Norm.of(block.get_submodule(layout.mlp_norm)),
@@ -219,6 +253,8 @@ class DecodeRuntime:
             layer.v_cache = torch.zeros(shape)
         for proj in self.projections():
             proj.kept = proj.seen = 0
+        for layer in self.layers:
+            layer.mlp.core_mlp = None  # CoreInfer: a new prompt picks a new core
 
     def projections(self) -> list[Any]:
         out: list[Any] = []
