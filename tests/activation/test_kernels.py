@@ -60,3 +60,24 @@ def test_pick_chunks_divides() -> None:
     assert pick_chunks(96, threads=2) == 4
     assert pick_chunks(7, threads=2) == 1
     assert 3072 % pick_chunks(3072) == 0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_native_kernel_equals_masked_reference(seed: int) -> None:
+    from sparsellm.activation.kernels import native_kernel
+
+    ext = native_kernel()
+    if ext is None:
+        pytest.skip("no C++ compiler here: the pure-torch path is tested above")
+    g = torch.Generator().manual_seed(seed)
+    b, n_in, n_out = 1 + seed, 24 + 16 * seed, 40 + 300 * seed  # > one 256-column task
+    w, bias = torch.randn(n_out, n_in, generator=g), torch.randn(n_out, generator=g)
+    x, scale = torch.randn(b, n_in, generator=g), torch.rand(n_in, generator=g)
+    wt = w.t().contiguous()
+    y, kept = ext.sparse_gemv(x, wt, scale, 0.4, bias)
+    keep = x.abs() * scale > 0.4
+    torch.testing.assert_close(y, masked_linear_reference(x, w, keep, bias), rtol=1e-5, atol=1e-5)
+    assert kept == int(keep.sum())
+    y, kept = ext.sparse_gemv(x, wt, torch.empty(0), -1.0, torch.empty(0))  # dense
+    torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert kept == b * n_in

@@ -38,15 +38,18 @@ def test_dense_runtime_matches_hf(family: str) -> None:
     assert torch.equal(rt.generate(ids, 8, sparse=False)["tokens"], hf)
 
 
+@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("method", ["teal", "wina", "rsparse", "cats"])
-def test_sparse_decode_matches_wrapped_hf(method: str, calib_ids: torch.Tensor) -> None:
+def test_sparse_decode_matches_wrapped_hf(
+    method: str, native: bool, calib_ids: torch.Tensor
+) -> None:
     model = tiny_model("qwen2").eval()
     sparsify_activations(
         model, calib_ids, ActivationConfig(method=method, sparsity=0.5, rank=4, max_tokens=256)
     )
     ids = _prompt()
     ref = model(ids).logits  # the wrappers: masked dense matmuls
-    rt = DecodeRuntime(model, max_len=32)
+    rt = DecodeRuntime(model, max_len=32, native=native)
     got = _stepwise(rt, ids, 5, sparse=True)  # the kernel, one token at a time
     torch.testing.assert_close(got, ref[:, 5:], rtol=1e-4, atol=1e-5)
     assert rt.skipped_fraction() > 0.2

@@ -29,7 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsellm.activation.coreinfer import CoreActivation, core_neurons
-from sparsellm.activation.kernels import ColumnMajor, dense_matvec, gather_matvec, select_channels
+from sparsellm.activation.kernels import (
+    ColumnMajor,
+    dense_matvec,
+    gather_matvec,
+    native_kernel,
+    select_channels,
+)
 from sparsellm.activation.modules import ActSparseLinear, ThresholdedActivation
 from sparsellm.models.adapters import get_blocks, get_layout
 
@@ -56,6 +62,7 @@ class Proj:
     bias: torch.Tensor | None
     cm: ColumnMajor
     rule: Rule | None
+    native: Any = None  # the compiled sparse_gemv extension, when available
     kept: int = 0
     seen: int = 0
 
@@ -85,6 +92,8 @@ class Proj:
     def __call__(self, x: torch.Tensor, sparse: bool) -> torch.Tensor:
         """x is (tokens, in). One token per row: the kernel; several: batched matmuls."""
         rule = self.rule if sparse else None
+        if self.native is not None and x.shape[0] <= 8:
+            return self._native(x, rule)
         keep = None if rule is None else rule.keep(x)
         if x.shape[0] > 8:  # prompt / verification pass: compute-bound, masked matmul
             y = F.linear(x if keep is None else x * keep, self.weight, self.bias)
@@ -99,6 +108,24 @@ class Proj:
         if keep is not None and rule.lr_b is not None:
             y = y + F.linear(F.linear(x * ~keep, rule.lr_b), rule.lr_a)
         return y
+
+    def _native(self, x: torch.Tensor, rule: Rule | None) -> torch.Tensor:
+        """One fused call: threshold, select, skip columns (see kernels.native_kernel)."""
+        cm, none = self.cm, _EMPTY
+        wt = cm.table.view(cm.in_features, cm.out_features)
+        bias = none if self.bias is None else self.bias
+        if rule is None:
+            return self.native.sparse_gemv(x, wt, none, -1.0, bias)[0]
+        scale = none if rule.scale is None else rule.scale
+        y, kept = self.native.sparse_gemv(x, wt, scale, rule.threshold, bias)
+        self.kept += kept * cm.out_features
+        self.seen += x.numel() * cm.out_features
+        if rule.lr_b is not None:
+            y = y + F.linear(F.linear(x * ~rule.keep(x), rule.lr_b), rule.lr_a)
+        return y
+
+
+_EMPTY = torch.empty(0)
 
 
 @dataclass
@@ -136,6 +163,8 @@ class GatedMLP:
             Proj.dense(w_gu[rows], bias),
             Proj.dense(self.down.weight[:, idx].contiguous(), self.down.bias),
         )
+        for proj in self.core_mlp:
+            proj.native = self.gate.native
         return self.down(a * gu[:, inter:], False)
 
     def __call__(self, x: torch.Tensor, sparse: bool) -> torch.Tensor:
@@ -199,7 +228,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> tor
 class DecodeRuntime:
     """Greedy generation with our kernels; `sparse=False` gives the dense baseline."""
 
-    def __init__(self, model: nn.Module, max_len: int = 2048) -> None:
+    def __init__(self, model: nn.Module, max_len: int = 2048, native: bool = True) -> None:
         layout = get_layout(model)
         cfg = model.config
         self.model = model
@@ -212,6 +241,9 @@ class DecodeRuntime:
         self.rotary = model.get_submodule(layout.rotary)
         self.lm_head = Proj.dense(model.get_output_embeddings().weight.detach(), None)
         self.layers = [self._layer(block, layout) for block in get_blocks(model)]
+        self.native = native_kernel() if native else None
+        for proj in self._all_projs():
+            proj.native = self.native
         self.cos, self.sin = self._rope()
 
     def _layer(self, block: nn.Module, layout: Any) -> Layer:
@@ -255,6 +287,12 @@ class DecodeRuntime:
             proj.kept = proj.seen = 0
         for layer in self.layers:
             layer.mlp.core_mlp = None  # CoreInfer: a new prompt picks a new core
+
+    def _all_projs(self) -> list[Proj]:
+        out = [self.lm_head]
+        for layer in self.layers:
+            out += [layer.qkv, layer.o, layer.mlp.gate, layer.mlp.down]
+        return out
 
     def projections(self) -> list[Any]:
         out: list[Any] = []
