@@ -8,6 +8,7 @@ Adding an architecture is one row in `ADAPTERS` plus a tiny builder in `tiny.py`
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,14 +34,17 @@ ADAPTERS: dict[str, Adapter] = {
 }
 
 
+def _row(table: dict[str, Any], model: nn.Module, what: str) -> Any:
+    """The row of `table` for the model's `config.model_type`, or an error naming the rows."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in table:
+        raise SparseLLMError(f"{what} {model_type!r}; supported: {', '.join(sorted(table))}")
+    return table[model_type]
+
+
 def get_adapter(model: nn.Module) -> Adapter:
     """Adapter for `model`, or a clear error listing what is supported."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in ADAPTERS:
-        raise SparseLLMError(
-            f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(ADAPTERS))}"
-        )
-    return ADAPTERS[model_type]
+    return _row(ADAPTERS, model, "unsupported architecture")
 
 
 def get_blocks(model: nn.Module) -> nn.ModuleList:
@@ -123,9 +127,4 @@ LAYOUTS: dict[str, DecoderLayout] = {
 
 def get_layout(model: nn.Module) -> DecoderLayout:
     """The llama-style block layout, or a clear error for other families."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in LAYOUTS:
-        raise SparseLLMError(
-            f"activation sparsity supports {', '.join(sorted(LAYOUTS))}; got {model_type!r}"
-        )
-    return LAYOUTS[model_type]
+    return _row(LAYOUTS, model, "activation sparsity does not support")
