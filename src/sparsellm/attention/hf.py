@@ -1,0 +1,127 @@
+"""Plugging sparse attention into HF models through transformers' own extension points.
+
+A prefill method is registered with ``AttentionInterface.register`` under a name derived
+from its config (the config is bound into the registered function, so the model's
+``config._attn_implementation`` alone says which method runs) and the SDPA mask builder
+is registered under the same name, so padding and decode masks are exactly SDPA's.
+`sparse_attention` switches a model to the method with ``set_attn_implementation`` and
+back on exit. Registration happens only when a method is enabled, never at import.
+
+The sparse path runs for prefill of unpadded sequences of at least ``min_length``
+tokens; decode steps (q_len 1), short inputs, continued prefill over a cache and padded
+batches use SDPA unchanged, so a method can never change what it does not accelerate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from sparsellm.attention import prefill
+from sparsellm.attention.blocksparse import block_sparse_attention
+from sparsellm.errors import SparseLLMError
+
+PREFILL_METHODS: dict[str, type] = {
+    "full": prefill.Full,
+    "sink_window": prefill.SinkWindow,
+    "power": prefill.Power,
+    "block_topk": prefill.BlockTopK,
+    "vertical_slash": prefill.VerticalSlash,
+    "flexprefill": prefill.FlexPrefill,
+}
+
+
+def parse_attention(spec: str) -> Any:
+    """``"name:key=value,key=value"`` -> the method's config; errors list what is valid."""
+    name, _, params = spec.partition(":")
+    name = name.strip()
+    if name not in PREFILL_METHODS:
+        raise SparseLLMError(
+            f"unknown attention method {name!r}; valid: {', '.join(sorted(PREFILL_METHODS))}"
+        )
+    cls = PREFILL_METHODS[name]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in params.split(","))):
+        key, eq, raw = item.partition("=")
+        if not eq or key not in fields:
+            raise SparseLLMError(
+                f"bad parameter {item!r} for attention method {name!r}; "
+                f"valid keys: {', '.join(fields)} (as key=value)"
+            )
+        typ = type(fields[key].default)
+        try:
+            kwargs[key] = typ(raw)
+        except ValueError:
+            raise SparseLLMError(f"{name}: {key} must be {typ.__name__}, got {raw!r}") from None
+    method = cls(**kwargs)
+    bad = [
+        f
+        for f in fields
+        if f != "tau" and isinstance(getattr(method, f), (int, float)) and getattr(method, f) < 0
+    ]
+    if bad or getattr(method, "block", 1) < 1:
+        raise SparseLLMError(f"{name}: parameters must be non-negative and block >= 1")
+    return method
+
+
+def method_name(method: Any) -> str:
+    """Stable registry name for a method config (same config -> same name)."""
+    kind = next(k for k, v in PREFILL_METHODS.items() if isinstance(method, v))
+    digest = hashlib.sha1(repr(method).encode()).hexdigest()[:10]
+    return f"sparsellm_{kind}_{digest}"
+
+
+def _sparse_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    method: Any,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """AttentionInterface function: block-sparse prefill, SDPA for everything else."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is not None or q_len != kv_len or q_len < max(method.min_length, 2):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, **kwargs
+        )
+    mask = method.block_mask(query, key)
+    out = block_sparse_attention(query, key, value, mask, method.block, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register(method: Any) -> str:
+    """Register `method` with transformers' attention and mask interfaces; returns the name."""
+    name = method_name(method)
+    AttentionInterface.register(name, functools.partial(_sparse_forward, method=method))
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name
+
+
+@contextlib.contextmanager
+def sparse_attention(model: torch.nn.Module, method: Any | str) -> Iterator[Any]:
+    """Run `model` with a sparse prefill method inside the block; the previous attention
+    implementation is restored on exit, even on error. Yields the method config."""
+    if isinstance(method, str):
+        method = parse_attention(method)
+    before = model.config._attn_implementation
+    if before != "sdpa":
+        raise SparseLLMError(f"sparse attention builds on sdpa; the model uses {before!r}")
+    model.set_attn_implementation(register(method))
+    try:
+        yield method
+    finally:
+        model.set_attn_implementation(before)
