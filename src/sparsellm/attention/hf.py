@@ -19,14 +19,16 @@ import dataclasses
 import functools
 import hashlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import AttentionInterface
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from sparsellm.attention import prefill
+from sparsellm.attention import kv, prefill
 from sparsellm.attention.blocksparse import block_sparse_attention
 from sparsellm.errors import SparseLLMError
 
@@ -38,17 +40,24 @@ PREFILL_METHODS: dict[str, type] = {
     "vertical_slash": prefill.VerticalSlash,
     "flexprefill": prefill.FlexPrefill,
 }
+KV_METHODS: dict[str, type] = {
+    "streaming_kv": kv.StreamingKV,
+    "snapkv": kv.SnapKV,
+    "h2o": kv.H2O,
+    "think": kv.ThinK,
+}
+METHODS = {**PREFILL_METHODS, **KV_METHODS}
 
 
 def parse_attention(spec: str) -> Any:
     """``"name:key=value,key=value"`` -> the method's config; errors list what is valid."""
     name, _, params = spec.partition(":")
     name = name.strip()
-    if name not in PREFILL_METHODS:
+    if name not in METHODS:
         raise SparseLLMError(
-            f"unknown attention method {name!r}; valid: {', '.join(sorted(PREFILL_METHODS))}"
+            f"unknown attention method {name!r}; valid: {', '.join(sorted(METHODS))}"
         )
-    cls = PREFILL_METHODS[name]
+    cls = METHODS[name]
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for item in filter(None, (p.strip() for p in params.split(","))):
@@ -76,7 +85,7 @@ def parse_attention(spec: str) -> Any:
 
 def method_name(method: Any) -> str:
     """Stable registry name for a method config (same config -> same name)."""
-    kind = next(k for k, v in PREFILL_METHODS.items() if isinstance(method, v))
+    kind = next(k for k, v in METHODS.items() if isinstance(method, v))
     digest = hashlib.sha1(repr(method).encode()).hexdigest()[:10]
     return f"sparsellm_{kind}_{digest}"
 
@@ -103,25 +112,83 @@ def _sparse_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
-def register(method: Any) -> str:
+@dataclass
+class AttentionSession:
+    """What `sparse_attention` yields: the method config and, for KV-cache methods, the
+    cache of the current generation (make one per prompt with `new_cache`)."""
+
+    method: Any
+    cache: kv.CompressedCache | None = None
+
+    @property
+    def compresses_cache(self) -> bool:
+        return isinstance(self.method, tuple(KV_METHODS.values()))
+
+    def new_cache(self) -> Cache:
+        """A fresh cache: compressing for KV methods, a plain DynamicCache otherwise."""
+        if not self.compresses_cache:
+            return DynamicCache()
+        self.cache = kv.CompressedCache(self.method)
+        return self.cache
+
+
+def _kv_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    session: AttentionSession,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """AttentionInterface function of KV methods: compress when the keys are our cache's."""
+    cache = session.cache
+    layer = cache.layers[module.layer_idx] if cache is not None else None
+    if layer is None or key is not layer.keys:  # no cache, or another cache: plain SDPA
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, **kwargs
+        )
+    if attention_mask is not None or (query.shape[2] > 1 and key.shape[2] != query.shape[2]):
+        raise SparseLLMError(
+            "KV-cache compression supports unpadded batches: one prefill, then single-token steps"
+        )
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    out = kv.kv_attention(module, query, key, value, cache, scale)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register(method: Any, session: AttentionSession | None = None) -> str:
     """Register `method` with transformers' attention and mask interfaces; returns the name."""
     name = method_name(method)
-    AttentionInterface.register(name, functools.partial(_sparse_forward, method=method))
+    if session is not None:
+        name += f"_{id(session):x}"
+        fn = functools.partial(_kv_forward, session=session)
+    else:
+        fn = functools.partial(_sparse_forward, method=method)
+    AttentionInterface.register(name, fn)
     AttentionMaskInterface.register(name, sdpa_mask)
     return name
 
 
 @contextlib.contextmanager
-def sparse_attention(model: torch.nn.Module, method: Any | str) -> Iterator[Any]:
-    """Run `model` with a sparse prefill method inside the block; the previous attention
-    implementation is restored on exit, even on error. Yields the method config."""
+def sparse_attention(model: torch.nn.Module, method: Any | str) -> Iterator[AttentionSession]:
+    """Run `model` with a sparse attention method inside the block; the previous attention
+    implementation is restored on exit, even on error. KV methods act only on caches made
+    by the yielded session's `new_cache`."""
     if isinstance(method, str):
         method = parse_attention(method)
     before = model.config._attn_implementation
     if before != "sdpa":
         raise SparseLLMError(f"sparse attention builds on sdpa; the model uses {before!r}")
-    model.set_attn_implementation(register(method))
+    session = AttentionSession(method)
+    name = register(method, session if session.compresses_cache else None)
+    model.set_attn_implementation(name)
     try:
-        yield method
+        yield session
     finally:
         model.set_attn_implementation(before)
+        if session.compresses_cache:  # per-session names: drop them (no public unregister)
+            AttentionInterface._global_mapping.pop(name, None)
+            AttentionMaskInterface._global_mapping.pop(name, None)
