@@ -93,3 +93,27 @@ def test_short_inputs_fall_back_to_sdpa() -> None:
 def test_bad_specs_are_clear_errors(spec: str, needle: str) -> None:
     with pytest.raises(SparseLLMError, match=needle):
         parse_attention(spec)
+
+
+def test_minference_calibration_picks_a_pattern_per_kv_head() -> None:
+    from sparsellm.attention.prefill import MInference
+    from sparsellm.attention.search import calibrate_minference
+
+    model = tiny_model("llama", 4)
+    base = MInference(sink=16, window=16, vertical=8, slash=8, blocks=1, block=16, min_length=0)
+    ids = _ids(320)
+    method, recall = calibrate_minference(model, ids, base)
+    assert len(method.choice) == 2 and all(len(c) == 2 for c in method.choice)
+    assert recall[0].shape == (3, 2) and (recall[0] <= 1 + 1e-5).all()
+    for layer, picks in enumerate(method.choice):
+        assert list(picks) == recall[layer].argmax(0).tolist()
+    with torch.no_grad():
+        dense = model(ids).logits
+        with sparse_attention(model, method):
+            got = model(ids).logits
+    assert torch.isfinite(got).all() and not torch.allclose(got, dense, atol=1e-4)
+    with (
+        pytest.raises(SparseLLMError, match="calibrate_minference"),
+        sparse_attention(model, "minference"),
+    ):
+        pass

@@ -39,6 +39,7 @@ PREFILL_METHODS: dict[str, type] = {
     "block_topk": prefill.BlockTopK,
     "vertical_slash": prefill.VerticalSlash,
     "flexprefill": prefill.FlexPrefill,
+    "minference": prefill.MInference,
 }
 KV_METHODS: dict[str, type] = {
     "streaming_kv": kv.StreamingKV,
@@ -58,7 +59,7 @@ def parse_attention(spec: str) -> Any:
             f"unknown attention method {name!r}; valid: {', '.join(sorted(METHODS))}"
         )
     cls = METHODS[name]
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "choice"}
     kwargs: dict[str, Any] = {}
     for item in filter(None, (p.strip() for p in params.split(","))):
         key, eq, raw = item.partition("=")
@@ -85,7 +86,7 @@ def parse_attention(spec: str) -> Any:
 
 def method_name(method: Any) -> str:
     """Stable registry name for a method config (same config -> same name)."""
-    kind = next(k for k, v in METHODS.items() if isinstance(method, v))
+    kind = next((k for k, v in METHODS.items() if isinstance(method, v)), "custom")
     digest = hashlib.sha1(repr(method).encode()).hexdigest()[:10]
     return f"sparsellm_{kind}_{digest}"
 
@@ -107,7 +108,7 @@ def _sparse_forward(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, **kwargs
         )
-    mask = method.block_mask(query, key)
+    mask = method.block_mask(query, key, module.layer_idx)
     out = block_sparse_attention(query, key, value, mask, method.block, scaling)
     return out.transpose(1, 2).contiguous(), None
 
@@ -179,6 +180,10 @@ def sparse_attention(model: torch.nn.Module, method: Any | str) -> Iterator[Atte
     by the yielded session's `new_cache`."""
     if isinstance(method, str):
         method = parse_attention(method)
+    if isinstance(method, prefill.MInference) and not method.choice:
+        raise SparseLLMError(
+            "minference needs per-head patterns: run attention.search.calibrate_minference first"
+        )
     before = model.config._attn_implementation
     if before != "sdpa":
         raise SparseLLMError(f"sparse attention builds on sdpa; the model uses {before!r}")

@@ -87,7 +87,7 @@ class Full:
     block: int = 64
     min_length: int = 0
 
-    def block_mask(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    def block_mask(self, query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tensor:
         return P.causal_blocks(P.n_blocks(query.shape[2], self.block))
 
 
@@ -102,7 +102,7 @@ class SinkWindow:
     block: int = 64
     min_length: int = 2048
 
-    def block_mask(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    def block_mask(self, query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tensor:
         nb = P.n_blocks(query.shape[2], self.block)
         return P.sink_window(
             nb, math.ceil(self.sink / self.block), math.ceil(self.window / self.block)
@@ -118,7 +118,7 @@ class Power:
     block: int = 64
     min_length: int = 2048
 
-    def block_mask(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    def block_mask(self, query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tensor:
         nb = P.n_blocks(query.shape[2], self.block)
         return P.power_dilated(
             nb, math.ceil(self.sink / self.block), math.ceil(self.window / self.block)
@@ -136,7 +136,7 @@ class BlockTopK:
     block: int = 64
     min_length: int = 2048
 
-    def block_mask(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    def block_mask(self, query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tensor:
         probs = _pooled_block_probs(query, key, self.block)
         nb = probs.shape[-1]
         always = P.sink_window(
@@ -158,7 +158,7 @@ class VerticalSlash:
     block: int = 64
     min_length: int = 2048
 
-    def block_mask(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    def block_mask(self, query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tensor:
         length = query.shape[2]
         attn = _last_rows_attention(query, key, min(self.last_q, length))
         vert = attn.sum(-2)
@@ -182,7 +182,7 @@ class FlexPrefill:
     block: int = 64
     min_length: int = 2048
 
-    def block_mask(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    def block_mask(self, query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tensor:
         length = query.shape[2]
         bs = self.block
         nb = P.n_blocks(length, bs)
@@ -207,3 +207,42 @@ class FlexPrefill:
             picks.append(_top_up_to(p, count, int(count.max())))
         vs = P.vertical_slash_blocks(length, bs, picks[0], picks[1])
         return torch.where((js < self.tau)[..., None, None], aware, vs)
+
+
+@dataclass(frozen=True)
+class MInference:
+    """MInference's per-head patterns: each (layer, KV head) uses A-shape, vertical-slash or
+    block top-k, as chosen offline by `sparsellm.attention.search.calibrate_minference`
+    (`choice[layer][kv_head]` indexes `MINFERENCE_CANDIDATES`)."""
+
+    choice: tuple[tuple[int, ...], ...] = ()
+    sink: int = 64
+    window: int = 1024
+    vertical: int = 1024
+    slash: int = 1024
+    blocks: int = 16
+    block: int = 64
+    min_length: int = 2048
+
+    def candidates(self) -> tuple[SinkWindow, VerticalSlash, BlockTopK]:
+        """The three patterns with this config's budgets (order = `MINFERENCE_CANDIDATES`)."""
+        common = {"block": self.block, "min_length": self.min_length, "sink": self.sink}
+        return (
+            SinkWindow(window=self.window, **common),
+            VerticalSlash(vertical=self.vertical, slash=self.slash, **common),
+            BlockTopK(blocks=self.blocks, **common),
+        )
+
+    def block_mask(self, query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tensor:
+        pick = torch.tensor(self.choice[layer])  # (Hkv,)
+        nb = P.n_blocks(query.shape[2], self.block)
+        shape = (query.shape[0], key.shape[1], nb, nb)
+        out = torch.zeros(shape, dtype=torch.bool)
+        for i, cand in enumerate(self.candidates()):
+            if bool((pick == i).any()):
+                m = cand.block_mask(query, key, layer).expand(shape)
+                out = torch.where((pick == i)[None, :, None, None], m, out)
+        return out
+
+
+MINFERENCE_CANDIDATES = ("a_shape", "vertical_slash", "block_topk")
