@@ -100,3 +100,40 @@ def test_use_cache_false_is_plain_dense() -> None:
         dense = model(ids, use_cache=False).logits
         with sparse_attention(model, "snapkv:budget=8,window=4"):
             assert torch.equal(model(ids, use_cache=False).logits, dense)
+
+
+def test_quest_bounds_are_upper_bounds_and_select_the_best_page() -> None:
+    from sparsellm.attention.kv import CompressedLayer, Quest, _quest_tokens
+
+    g = torch.Generator().manual_seed(0)
+    layer = CompressedLayer()
+    layer.update(torch.randn(1, 1, 64, 8, generator=g), torch.randn(1, 1, 64, 8, generator=g))
+    q = torch.randn(1, 2, 1, 8, generator=g)
+    idx = _quest_tokens(layer, q, Quest(budget=16, page=8))
+    scores = (q[0, :, 0] @ layer.keys[0, 0].T).sum(0)  # group-summed exact scores
+    page_bound = (
+        torch.maximum(
+            q[0, :, 0, None] * layer.page_min[0, 0], q[0, :, 0, None] * layer.page_max[0, 0]
+        )
+        .sum(-1)
+        .sum(0)
+    )
+    exact_pages = scores.view(8, 8)
+    assert (page_bound[:, None] >= exact_pages - 1e-5).all()
+    assert idx.shape[-1] == 16
+    assert set((idx[0, 0] // 8).tolist()) == set(page_bound.topk(2).indices.tolist())
+
+
+def test_quest_keep_all_budget_reproduces_dense() -> None:
+    from transformers import DynamicCache
+
+    model = tiny_model("llama", 5)
+    ids = _ids(50)
+    ref_tokens, ref_logits = _greedy(model, ids, 5, DynamicCache())
+    with sparse_attention(model, "quest:budget=64,page=8") as session:
+        tokens, logits = _greedy(model, ids, 5, session.new_cache())
+    assert tokens == ref_tokens
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    with sparse_attention(model, "quest:budget=16,page=8") as session:
+        _, small = _greedy(model, ids, 5, session.new_cache())
+    assert not torch.allclose(small[1:], ref_logits[1:], atol=1e-4)

@@ -46,6 +46,7 @@ KV_METHODS: dict[str, type] = {
     "snapkv": kv.SnapKV,
     "h2o": kv.H2O,
     "think": kv.ThinK,
+    "quest": kv.Quest,
 }
 METHODS = {**PREFILL_METHODS, **KV_METHODS}
 

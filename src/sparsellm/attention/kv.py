@@ -14,6 +14,10 @@ and decode steps attend only to what was kept:
   ``‖q_c‖·‖k_c‖`` over the observation window; keys are stored with only the kept
   channels (memory really shrinks) and decode queries use the same channels. With
   ``budget > 0`` it runs on top of SnapKV's token selection, as in the paper.
+* ``quest`` (Quest / LServe): nothing is evicted; per page of `page` tokens the layer
+  keeps element-wise min/max keys, and each decode step attends only the pages with the
+  highest upper bound ``Σ_c max(q_c·min_c, q_c·max_c)`` (summed over the GQA group, so a
+  group shares one selection) plus the newest, partial page — `budget` tokens in all.
 
 The layer keeps positions right: ``get_seq_length`` is the number of tokens *seen* (RoPE
 positions of new tokens), while masks are sized by what is actually stored.
@@ -70,6 +74,14 @@ class ThinK:
     sink: int = 4
 
 
+@dataclass(frozen=True)
+class Quest:
+    """Decode-time page selection by query-key upper bounds (no eviction)."""
+
+    budget: int = 2048
+    page: int = 16
+
+
 def _softmax_scores(
     q: torch.Tensor, k: torch.Tensor, scale: float, causal_from: int
 ) -> torch.Tensor:
@@ -104,6 +116,8 @@ class CompressedLayer(DynamicLayer):
         self.seen = 0
         self.heavy: torch.Tensor | None = None  # H2O accumulated attention (B, Hkv, T)
         self.channels: torch.Tensor | None = None  # ThinK kept key channels (B, Hkv, c)
+        self.page_min: torch.Tensor | None = None  # Quest per-page key bounds (B, Hkv, P, D)
+        self.page_max: torch.Tensor | None = None
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -217,6 +231,33 @@ def after_attention(
         _think_channels(layer, q, method)
 
 
+def _quest_tokens(layer: CompressedLayer, q: torch.Tensor, m: Quest) -> torch.Tensor | None:
+    """Token indices (B, Hkv, n) of the selected pages for one decode query, or None when
+    everything fits the budget. Bounds of completed pages are computed once and kept."""
+    keys = layer.keys
+    length = keys.shape[2]
+    if length <= m.budget:
+        return None
+    full = length // m.page
+    done = 0 if layer.page_min is None else layer.page_min.shape[2]
+    if done < full:
+        new = keys[:, :, done * m.page : full * m.page].unflatten(2, (full - done, m.page))
+        mins, maxs = new.amin(3), new.amax(3)
+        if layer.page_min is not None:
+            mins = torch.cat([layer.page_min, mins], 2)
+            maxs = torch.cat([layer.page_max, maxs], 2)
+        layer.page_min, layer.page_max = mins, maxs
+    b, hkv = keys.shape[:2]
+    qg = q.reshape(b, hkv, -1, 1, q.shape[-1])  # (B, Hkv, g, 1, D)
+    bound = torch.maximum(qg * layer.page_min[:, :, None], qg * layer.page_max[:, :, None])
+    bound = bound.sum(-1).sum(2)  # (B, Hkv, P)
+    n_pages = max(1, min(full, (m.budget - (length - full * m.page)) // m.page))
+    pages = bound.topk(n_pages, -1).indices.sort(-1).values
+    tok = (pages[..., None] * m.page + torch.arange(m.page)).flatten(2)
+    tail = torch.arange(full * m.page, length).expand(b, hkv, -1)
+    return torch.cat([tok, tail], -1)
+
+
 def kv_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -246,6 +287,11 @@ def kv_attention(
             chan = layer.channels.repeat_interleave(groups, 1)[:, :, None, :]
             q = query.gather(-1, chan)
         qg = q.reshape(b, hkv, hq // hkv, q.shape[-1])
+        if isinstance(method, Quest):
+            idx = _quest_tokens(layer, query, method)
+            if idx is not None:
+                key = key.gather(2, idx[..., None].expand(-1, -1, -1, key.shape[-1]))
+                value = value.gather(2, idx[..., None].expand(-1, -1, -1, value.shape[-1]))
         w = torch.softmax(torch.matmul(qg, key.transpose(-1, -2)) * scale, -1)  # (B,Hkv,g,T)
         out = torch.matmul(w, value).reshape(b, hq, 1, value.shape[-1])
         probs = w.sum(2, keepdim=True)
