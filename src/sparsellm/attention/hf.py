@@ -198,3 +198,23 @@ def sparse_attention(model: torch.nn.Module, method: Any | str) -> Iterator[Atte
         if session.compresses_cache:  # per-session names: drop them (no public unregister)
             AttentionInterface._global_mapping.pop(name, None)
             AttentionMaskInterface._global_mapping.pop(name, None)
+
+
+def prepared_attention(
+    model: torch.nn.Module, tokenizer: Any, method: Any, calib: str = "c4", seqlen: int = 4096
+) -> contextlib.AbstractContextManager[AttentionSession]:
+    """`sparse_attention` for a prefill method, calibrating MInference's per-head patterns
+    first (one `seqlen`-token window of `calib`); KV methods are refused because a single
+    forward (perplexity, scored long-context answers) never decodes from a cache."""
+    from sparsellm.data.corpora import resolve_corpus, token_windows
+
+    if isinstance(method, tuple(KV_METHODS.values())):
+        raise SparseLLMError(
+            "KV-cache methods act only while decoding; measure them with bench/attention.py"
+        )
+    if isinstance(method, prefill.MInference) and not method.choice:
+        from sparsellm.attention.search import calibrate_minference
+
+        ids = token_windows(tokenizer, resolve_corpus(calib), 1, seqlen)
+        method, _ = calibrate_minference(model, ids, method)
+    return sparse_attention(model, method)
