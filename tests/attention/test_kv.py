@@ -137,3 +137,15 @@ def test_quest_keep_all_budget_reproduces_dense() -> None:
     with sparse_attention(model, "quest:budget=16,page=8") as session:
         _, small = _greedy(model, ids, 5, session.new_cache())
     assert not torch.allclose(small[1:], ref_logits[1:], atol=1e-4)
+
+
+def test_generate_with_compressed_cache_keeps_budget() -> None:
+    model = tiny_model("llama", 6)
+    ids = _ids(60)
+    with sparse_attention(model, "streaming_kv:sink=4,window=16") as session:
+        cache = session.new_cache()
+        out = model.generate(
+            ids, past_key_values=cache, max_new_tokens=5, do_sample=False, pad_token_id=0
+        )
+    assert out.shape[1] == 65
+    assert all(layer.keys.shape[2] == 20 for layer in cache.layers)
