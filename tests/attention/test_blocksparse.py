@@ -45,3 +45,13 @@ def test_small_key_budget_chunks_give_same_result(monkeypatch) -> None:
     full = bs.block_sparse_attention(q, k, v, mask, 4)
     monkeypatch.setattr(bs, "KEYS_PER_CHUNK", 4)
     torch.testing.assert_close(bs.block_sparse_attention(q, k, v, mask, 4), full)
+
+
+def test_group_shared_masks_equal_masked_dense() -> None:
+    q, k, v = _qkv(2, 6, 2, 70, 8, seed=7)
+    nb = P.n_blocks(70, 8)
+    rnd = torch.rand(2, 2, nb, nb, generator=torch.Generator().manual_seed(2)) < 0.3
+    mask = (rnd & P.causal_blocks(nb)) | torch.eye(nb, dtype=torch.bool)
+    got = block_sparse_attention(q, k, v, mask, 8)
+    ref = masked_dense_attention(q, k, v, mask, 8)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

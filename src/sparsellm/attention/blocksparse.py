@@ -103,6 +103,8 @@ def masked_dense_attention(
     key, value = (t.repeat_interleave(groups, 1) for t in (key, value))
     length = query.shape[2]
     scale = query.shape[-1] ** -0.5 if scale is None else scale
+    if block_mask.dim() == 4 and block_mask.shape[1] not in (1, query.shape[1]):
+        block_mask = block_mask.repeat_interleave(groups, 1)  # one mask per KV group
     allowed = expand_blocks(block_mask, length, block)
     scores = (query @ key.transpose(-1, -2)) * scale
     return torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ value
