@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sparsellm.attention.decode import cache_nbytes
 from sparsellm.attention.hf import sparse_attention
 from sparsellm.attention.kv import _keep_tokens
 from sparsellm.models.tiny import tiny_model
@@ -82,7 +83,7 @@ def test_think_stores_fewer_key_channels() -> None:
         _greedy(model, _ids(40), 3, cache)
     layer = cache.layers[0]
     assert layer.keys.shape[-1] == layer.values.shape[-1] // 2
-    assert cache.nbytes() == sum(
+    assert cache_nbytes(cache) == sum(
         layer.keys.numel() * 4 + layer.values.numel() * 4 for layer in cache.layers
     )
 

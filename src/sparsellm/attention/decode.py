@@ -8,7 +8,6 @@ With a plain DynamicCache they agree with the one-forward scorers.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
@@ -75,8 +74,3 @@ def cache_nbytes(cache: Any) -> int:
         if getattr(layer, "is_initialized", False)
         for t in (layer.keys, layer.values)
     )
-
-
-def tail_ppl(nll_sum: float, tokens: int) -> float:
-    """Perplexity from a summed NLL."""
-    return math.exp(nll_sum / tokens)

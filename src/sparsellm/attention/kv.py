@@ -152,9 +152,6 @@ class CompressedLayer(DynamicLayer):
         self.channels = channels.sort(-1).values
         self.keys = self.keys.gather(-1, self._chan_index(self.keys.shape[2]))
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
-
 
 class CompressedCache(Cache):
     """Cache of `CompressedLayer`s; `method` says how each layer is compressed."""
@@ -162,10 +159,6 @@ class CompressedCache(Cache):
     def __init__(self, method: Any) -> None:
         super().__init__(layer_class_to_replicate=CompressedLayer)
         self.method = method
-
-    def nbytes(self) -> int:
-        """Bytes held by stored keys and values, all layers."""
-        return sum(layer.nbytes() for layer in self.layers if layer.is_initialized)
 
 
 def _snap_select(layer: CompressedLayer, q: torch.Tensor, scale: float, m: Any) -> None:
