@@ -87,7 +87,9 @@ def test_short_inputs_fall_back_to_sdpa() -> None:
         ("nope", "unknown attention method"),
         ("sink_window:size=3", "valid keys: sink, window"),
         ("sink_window:window=abc", "window must be int"),
-        ("sink_window:block=0", "block >= 1"),
+        ("sink_window:block=0", "block and page >= 1"),
+        ("quest:page=0", "block and page >= 1"),
+        ("snapkv:budget=-1", "non-negative"),
     ],
 )
 def test_bad_specs_are_clear_errors(spec: str, needle: str) -> None:

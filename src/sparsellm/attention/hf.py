@@ -75,13 +75,9 @@ def parse_attention(spec: str) -> Any:
         except ValueError:
             raise SparseLLMError(f"{name}: {key} must be {typ.__name__}, got {raw!r}") from None
     method = cls(**kwargs)
-    bad = [
-        f
-        for f in fields
-        if f != "tau" and isinstance(getattr(method, f), (int, float)) and getattr(method, f) < 0
-    ]
-    if bad or getattr(method, "block", 1) < 1:
-        raise SparseLLMError(f"{name}: parameters must be non-negative and block >= 1")
+    negative = [f for f in fields if getattr(method, f) < 0]
+    if negative or getattr(method, "block", 1) < 1 or getattr(method, "page", 1) < 1:
+        raise SparseLLMError(f"{name}: parameters must be non-negative, block and page >= 1")
     return method
 
 
