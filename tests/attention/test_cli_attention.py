@@ -35,6 +35,13 @@ def test_eval_with_keep_all_attention_matches_dense(tiny_dir, text_file, capsys)
     assert sparse["ppl"] == pytest.approx(dense["ppl"], rel=1e-5)
 
 
+def test_eval_with_minference_calibrates_first(tiny_dir, text_file, capsys) -> None:
+    spec = "minference:sink=16,window=32,vertical=16,slash=16,blocks=2,block=16,min_length=64"
+    assert main(_eval(tiny_dir, text_file, "--attention", spec)) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["ppl"] > 1
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [

@@ -31,6 +31,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from sparsellm.attention import kv, prefill
 from sparsellm.attention.blocksparse import block_sparse_attention
 from sparsellm.errors import SparseLLMError
+from sparsellm.models.adapters import context_window
 
 PREFILL_METHODS: dict[str, type] = {
     "full": prefill.Full,
@@ -200,8 +201,9 @@ def prepared_attention(
     model: torch.nn.Module, tokenizer: Any, method: Any, calib: str = "c4", seqlen: int = 4096
 ) -> contextlib.AbstractContextManager[AttentionSession]:
     """`sparse_attention` for a prefill method, calibrating MInference's per-head patterns
-    first (one `seqlen`-token window of `calib`); KV methods are refused because a single
-    forward (perplexity, scored long-context answers) never decodes from a cache."""
+    first (one window of `calib`: `seqlen` tokens, or the model's window if shorter). KV
+    methods are refused: a single forward (perplexity, scored answers) never decodes from
+    a cache."""
     from sparsellm.data.corpora import resolve_corpus, token_windows
 
     if isinstance(method, tuple(KV_METHODS.values())):
@@ -211,6 +213,7 @@ def prepared_attention(
     if isinstance(method, prefill.MInference) and not method.choice:
         from sparsellm.attention.search import calibrate_minference
 
+        seqlen = min(seqlen, context_window(model) or seqlen)
         ids = token_windows(tokenizer, resolve_corpus(calib), 1, seqlen)
         method, _ = calibrate_minference(model, ids, method)
     return sparse_attention(model, method)
