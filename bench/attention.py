@@ -60,7 +60,7 @@ PREFILL = [
     "sink_window:sink=64,window=1024",
     "power:sink=64,window=512",
     "block_topk:blocks=16",
-    "vertical_slash:vertical=1024,slash=1024",
+    "vertical_slash:vertical=256,slash=256",
     "flexprefill:gamma=0.9,tau=0.1",
     "minference",
 ]
