@@ -248,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="a directory of lm-eval task YAMLs to search as well",
     )
+    _add_attention(ev)
     sw = sub.add_parser(
         "sweep",
         help="run a methods x sparsities x patterns grid (resumable) and write one report",
@@ -550,6 +551,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from sparsellm.report.markdown import table, zeroshot_table
 
     _check_counts(args)
+    _attention_method(args)  # a bad --attention fails before the model loads
     tasks = _tasks(args)
     harness = [t.strip() for t in args.harness.split(",") if t.strip()]
     if harness:
@@ -566,20 +568,22 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
             raise SparseLLMError("--harness cannot apply this model's soft prompt")
         logging.getLogger(__name__).info("using the soft prompt in %s", prompt_dir)
         model = PromptedLM.attach(base, prompt_dir)
-    result = sl.evaluate(
-        model,
-        loaded.tokenizer,
-        args.eval,
-        args.eval_windows,
-        args.seqlen,
-        batch_size=args.batch_size,
-    )
+    with _attention(args, model, loaded.tokenizer):
+        result = sl.evaluate(
+            model,
+            loaded.tokenizer,
+            args.eval,
+            args.eval_windows,
+            args.seqlen,
+            batch_size=args.batch_size,
+        )
+        if tasks:
+            result["zeroshot"] = _run_tasks(args, model, loaded.tokenizer, tasks)
+    result["attention"] = args.attention or "sdpa"
     linears = [weight_matrix(m) for b in get_blocks(base) for m in block_linears(b).values()]
     zeros = sum(int((w == 0).sum()) for w in linears)
     result["block_linear_sparsity"] = zeros / sum(w.numel() for w in linears)
     result["model"] = loaded.info.get("source")
-    if tasks:
-        result["zeroshot"] = _run_tasks(args, model, loaded.tokenizer, tasks)
     result["soft_prompt"] = model is not base
     print(
         table(
@@ -860,6 +864,49 @@ def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
     paths = write_report(runs, Path(args.out), args.title)
     print(f"{len(runs)} runs -> {paths['html']} and {paths['markdown']}")
     return {"runs": len(runs), **{k: str(v) for k, v in paths.items()}}
+
+
+# --- sparse attention (issue 7): `eval --attention SPEC` ---------------------------------
+
+
+def _add_attention(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--attention",
+        default="",
+        metavar="SPEC",
+        help="sparse prefill attention for this evaluation, NAME[:key=value,...], e.g. "
+        "sink_window:sink=64,window=1024; methods: full, sink_window, power, block_topk, "
+        "vertical_slash, flexprefill, minference (calibrated on c4 first). Sequences "
+        "shorter than the method's min_length (default 2048) stay dense",
+    )
+
+
+def _attention_method(args: argparse.Namespace) -> Any:
+    """The parsed --attention method (prefill methods only), or None."""
+    from sparsellm.attention.hf import KV_METHODS, parse_attention
+    from sparsellm.errors import SparseLLMError
+
+    method = parse_attention(args.attention) if args.attention else None
+    if isinstance(method, tuple(KV_METHODS.values())):
+        raise SparseLLMError(
+            "KV-cache methods act only while decoding; measure them with bench/attention.py"
+        )
+    return method
+
+
+def _attention(args: argparse.Namespace, model: Any, tokenizer: Any) -> Any:
+    """Context manager running `model` with the --attention method (a no-op without one)."""
+    import contextlib
+
+    from sparsellm.attention.hf import prepared_attention
+
+    method = _attention_method(args)
+    if method is None:
+        return contextlib.nullcontext()
+    return prepared_attention(model, tokenizer, method)
+
+
+# --- end sparse attention ----------------------------------------------------------------
 
 
 COMMANDS = {

@@ -1,0 +1,291 @@
+"""Sparse attention and KV-cache compression on the default model, each beside dense SDPA.
+
+Prefill methods: end-to-end prefill time at `--speed-length` (dense and method measured
+alternately in one process, medians, ratio), the attention kernel alone on one layer's
+real q/k/v (mask estimation + block-sparse compute vs SDPA: where the time goes),
+passkey / needle accuracy at `--lengths`, and wiki perplexity on `--ppl-windows`
+windows per `--ppl-lengths`.
+
+KV-cache methods: stored K/V bytes after a `--speed-length` prompt vs a dense cache,
+decode tokens/s from that context (alternating with dense), passkey / needle accuracy
+decoding the answer from the compressed cache, and the perplexity of the last
+`--tail` tokens of each wiki window decoded from the compressed cache (a single
+forward never touches the cache, so plain perplexity could not differ from dense).
+
+Prints Markdown tables and writes bench/results/attention.json. Smoke run:
+
+    python bench/attention.py --lengths 1024 --samples 1 --speed-length 1024 \
+        --ppl-lengths 1024 --ppl-windows 1 --repeats 1 --decode-steps 4 --tail 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from sparsellm.attention.blocksparse import block_sparse_attention
+from sparsellm.attention.decode import (
+    cache_nbytes,
+    cached_answer_correct,
+    cached_tail_nll,
+    decode_tokens_per_s,
+)
+from sparsellm.attention.hf import (
+    KV_METHODS,
+    parse_attention,
+    sparse_attention,
+)
+from sparsellm.attention.prefill import MInference
+from sparsellm.attention.search import calibrate_minference
+from sparsellm.data.corpora import resolve_corpus, token_windows
+from sparsellm.eval.longctx import answer_correct, make_samples
+from sparsellm.eval.perplexity import perplexity
+from sparsellm.eval.speed import prefill_seconds
+from sparsellm.models.load import load_model
+from sparsellm.report.markdown import table
+
+HERE = Path(__file__).resolve().parent
+PREFILL = [
+    "full",
+    "sink_window:sink=64,window=1024",
+    "power:sink=64,window=512",
+    "block_topk:blocks=16",
+    "vertical_slash:vertical=256,slash=256",
+    "flexprefill:gamma=0.9,tau=0.1",
+    "minference",
+]
+KV = [
+    "streaming_kv:sink=64,window=1984",
+    "snapkv:budget=2048",
+    "h2o:budget=2048,recent=1024",
+    "think:keep=0.5,budget=2048",
+    "quest:budget=2048",
+]
+
+
+def _is_kv(method: Any) -> bool:
+    return isinstance(method, tuple(KV_METHODS.values()))
+
+
+def _accuracy(model: Any, samples: list, method: Any | None) -> dict[str, float]:
+    """Accuracy per task@length; KV methods (and their dense reference) decode from a cache."""
+    hits: dict[str, list[bool]] = {}
+
+    def score(session: Any) -> None:
+        for s in samples:
+            if method is not None and _is_kv(method):
+                ok = cached_answer_correct(model, s, session.new_cache())
+            else:
+                ok = answer_correct(model, s)
+            hits.setdefault(f"{s.task}@{s.length}", []).append(ok)
+
+    if method is None:
+        score(None)
+    else:
+        with sparse_attention(model, method) as session:
+            score(session)
+    return {k: sum(v) / len(v) for k, v in hits.items()}
+
+
+def _ppl(model: Any, windows: dict[int, torch.Tensor], method: Any, tail: int) -> dict:
+    """Wiki perplexity per length: plain for prefill methods, cached tail for KV methods."""
+    with sparse_attention(model, method) as session:
+        if not _is_kv(method):
+            return {str(n): perplexity(model, w, batch_size=1)["ppl"] for n, w in windows.items()}
+        return _tail_ppl(model, windows, tail, session.new_cache)
+
+
+def _tail_ppl(model: Any, windows: dict[int, torch.Tensor], tail: int, new_cache: Any) -> dict:
+    """Perplexity of each window's last `tail` tokens, decoded one by one from a new cache."""
+    out = {}
+    for n, w in windows.items():
+        nll = sum(cached_tail_nll(model, row, tail, new_cache()) for row in w)
+        out[str(n)] = float(torch.tensor(nll / (tail * w.shape[0])).exp())
+    return out
+
+
+def _alternate(fn_dense: Any, fn_method: Any, repeats: int) -> tuple[float, float]:
+    fn_dense()  # warm-up
+    times: dict[str, list[float]] = {"d": [], "m": []}
+    for _ in range(repeats):
+        times["d"].append(fn_dense())
+        times["m"].append(fn_method())
+    return statistics.median(times["d"]), statistics.median(times["m"])
+
+
+def _prefill_speed(model: Any, method: Any, length: int, repeats: int) -> dict:
+    def sparse() -> float:
+        with sparse_attention(model, method):
+            return prefill_seconds(model, length)
+
+    dense_s, sparse_s = _alternate(lambda: prefill_seconds(model, length), sparse, repeats)
+    return {"dense_s": dense_s, "method_s": sparse_s, "speedup": dense_s / sparse_s}
+
+
+def _capture_qkv(model: Any, ids: torch.Tensor, layer: int) -> dict[str, torch.Tensor]:
+    """Real post-RoPE q/k/v of one layer, recorded by a pass-through attention function."""
+    got: dict[str, torch.Tensor] = {}
+
+    def record(module: Any, q: Any, k: Any, v: Any, mask: Any, **kwargs: Any) -> Any:
+        if module.layer_idx == layer:
+            got.update(q=q, k=k, v=v)
+        return sdpa_attention_forward(module, q, k, v, mask, **kwargs)
+
+    AttentionInterface.register("bench_record", record)
+    AttentionMaskInterface.register("bench_record", sdpa_mask)
+    model.set_attn_implementation("bench_record")
+    try:
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    finally:
+        model.set_attn_implementation("sdpa")
+    return got
+
+
+def _kernel_time(method: Any, qkv: dict[str, torch.Tensor], layer: int) -> dict:
+    """One layer's attention alone: SDPA vs (mask estimation + block-sparse compute)."""
+    q, k, v = qkv["q"], qkv["k"], qkv["v"]
+
+    def sdpa() -> float:
+        s = time.perf_counter()
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return time.perf_counter() - s
+
+    est: list[float] = []
+
+    def sparse() -> float:
+        s = time.perf_counter()
+        mask = method.block_mask(q, k, layer)
+        est.append(time.perf_counter() - s)
+        block_sparse_attention(q, k, v, mask, method.block)
+        return time.perf_counter() - s
+
+    dense_s, sparse_s = _alternate(sdpa, sparse, 3)
+    return {"sdpa_s": dense_s, "method_s": sparse_s, "estimate_s": statistics.median(est)}
+
+
+def _kv_speed(model: Any, method: Any, context: int, steps: int, repeats: int) -> dict:
+    with sparse_attention(model, method) as session:
+        cache = session.new_cache()
+        decode_tokens_per_s(model, context, 1, cache)
+        kv_bytes = cache_nbytes(cache)
+        dense_cache = DynamicCache()
+        decode_tokens_per_s(model, context, 1, dense_cache)
+        dense_bytes = cache_nbytes(dense_cache)
+
+        def timed(make: Any) -> Any:
+            return lambda: 1.0 / decode_tokens_per_s(model, context, steps, make())
+
+        d, m = _alternate(timed(DynamicCache), timed(session.new_cache), repeats)
+    return {
+        "kv_bytes": kv_bytes,
+        "dense_kv_bytes": dense_bytes,
+        "kv_ratio": dense_bytes / kv_bytes,
+        "dense_tok_s": 1 / d,
+        "method_tok_s": 1 / m,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", default=";".join(PREFILL + KV), help="';'-separated specs")
+    ap.add_argument("--lengths", default="2048,8192")
+    ap.add_argument("--samples", type=int, default=5)
+    ap.add_argument("--speed-length", type=int, default=8192)
+    ap.add_argument("--ppl-lengths", default="4096,8192")
+    ap.add_argument("--ppl-windows", type=int, default=2)
+    ap.add_argument("--tail", type=int, default=128, help="decoded tokens per window (KV ppl)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--decode-steps", type=int, default=32)
+    ap.add_argument("--kernel-layer", type=int, default=15)
+    ap.add_argument("--calib-length", type=int, default=4096, help="MInference search tokens")
+    ap.add_argument("--out", default=str(HERE / "results" / "attention.json"))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    specs = [s for s in args.methods.split(";") if s.strip()]
+    methods = {s: parse_attention(s) for s in specs}  # fail on a bad spec before loading
+    model, tok = load_model("default")
+    model.eval()
+    for spec, method in methods.items():  # calibrate once, outside every timing
+        if isinstance(method, MInference) and not method.choice:
+            calib = token_windows(tok, resolve_corpus("c4"), 1, args.calib_length)
+            methods[spec], _ = calibrate_minference(model, calib, method)
+    lengths = tuple(int(x) for x in args.lengths.split(","))
+    samples = [
+        s for task in ("passkey", "needle") for s in make_samples(tok, task, lengths, args.samples)
+    ]
+    wiki = resolve_corpus("wiki")
+    windows = {
+        int(n): token_windows(tok, wiki, args.ppl_windows, int(n))
+        for n in args.ppl_lengths.split(",")
+    }
+    with torch.no_grad():
+        qkv = _capture_qkv(model, token_windows(tok, wiki, 1, args.speed_length), args.kernel_layer)
+        dense = {
+            "accuracy": _accuracy(model, samples, None),
+            "ppl": {str(n): perplexity(model, w, batch_size=1)["ppl"] for n, w in windows.items()},
+            "tail_ppl": _tail_ppl(model, windows, args.tail, DynamicCache),
+        }
+        results: dict[str, Any] = {"dense": dense, "methods": {}, "args": vars(args)}
+        for spec, method in methods.items():
+            entry: dict[str, Any] = {"kind": "kv" if _is_kv(method) else "prefill"}
+            entry["accuracy"] = _accuracy(model, samples, method)
+            entry["ppl"] = _ppl(model, windows, method, args.tail)
+            if _is_kv(method):
+                entry.update(
+                    _kv_speed(model, method, args.speed_length, args.decode_steps, args.repeats)
+                )
+            else:
+                entry["prefill"] = _prefill_speed(model, method, args.speed_length, args.repeats)
+                entry["kernel"] = _kernel_time(method, qkv, args.kernel_layer)
+            results["methods"][spec] = entry
+            print(f"done {spec}", flush=True)
+    _print(results, lengths)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out}")
+
+
+def _print(results: dict, lengths: tuple[int, ...]) -> None:
+    dense = results["dense"]
+    cols = [f"{t}@{n}" for t in ("passkey", "needle") for n in lengths]
+    head = [
+        "method",
+        "prefill speedup",
+        "attn kernel ×",
+        *cols,
+        *(f"ppl@{n}" for n in dense["ppl"]),
+    ]
+    rows = [
+        ["dense sdpa", 1.0, 1.0, *(dense["accuracy"].get(c) for c in cols), *dense["ppl"].values()]
+    ]
+    kv_head = ["method", "KV bytes ×smaller", "decode tok/s", "dense tok/s", *cols]
+    kv_head += [f"tail ppl@{n}" for n in dense["tail_ppl"]]
+    kv_rows = [["dense cache", 1.0, None, None, *(dense["accuracy"].get(c) for c in cols)]]
+    kv_rows[0] += list(dense["tail_ppl"].values())
+    for spec, e in results["methods"].items():
+        acc = [e["accuracy"].get(c) for c in cols]
+        if e["kind"] == "kv":
+            kv_rows.append(
+                [spec, e["kv_ratio"], e["method_tok_s"], e["dense_tok_s"], *acc, *e["ppl"].values()]
+            )
+        else:
+            kern = e.get("kernel")
+            ratio = kern["sdpa_s"] / kern["method_s"] if kern else None
+            rows.append([spec, e["prefill"]["speedup"], ratio, *acc, *e["ppl"].values()])
+    print(table(head, rows))
+    print()
+    print(table(kv_head, kv_rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""Plugging sparse attention into HF models through transformers' own extension points.
+
+A prefill method is registered with ``AttentionInterface.register`` under a name derived
+from its config (the config is bound into the registered function, so the model's
+``config._attn_implementation`` alone says which method runs) and the SDPA mask builder
+is registered under the same name, so padding and decode masks are exactly SDPA's.
+`sparse_attention` switches a model to the method with ``set_attn_implementation`` and
+back on exit. Registration happens only when a method is enabled, never at import.
+
+The sparse path runs for prefill of unpadded sequences of at least ``min_length``
+tokens; decode steps (q_len 1), short inputs, continued prefill over a cache and padded
+batches use SDPA unchanged, so a method can never change what it does not accelerate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from sparsellm.attention import kv, prefill
+from sparsellm.attention.blocksparse import block_sparse_attention
+from sparsellm.errors import SparseLLMError
+from sparsellm.models.adapters import context_window
+
+PREFILL_METHODS: dict[str, type] = {
+    "full": prefill.Full,
+    "sink_window": prefill.SinkWindow,
+    "power": prefill.Power,
+    "block_topk": prefill.BlockTopK,
+    "vertical_slash": prefill.VerticalSlash,
+    "flexprefill": prefill.FlexPrefill,
+    "minference": prefill.MInference,
+}
+KV_METHODS: dict[str, type] = {
+    "streaming_kv": kv.StreamingKV,
+    "snapkv": kv.SnapKV,
+    "h2o": kv.H2O,
+    "think": kv.ThinK,
+    "quest": kv.Quest,
+}
+METHODS = {**PREFILL_METHODS, **KV_METHODS}
+
+
+def parse_attention(spec: str) -> Any:
+    """``"name:key=value,key=value"`` -> the method's config; errors list what is valid."""
+    name, _, params = spec.partition(":")
+    name = name.strip()
+    if name not in METHODS:
+        raise SparseLLMError(
+            f"unknown attention method {name!r}; valid: {', '.join(sorted(METHODS))}"
+        )
+    cls = METHODS[name]
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "choice"}
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in params.split(","))):
+        key, eq, raw = item.partition("=")
+        if not eq or key not in fields:
+            raise SparseLLMError(
+                f"bad parameter {item!r} for attention method {name!r}; "
+                f"valid keys: {', '.join(fields)} (as key=value)"
+            )
+        typ = type(fields[key].default)
+        try:
+            kwargs[key] = typ(raw)
+        except ValueError:
+            raise SparseLLMError(f"{name}: {key} must be {typ.__name__}, got {raw!r}") from None
+    method = cls(**kwargs)
+    negative = [f for f in fields if getattr(method, f) < 0]
+    if negative or getattr(method, "block", 1) < 1 or getattr(method, "page", 1) < 1:
+        raise SparseLLMError(f"{name}: parameters must be non-negative, block and page >= 1")
+    return method
+
+
+def method_name(method: Any) -> str:
+    """Stable registry name for a method config (same config -> same name)."""
+    kind = next((k for k, v in METHODS.items() if isinstance(method, v)), "custom")
+    digest = hashlib.sha1(repr(method).encode()).hexdigest()[:10]
+    return f"sparsellm_{kind}_{digest}"
+
+
+def _sparse_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    method: Any,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """AttentionInterface function: block-sparse prefill, SDPA for everything else."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is not None or q_len != kv_len or q_len < max(method.min_length, 2):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, **kwargs
+        )
+    mask = method.block_mask(query, key, module.layer_idx)
+    out = block_sparse_attention(query, key, value, mask, method.block, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@dataclass
+class AttentionSession:
+    """What `sparse_attention` yields: the method config and, for KV-cache methods, the
+    cache of the current generation (make one per prompt with `new_cache`)."""
+
+    method: Any
+    cache: kv.CompressedCache | None = None
+
+    @property
+    def compresses_cache(self) -> bool:
+        return isinstance(self.method, tuple(KV_METHODS.values()))
+
+    def new_cache(self) -> Cache:
+        """A fresh cache: compressing for KV methods, a plain DynamicCache otherwise."""
+        if not self.compresses_cache:
+            return DynamicCache()
+        self.cache = kv.CompressedCache(self.method)
+        return self.cache
+
+
+def _kv_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    session: AttentionSession,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """AttentionInterface function of KV methods: compress when the keys are our cache's."""
+    cache = session.cache
+    layer = cache.layers[module.layer_idx] if cache is not None else None
+    if layer is None or key is not layer.keys:  # no cache, or another cache: plain SDPA
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, **kwargs
+        )
+    if attention_mask is not None or (query.shape[2] > 1 and key.shape[2] != query.shape[2]):
+        raise SparseLLMError(
+            "KV-cache compression supports unpadded batches: one prefill, then single-token steps"
+        )
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    out = kv.kv_attention(module, query, key, value, cache, scale)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register(method: Any, session: AttentionSession | None = None) -> str:
+    """Register `method` with transformers' attention and mask interfaces; returns the name."""
+    name = method_name(method)
+    if session is not None:
+        name += f"_{id(session):x}"
+        fn = functools.partial(_kv_forward, session=session)
+    else:
+        fn = functools.partial(_sparse_forward, method=method)
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name
+
+
+@contextlib.contextmanager
+def sparse_attention(model: torch.nn.Module, method: Any | str) -> Iterator[AttentionSession]:
+    """Run `model` with a sparse attention method inside the block; the previous attention
+    implementation is restored on exit, even on error. KV methods act only on caches made
+    by the yielded session's `new_cache`."""
+    if isinstance(method, str):
+        method = parse_attention(method)
+    if isinstance(method, prefill.MInference) and not method.choice:
+        raise SparseLLMError(
+            "minference needs per-head patterns: run attention.search.calibrate_minference first"
+        )
+    before = model.config._attn_implementation
+    if before != "sdpa":
+        raise SparseLLMError(f"sparse attention builds on sdpa; the model uses {before!r}")
+    session = AttentionSession(method)
+    name = register(method, session if session.compresses_cache else None)
+    model.set_attn_implementation(name)
+    try:
+        yield session
+    finally:
+        model.set_attn_implementation(before)
+        if session.compresses_cache:  # per-session names: drop them (no public unregister)
+            AttentionInterface._global_mapping.pop(name, None)
+            AttentionMaskInterface._global_mapping.pop(name, None)
+
+
+def prepared_attention(
+    model: torch.nn.Module, tokenizer: Any, method: Any, calib: str = "c4", seqlen: int = 4096
+) -> contextlib.AbstractContextManager[AttentionSession]:
+    """`sparse_attention` for a prefill method, calibrating MInference's per-head patterns
+    first (one window of `calib`: `seqlen` tokens, or the model's window if shorter). KV
+    methods are refused: a single forward (perplexity, scored answers) never decodes from
+    a cache."""
+    from sparsellm.data.corpora import resolve_corpus, token_windows
+
+    if isinstance(method, tuple(KV_METHODS.values())):
+        raise SparseLLMError(
+            "KV-cache methods act only while decoding; measure them with bench/attention.py"
+        )
+    if isinstance(method, prefill.MInference) and not method.choice:
+        from sparsellm.attention.search import calibrate_minference
+
+        seqlen = min(seqlen, context_window(model) or seqlen)
+        ids = token_windows(tokenizer, resolve_corpus(calib), 1, seqlen)
+        method, _ = calibrate_minference(model, ids, method)
+    return sparse_attention(model, method)

@@ -1,0 +1,57 @@
+"""The block-sparse path equals masked dense attention; the full pattern equals SDPA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsellm.attention import patterns as P
+from sparsellm.attention.blocksparse import block_sparse_attention, masked_dense_attention
+
+
+def _qkv(b: int, hq: int, hkv: int, length: int, d: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, h, length, d, generator=g) for h in (hq, hkv, hkv))
+
+
+@pytest.mark.parametrize(
+    ("b", "hq", "hkv", "length", "block"), [(1, 4, 2, 50, 8), (2, 3, 3, 64, 16), (1, 6, 2, 33, 4)]
+)
+def test_equals_masked_dense_random_masks(b, hq, hkv, length, block) -> None:
+    q, k, v = _qkv(b, hq, hkv, length, 16, seed=length)
+    nb = P.n_blocks(length, block)
+    rnd = torch.rand(b, hq, nb, nb, generator=torch.Generator().manual_seed(1)) < 0.4
+    mask = (rnd & P.causal_blocks(nb)) | torch.eye(nb, dtype=torch.bool)
+    got = block_sparse_attention(q, k, v, mask, block)
+    torch.testing.assert_close(
+        got, masked_dense_attention(q, k, v, mask, block), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_full_pattern_equals_sdpa() -> None:
+    q, k, v = _qkv(1, 4, 2, 45, 8, seed=3)
+    nb = P.n_blocks(45, 8)
+    got = block_sparse_attention(q, k, v, P.causal_blocks(nb), 8)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_small_key_budget_chunks_give_same_result(monkeypatch) -> None:
+    import sparsellm.attention.blocksparse as bs
+
+    q, k, v = _qkv(1, 2, 1, 40, 8, seed=5)
+    mask = P.power_dilated(P.n_blocks(40, 4), 1, 1)
+    full = bs.block_sparse_attention(q, k, v, mask, 4)
+    monkeypatch.setattr(bs, "KEYS_PER_CHUNK", 4)
+    torch.testing.assert_close(bs.block_sparse_attention(q, k, v, mask, 4), full)
+
+
+def test_group_shared_masks_equal_masked_dense() -> None:
+    q, k, v = _qkv(2, 6, 2, 70, 8, seed=7)
+    nb = P.n_blocks(70, 8)
+    rnd = torch.rand(2, 2, nb, nb, generator=torch.Generator().manual_seed(2)) < 0.3
+    mask = (rnd & P.causal_blocks(nb)) | torch.eye(nb, dtype=torch.bool)
+    got = block_sparse_attention(q, k, v, mask, 8)
+    ref = masked_dense_attention(q, k, v, mask, 8)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

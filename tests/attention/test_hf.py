@@ -1,0 +1,121 @@
+"""Registration through transformers' AttentionInterface, on tiny random models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsellm.attention.hf import parse_attention, sparse_attention
+from sparsellm.errors import SparseLLMError
+from sparsellm.models.tiny import tiny_model
+
+
+def _ids(length: int) -> torch.Tensor:
+    return torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_keep_everything_reproduces_dense_and_restores(family: str) -> None:
+    model = tiny_model(family, 0)
+    ids = _ids(100)
+    with torch.no_grad():
+        dense = model(ids).logits
+        with sparse_attention(model, "full:block=16,min_length=0"):
+            full = model(ids).logits
+            assert model.config._attn_implementation.startswith("sparsellm_full")
+        after = model(ids).logits
+    torch.testing.assert_close(full, dense, atol=1e-5, rtol=1e-5)
+    assert torch.equal(after, dense)
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "sink_window:sink=16,window=512,block=16,min_length=0",
+        "power:sink=16,window=512,block=16,min_length=0",
+        "block_topk:blocks=64,block=16,min_length=0",
+        "vertical_slash:vertical=512,slash=512,block=16,min_length=0",
+        "flexprefill:gamma=1.0,block=16,min_length=0",
+    ],
+)
+def test_methods_at_full_budget_equal_dense(spec: str) -> None:
+    model = tiny_model("llama", 1)
+    ids = _ids(90)
+    with torch.no_grad():
+        dense = model(ids).logits
+        with sparse_attention(model, spec):
+            got = model(ids).logits
+    torch.testing.assert_close(got, dense, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "sink_window:sink=16,window=16,block=16,min_length=0",
+        "power:sink=16,window=16,block=16,min_length=0",
+        "block_topk:blocks=1,sink=0,window=16,block=16,min_length=0",
+        "vertical_slash:vertical=8,slash=8,sink=4,local=4,block=16,min_length=0",
+        "flexprefill:gamma=0.3,block=16,min_length=0",
+    ],
+)
+def test_sparse_budgets_change_long_prefill_but_not_decode(spec: str) -> None:
+    model = tiny_model("llama", 1)
+    ids = _ids(200)
+    with torch.no_grad():
+        dense = model(ids).logits
+        with sparse_attention(model, spec):
+            got = model(ids).logits
+            step = model(ids[:, :1]).logits  # q_len 1: SDPA path
+    assert torch.isfinite(got).all()
+    assert not torch.allclose(got, dense, atol=1e-4)
+    torch.testing.assert_close(step, dense[:, :1])
+
+
+def test_short_inputs_fall_back_to_sdpa() -> None:
+    model = tiny_model("llama", 2)
+    ids = _ids(50)
+    with torch.no_grad():
+        dense = model(ids).logits
+        with sparse_attention(model, "sink_window:sink=16,window=16,block=16,min_length=64"):
+            assert torch.equal(model(ids).logits, dense)
+
+
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [
+        ("nope", "unknown attention method"),
+        ("sink_window:size=3", "valid keys: sink, window"),
+        ("sink_window:window=abc", "window must be int"),
+        ("sink_window:block=0", "block and page >= 1"),
+        ("quest:page=0", "block and page >= 1"),
+        ("snapkv:budget=-1", "non-negative"),
+    ],
+)
+def test_bad_specs_are_clear_errors(spec: str, needle: str) -> None:
+    with pytest.raises(SparseLLMError, match=needle):
+        parse_attention(spec)
+
+
+def test_minference_calibration_picks_a_pattern_per_kv_head() -> None:
+    from sparsellm.attention.prefill import MInference
+    from sparsellm.attention.search import calibrate_minference
+
+    model = tiny_model("llama", 4)
+    base = MInference(sink=16, window=16, vertical=8, slash=8, blocks=1, block=16, min_length=0)
+    ids = _ids(320)
+    method, recall = calibrate_minference(model, ids, base)
+    assert len(method.choice) == 2 and all(len(c) == 2 for c in method.choice)
+    assert recall[0].shape == (3, 2) and (recall[0] <= 1 + 1e-5).all()
+    for layer, picks in enumerate(method.choice):
+        assert list(picks) == recall[layer].argmax(0).tolist()
+    with torch.no_grad():
+        dense = model(ids).logits
+        with sparse_attention(model, method):
+            got = model(ids).logits
+    assert torch.isfinite(got).all() and not torch.allclose(got, dense, atol=1e-4)
+    with (
+        pytest.raises(SparseLLMError, match="calibrate_minference"),
+        sparse_attention(model, "minference"),
+    ):
+        pass

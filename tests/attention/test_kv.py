@@ -1,0 +1,152 @@
+"""KV-cache compression: budgets, sinks, keep-all equivalence, positions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsellm.attention.decode import cache_nbytes
+from sparsellm.attention.hf import sparse_attention
+from sparsellm.attention.kv import _keep_tokens
+from sparsellm.models.tiny import tiny_model
+
+
+def _ids(length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def _greedy(model, ids: torch.Tensor, steps: int, cache) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens and the stacked step logits, one token per forward after prefill."""
+    out = model(ids, past_key_values=cache, use_cache=True)
+    logits = [out.logits[:, -1]]
+    tokens = []
+    for _ in range(steps):
+        nxt = logits[-1].argmax(-1, keepdim=True)
+        tokens.append(int(nxt))
+        logits.append(model(nxt, past_key_values=cache, use_cache=True).logits[:, -1])
+    return tokens, torch.stack(logits)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "streaming_kv:sink=4,window=500",
+        "snapkv:budget=500",
+        "h2o:budget=500,recent=64",
+        "think:keep=1.0",
+    ],
+)
+def test_keep_all_reproduces_dense_generation(spec: str) -> None:
+    from transformers import DynamicCache
+
+    model = tiny_model("llama", 0)
+    ids = _ids(60)
+    ref_tokens, ref_logits = _greedy(model, ids, 8, DynamicCache())
+    with sparse_attention(model, spec) as session:
+        tokens, logits = _greedy(model, ids, 8, session.new_cache())
+    assert tokens == ref_tokens
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("spec", "stored"),
+    [
+        ("streaming_kv:sink=4,window=20", 24),
+        ("snapkv:budget=24,window=8,sink=4", 24 + 6),  # prompt budget; decode appends
+        ("h2o:budget=24,recent=8,sink=4", 24),
+    ],
+)
+def test_budgets_hold_and_sinks_survive(spec: str, stored: int) -> None:
+    model = tiny_model("llama", 1)
+    ids = _ids(80, seed=1)
+    with sparse_attention(model, spec) as session:
+        cache = session.new_cache()
+        _, logits = _greedy(model, ids, 6, cache)
+        for layer in cache.layers:
+            assert layer.keys.shape[2] <= stored
+            assert layer.get_seq_length() == 80 + 6
+        # sinks: the first 4 stored keys equal a fresh dense prefill's first 4 keys
+        from transformers import DynamicCache
+
+        dense = DynamicCache()
+        model(ids, past_key_values=dense, use_cache=True)
+        sink_keys = dense.layers[0].keys[:, :, :4]
+    torch.testing.assert_close(cache.layers[0].keys[:, :, :4], sink_keys)
+    assert torch.isfinite(logits).all()
+
+
+def test_think_stores_fewer_key_channels() -> None:
+    model = tiny_model("llama", 2)
+    with sparse_attention(model, "think:keep=0.5") as session:
+        cache = session.new_cache()
+        _greedy(model, _ids(40), 3, cache)
+    layer = cache.layers[0]
+    assert layer.keys.shape[-1] == layer.values.shape[-1] // 2
+    assert cache_nbytes(cache) == sum(
+        layer.keys.numel() * 4 + layer.values.numel() * 4 for layer in cache.layers
+    )
+
+
+def test_keep_tokens_orders_sinks_top_and_tail() -> None:
+    scores = torch.tensor([[[9.0, 0, 5, 1, 7, 0, 0, 3]]])
+    idx = _keep_tokens(scores, 8, n_top=2, sink=1, tail=2)
+    assert idx.tolist() == [[[0, 2, 4, 6, 7]]]
+
+
+def test_use_cache_false_is_plain_dense() -> None:
+    model = tiny_model("llama", 3)
+    ids = _ids(30)
+    with torch.no_grad():
+        dense = model(ids, use_cache=False).logits
+        with sparse_attention(model, "snapkv:budget=8,window=4"):
+            assert torch.equal(model(ids, use_cache=False).logits, dense)
+
+
+def test_quest_bounds_are_upper_bounds_and_select_the_best_page() -> None:
+    from sparsellm.attention.kv import CompressedLayer, Quest, _quest_tokens
+
+    g = torch.Generator().manual_seed(0)
+    layer = CompressedLayer()
+    layer.update(torch.randn(1, 1, 64, 8, generator=g), torch.randn(1, 1, 64, 8, generator=g))
+    q = torch.randn(1, 2, 1, 8, generator=g)
+    idx = _quest_tokens(layer, q, Quest(budget=16, page=8))
+    scores = (q[0, :, 0] @ layer.keys[0, 0].T).sum(0)  # group-summed exact scores
+    page_bound = (
+        torch.maximum(
+            q[0, :, 0, None] * layer.page_min[0, 0], q[0, :, 0, None] * layer.page_max[0, 0]
+        )
+        .sum(-1)
+        .sum(0)
+    )
+    exact_pages = scores.view(8, 8)
+    assert (page_bound[:, None] >= exact_pages - 1e-5).all()
+    assert idx.shape[-1] == 16
+    assert set((idx[0, 0] // 8).tolist()) == set(page_bound.topk(2).indices.tolist())
+
+
+def test_quest_keep_all_budget_reproduces_dense() -> None:
+    from transformers import DynamicCache
+
+    model = tiny_model("llama", 5)
+    ids = _ids(50)
+    ref_tokens, ref_logits = _greedy(model, ids, 5, DynamicCache())
+    with sparse_attention(model, "quest:budget=64,page=8") as session:
+        tokens, logits = _greedy(model, ids, 5, session.new_cache())
+    assert tokens == ref_tokens
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    with sparse_attention(model, "quest:budget=16,page=8") as session:
+        _, small = _greedy(model, ids, 5, session.new_cache())
+    assert not torch.allclose(small[1:], ref_logits[1:], atol=1e-4)
+
+
+def test_generate_with_compressed_cache_keeps_budget() -> None:
+    model = tiny_model("llama", 6)
+    ids = _ids(60)
+    with sparse_attention(model, "streaming_kv:sink=4,window=16") as session:
+        cache = session.new_cache()
+        out = model.generate(
+            ids, past_key_values=cache, max_new_tokens=5, do_sample=False, pad_token_id=0
+        )
+    assert out.shape[1] == 65
+    assert all(layer.keys.shape[2] == 20 for layer in cache.layers)
