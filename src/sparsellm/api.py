@@ -144,8 +144,14 @@ def save(
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a directory written by `save` (or any HF dir); `.info` carries its manifest."""
-    loaded = load_model(path, dtype=dtype)
+    """Load a directory written by `save` (or any HF dir); `.info` carries its manifest.
+
+    Directories with per-layer widths (structured pruning) are rebuilt block by block.
+    """
+    from sparsellm.structured.io import has_layer_shapes
+    from sparsellm.structured.io import load as load_structured
+
+    loaded = load_structured(path, dtype) if has_layer_shapes(path) else load_model(path, dtype)
     loaded.info["manifest"] = read_manifest(path)
     return loaded
 
