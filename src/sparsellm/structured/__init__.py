@@ -19,10 +19,17 @@ from sparsellm.models.adapters import block_layout, get_blocks
 from sparsellm.structured.common import block_budgets, block_distances, block_param_count
 from sparsellm.structured.common import head_dim as _head_dim
 from sparsellm.structured.io import layer_shapes, load, write_shapes
+from sparsellm.structured.slicing import (
+    per_dim_params,
+    slice_model,
+    width_for_ratio,
+    width_multiple,
+)
 
 WIDTH = ("taylor", "activation", "obs", "spectral")
+SLICING = ("slicegpt",)
 DEPTH = {"depth": "angular", "depth-ppl": "ppl"}
-METHODS = (*WIDTH, *DEPTH)
+METHODS = (*WIDTH, *DEPTH, *SLICING)
 NO_DATA = ("spectral",)
 
 __all__ = ["METHODS", "load", "shrink"]
@@ -53,13 +60,22 @@ def shrink(
     needs_data = method not in NO_DATA or per_layer
     if needs_data and (calib_ids is None or calib_ids.numel() == 0):
         raise SparseLLMError(f"{method!r}{' per-layer' if per_layer else ''} needs calibration ids")
-    if per_layer and method in DEPTH:
-        raise SparseLLMError("per-layer widths apply to width methods, not depth")
+    if per_layer and method not in WIDTH:
+        raise SparseLLMError("per-layer widths apply to width methods only")
     before = block_param_count(model)
     start = time.perf_counter()
     report: dict[str, Any] = {"method": method, "ratio": ratio, "per_layer": per_layer}
     with torch.no_grad():
-        if method in DEPTH:
+        if method in SLICING:
+            d = model.config.hidden_size
+            per_dim = per_dim_params(get_blocks(model)[0], block_layout(model))
+            # ratio 0 = the rotation alone (exact); otherwise the shortcuts' d'² counts too
+            multiple = width_multiple(model.config)
+            keep = width_for_ratio(per_dim, d, ratio, multiple) if ratio > 0 else d
+            slice_model(model, calib_ids, 1 - keep / d, batch_size)
+            report["hidden_size"] = keep
+            report["slicing_fraction"] = 1 - keep / d
+        elif method in DEPTH:
             report["dropped_blocks"] = prune_depth(
                 model, ratio, calib_ids, DEPTH[method], batch_size
             )
@@ -81,6 +97,6 @@ def shrink(
         "block_params_before": before,
         "block_params_after": after,
         "measured_ratio": 1 - after / before,
-        "layer_shapes": [asdict(s) for s in layer_shapes(model)],
+        "layer_shapes": [asdict(s) for s in layer_shapes(model)] if method not in SLICING else [],
     }
     return report

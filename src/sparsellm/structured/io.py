@@ -8,6 +8,9 @@ expressed in an HF llama/qwen config: we store them as `config.sparsellm_layer_s
 transformers cannot load such a directory** (it builds every block at the ordinary
 widths and refuses the smaller tensors); `sparsellm.load` / `structured.load` rebuild
 each block at its own widths and then read the safetensors (never a pickle).
+SliceGPT models (`config.sparsellm_slicing`) are plain at width d' except for one
+shortcut matrix per block: vanilla transformers would drop those (and warn), so they too
+load only with `sparsellm.load`.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ from sparsellm.errors import SparseLLMError
 from sparsellm.models.adapters import block_layout, get_blocks
 from sparsellm.models.load import LoadedModel
 from sparsellm.structured.common import BlockShape, block_shape, head_dim, resize_block
+from sparsellm.structured.slicing import SlicedBlock
 
 SHAPES_KEY = "sparsellm_layer_shapes"
+SLICING_KEY = "sparsellm_slicing"
 
 
 def layer_shapes(model: nn.Module) -> list[BlockShape]:
@@ -53,9 +58,12 @@ def write_shapes(model: nn.Module, hd: int) -> bool:
 
 
 def has_layer_shapes(path: str | os.PathLike) -> bool:
-    """True for a directory whose config carries per-layer widths."""
+    """True for a directory that only `load` can rebuild (per-layer widths or SliceGPT)."""
     file = Path(path) / "config.json"
-    return file.is_file() and SHAPES_KEY in json.loads(file.read_text(encoding="utf-8"))
+    if not file.is_file():
+        return False
+    config = json.loads(file.read_text(encoding="utf-8"))
+    return SHAPES_KEY in config or SLICING_KEY in config
 
 
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -73,16 +81,21 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LoadedM
     path = Path(path)
     config = AutoConfig.from_pretrained(path)
     shapes = getattr(config, SHAPES_KEY, None)
-    if shapes is None:
+    slicing = getattr(config, SLICING_KEY, None)
+    if shapes is None and slicing is None:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         layout, hd = block_layout(model), head_dim(config)
         blocks = get_blocks(model)
-        if len(shapes) != len(blocks):
+        if shapes is not None and len(shapes) != len(blocks):
             raise SparseLLMError(f"{path}: {len(shapes)} layer shapes for {len(blocks)} blocks")
-        for block, shape in zip(blocks, shapes, strict=True):
-            resize_block(block, layout, BlockShape(**shape), hd)
+        for i, block in enumerate(list(blocks)):
+            if shapes is not None:
+                resize_block(block, layout, BlockShape(**shapes[i]), hd)
+            if slicing is not None:
+                d = config.hidden_size
+                blocks[i] = SlicedBlock(block, torch.empty(d, d, dtype=dtype))
         state = _state_dict(path)
         tied = {n for n, p in model.state_dict().items() if n not in state}
         loaded = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if n in state}
