@@ -19,6 +19,7 @@ from sparsellm.models.adapters import block_layout, get_blocks
 from sparsellm.structured.common import block_budgets, block_distances, block_param_count
 from sparsellm.structured.common import head_dim as _head_dim
 from sparsellm.structured.io import layer_shapes, load, write_shapes
+from sparsellm.structured.lowrank import low_rank
 from sparsellm.structured.slicing import (
     per_dim_params,
     slice_model,
@@ -28,9 +29,10 @@ from sparsellm.structured.slicing import (
 
 WIDTH = ("taylor", "activation", "obs", "spectral")
 SLICING = ("slicegpt",)
+LOW_RANK = ("welore",)
 DEPTH = {"depth": "angular", "depth-ppl": "ppl"}
-METHODS = (*WIDTH, *DEPTH, *SLICING)
-NO_DATA = ("spectral",)
+METHODS = (*WIDTH, *DEPTH, *SLICING, *LOW_RANK)
+NO_DATA = ("spectral", "welore")
 
 __all__ = ["METHODS", "load", "shrink"]
 
@@ -66,7 +68,9 @@ def shrink(
     start = time.perf_counter()
     report: dict[str, Any] = {"method": method, "ratio": ratio, "per_layer": per_layer}
     with torch.no_grad():
-        if method in SLICING:
+        if method in LOW_RANK:
+            report["ranks"] = low_rank(model, ratio)
+        elif method in SLICING:
             d = model.config.hidden_size
             per_dim = per_dim_params(get_blocks(model)[0], block_layout(model))
             # ratio 0 = the rotation alone (exact); otherwise the shortcuts' d'² counts too
@@ -97,6 +101,8 @@ def shrink(
         "block_params_before": before,
         "block_params_after": after,
         "measured_ratio": 1 - after / before,
-        "layer_shapes": [asdict(s) for s in layer_shapes(model)] if method not in SLICING else [],
+        "layer_shapes": [asdict(s) for s in layer_shapes(model)]
+        if method in WIDTH or method in DEPTH
+        else [],
     }
     return report

@@ -10,7 +10,8 @@ widths and refuses the smaller tensors); `sparsellm.load` / `structured.load` re
 each block at its own widths and then read the safetensors (never a pickle).
 SliceGPT models (`config.sparsellm_slicing`) are plain at width d' except for one
 shortcut matrix per block: vanilla transformers would drop those (and warn), so they too
-load only with `sparsellm.load`.
+load only with `sparsellm.load`; so do low-rank models (`config.sparsellm_low_rank`:
+rank per factorised projection).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from sparsellm.errors import SparseLLMError
 from sparsellm.models.adapters import block_layout, get_blocks
 from sparsellm.models.load import LoadedModel
 from sparsellm.structured.common import BlockShape, block_shape, head_dim, resize_block
+from sparsellm.structured.lowrank import RANKS_KEY, rebuild
 from sparsellm.structured.slicing import SlicedBlock
 
 SHAPES_KEY = "sparsellm_layer_shapes"
@@ -63,7 +65,7 @@ def has_layer_shapes(path: str | os.PathLike) -> bool:
     if not file.is_file():
         return False
     config = json.loads(file.read_text(encoding="utf-8"))
-    return SHAPES_KEY in config or SLICING_KEY in config
+    return SHAPES_KEY in config or SLICING_KEY in config or RANKS_KEY in config
 
 
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -82,7 +84,8 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LoadedM
     config = AutoConfig.from_pretrained(path)
     shapes = getattr(config, SHAPES_KEY, None)
     slicing = getattr(config, SLICING_KEY, None)
-    if shapes is None and slicing is None:
+    ranks = getattr(config, RANKS_KEY, None)
+    if shapes is None and slicing is None and ranks is None:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -96,6 +99,8 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LoadedM
             if slicing is not None:
                 d = config.hidden_size
                 blocks[i] = SlicedBlock(block, torch.empty(d, d, dtype=dtype))
+        if ranks is not None:
+            rebuild(model, ranks)
         state = _state_dict(path)
         tied = {n for n, p in model.state_dict().items() if n not in state}
         loaded = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if n in state}
