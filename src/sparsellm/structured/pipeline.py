@@ -3,8 +3,8 @@
 Shared by `sparsellm shrink` and `bench/structured.py`, so both report the same fields.
 Recovery reuses the distillation of `recover.distill` (KL to the dense teacher). Its
 per-layer feature loss pairs block outputs one to one, which holds for width pruning
-(same depth, same residual width) but not after dropping blocks, so depth-pruned
-students distil on the KL term only.
+(same depth, same residual width) but not after dropping blocks or slicing the residual
+stream, so depth-pruned and SliceGPT students distil on the KL term only.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ def recover(
 ) -> dict[str, Any]:
     """Distil `student` towards `teacher` for `steps` steps on token windows `data`."""
     same_depth = len(get_blocks(student)) == len(get_blocks(teacher))
+    same_depth &= student.config.hidden_size == teacher.config.hidden_size
     cfg = DistillConfig(
         steps=steps,
         lr=lr,
