@@ -58,6 +58,7 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--ratios", default="0.1,0.2,0.25,0.3")
     ap.add_argument("--per-layer", action="store_true", help="per-block budgets (width only)")
+    ap.add_argument("--no-heads", action="store_true", help="width methods: MLP channels only")
     ap.add_argument("--recover-steps", type=int, default=20)
     ap.add_argument("--calib-windows", type=int, default=32)
     ap.add_argument("--eval-windows", type=int, default=32)
@@ -91,6 +92,7 @@ def main() -> None:
                 windows,
                 per_layer=per_layer,
                 recover_steps=args.recover_steps,
+                prune_heads=not args.no_heads,
             )
             r |= {"method": method, "ratio": ratio, "per_layer": per_layer}
             if tasks:

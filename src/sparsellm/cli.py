@@ -732,6 +732,9 @@ def _add_shrink_parser(sub: Any) -> None:
         help="per-block budgets from angular distance (CFSP coarse step); width methods only",
     )
     p.add_argument(
+        "--no-heads", action="store_true", help="width methods: remove MLP channels only"
+    )
+    p.add_argument(
         "--recover-steps", type=int, default=0, help="distillation steps after (default: 0)"
     )
     p.add_argument("--out", required=True, metavar="DIR", help="where to save the model")
@@ -771,6 +774,7 @@ def cmd_shrink(args: argparse.Namespace) -> dict[str, Any]:
         recover_steps=args.recover_steps,
         batch_size=args.batch_size,
         seed=args.seed,
+        prune_heads=not args.no_heads,
     )
     if protocol.tasks:
         result["zeroshot"] = {

@@ -54,12 +54,13 @@ def shrink_and_evaluate(
     recover_steps: int = 0,
     batch_size: int = 4,
     seed: int = 0,
+    prune_heads: bool = True,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """(shrunk copy, result): perplexity/KL vs dense before and (optionally) after recovery."""
     torch.manual_seed(seed)
     student = copy.deepcopy(dense)
     result: dict[str, Any] = {
-        "shrink": shrink(student, method, ratio, calib_ids, per_layer, batch_size)
+        "shrink": shrink(student, method, ratio, calib_ids, per_layer, batch_size, prune_heads)
     }
     result["before"] = compare_models(dense, student, eval_ids, batch_size)
     if recover_steps > 0:
