@@ -9,9 +9,10 @@ the principal directions of block i's input on calibration data and keeping only
 d' puts most of the signal in few dimensions; everything then shrinks to width d'.
 
 Choices here, simpler than the paper and said so:
-* one basis per block (its input's PCA), used for both the attention and the MLP
-  branch; the paper uses a second PCA at the MLP input. The block's output is rotated
-  into the next basis by a wrapper (`SlicedBlock`, a d'×d' matmul, the shortcut).
+* one basis per block, the PCA of its input and output signals together, used for both
+  branches; the paper uses one PCA per branch input and writes each branch straight into
+  the next basis. The block's output is rotated into the next block's basis by a wrapper
+  (`SlicedBlock`, a d'×d' matmul, the shortcut).
 * PCA of the dense model's signals in one pass, not re-estimated on the sliced model.
 * After slicing, rms over d' dimensions differs from rms over d; the norms keep a
   constant weight sqrt(d/d') so the scale matches the rms of the kept components.
@@ -23,6 +24,7 @@ Choices here, simpler than the paper and said so:
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -166,7 +168,10 @@ def slice_model(
     keep = sliced_width(d, fraction, width_multiple(cfg)) if fraction > 0 else d
     cfg.head_dim = head_dim(cfg)
     moments = residual_moments(model, calib_ids, batch_size)
-    qs = [pca_basis(m)[:, :keep] for m in moments]
+    # Block i reads x_i and writes x_{i+1}: its basis must hold both. Massive activations
+    # are born inside early MLPs, so a basis from the input alone would slice them away.
+    signals = [a + b for a, b in pairwise(moments)] + moments[-1:]
+    qs = [pca_basis(m)[:, :keep] for m in signals]
     head = model.get_output_embeddings()
     if cfg.tie_word_embeddings or head.weight is model.get_input_embeddings().weight:
         head.weight = nn.Parameter(head.weight.data.clone())
