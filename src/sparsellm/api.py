@@ -148,9 +148,13 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LoadedM
     """Load a directory written by `save` (or any HF dir); `.info` carries its manifest.
 
     Calibrated activation sparsity saved beside the weights is re-applied (vanilla
-    `transformers` loads the same directory as the plain dense model).
+    `transformers` loads the same directory as the plain dense model). Directories with
+    per-layer widths (structured pruning) are rebuilt block by block.
     """
-    loaded = load_model(path, dtype=dtype)
+    from sparsellm.structured.io import has_layer_shapes
+    from sparsellm.structured.io import load as load_structured
+
+    loaded = load_structured(path, dtype) if has_layer_shapes(path) else load_model(path, dtype)
     loaded.info["manifest"] = read_manifest(path)
     if Path(path).is_dir():
         loaded.info["activation"] = load_activation_state(loaded.model, path)

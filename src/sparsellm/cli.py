@@ -383,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--title", default="sparsellm report", help="page title")
     rep.add_argument("--json", action="store_true", help="print the written paths as JSON")
+    _add_shrink_parser(sub)
     return parser
 
 
@@ -908,6 +909,101 @@ def _attention(args: argparse.Namespace, model: Any, tokenizer: Any) -> Any:
 
 # --- end sparse attention ----------------------------------------------------------------
 
+# ---- structured pruning (`sparsellm shrink`, issue 5) --------------------------------------
+
+
+def _add_shrink_parser(sub: Any) -> None:
+    from sparsellm.structured import METHODS
+
+    p = sub.add_parser(
+        "shrink",
+        help="structured pruning: a smaller dense model (heads, channels or blocks removed)",
+        description="Remove --ratio of the transformer blocks' parameters with a structured "
+        "method, compare dense vs shrunk perplexity, optionally distil, save. Uniform widths "
+        "save as a plain HF checkpoint; --per-layer widths load only with sparsellm.load.",
+    )
+    _add_common(p, None)
+    _add_calib(p)
+    p.add_argument("--method", required=True, choices=METHODS, help="structured method")
+    p.add_argument(
+        "--ratio", type=float, required=True, help="fraction of block parameters to remove"
+    )
+    p.add_argument(
+        "--per-layer",
+        action="store_true",
+        help="per-block budgets from angular distance (CFSP coarse step); width methods only",
+    )
+    p.add_argument(
+        "--no-heads", action="store_true", help="width methods: remove MLP channels only"
+    )
+    p.add_argument(
+        "--recover-steps", type=int, default=0, help="distillation steps after (default: 0)"
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="where to save the model")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--speed", action="store_true", help="prefill/decode tokens/s vs dense")
+    p.add_argument("--speed-lengths", default="512,2048", metavar="LIST", help="prefill lengths")
+
+
+def cmd_shrink(args: argparse.Namespace) -> dict[str, Any]:
+    import sparsellm as sl
+    from sparsellm.errors import SparseLLMError
+    from sparsellm.eval.speed import compare_speed
+    from sparsellm.export.hf import check_out_dir
+    from sparsellm.pipeline import prepare, run_tasks
+    from sparsellm.report.markdown import table
+    from sparsellm.structured.pipeline import shrink_and_evaluate
+
+    _check_counts(args)
+    if not 0.0 <= args.ratio < 1.0:
+        raise SparseLLMError(f"--ratio must be in [0, 1), got {args.ratio}")
+    if args.calib_dtype != "fp32":
+        raise SparseLLMError("structured pruning calibrates in fp32 only")
+    if args.recover_steps < 0:
+        raise SparseLLMError("--recover-steps must be >= 0")
+    out = check_out_dir(Path(args.out), args.overwrite)
+    protocol = _protocol(args, _tasks(args))
+    prep = prepare(args.model, protocol)
+    dense, tok = prep.loaded.model, prep.loaded.tokenizer
+    lengths = _lengths(args, dense) if args.speed else ()
+    model, result = shrink_and_evaluate(
+        dense,
+        args.method,
+        args.ratio,
+        prep.calib_ids,
+        prep.eval_ids,
+        per_layer=args.per_layer,
+        recover_steps=args.recover_steps,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        prune_heads=not args.no_heads,
+    )
+    if protocol.tasks:
+        result["zeroshot"] = {
+            "dense": run_tasks(dense, tok, protocol),
+            "shrunk": run_tasks(model, tok, protocol),
+        }
+    if args.speed:
+        result["speed"] = compare_speed(dense, model, lengths)
+    result |= {"model": prep.loaded.info, "protocol": protocol.to_dict(), "out": str(out)}
+    sl.save(model, tok, out, manifest={"structured": result}, overwrite=args.overwrite)
+    rows = [["before", result["before"]]] + (
+        [["after recovery", result["after"]]] if "after" in result else []
+    )
+    print(
+        table(
+            ["", "dense ppl", "shrunk ppl", "KL", "top-1"],
+            [[k, r["dense_ppl"], r["sparse_ppl"], r["kl"], r["top1_agreement"]] for k, r in rows],
+        )
+    )
+    uniform = result["shrink"].get("uniform", True)
+    how = "a plain HF checkpoint" if uniform else "per-layer widths: load with sparsellm.load"
+    print(f"removed {result['shrink']['measured_ratio']:.1%} of block params; saved {how} to {out}")
+    return result
+
+
+# ---- end of structured pruning --------------------------------------------------------------
+
 
 COMMANDS = {
     "run": cmd_prune,
@@ -917,6 +1013,7 @@ COMMANDS = {
     "recover": cmd_recover,
     "report": cmd_report,
     "activate": cmd_activate,
+    "shrink": cmd_shrink,
 }
 
 

@@ -18,17 +18,44 @@ from sparsellm.errors import SparseLLMError
 
 
 @dataclass(frozen=True)
+class BlockLayout:
+    """Submodule names inside one pre-norm block, for structured pruning (relative to a block).
+
+    Structured methods remove whole heads, channels or blocks, so they must know which
+    projections are coupled: q/k/v produce what o consumes, gate/up produce what down
+    consumes, and which norm feeds which branch (SliceGPT folds it into the next linears).
+    """
+
+    attn: str = "self_attn"
+    q: str = "self_attn.q_proj"
+    k: str = "self_attn.k_proj"
+    v: str = "self_attn.v_proj"
+    o: str = "self_attn.o_proj"
+    mlp: str = "mlp"
+    gate: str = "mlp.gate_proj"
+    up: str = "mlp.up_proj"
+    down: str = "mlp.down_proj"
+    attn_norm: str = "input_layernorm"
+    mlp_norm: str = "post_attention_layernorm"
+    final_norm: str = "model.norm"  # from the top model
+    embed: str = "model.embed_tokens"  # from the top model
+
+
+@dataclass(frozen=True)
 class Adapter:
     """Where things live in one family of HF causal LMs."""
 
     blocks: str  # dotted path from the top model to the nn.ModuleList of blocks
+    layout: BlockLayout | None = None  # None: structured pruning does not support the family
 
+
+_LLAMA_LIKE = BlockLayout()
 
 ADAPTERS: dict[str, Adapter] = {
-    "llama": Adapter(blocks="model.layers"),
-    "mistral": Adapter(blocks="model.layers"),
-    "qwen2": Adapter(blocks="model.layers"),
-    "qwen3": Adapter(blocks="model.layers"),
+    "llama": Adapter(blocks="model.layers", layout=_LLAMA_LIKE),
+    "mistral": Adapter(blocks="model.layers", layout=_LLAMA_LIKE),
+    "qwen2": Adapter(blocks="model.layers", layout=_LLAMA_LIKE),
+    "qwen3": Adapter(blocks="model.layers", layout=_LLAMA_LIKE),
     "gemma3_text": Adapter(blocks="model.layers"),
     "gpt2": Adapter(blocks="transformer.h"),  # projections are Conv1D, see weight_matrix
 }
@@ -50,6 +77,18 @@ def get_adapter(model: nn.Module) -> Adapter:
 def get_blocks(model: nn.Module) -> nn.ModuleList:
     """The ModuleList of transformer blocks."""
     return model.get_submodule(get_adapter(model).blocks)
+
+
+def block_layout(model: nn.Module) -> BlockLayout:
+    """Coupled submodule names of a block, or a clear error for families without one."""
+    adapter = get_adapter(model)
+    if adapter.layout is None:
+        supported = sorted(k for k, a in ADAPTERS.items() if a.layout is not None)
+        raise SparseLLMError(
+            f"structured pruning does not support {model.config.model_type!r} yet; "
+            f"supported: {', '.join(supported)}"
+        )
+    return adapter.layout
 
 
 def blocks_prefix(model: nn.Module) -> str:

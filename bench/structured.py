@@ -1,0 +1,115 @@
+"""Structured pruning on the default model: every method at several removal ratios.
+
+For each method and ratio: shrink a copy of the dense model (calibration: c4 windows),
+report wiki perplexity, KL and top-1 to dense, then the same after `--recover-steps`
+distillation steps (0 skips recovery); optional zero-shot `--tasks` and `--speed`
+(prefill 512/2048 and decode 128 tokens, side by side with dense, as ratios). Prints a
+Markdown table and writes bench/results/structured.json after every point, so an
+interrupted run keeps what it finished. Timed numbers need an idle machine.
+
+    python bench/structured.py [--methods taylor,obs,depth] [--ratios 0.1,0.2,0.25,0.3]
+        [--recover-steps 20] [--tasks piqa,arc_easy] [--speed] [--per-layer]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import sparsellm as sl
+from sparsellm.eval.speed import compare_speed
+from sparsellm.eval.suite import resolve_tasks, run_tasks
+from sparsellm.export.hf import write_json_atomic
+from sparsellm.report.markdown import table
+from sparsellm.structured import METHODS
+from sparsellm.structured.pipeline import shrink_and_evaluate
+
+HERE = Path(__file__).resolve().parent
+
+
+def _mean_acc(tasks: dict[str, Any] | None) -> float | None:
+    accs = [m["acc"] for m in (tasks or {}).values() if "acc" in m]
+    return sum(accs) / len(accs) if accs else None
+
+
+def _row(r: dict[str, Any]) -> list[Any]:
+    after = r.get("after") or {}
+    speed = r.get("speed") or {}
+    prefill = speed.get("prefill", {})
+    return [
+        r["method"] + (" (per-layer)" if r["per_layer"] else ""),
+        r["ratio"],
+        r["shrink"]["measured_ratio"],
+        r["before"]["sparse_ppl"],
+        r["before"]["kl"],
+        after.get("sparse_ppl"),
+        _mean_acc(r.get("zeroshot")),
+        *(prefill.get(str(n), {}).get("speedup") for n in (512, 2048)),
+        speed.get("decode", {}).get("speedup"),
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--ratios", default="0.1,0.2,0.25,0.3")
+    ap.add_argument("--per-layer", action="store_true", help="per-block budgets (width only)")
+    ap.add_argument("--no-heads", action="store_true", help="width methods: MLP channels only")
+    ap.add_argument("--recover-steps", type=int, default=20)
+    ap.add_argument("--calib-windows", type=int, default=32)
+    ap.add_argument("--eval-windows", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--tasks", default="", help="zero-shot tasks, e.g. piqa,arc_easy")
+    ap.add_argument("--limit", type=int, default=200, help="documents per task")
+    ap.add_argument("--speed", action="store_true")
+    ap.add_argument("--out", default=str(HERE / "results" / "structured.json"))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    tasks = resolve_tasks(args.tasks)
+    dense, tok = sl.load_model(args.model)
+    calib = sl.calibration(tok, "c4", args.calib_windows, args.seqlen)
+    windows = sl.calibration(tok, "wiki", args.eval_windows, args.seqlen)
+    results: dict[str, Any] = {
+        "model": args.model,
+        "settings": vars(args),
+        "dense_zeroshot": run_tasks(dense, tok, tasks, args.limit) if tasks else None,
+        "runs": [],
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for method in args.methods.split(","):
+        for ratio in (float(x) for x in args.ratios.split(",")):
+            per_layer = args.per_layer and method not in ("depth", "depth-ppl")
+            model, r = shrink_and_evaluate(
+                dense,
+                method,
+                ratio,
+                calib,
+                windows,
+                per_layer=per_layer,
+                recover_steps=args.recover_steps,
+                prune_heads=not args.no_heads,
+            )
+            r |= {"method": method, "ratio": ratio, "per_layer": per_layer}
+            if tasks:
+                r["zeroshot"] = run_tasks(model, tok, tasks, args.limit)
+            if args.speed:
+                r["speed"] = compare_speed(dense, model, (512, 2048), new_tokens=128)
+            results["runs"].append(r)
+            write_json_atomic(out, results)
+            print(f"{method} {ratio}: ppl {r['before']['sparse_ppl']:.2f}", flush=True)
+    dense_ppl = results["runs"][0]["before"]["dense_ppl"] if results["runs"] else None
+    dense_acc = _mean_acc(results["dense_zeroshot"])
+    print(f"\ndense wiki ppl {dense_ppl}  (zero-shot mean acc {dense_acc})")
+    headers = ["method", "ratio", "removed", "ppl", "KL", "ppl + KD", "0-shot acc"]
+    headers += ["prefill 512 x", "prefill 2048 x", "decode x"]
+    print(table(headers, [_row(r) for r in results["runs"]]))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Shrink a copy of a dense model, evaluate it beside the dense one, optionally recover.
+
+Shared by `sparsellm shrink` and `bench/structured.py`, so both report the same fields.
+Recovery reuses the distillation of `recover.distill` (KL to the dense teacher). Its
+per-layer feature loss pairs block outputs one to one, which holds for width pruning
+(same depth, same residual width) but not after dropping blocks or slicing the residual
+stream, so depth-pruned and SliceGPT students distil on the KL term only.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparsellm.eval.kl import compare_models
+from sparsellm.models.adapters import get_blocks
+from sparsellm.recover.distill import DistillConfig, distill, summary
+from sparsellm.structured import shrink
+
+
+def recover(
+    student: nn.Module,
+    teacher: nn.Module,
+    data: torch.Tensor,
+    steps: int,
+    batch_size: int = 4,
+    lr: float = 1e-4,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Distil `student` towards `teacher` for `steps` steps on token windows `data`."""
+    same_depth = len(get_blocks(student)) == len(get_blocks(teacher))
+    same_depth &= student.config.hidden_size == teacher.config.hidden_size
+    cfg = DistillConfig(
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        feature_weight=1.0 if same_depth else 0.0,
+        warmup=max(steps // 10, 1),
+        seed=seed,
+    )
+    return {**summary(distill(student, teacher, data, cfg)), "feature_loss": same_depth}
+
+
+def shrink_and_evaluate(
+    dense: nn.Module,
+    method: str,
+    ratio: float,
+    calib_ids: torch.Tensor,
+    eval_ids: torch.Tensor,
+    per_layer: bool = False,
+    recover_steps: int = 0,
+    batch_size: int = 4,
+    seed: int = 0,
+    prune_heads: bool = True,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """(shrunk copy, result): perplexity/KL vs dense before and (optionally) after recovery."""
+    torch.manual_seed(seed)
+    student = copy.deepcopy(dense)
+    result: dict[str, Any] = {
+        "shrink": shrink(student, method, ratio, calib_ids, per_layer, batch_size, prune_heads)
+    }
+    result["before"] = compare_models(dense, student, eval_ids, batch_size)
+    if recover_steps > 0:
+        result["recovery"] = recover(student, dense, calib_ids, recover_steps, seed=seed)
+        result["after"] = compare_models(dense, student, eval_ids, batch_size)
+    return student, result
