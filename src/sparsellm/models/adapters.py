@@ -39,6 +39,15 @@ class BlockLayout:
     mlp_norm: str = "post_attention_layernorm"
     final_norm: str = "model.norm"  # from the top model
     embed: str = "model.embed_tokens"  # from the top model
+    gate_act: str = "mlp.act_fn"  # the SwiGLU gate activation (CATS, CoreInfer)
+    rotary: str = "model.rotary_emb"  # from the top model (the decode runtime's RoPE)
+    qk_norm: bool = False  # Qwen3-style norms on q/k: the decode runtime does not model them
+
+    @property
+    def input_groups(self) -> tuple[tuple[str, ...], ...]:
+        """Projections that read the same input: activation sparsity skips the same input
+        channels in all of them (one threshold), and the decode runtime fuses them."""
+        return ((self.q, self.k, self.v), (self.o,), (self.gate, self.up), (self.down,))
 
 
 @dataclass(frozen=True)
@@ -55,7 +64,7 @@ ADAPTERS: dict[str, Adapter] = {
     "llama": Adapter(blocks="model.layers", layout=_LLAMA_LIKE),
     "mistral": Adapter(blocks="model.layers", layout=_LLAMA_LIKE),
     "qwen2": Adapter(blocks="model.layers", layout=_LLAMA_LIKE),
-    "qwen3": Adapter(blocks="model.layers", layout=_LLAMA_LIKE),
+    "qwen3": Adapter(blocks="model.layers", layout=BlockLayout(qk_norm=True)),
     "gemma3_text": Adapter(blocks="model.layers"),
     "gpt2": Adapter(blocks="transformer.h"),  # projections are Conv1D, see weight_matrix
 }
@@ -135,35 +144,16 @@ def set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
     weight_matrix(module).copy_(w.to(module.weight.dtype))
 
 
-# Projections that read the same input, relative to a block (activation sparsity skips
-# the same input channels in all of them, and the CPU runtime fuses them), the MLP's
-# gate activation, and the pieces the decode runtime needs. Only families whose blocks
-# are pre-norm attention + SwiGLU MLP with these names are listed.
-@dataclass(frozen=True)
-class DecoderLayout:
-    """Module names inside one pre-norm SwiGLU decoder block (llama-style)."""
-
-    input_groups: tuple[tuple[str, ...], ...] = (
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        ("self_attn.o_proj",),
-        ("mlp.gate_proj", "mlp.up_proj"),
-        ("mlp.down_proj",),
-    )
-    gate_act: str = "mlp.act_fn"
-    attn_norm: str = "input_layernorm"
-    mlp_norm: str = "post_attention_layernorm"
-    final_norm: str = "model.norm"
-    rotary: str = "model.rotary_emb"
-    embed: str = "model.embed_tokens"
-
-
-LAYOUTS: dict[str, DecoderLayout] = {
-    "llama": DecoderLayout(),
-    "mistral": DecoderLayout(),
-    "qwen2": DecoderLayout(),
-}
-
-
-def get_layout(model: nn.Module) -> DecoderLayout:
-    """The llama-style block layout, or a clear error for other families."""
-    return _row(LAYOUTS, model, "activation sparsity does not support")
+def get_layout(model: nn.Module) -> BlockLayout:
+    """Block layout for activation sparsity and its decode runtime (plain llama-style
+    blocks: no q/k norms), or a clear error for other families."""
+    layout = get_adapter(model).layout
+    if layout is None or layout.qk_norm:
+        supported = sorted(
+            k for k, a in ADAPTERS.items() if a.layout is not None and not a.layout.qk_norm
+        )
+        raise SparseLLMError(
+            f"activation sparsity does not support {model.config.model_type!r}; "
+            f"supported: {', '.join(supported)}"
+        )
+    return layout
