@@ -172,7 +172,12 @@ def speed(args: argparse.Namespace, name: str) -> dict[str, Any]:
     prompt = sl.calibration(tok, "wiki", 1, 32)
     n = args.new_tokens
     runtimes: dict[str, tuple[DecodeRuntime, dict[str, Any]]] = {
-        "runtime dense": (DecodeRuntime(model, max_len=256), {"sparse": False})
+        "runtime dense": (DecodeRuntime(model, max_len=256), {"sparse": False}),
+        # the pure-torch dense path: is our dense baseline handicapped by the C++ kernel?
+        "runtime dense, pure torch": (
+            DecodeRuntime(model, max_len=256, native=False),
+            {"sparse": False},
+        ),
     }
     for method in args.methods.split(","):
         for s in args.sparsities:
@@ -184,6 +189,9 @@ def speed(args: argparse.Namespace, name: str) -> dict[str, Any]:
             sparsify_activations(model, calib, config(method, s, args.max_tokens))
             rt = DecodeRuntime(model, max_len=256)
             runtimes[f"{method} {s:g}"] = (rt, {"sparse": True})
+            if method == "teal" and s == 0.5:
+                torch_rt = DecodeRuntime(model, max_len=256, native=False)
+                runtimes["teal 0.5, pure torch"] = (torch_rt, {"sparse": True})
             if method == "teal" and s == 0.5 and args.sirius:
                 runtimes[f"teal 0.5 + sirius k={args.sirius}"] = (
                     rt,
