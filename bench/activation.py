@@ -89,13 +89,13 @@ def sparsing_law_ppl_p(model: Any, calib: torch.Tensor, windows: torch.Tensor, p
     it is the same kind of number (sparsity at a fixed small perplexity cost) for the
     sparsity we actually exploit, not a reproduction of their exact definition.
     """
-    dense = perplexity(model, windows)
+    dense = perplexity(model, windows)["ppl"]
     lo, hi, probes = 0.0, 0.9, []
     for _ in range(6):
         mid = (lo + hi) / 2
         cfg = ActivationConfig(sparsity=mid, allocation="uniform", max_tokens=512)
         sparsify_activations(model, calib, cfg)
-        ppl = perplexity(model, windows)
+        ppl = perplexity(model, windows)["ppl"]
         unwrap_activations(model)
         probes.append({"sparsity": round(mid, 4), "ppl": ppl})
         lo, hi = (mid, hi) if ppl <= dense * (1 + p / 100) else (lo, mid)
@@ -120,7 +120,7 @@ def quality(args: argparse.Namespace, name: str) -> dict[str, Any]:
         weights_only = None
         if wanda:
             sl.sparsify(model, [{"method": "wanda", "sparsity": 0.5}], sl.calibration(tok))
-            weights_only = perplexity(model, windows)
+            weights_only = perplexity(model, windows)["ppl"]
         fit = sparsify_activations(model, calib, config(method, s, args.max_tokens))
         calib_s = time.perf_counter() - start
         reset_counts(model)
