@@ -77,8 +77,18 @@ def load(name: str) -> tuple[Any, Any, dict[str, Any]]:
     return loaded.model, loaded.tokenizer, info
 
 
-def config(method: str, sparsity: float, max_tokens: int) -> ActivationConfig:
-    return ActivationConfig(method=method, sparsity=sparsity, max_tokens=max_tokens)
+def config(method: str, sparsity: float, max_tokens: int, head: bool = False) -> ActivationConfig:
+    return ActivationConfig(method=method, sparsity=sparsity, max_tokens=max_tokens, head=head)
+
+
+def variants(args: argparse.Namespace) -> list[tuple[str, str, float, bool]]:
+    """(row name, method, sparsity, head) for every calibrated input/gate method row;
+    `--head` adds TEAL with the LM head thresholded too."""
+    methods = [m for m in args.methods.split(",") if m != "coreinfer"]
+    rows = [(f"{m} {s:g}", m, s, False) for m in methods for s in args.sparsities]
+    if args.head:
+        rows += [(f"teal+head {s:g}", "teal", s, True) for s in args.sparsities]
+    return rows
 
 
 def sparsing_law_ppl_p(model: Any, calib: torch.Tensor, windows: torch.Tensor, p: float) -> dict:
@@ -111,22 +121,21 @@ def quality(args: argparse.Namespace, name: str) -> dict[str, Any]:
     out: dict[str, Any] = {"model": info, "rows": []}
     if tasks:
         out["dense_tasks"] = run_tasks(dense, tok, tasks, args.limit)
-    methods = [m for m in args.methods.split(",") if m != "coreinfer"]
-    combos = [(m, s, False) for m in methods for s in args.sparsities]
+    combos = [(label, m, s, head, False) for label, m, s, head in variants(args)]
     if args.with_wanda:
-        combos.append(("teal", 0.5, True))
-    for method, s, wanda in combos:
+        combos.append(("teal 0.5 + wanda 50%", "teal", 0.5, False, True))
+    for label, method, s, head, wanda in combos:
         start = time.perf_counter()
         weights_only = None
         if wanda:
             sl.sparsify(model, [{"method": "wanda", "sparsity": 0.5}], sl.calibration(tok))
             weights_only = perplexity(model, windows)["ppl"]
-        fit = sparsify_activations(model, calib, config(method, s, args.max_tokens))
+        fit = sparsify_activations(model, calib, config(method, s, args.max_tokens, head))
         calib_s = time.perf_counter() - start
         reset_counts(model)
         q = compare_models(dense, model, windows)
         row = {
-            "method": method + (" + wanda 50%" if wanda else ""),
+            "method": label,
             "sparsity": s,
             "measured": measured_sparsity(model),
             "calib_s": calib_s,
@@ -140,7 +149,7 @@ def quality(args: argparse.Namespace, name: str) -> dict[str, Any]:
         unwrap_activations(model)
         if wanda:
             model.load_state_dict(dense.state_dict())
-        print(f"{name} {row['method']} {s}: ppl {q['sparse_ppl']:.2f} (dense {q['dense_ppl']:.2f})")
+        print(f"{name} {label}: ppl {q['sparse_ppl']:.2f} (dense {q['dense_ppl']:.2f})")
     if "coreinfer" in args.methods.split(","):
         # scored on the second half of each window, the first half read as the prompt
         half = windows.shape[1] // 2
@@ -173,31 +182,28 @@ def speed(args: argparse.Namespace, name: str) -> dict[str, Any]:
     n = args.new_tokens
     runtimes: dict[str, tuple[DecodeRuntime, dict[str, Any]]] = {
         "runtime dense": (DecodeRuntime(model, max_len=256), {"sparse": False}),
-        # the pure-torch dense path: is our dense baseline handicapped by the C++ kernel?
-        "runtime dense, pure torch": (
-            DecodeRuntime(model, max_len=256, native=False),
-            {"sparse": False},
-        ),
     }
-    for method in args.methods.split(","):
+    if args.pure_torch:  # without the C++ kernel (what users without a compiler get)
+        torch_rt = DecodeRuntime(model, max_len=256, native=False)
+        runtimes["runtime dense, pure torch"] = (torch_rt, {"sparse": False})
+    if "coreinfer" in args.methods.split(","):
         for s in args.sparsities:
-            if method == "coreinfer":
-                apply_coreinfer(model, s)
-                runtimes[f"coreinfer {s:g}"] = (DecodeRuntime(model, max_len=256), {"sparse": True})
-                unwrap_coreinfer(model)
-                continue
-            sparsify_activations(model, calib, config(method, s, args.max_tokens))
-            rt = DecodeRuntime(model, max_len=256)
-            runtimes[f"{method} {s:g}"] = (rt, {"sparse": True})
-            if method == "teal" and s == 0.5:
-                torch_rt = DecodeRuntime(model, max_len=256, native=False)
-                runtimes["teal 0.5, pure torch"] = (torch_rt, {"sparse": True})
-            if method == "teal" and s == 0.5 and args.sirius:
-                runtimes[f"teal 0.5 + sirius k={args.sirius}"] = (
-                    rt,
-                    {"sparse": True, "verify_every": args.sirius},
-                )
-            unwrap_activations(model)
+            apply_coreinfer(model, s)
+            runtimes[f"coreinfer {s:g}"] = (DecodeRuntime(model, max_len=256), {"sparse": True})
+            unwrap_coreinfer(model)
+    for label, method, s, head in variants(args):
+        sparsify_activations(model, calib, config(method, s, args.max_tokens, head))
+        rt = DecodeRuntime(model, max_len=256)
+        runtimes[label] = (rt, {"sparse": True})
+        if label == "teal 0.5" and args.pure_torch:
+            torch_rt = DecodeRuntime(model, max_len=256, native=False)
+            runtimes["teal 0.5, pure torch"] = (torch_rt, {"sparse": True})
+        if label == "teal 0.5" and args.sirius:
+            runtimes[f"teal 0.5 + sirius k={args.sirius}"] = (
+                rt,
+                {"sparse": True, "verify_every": args.sirius},
+            )
+        unwrap_activations(model)
     if args.with_wanda:  # weight zeros are not exploited by this kernel: expect TEAL's speed
         pruned = copy.deepcopy(model)
         sl.sparsify(pruned, [{"method": "wanda", "sparsity": 0.5}], sl.calibration(tok))
@@ -244,6 +250,8 @@ def main() -> None:
     ap.add_argument("--tasks", default="", help="zero-shot tasks or groups (quality part)")
     ap.add_argument("--limit", type=int, default=200)
     ap.add_argument("--with-wanda", action="store_true", help="also TEAL 50% on 50% Wanda")
+    ap.add_argument("--head", action="store_true", help="also TEAL with the LM head thresholded")
+    ap.add_argument("--pure-torch", action="store_true", help="speed: also the no-C++ path")
     ap.add_argument("--ppl-p", type=float, default=0.0, help="Sparsing-Law PPL-p%% (e.g. 1)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)

@@ -64,6 +64,27 @@ def test_unwrap_restores_the_dense_model(calib_ids: torch.Tensor) -> None:
     assert torch.equal(model(calib_ids).logits, ref)
 
 
+@pytest.mark.parametrize("method", ["teal", "wina"])
+def test_head_sparsity_counts_in_the_target_and_unwraps(
+    method: str, calib_ids: torch.Tensor
+) -> None:
+    model = tiny_model("llama").eval()
+    ref = model(calib_ids).logits
+    cfg = ActivationConfig(method=method, sparsity=0.4, max_tokens=256, head=True)
+    info = sparsify_activations(model, calib_ids, cfg)
+    head = model.get_output_embeddings()
+    assert isinstance(head, ActSparseLinear) and info["head"]["level"] == 0.4
+    reset_counts(model)
+    with torch.no_grad():
+        model(calib_ids)
+    assert measured_sparsity(model) == pytest.approx(0.4, abs=0.01)
+    assert 1 - head.kept / head.seen == pytest.approx(0.4, abs=0.02)  # the head on its own
+    unwrap_activations(model)
+    assert torch.equal(model(calib_ids).logits, ref)
+    with pytest.raises(SparseLLMError, match="input method"):
+        sparsify_activations(model, calib_ids, ActivationConfig(method="cats", head=True))
+
+
 def test_wina_scale_is_the_fused_column_norm(calib_ids: torch.Tensor) -> None:
     model = tiny_model("llama").eval()
     attn = model.model.layers[0].self_attn

@@ -16,11 +16,15 @@ from sparsellm.errors import SparseLLMError
 from sparsellm.models.tiny import byte_tokenizer, tiny_model
 
 
-@pytest.mark.parametrize("method", ["wina", "rsparse", "cats"])
-def test_save_and_load_roundtrip(method: str, calib_ids: torch.Tensor, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("method", "head"), [("wina", False), ("rsparse", False), ("cats", False), ("teal", True)]
+)
+def test_save_and_load_roundtrip(
+    method: str, head: bool, calib_ids: torch.Tensor, tmp_path: Path
+) -> None:
     model = tiny_model("llama").eval()
     dense_ref = model(calib_ids).logits
-    cfg = ActivationConfig(method=method, sparsity=0.5, rank=4, max_tokens=256)
+    cfg = ActivationConfig(method=method, sparsity=0.5, rank=4, max_tokens=256, head=head)
     sparsify_activations(model, calib_ids, cfg)
     sparse_ref = model(calib_ids).logits
     out = tmp_path / "m"

@@ -55,6 +55,29 @@ def test_sparse_decode_matches_wrapped_hf(
     assert rt.skipped_fraction() > 0.2
 
 
+def test_sparse_head_decode_matches_wrapped_hf(calib_ids: torch.Tensor) -> None:
+    model = tiny_model("llama").eval()
+    cfg = ActivationConfig(sparsity=0.5, max_tokens=256, head=True)
+    sparsify_activations(model, calib_ids, cfg)
+    ids = _prompt()
+    ref = model(ids).logits
+    rt = DecodeRuntime(model, max_len=32)
+    torch.testing.assert_close(_stepwise(rt, ids, 5, True), ref[:, 5:], rtol=1e-4, atol=1e-5)
+    assert rt.lm_head.kept < rt.lm_head.seen  # the head skipped columns too
+
+
+def test_either_dense_kernel_gives_the_dense_logits() -> None:
+    model = tiny_model("qwen2").eval()
+    ids = _prompt()
+    ref = model(ids).logits
+    rt = DecodeRuntime(model, max_len=32)
+    for use_torch in (False, True):
+        for proj in rt._all_projs():
+            proj.torch_dense = use_torch
+        got = _stepwise(rt, ids, 5, sparse=False)
+        torch.testing.assert_close(got, ref[:, 5:], rtol=1e-4, atol=1e-5)
+
+
 def test_small_batch_decode_matches_single_rows(calib_ids: torch.Tensor) -> None:
     model = tiny_model("llama").eval()
     sparsify_activations(model, calib_ids, ActivationConfig(sparsity=0.5, max_tokens=256))

@@ -162,4 +162,31 @@ def sparsify_activations(
 
     model.eval()
     run_sequential(model, batches, process, desc=f"{config.method} thresholds")
-    return {"method": config.method, "sparsity": config.sparsity, "blocks": per_block}
+    out: dict[str, Any] = {"method": config.method, "sparsity": config.sparsity}
+    if config.head:
+        if method.target != "inputs":
+            raise SparseLLMError(f"head sparsity needs an input method, not {config.method!r}")
+        out["head"] = _fit_head(model, batches, method, config, gen)
+    return {**out, "blocks": per_block}
+
+
+def _fit_head(
+    model: nn.Module,
+    batches: list[torch.Tensor],
+    method: ActivationMethod,
+    config: ActivationConfig,
+    gen: torch.Generator,
+) -> dict[str, Any]:
+    """Threshold the LM head's input at the target level, on the sparse model's own
+    final hidden states (the blocks are already wrapped, as at inference)."""
+    head = model.get_output_embeddings()
+    name = next(n for n, m in model.named_modules() if m is head)
+    with _capture({name: head}, outputs=False) as seen, torch.no_grad():
+        for batch in batches:
+            model(batch)
+    x = _rows(seen[name], config.max_tokens, gen)
+    w = head.weight.detach().float()
+    scale = method.channel_scale(w)
+    thr = quantile_threshold(x.abs() if scale is None else x.abs() * scale, config.sparsity)
+    replace_module(model, name, ActSparseLinear(head, thr, scale, method.low_rank(w, config.rank)))
+    return {"level": config.sparsity, "threshold": thr}

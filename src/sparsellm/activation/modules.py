@@ -19,7 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsellm.models.adapters import get_blocks
+
+def keep_channels(
+    x: torch.Tensor, threshold: torch.Tensor | float, scale: torch.Tensor | None
+) -> torch.Tensor:
+    """The skip rule, shared by the wrappers and the runtime: keep channel i when
+    |x_i| · scale_i > threshold (an empty or missing scale means 1)."""
+    score = x.abs() if scale is None or scale.numel() == 0 else x.abs() * scale
+    return score > threshold
 
 
 class ActSparseLinear(nn.Module):
@@ -53,9 +60,13 @@ class ActSparseLinear(nn.Module):
         self.kept = 0  # channel counts seen since the last `reset_counts`, for reports
         self.seen = 0
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The wrapped weight, for code that reads `.weight` (e.g. HF's output embeddings)."""
+        return self.base_layer.weight
+
     def keep_mask(self, x: torch.Tensor) -> torch.Tensor:
-        score = x.abs() if self.col_norm.numel() == 0 else x.abs() * self.col_norm
-        return score > self.threshold
+        return keep_channels(x, self.threshold, self.col_norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled or float(self.threshold) <= 0.0:
@@ -117,10 +128,8 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
 
 def unwrap_activations(model: nn.Module) -> nn.Module:
     """Put every original module back; the model is then exactly the dense one again."""
-    for block in get_blocks(model):
-        for name, module in list(block.named_modules()):
-            if isinstance(module, WRAPPERS):
-                replace_module(block, name, module.base_layer)
+    for name, module in list(wrapped_modules(model)):
+        replace_module(model, name, module.base_layer)
     return model
 
 
