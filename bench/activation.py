@@ -22,7 +22,6 @@ import copy
 import hashlib
 import importlib.util
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from sparsellm.activation.runtime import DecodeRuntime
 from sparsellm.api import versions
 from sparsellm.eval.kl import compare_models
 from sparsellm.eval.perplexity import perplexity
-from sparsellm.eval.speed import decode_seconds
+from sparsellm.eval.speed import alternate_medians, decode_seconds
 from sparsellm.eval.suite import resolve_tasks, run_tasks
 from sparsellm.models.load import cache_root
 from sparsellm.report.markdown import table
@@ -209,24 +208,20 @@ def speed(args: argparse.Namespace, name: str) -> dict[str, Any]:
         sl.sparsify(pruned, [{"method": "wanda", "sparsity": 0.5}], sl.calibration(tok))
         sparsify_activations(pruned, calib, config("teal", 0.5, args.max_tokens))
         runtimes["wanda 50% + teal 0.5"] = (DecodeRuntime(pruned, max_len=256), {"sparse": True})
-    jobs = {
-        k: (lambda rt=rt, kw=kw: rt.generate(prompt, n, **kw)) for k, (rt, kw) in runtimes.items()
-    }
-    jobs["hf generate dense"] = lambda: {"decode_s": decode_seconds(model, n, prompt=32)}
-    for job in jobs.values():
-        job()  # warm-up
-    times: dict[str, list[float]] = {k: [] for k in jobs}
     extra: dict[str, dict[str, Any]] = {}
-    for _ in range(args.repeats):
-        for k, job in jobs.items():
-            r = job()
-            times[k].append(r["decode_s"])
-            extra[k] = {x: r.get(x) for x in ("skipped_fraction", "correction_rate")}
-    base = statistics.median(times["runtime dense"])
-    hf = statistics.median(times["hf generate dense"])
+
+    def job(k: str, rt: DecodeRuntime, kw: dict[str, Any]) -> float:
+        r = rt.generate(prompt, n, **kw)
+        extra[k] = {x: r.get(x) for x in ("skipped_fraction", "correction_rate")}
+        return r["decode_s"]
+
+    jobs = {k: (lambda k=k, rt=rt, kw=kw: job(k, rt, kw)) for k, (rt, kw) in runtimes.items()}
+    jobs["hf generate dense"] = lambda: decode_seconds(model, n, prompt=32)
+    extra["hf generate dense"] = {}
+    med_s = alternate_medians(jobs, args.repeats)
+    base, hf = med_s["runtime dense"], med_s["hf generate dense"]
     rows = []
-    for k, v in times.items():
-        med = statistics.median(v)
+    for k, med in med_s.items():
         rows.append(
             {
                 "name": k,

@@ -189,6 +189,12 @@ def _add_activate(sub: Any) -> None:
         help="per-layer levels inside each block: greedy by output error (TEAL) or uniform",
     )
     act.add_argument("--rank", type=int, default=32, help="R-Sparse low-rank size (default 32)")
+    act.add_argument(
+        "--head",
+        action="store_true",
+        help="also threshold the LM head's input at --sparsity (input methods); worth it "
+        "for small models with large vocabularies, whose head caps the decode speedup",
+    )
     act.add_argument("--calib", default="c4", metavar="c4|wiki|PATH")
     act.add_argument("--nsamples", type=int, default=16, help="calibration windows (default 16)")
     act.add_argument(
@@ -756,21 +762,20 @@ def _decode_speed(
     dense: Any, sparse: Any, tok: Any, new_tokens: int, repeats: int = 3
 ) -> dict[str, Any]:
     """Batch-1 decode tok/s of our runtime, dense and sparse alternated, medians + ratio."""
-    import statistics
-
     from sparsellm.activation.runtime import DecodeRuntime
     from sparsellm.data.corpora import resolve_corpus, token_windows
+    from sparsellm.eval.speed import alternate_medians
 
     prompt = token_windows(tok, resolve_corpus("wiki"), 1, 32)
     max_len = 32 + new_tokens
     runs = {"dense": DecodeRuntime(dense, max_len), "sparse": DecodeRuntime(sparse, max_len)}
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for k, rt in runs.items():
-        rt.generate(prompt, 8, sparse=k == "sparse")  # warm-up
-    for _ in range(repeats):
-        for k, rt in runs.items():
-            times[k].append(rt.generate(prompt, new_tokens, sparse=k == "sparse")["decode_s"])
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = alternate_medians(
+        {
+            k: lambda k=k, rt=rt: rt.generate(prompt, new_tokens, sparse=k == "sparse")["decode_s"]
+            for k, rt in runs.items()
+        },
+        repeats,
+    )
     return {
         "dense_tok_s": (new_tokens - 1) / med["dense"],  # the first token comes from prefill
         "sparse_tok_s": (new_tokens - 1) / med["sparse"],
@@ -808,8 +813,9 @@ def cmd_activate(args: argparse.Namespace) -> dict[str, Any]:
         nsamples=args.nsamples,
         seqlen=args.calib_seqlen,
         seed=args.seed,
+        head=args.head,
     )
-    lookup(cfg.method)
+    lookup(cfg)
     out = check_out_dir(Path(args.out), args.overwrite) if args.out else None
     tasks = _tasks(args)
     calib_corpus, eval_corpus = resolve_corpus(args.calib), resolve_corpus(args.eval)

@@ -45,6 +45,7 @@ def test_activate_saves_and_eval_reapplies(tiny_dir, text_file, tmp_path, capsys
     assert result["sparse_ppl"] > result["dense_ppl"]
     assert result["measured_sparsity"] == pytest.approx(0.5, abs=0.1)
     assert result["decode_speed"]["skipped_fraction"] > 0.3
+    assert not result["config"]["head"]
     assert (out / "activation_sparsity.safetensors").is_file()
     ev = ["eval", "--model", str(out), "--eval", str(text_file), "--seqlen", "64"]
     assert main([*ev, "--eval-windows", "2", "--json"]) == 0
@@ -57,6 +58,7 @@ def test_activate_saves_and_eval_reapplies(tiny_dir, text_file, tmp_path, capsys
         (("--method", "nope"), "unknown activation method"),
         (("--sparsity", "0.99"), "activation sparsity must be in"),
         (("--nsamples", "0"), "--nsamples must be >= 1"),
+        (("--method", "cats", "--head"), "head sparsity needs an input method"),
     ],
 )
 def test_activate_bad_input(tiny_dir, text_file, tmp_path, capsys, extra, message) -> None:
@@ -64,3 +66,14 @@ def test_activate_bad_input(tiny_dir, text_file, tmp_path, capsys, extra, messag
     assert main([*_activate(tiny_dir, text_file, *extra), "--out", str(out)]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_activate_head_thresholds_the_lm_head(tiny_dir, text_file, capsys) -> None:
+    assert (
+        main([*_activate(tiny_dir, text_file, "--head", "--speed", "--new-tokens", "6"), "--json"])
+        == 0
+    )
+    result = _last_json(capsys)
+    assert result["config"]["head"]
+    assert result["measured_sparsity"] == pytest.approx(0.5, abs=0.1)
+    assert result["decode_speed"]["skipped_fraction"] > 0.3

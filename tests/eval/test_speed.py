@@ -1,7 +1,7 @@
 import torch
 
 import sparsellm as sl
-from sparsellm.eval.speed import compare_speed, parameter_bytes
+from sparsellm.eval.speed import alternate_medians, compare_speed, parameter_bytes
 from sparsellm.models.tiny import tiny_model
 
 
@@ -30,3 +30,16 @@ def test_compare_speed_reports_both_models_and_ratios():
         assert abs(entry["speedup"] - ratio) < 1e-9
     assert out["decode"]["tokens"] == 4
     assert out["sparse_params"]["zeros"] > out["dense_params"]["zeros"]
+
+
+def test_alternate_medians_interleaves_and_takes_medians() -> None:
+    calls: list[str] = []
+    values = {"a": iter([9.0, 1.0, 3.0, 2.0]), "b": iter([9.0, 5.0, 4.0, 6.0])}
+
+    def job(k: str) -> float:
+        calls.append(k)
+        return next(values[k])
+
+    med = alternate_medians({"a": lambda: job("a"), "b": lambda: job("b")}, repeats=3)
+    assert calls == ["a", "b"] * 4  # one untimed warm-up round, then a, b in turn
+    assert med == {"a": 2.0, "b": 5.0}

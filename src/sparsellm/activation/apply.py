@@ -38,10 +38,15 @@ METHODS: dict[str, type[ActivationMethod]] = {
 }
 
 
-def lookup(name: str) -> ActivationMethod:
-    if name not in METHODS:
-        raise SparseLLMError(f"unknown activation method {name!r}; valid: {', '.join(METHODS)}")
-    return METHODS[name]()
+def lookup(config: ActivationConfig) -> ActivationMethod:
+    """The method of `config`, checked against the options it supports (before any work)."""
+    if config.method not in METHODS:
+        valid = ", ".join(METHODS)
+        raise SparseLLMError(f"unknown activation method {config.method!r}; valid: {valid}")
+    method = METHODS[config.method]()
+    if config.head and method.target != "inputs":
+        raise SparseLLMError(f"head sparsity needs an input method, not {config.method!r}")
+    return method
 
 
 @contextmanager
@@ -138,7 +143,7 @@ def sparsify_activations(
     `calib` is (n, seqlen) token ids. Undo with `unwrap_activations`.
     """
     layout = get_layout(model)
-    method = lookup(config.method)
+    method = lookup(config)
     gen = torch.Generator().manual_seed(config.seed)
     batches = list(calib.split(batch_size))
     per_block: list[dict[str, Any]] = []
@@ -164,8 +169,6 @@ def sparsify_activations(
     run_sequential(model, batches, process, desc=f"{config.method} thresholds")
     out: dict[str, Any] = {"method": config.method, "sparsity": config.sparsity}
     if config.head:
-        if method.target != "inputs":
-            raise SparseLLMError(f"head sparsity needs an input method, not {config.method!r}")
         out["head"] = _fit_head(model, batches, method, config, gen)
     return {**out, "blocks": per_block}
 

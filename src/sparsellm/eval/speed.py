@@ -12,6 +12,7 @@ from __future__ import annotations
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -66,6 +67,25 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def alternate_medians(
+    jobs: dict[str, Callable[[], float]], repeats: int = 3, warmup: bool = True
+) -> dict[str, float]:
+    """Median seconds of each job, the jobs run in turn `repeats` times (a, b, a, b, ...).
+
+    Every timed comparison goes through here, so a drift of the machine (another
+    process, frequency scaling) hits all jobs alike rather than whichever ran last.
+    Each job runs once untimed first (allocator, thread pool, lazy builds).
+    """
+    if warmup:
+        for job in jobs.values():
+            job()
+    times: dict[str, list[float]] = {k: [] for k in jobs}
+    for _ in range(repeats):
+        for k, job in jobs.items():
+            times[k].append(job())
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def compare_speed(
     dense: torch.nn.Module,
     sparse: torch.nn.Module,
@@ -78,12 +98,9 @@ def compare_speed(
     jobs = [(f"prefill_{n}", lambda m, n=n: prefill_seconds(m, n), n) for n in lengths]
     jobs.append(("decode", lambda m: decode_seconds(m, new_tokens), new_tokens))
     for name, job, tokens in tqdm(jobs, desc="speed", unit="case", leave=False):
-        job(dense)  # warm-up (allocator, thread pool)
-        times: dict[str, list[float]] = {"dense": [], "sparse": []}
-        for _ in range(repeats):
-            times["dense"].append(job(dense))
-            times["sparse"].append(job(sparse))
-        med = {k: statistics.median(v) for k, v in times.items()}
+        med = alternate_medians(
+            {"dense": lambda j=job: j(dense), "sparse": lambda j=job: j(sparse)}, repeats
+        )
         entry = {
             "dense_tok_s": tokens / med["dense"],
             "sparse_tok_s": tokens / med["sparse"],
