@@ -7,27 +7,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sparsellm.cli import main
+from tests.cli import cli_args, last_json
 
 
 def _args(tiny_dir, text_file, out, *extra):
-    return [
-        "prune",
-        "--model",
-        str(tiny_dir),
-        "--calib",
-        str(text_file),
-        "--eval",
-        str(text_file),
-        "--nsamples",
-        "4",
-        "--seqlen",
-        "64",
-        "--eval-windows",
-        "4",
-        "--out",
-        str(out),
-        *extra,
-    ]
+    return cli_args("prune", tiny_dir, text_file, *extra, out=out)
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
@@ -35,7 +19,7 @@ def test_prune_end_to_end_json(tiny_dir, text_file, tmp_path, capsys, method):
     out = tmp_path / "sparse"
     code = main(_args(tiny_dir, text_file, out, "--method", method, "--pattern", "2:4", "--json"))
     assert code == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    result = last_json(capsys)
     for key in (
         "method",
         "pattern",
@@ -70,7 +54,7 @@ def test_prune_end_to_end_json(tiny_dir, text_file, tmp_path, capsys, method):
         )
         == 0
     )
-    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    again = last_json(capsys)
     assert again["ppl"] == pytest.approx(result["sparse_ppl"], rel=1e-6)
     assert again["block_linear_sparsity"] == pytest.approx(0.5)
 
@@ -82,7 +66,7 @@ def test_recipe_file(tiny_dir, text_file, tmp_path, capsys):
         "- method: magnitude\n  pattern: '4:8'\n  targets: ['re:.*self_attn']\n"
     )
     assert main(_args(tiny_dir, text_file, tmp_path / "o", "--recipe", str(recipe), "--json")) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    result = last_json(capsys)
     assert result["method"] == "wanda+magnitude"
     layers = result["layers"]
     assert layers["model.layers.0.mlp.up_proj"]["sparsity"] == pytest.approx(0.3, abs=0.01)
@@ -175,7 +159,7 @@ def test_prune_with_tasks_kl_and_speed(tiny_dir, text_file, tmp_path, capsys):
         "--json",
     )
     assert main(args) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    result = last_json(capsys)
     assert result["kl"] > 0 and 0 <= result["top1_agreement"] <= 1
     for side in ("dense", "sparse"):
         tasks = result["zeroshot"][side]
@@ -227,7 +211,7 @@ def test_eval_harness_equals_our_scorer_on_the_same_requests(tiny_dir, text_file
         "sparsellm_piqa,sparsellm_lambada",
     ]
     assert main(args) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    result = last_json(capsys)
     for task in ("piqa", "lambada"):
         ours, theirs = result["zeroshot"][task], result["harness"][f"sparsellm_{task}"]
         assert theirs["docs"] == ours["docs"] == 4
@@ -293,7 +277,7 @@ def test_recover_keeps_zeros_and_records_before_after(tiny_dir, text_file, tmp_p
         "--json",
     ]
     assert main(args) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    result = last_json(capsys)
     assert result["training"]["steps"] == 4 and result["after"]["kl"] >= 0
     before = AutoModelForCausalLM.from_pretrained(sparse)
     after = AutoModelForCausalLM.from_pretrained(out)
@@ -320,7 +304,7 @@ def test_recover_learn_masks_keeps_nm(tiny_dir, text_file, tmp_path, capsys):
         "--json",
     ]
     assert main(args) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    result = last_json(capsys)
     assert result["maskllm"]["steps"] == 5 and result["training"] is None
     model = AutoModelForCausalLM.from_pretrained(out)
     for name, p in model.named_parameters():
@@ -346,7 +330,7 @@ def test_recover_soft_prompt_is_saved_and_used_by_eval(tiny_dir, text_file, tmp_
         "--json",
     ]
     assert main(args) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    result = last_json(capsys)
     assert result["soft_prompt"]["n_tokens"] == 4 and (out / "soft_prompt.safetensors").is_file()
     ev = [
         "eval",
@@ -361,6 +345,6 @@ def test_recover_soft_prompt_is_saved_and_used_by_eval(tiny_dir, text_file, tmp_
         "--json",
     ]
     assert main(ev) == 0
-    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    evaluated = last_json(capsys)
     assert evaluated["soft_prompt"] is True
     assert evaluated["ppl"] == pytest.approx(result["after"]["sparse_ppl"], rel=1e-5)

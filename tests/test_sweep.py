@@ -8,27 +8,11 @@ import pytest
 from sparsellm.cli import main
 from sparsellm.errors import SparseLLMError
 from sparsellm.sweep import Point, grid
+from tests.cli import cli_args, last_json
 
 
 def _sweep(tiny_dir, text_file, out, *extra):
-    return [
-        "sweep",
-        "--model",
-        str(tiny_dir),
-        "--calib",
-        str(text_file),
-        "--eval",
-        str(text_file),
-        "--nsamples",
-        "4",
-        "--seqlen",
-        "64",
-        "--eval-windows",
-        "4",
-        "--out",
-        str(out),
-        *extra,
-    ]
+    return cli_args("sweep", tiny_dir, text_file, *extra, out=out)
 
 
 def test_grid_derives_nm_per_sparsity_and_deduplicates():
@@ -56,7 +40,7 @@ def test_sweep_runs_resumes_and_reports(tiny_dir, text_file, tmp_path, capsys):
         "--json",
     )
     assert main(args) == 0
-    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    first = last_json(capsys)
     assert len(first["points"]) == 8 and first["ran"] == first["points"]
     point = out / "points" / "wanda-unstructured-0.60"
     result = json.loads((point / "report.json").read_text())
@@ -67,7 +51,7 @@ def test_sweep_runs_resumes_and_reports(tiny_dir, text_file, tmp_path, capsys):
     shutil.rmtree(point)
     (out / "points" / ".wanda-unstructured-0.60.tmp-x").mkdir()
     assert main(args) == 0
-    second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    second = last_json(capsys)
     assert second["ran"] == ["wanda-unstructured-0.60"]
     again = json.loads((point / "report.json").read_text())
     assert again["sparse_ppl"] == pytest.approx(result["sparse_ppl"], rel=1e-6)

@@ -2,37 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from sparsellm.cli import main
+from tests.cli import cli_args, last_json
 
 
 def _activate(tiny_dir: Path, text_file: Path, *extra: str) -> list[str]:
-    return [
-        "activate",
-        "--model",
-        str(tiny_dir),
-        "--calib",
-        str(text_file),
-        "--eval",
-        str(text_file),
-        "--nsamples",
-        "4",
-        "--calib-seqlen",
-        "32",
-        "--seqlen",
-        "64",
-        "--eval-windows",
-        "2",
-        *extra,
-    ]
-
-
-def _last_json(capsys: pytest.CaptureFixture) -> dict:
-    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    return cli_args("activate", tiny_dir, text_file, "--calib-seqlen", "32", *extra, eval_windows=2)
 
 
 def test_activate_saves_and_eval_reapplies(tiny_dir, text_file, tmp_path, capsys) -> None:
@@ -41,7 +20,7 @@ def test_activate_saves_and_eval_reapplies(tiny_dir, text_file, tmp_path, capsys
         tiny_dir, text_file, "--method", "wina", "--speed", "--new-tokens", "8", "--out", str(out)
     )
     assert main([*args, "--json"]) == 0
-    result = _last_json(capsys)
+    result = last_json(capsys)
     assert result["sparse_ppl"] > result["dense_ppl"]
     assert result["measured_sparsity"] == pytest.approx(0.5, abs=0.1)
     assert result["decode_speed"]["skipped_fraction"] > 0.3
@@ -49,7 +28,7 @@ def test_activate_saves_and_eval_reapplies(tiny_dir, text_file, tmp_path, capsys
     assert (out / "activation_sparsity.safetensors").is_file()
     ev = ["eval", "--model", str(out), "--eval", str(text_file), "--seqlen", "64"]
     assert main([*ev, "--eval-windows", "2", "--json"]) == 0
-    assert _last_json(capsys)["ppl"] == pytest.approx(result["sparse_ppl"], rel=1e-5)
+    assert last_json(capsys)["ppl"] == pytest.approx(result["sparse_ppl"], rel=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -73,7 +52,7 @@ def test_activate_head_thresholds_the_lm_head(tiny_dir, text_file, capsys) -> No
         main([*_activate(tiny_dir, text_file, "--head", "--speed", "--new-tokens", "6"), "--json"])
         == 0
     )
-    result = _last_json(capsys)
+    result = last_json(capsys)
     assert result["config"]["head"]
     assert result["measured_sparsity"] == pytest.approx(0.5, abs=0.1)
     assert result["decode_speed"]["skipped_fraction"] > 0.3
