@@ -51,3 +51,15 @@ def test_split_perplexity_dense_at_zero_and_unwrap() -> None:
     assert split_perplexity(model, windows, 12) != dense
     unwrap_coreinfer(model)
     assert split_perplexity(model, windows, 12) == dense
+
+
+def test_core_is_ranked_by_the_magnitude_of_the_down_input() -> None:
+    from sparsellm.activation.coreinfer import CoreActivation
+
+    down = torch.nn.Linear(4, 2, bias=False)
+    wrapper = CoreActivation(down, sparsity=0.5, token_keep=0.5)
+    prompt = torch.tensor([[[-5.0, 0.1, 3.0, 0.2], [-4.0, 0.0, 2.0, 0.3]]])
+    assert torch.equal(wrapper(prompt), down(prompt))  # the prompt runs dense
+    assert wrapper.core.tolist() == [True, False, True, False]  # -5 counts by magnitude
+    h = torch.ones(1, 1, 4)
+    torch.testing.assert_close(wrapper(h), down(h * torch.tensor([1.0, 0.0, 1.0, 0.0])))

@@ -1,13 +1,20 @@
 """CoreInfer (Wang et al. 2024): sentence-level "core neurons" fixed after the prompt.
 
 For each prompt token, its token-wise core neurons are the `token_keep` fraction of MLP
-neurons with the largest gate activation. The sentence-wise core is the set of neurons
+neurons with the largest activation. The sentence-wise core is the set of neurons
 that are token-wise core most often across the prompt; it keeps (1 - sparsity) of the
 neurons. Decode then uses only those neurons for the whole generation: the MLP shrinks
 to a fixed, smaller dense MLP per prompt, so the runtime needs no per-token selection.
 
 No calibration: the wrapper (`CoreActivation`) computes the core on the first forward
 after `reset_cores` (the prompt, run dense) and applies it to every later forward.
+
+Deviation, measured: the paper ranks neurons by their (ReLU, so non-negative)
+activation. In a SwiGLU MLP we rank by |h| with h = act(gate(x)) · up(x), the input of
+the down projection, i.e. what a neuron actually contributes. On the default model
+(2 wiki windows, second half scored with the core from the first, dense 14.11) the
+signed gate activation gave perplexity 58.2 / 599.9 at 20% / 50% sparsity, |gate
+activation| 29.0 / 196.2, and |h| 24.9 / 127.8.
 """
 
 from __future__ import annotations
@@ -42,7 +49,8 @@ def core_neurons(acts: torch.Tensor, token_keep: float, sparsity: float) -> torc
 
 
 class CoreActivation(nn.Module):
-    """Wraps the MLP gate activation: learns the core on the prompt, then applies it."""
+    """Wraps the MLP down projection: learns the core from its input h on the prompt,
+    then zeroes h outside the core (so gate/up rows and down columns go unused)."""
 
     def __init__(self, base_layer: nn.Module, sparsity: float, token_keep: float) -> None:
         super().__init__()
@@ -52,34 +60,38 @@ class CoreActivation(nn.Module):
         self.register_buffer("core", torch.empty(0, dtype=torch.bool), persistent=False)
         self.enabled = True
 
-    def forward(self, g: torch.Tensor) -> torch.Tensor:
-        a = self.base_layer(g)
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
         if not self.enabled or self.sparsity <= 0:
-            return a
+            return self.base_layer(h)
         if self.core.numel() == 0:  # the prompt: run dense, remember its core
-            self.core = core_neurons(a.reshape(-1, a.shape[-1]), self.token_keep, self.sparsity)
-            return a
-        return a * self.core
+            scores = h.detach().reshape(-1, h.shape[-1]).abs()
+            self.core = core_neurons(scores, self.token_keep, self.sparsity)
+            return self.base_layer(h)
+        return self.base_layer(h * self.core)
 
 
 def apply_coreinfer(model: nn.Module, sparsity: float, token_keep: float = 0.4) -> None:
-    """Wrap every block's gate activation (reverse with `unwrap_coreinfer`)."""
+    """Wrap every block's down projection (reverse with `unwrap_coreinfer`)."""
     check_activation_sparsity(sparsity)
     if not 0 < token_keep <= 1:
         raise ValueError(f"token_keep must be in (0, 1], got {token_keep}")
-    layout = get_layout(model)
+    name = _down_name(model)
     for block in get_blocks(model):
-        act = block.get_submodule(layout.gate_act)
-        replace_module(block, layout.gate_act, CoreActivation(act, sparsity, token_keep))
+        down = block.get_submodule(name)
+        replace_module(block, name, CoreActivation(down, sparsity, token_keep))
+
+
+def _down_name(model: nn.Module) -> str:
+    return get_layout(model).input_groups[-1][0]
 
 
 def _wrappers(model: nn.Module) -> list[tuple[nn.Module, str, CoreActivation]]:
-    layout = get_layout(model)
+    name = _down_name(model)
     out = []
     for block in get_blocks(model):
-        act = block.get_submodule(layout.gate_act)
-        if isinstance(act, CoreActivation):
-            out.append((block, layout.gate_act, act))
+        down = block.get_submodule(name)
+        if isinstance(down, CoreActivation):
+            out.append((block, name, down))
     return out
 
 

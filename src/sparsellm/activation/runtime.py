@@ -188,8 +188,8 @@ class GatedMLP:
             self.seen += x.shape[0] * inter * 3 * x.shape[1]
             return self.core_mlp[1](self.act(gu[:, :k]) * gu[:, k:], False)
         gu = self.gate(x, False)
-        a = self.act(gu[:, :inter])
-        core = core_neurons(a, self.core.token_keep, self.core.sparsity)
+        h = self.act(gu[:, :inter]) * gu[:, inter:]
+        core = core_neurons(h.abs(), self.core.token_keep, self.core.sparsity)
         w_gu = self.gate.weight
         idx = core.nonzero().view(-1)
         rows = torch.cat([idx, idx + inter])
@@ -200,7 +200,7 @@ class GatedMLP:
         )
         for proj in self.core_mlp:
             proj.native = self.gate.native
-        return self.down(a * gu[:, inter:], False)
+        return self.down(h, False)
 
     def __call__(self, x: torch.Tensor, sparse: bool) -> torch.Tensor:
         if sparse and self.core is not None:
@@ -286,13 +286,12 @@ class DecodeRuntime:
         qkv_names, o_names, gu_names, down_names = layout.input_groups
         act = block.get_submodule(layout.gate_act)
         gate_thr = float(act.threshold) if isinstance(act, ThresholdedActivation) else 0.0
-        core = act if isinstance(act, CoreActivation) else None
-        base_act = (
-            act.base_layer if isinstance(act, (ThresholdedActivation, CoreActivation)) else act
-        )
+        base_act = act.base_layer if isinstance(act, ThresholdedActivation) else act
         gate_up = [block.get_submodule(n) for n in gu_names]
         up = gate_up[1].base_layer if isinstance(gate_up[1], ActSparseLinear) else gate_up[1]
-        down = Proj.fuse([block.get_submodule(down_names[0])])
+        down_mod = block.get_submodule(down_names[0])
+        core = down_mod if isinstance(down_mod, CoreActivation) else None
+        down = Proj.fuse([down_mod.base_layer if core is not None else down_mod])
         # CATS: the gate alone runs dense, up rows and down columns are gathered
         gate = Proj.fuse(gate_up[:1] if gate_thr > 0 else gate_up)
         up_bias = None if up.bias is None else up.bias.detach()
