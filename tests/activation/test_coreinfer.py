@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from sparsellm.activation.coreinfer import (
+    CoreActivation,
     apply_coreinfer,
     core_neurons,
     reset_cores,
@@ -54,8 +55,6 @@ def test_split_perplexity_dense_at_zero_and_unwrap() -> None:
 
 
 def test_core_is_ranked_by_the_magnitude_of_the_down_input() -> None:
-    from sparsellm.activation.coreinfer import CoreActivation
-
     down = torch.nn.Linear(4, 2, bias=False)
     wrapper = CoreActivation(down, sparsity=0.5, token_keep=0.5)
     prompt = torch.tensor([[[-5.0, 0.1, 3.0, 0.2], [-4.0, 0.0, 2.0, 0.3]]])
