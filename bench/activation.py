@@ -83,7 +83,7 @@ def config(method: str, sparsity: float, max_tokens: int, head: bool = False) ->
 def variants(args: argparse.Namespace) -> list[tuple[str, str, float, bool]]:
     """(row name, method, sparsity, head) for every calibrated input/gate method row;
     `--head` adds TEAL with the LM head thresholded too."""
-    methods = [m for m in args.methods.split(",") if m != "coreinfer"]
+    methods = [m for m in args.methods.split(",") if m and m != "coreinfer"]
     rows = [(f"{m} {s:g}", m, s, False) for m in methods for s in args.sparsities]
     if args.head:
         rows += [(f"teal+head {s:g}", "teal", s, True) for s in args.sparsities]
@@ -141,6 +141,11 @@ def quality(args: argparse.Namespace, name: str) -> dict[str, Any]:
             "weights_only_ppl": weights_only,
             **q,
         }
+        if head:  # the same blocks with the head dense: TEAL's own setting, for comparison
+            lm_head = model.get_output_embeddings()
+            lm_head.enabled = False
+            row["ppl_head_dense"] = perplexity(model, windows)["ppl"]
+            lm_head.enabled = True
         if tasks:
             row["tasks"] = run_tasks(model, tok, tasks, args.limit)
         out["rows"].append(row)
