@@ -42,6 +42,9 @@ def test_gradual_nm_mask_is_exact_at_n_over_m_and_looser_before():
     assert torch.equal(gradual_mask(scores, 0.5, Pattern(2, 4)), nm_mask(scores, 2, 4))
     early = gradual_mask(scores, 0.25, Pattern(2, 4))
     assert int(early.sum()) == 16 and not (early & ~nm_mask(scores, 2, 4)).any()
+    for pattern in (Pattern(), Pattern(2, 4)):  # the fast threshold agrees without ties
+        fast = gradual_mask(scores, 0.3, pattern, exact=False)
+        assert torch.equal(fast, gradual_mask(scores, 0.3, pattern))
 
 
 def test_two_weights_hand_computed():

@@ -67,13 +67,24 @@ def gradual_sparsity(target: float, t: int, total: int) -> float:
     return target * (1 - (1 - (t + 1) / total) ** 3)
 
 
-def gradual_mask(scores: torch.Tensor, sparsity: float, pattern: Pattern) -> torch.Tensor:
+def gradual_mask(
+    scores: torch.Tensor, sparsity: float, pattern: Pattern, exact: bool = True
+) -> torch.Tensor:
     """Mask (True = pruned) of the lowest `sparsity` scores; for N:M only among each
-    group's N lowest, so at sparsity N/M it is exactly the N:M mask."""
-    if not pattern.is_nm:
+    group's N lowest, so at sparsity N/M it is exactly the N:M mask.
+
+    `exact=False` thresholds at the k-th value instead (ties may prune a few more):
+    ~4x faster than topk on a 1536×576 layer, enough for the intermediate masks.
+    """
+    if pattern.is_nm:
+        candidates = nm_mask(scores, pattern.n, pattern.m)
+        scores = scores.masked_fill(~candidates, float("inf"))
+    if exact:
         return unstructured_mask(scores, sparsity, "layer")
-    candidates = nm_mask(scores, pattern.n, pattern.m)
-    return unstructured_mask(scores.masked_fill(~candidates, float("inf")), sparsity, "layer")
+    k = int(scores.numel() * sparsity)
+    if k == 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    return scores <= scores.reshape(-1).kthvalue(k).values
 
 
 def admm_prune(
@@ -102,13 +113,14 @@ def admm_prune(
     w0 = w0 * d  # normalised coordinates: |w0| is Wanda's score
     target = w0 @ a
     a.diagonal().add_(rho)
-    inv = torch.cholesky_inverse(torch.linalg.cholesky(a))
+    # (cholesky_inverse is ~25x slower than cholesky_solve against I on CPU)
+    inv = torch.cholesky_solve(torch.eye(len(a)), torch.linalg.cholesky(a))
     w, u = w0.clone(), torch.zeros_like(w0)
     pruned = mask
     for t in range(iterations):
         if mask is None and t < mask_iterations:
             s = gradual_sparsity(sparsity, t, mask_iterations)
-            pruned = gradual_mask((w + u).abs(), s, pattern)
+            pruned = gradual_mask((w + u).abs(), s, pattern, exact=t == mask_iterations - 1)
         assert pruned is not None
         z = (w + u).masked_fill(pruned, 0.0)
         u += w - z
