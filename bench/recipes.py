@@ -35,7 +35,13 @@ sys.path.insert(0, str(HERE))
 from vs_llmcompressor import llmc_python, run_peer  # noqa: E402
 
 OWL = {"allocation": "owl"}
-EVO = {"allocation": "evopress", "evo_state": str(HERE / "results" / "evopress-admm-70.json")}
+EVO = {  # a CPU-sized search: 5 levels (±2×5%), 16 generations × 4 offspring
+    "allocation": "evopress",
+    "evo_levels": 2,
+    "evo_generations": 16,
+    "evo_offspring": 4,
+    "evo_state": str(HERE / "results" / "evopress-admm-70.json"),
+}
 UPDATE = {"method": "admm_update", "iterations": 50}
 RECIPES: dict[str, tuple[str, list[dict]]] = {
     # name: (peer setting it is compared with, steps)
@@ -155,6 +161,11 @@ def main() -> None:
                     assert not missing, f"peer weights not in our model: {sorted(missing)[:3]}"
                     model.load_state_dict(state, strict=False)
                     scores[f"llmc-{key}"] = zeroshot(model, tok, args.zs_limit)
+    # merge with what other runs wrote meanwhile (runs may go in parallel)
+    now = json.loads(out.read_text()) if out.is_file() else {}
+    results = {**now.get("results", {}), **{n: results[n] for n in names + zs_rows if n in results}}
+    peers = {**now.get("llmcompressor", {}), **peers}
+    scores = {**now.get("zeroshot", {}), **scores}
     dense_ppl = next(iter(results.values()))["dense_ppl"]
     rows = []
     for key, peer in sorted(peers.items()):

@@ -2,13 +2,14 @@
 
 Prunes the default model 2:4 with `--start` (sparsegpt or admm; 32×512 c4), then applies
 each recovery variant to a fresh copy for `--steps` steps of `--batch-size` windows of
-512 tokens, and reports wiki perplexity (32×512), KL and top-1 to dense before and after,
-the wall time and tokens seen, and checks that every pruned weight is still exactly zero,
-also after `sparsellm.save` and reloading. Training text: c4 windows after the
-calibration ones. Writes bench/results/recovery.json (one file per --out).
+512 tokens (distill/LoRA stop early at `--minutes` of wall time), and reports wiki
+perplexity (32×512), KL and top-1 to dense before and after, the wall time and tokens
+seen, and checks that every pruned weight is still exactly zero, also after
+`sparsellm.save` and reloading. Training text: c4 windows after the calibration ones.
+Writes bench/results/recovery.json (or --out).
 
     python bench/recovery.py [--variants distill,lora,maskllm,prompt] [--steps 200]
-        [--start admm] [--lr 3e-4]
+        [--start admm] [--lr 3e-4] [--minutes 30]
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def main() -> None:
     ap.add_argument("--start", choices=["sparsegpt", "admm"], default="sparsegpt")
     ap.add_argument("--lr", type=float, default=None, help="distill/LoRA learning rate")
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--minutes", type=float, default=None, help="wall-time budget per variant")
     ap.add_argument("--out", default=str(HERE / "results" / "recovery.json"))
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -52,15 +54,16 @@ def main() -> None:
     zeros = {n: p == 0 for n, p in sparse.named_parameters() if p.dim() == 2}
     rows = [[f"{args.start} 2:4", compare_models(dense, sparse, windows), None]]
     steps, bs = args.steps, args.batch_size
+    budget = args.minutes * 60 if args.minutes else None
     for variant in args.variants.split(","):
         model = copy.deepcopy(sparse)
         evaluated = model
         if variant == "distill":
-            cfg = DistillConfig(steps=steps, batch_size=bs, lr=args.lr or 1e-4)
+            cfg = DistillConfig(steps=steps, batch_size=bs, lr=args.lr or 1e-4, max_seconds=budget)
             info = summary(distill(model, dense, train, cfg))
         elif variant == "lora":
             add_lora(model, rank=16)
-            cfg = DistillConfig(steps=steps, batch_size=bs, lr=args.lr or 1e-3)
+            cfg = DistillConfig(steps=steps, batch_size=bs, lr=args.lr or 1e-3, max_seconds=budget)
             info = summary(distill(model, dense, train, cfg))
             merge_lora(model)
         elif variant == "maskllm":
@@ -83,7 +86,8 @@ def main() -> None:
                 reloaded = dict(sl.load(Path(tmp) / "m").model.named_parameters())
                 for n, p in model.named_parameters():
                     assert n not in zeros or torch.equal(reloaded[n] == 0, p == 0), n
-        info = {**(info or {}), "tokens": steps * bs * train.shape[1], "start": args.start}
+        done = (info or {}).get("steps", steps)
+        info = {**(info or {}), "tokens": done * bs * train.shape[1], "start": args.start}
         rows.append([variant, compare_models(dense, evaluated, windows), info])
     dense_ppl = rows[0][1]["dense_ppl"]
     print(f"dense ppl {dense_ppl:.3f}")
@@ -103,6 +107,7 @@ def main() -> None:
             ],
         )
     )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(
         json.dumps([{"variant": n, "quality": q, "training": i} for n, q, i in rows], indent=2)
         + "\n"
