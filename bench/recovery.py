@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None, help="distill/LoRA learning rate")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--minutes", type=float, default=None, help="wall-time budget per variant")
+    ap.add_argument("--mask-steps", type=int, default=None, help="MaskLLM steps (default --steps)")
     ap.add_argument("--out", default=str(HERE / "results" / "recovery.json"))
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -67,7 +68,8 @@ def main() -> None:
             info = summary(distill(model, dense, train, cfg))
             merge_lora(model)
         elif variant == "maskllm":
-            log = learn_masks(model, dense, train, MaskLLMConfig(steps=steps, batch_size=bs))
+            mask_cfg = MaskLLMConfig(steps=args.mask_steps or steps, batch_size=bs)
+            log = learn_masks(model, dense, train, mask_cfg)
             info = {
                 "steps": len(log.losses),
                 "changed": log.changed_fraction,
