@@ -96,6 +96,7 @@ def main() -> None:
     ap.add_argument("--zeroshot", default="", help="rows to score: recipes, dense, llmc-KEY")
     ap.add_argument("--zs-limit", type=int, default=100)
     ap.add_argument("--out", default=str(HERE / "results" / "recipes.json"))
+    ap.add_argument("--save-dir", help="sparsellm.save every pruned model to DIR/NAME")
     args = ap.parse_args()
     names = [n for n in args.only.split(",") if n]
     zs_rows = [n for n in args.zeroshot.split(",") if n]
@@ -127,6 +128,8 @@ def main() -> None:
             "measured_sparsity": report.sparsity,
             **compare_models(dense, model, windows),
         }
+        if args.save_dir:  # e.g. a start point for bench/recovery.py --start DIR/NAME
+            sl.save(model, tok, Path(args.save_dir) / name.replace(":", "_"), overwrite=True)
         if name in zs_rows:
             scores[name] = zeroshot(model, tok, args.zs_limit)
         print(json.dumps({name: results[name]}), file=sys.stderr)

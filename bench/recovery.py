@@ -38,7 +38,8 @@ def main() -> None:
     ap.add_argument("--variants", default="distill,lora,maskllm,prompt")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--train-windows", type=int, default=256)
-    ap.add_argument("--start", choices=["sparsegpt", "admm"], default="sparsegpt")
+    ap.add_argument("--start", default="sparsegpt", help="sparsegpt, admm or a saved 2:4 model")
+    ap.add_argument("--skip-start-eval", action="store_true", help="don't score the start")
     ap.add_argument("--lr", type=float, default=None, help="distill/LoRA learning rate")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--minutes", type=float, default=None, help="wall-time budget per variant")
@@ -50,10 +51,16 @@ def main() -> None:
     data = sl.calibration(tok, "c4", 32 + args.train_windows, 512)
     calib, train = data[:32], data[32:]
     windows = sl.calibration(tok, "wiki", 32, 512)
-    sparse = copy.deepcopy(dense)
-    sl.sparsify(sparse, [{"method": args.start, "pattern": "2:4"}], calib)
+    if Path(args.start).is_dir():  # saved by bench/recipes.py --save-dir
+        sparse = sl.load(args.start).model
+    else:
+        sparse = copy.deepcopy(dense)
+        sl.sparsify(sparse, [{"method": args.start, "pattern": "2:4"}], calib)
     zeros = {n: p == 0 for n, p in sparse.named_parameters() if p.dim() == 2}
-    rows = [[f"{args.start} 2:4", compare_models(dense, sparse, windows), None]]
+    assert any(z.any() for z in zeros.values()), "the start model has no zeros"
+    rows = []
+    if not args.skip_start_eval:
+        rows.append([f"start {args.start}", compare_models(dense, sparse, windows), None])
     steps, bs = args.steps, args.batch_size
     budget = args.minutes * 60 if args.minutes else None
     for variant in args.variants.split(","):
@@ -91,7 +98,7 @@ def main() -> None:
         done = (info or {}).get("steps", steps)
         info = {**(info or {}), "tokens": done * bs * train.shape[1], "start": args.start}
         rows.append([variant, compare_models(dense, evaluated, windows), info])
-    dense_ppl = rows[0][1]["dense_ppl"]
+    dense_ppl = rows[0][1]["dense_ppl"]  # the same 32×512 wiki windows in every row
     print(f"dense ppl {dense_ppl:.3f}")
     print(
         table(
