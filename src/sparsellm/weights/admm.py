@@ -158,7 +158,11 @@ class ADMM(WeightPruner):
 
 
 class ADMMUpdate(ADMM):
-    """Keep the current zeros (a previous step's mask); re-fit the kept weights to W₀."""
+    """Keep the current zeros (a previous step's mask); re-fit the kept weights to W₀.
+
+    The step's `sparsity` / `pattern` are not used: the mask, and with it the pattern and
+    any per-layer allocation, is whatever the previous steps left.
+    """
 
     needs_dense = True
 
