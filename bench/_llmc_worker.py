@@ -5,7 +5,8 @@ llmcompressor pins its own transformers/torch and cannot live in the sparsellm v
 It prunes every nn.Linear inside the decoder blocks (never lm_head or embeddings) with
 the given pre-tokenized calibration windows, times only ``oneshot``, measures the
 sparsity / N:M validity it produced and the perplexity on the eval windows, and writes
-a JSON result (also printed as the last stdout line). Nothing is saved to disk.
+a JSON result (also printed as the last stdout line); with --save-weights also the
+pruned block weights (nothing else is saved).
 
 llm-compressor's ``mask_structure="N:M"`` means N *zeros* in every M consecutive
 weights along the input dimension (``topk(..., N, largest=False)`` is masked out);
@@ -57,6 +58,7 @@ def main() -> None:
     ap.add_argument("--pattern", choices=["unstructured", "2:4"], default="unstructured")
     ap.add_argument("--out", required=True)
     ap.add_argument("--dense", action="store_true", help="also measure ppl before pruning")
+    ap.add_argument("--save-weights", help="torch.save the pruned block linears' weights here")
     args = ap.parse_args()
 
     calib: torch.Tensor = torch.load(args.calib).long()
@@ -155,6 +157,8 @@ def main() -> None:
         "pipeline": "sequential",
         "pruned_linears": len(layers),
     }
+    if args.save_weights:  # lets the caller score the peer's model with its own harness
+        torch.save({f"{n}.weight": m.weight.detach() for n, m in layers.items()}, args.save_weights)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result), flush=True)
 

@@ -1,12 +1,15 @@
 """Recovery of a 2:4 model on the default model: distillation, LoRA, MaskLLM, soft prompt.
 
-Prunes the default model with SparseGPT 2:4 (32×512 c4), then applies each recovery
-variant to a fresh copy under a wall-time budget per variant, and reports wiki
-perplexity (32×512), KL and top-1 to dense before and after, the time taken, and
-checks that every pruned weight is still exactly zero. Training text: c4 windows after
-the calibration ones. Writes bench/results/recovery.json.
+Prunes the default model 2:4 with `--start` (sparsegpt or admm; 32×512 c4), then applies
+each recovery variant to a fresh copy for `--steps` steps of `--batch-size` windows of
+512 tokens (distill/LoRA stop early at `--minutes` of wall time), and reports wiki
+perplexity (32×512), KL and top-1 to dense before and after, the wall time and tokens
+seen, and checks that every pruned weight is still exactly zero, also after
+`sparsellm.save` and reloading. Training text: c4 windows after the calibration ones.
+Writes bench/results/recovery.json (or --out).
 
     python bench/recovery.py [--variants distill,lora,maskllm,prompt] [--steps 200]
+        [--start admm] [--lr 3e-4] [--minutes 30]
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -34,6 +38,12 @@ def main() -> None:
     ap.add_argument("--variants", default="distill,lora,maskllm,prompt")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--train-windows", type=int, default=256)
+    ap.add_argument("--start", default="sparsegpt", help="sparsegpt, admm or a saved 2:4 model")
+    ap.add_argument("--skip-start-eval", action="store_true", help="don't score the start")
+    ap.add_argument("--lr", type=float, default=None, help="distill/LoRA learning rate")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--minutes", type=float, default=None, help="wall-time budget per variant")
+    ap.add_argument("--mask-steps", type=int, default=None, help="MaskLLM steps (default --steps)")
     ap.add_argument("--out", default=str(HERE / "results" / "recovery.json"))
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -41,21 +51,32 @@ def main() -> None:
     data = sl.calibration(tok, "c4", 32 + args.train_windows, 512)
     calib, train = data[:32], data[32:]
     windows = sl.calibration(tok, "wiki", 32, 512)
-    sparse = copy.deepcopy(dense)
-    sl.sparsify(sparse, [{"method": "sparsegpt", "pattern": "2:4"}], calib)
+    if Path(args.start).is_dir():  # saved by bench/recipes.py --save-dir
+        sparse = sl.load(args.start).model
+    else:
+        sparse = copy.deepcopy(dense)
+        sl.sparsify(sparse, [{"method": args.start, "pattern": "2:4"}], calib)
     zeros = {n: p == 0 for n, p in sparse.named_parameters() if p.dim() == 2}
-    rows = [["sparsegpt 2:4", compare_models(dense, sparse, windows), None]]
+    assert any(z.any() for z in zeros.values()), "the start model has no zeros"
+    rows = []
+    if not args.skip_start_eval:
+        rows.append([f"start {args.start}", compare_models(dense, sparse, windows), None])
+    steps, bs = args.steps, args.batch_size
+    budget = args.minutes * 60 if args.minutes else None
     for variant in args.variants.split(","):
         model = copy.deepcopy(sparse)
         evaluated = model
         if variant == "distill":
-            info = summary(distill(model, dense, train, DistillConfig(steps=args.steps)))
+            cfg = DistillConfig(steps=steps, batch_size=bs, lr=args.lr or 1e-4, max_seconds=budget)
+            info = summary(distill(model, dense, train, cfg))
         elif variant == "lora":
             add_lora(model, rank=16)
-            info = summary(distill(model, dense, train, DistillConfig(steps=args.steps, lr=1e-3)))
+            cfg = DistillConfig(steps=steps, batch_size=bs, lr=args.lr or 1e-3, max_seconds=budget)
+            info = summary(distill(model, dense, train, cfg))
             merge_lora(model)
         elif variant == "maskllm":
-            log = learn_masks(model, dense, train, MaskLLMConfig(steps=args.steps))
+            mask_cfg = MaskLLMConfig(steps=args.mask_steps or steps, batch_size=bs)
+            log = learn_masks(model, dense, train, mask_cfg)
             info = {
                 "steps": len(log.losses),
                 "changed": log.changed_fraction,
@@ -69,8 +90,15 @@ def main() -> None:
         if variant != "maskllm":  # MaskLLM may move the mask; it keeps N:M instead
             for n, p in model.named_parameters():
                 assert n not in zeros or (p[zeros[n]] == 0).all(), n
+            with tempfile.TemporaryDirectory() as tmp:
+                sl.save(model, tok, Path(tmp) / "m")
+                reloaded = dict(sl.load(Path(tmp) / "m").model.named_parameters())
+                for n, p in model.named_parameters():
+                    assert n not in zeros or torch.equal(reloaded[n] == 0, p == 0), n
+        done = (info or {}).get("steps", steps)
+        info = {**(info or {}), "tokens": done * bs * train.shape[1], "start": args.start}
         rows.append([variant, compare_models(dense, evaluated, windows), info])
-    dense_ppl = rows[0][1]["dense_ppl"]
+    dense_ppl = rows[0][1]["dense_ppl"]  # the same 32×512 wiki windows in every row
     print(f"dense ppl {dense_ppl:.3f}")
     print(
         table(
@@ -88,6 +116,7 @@ def main() -> None:
             ],
         )
     )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(
         json.dumps([{"variant": n, "quality": q, "training": i} for n, q, i in rows], indent=2)
         + "\n"

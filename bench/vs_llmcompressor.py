@@ -88,6 +88,7 @@ def run_peer(
     pattern: str,
     out: Path,
     sparsity: float = 0.5,
+    save_weights: Path | None = None,
 ) -> dict:
     cmd = [
         python,
@@ -107,6 +108,8 @@ def run_peer(
         "--out",
         str(out),
     ]
+    if save_weights:
+        cmd += ["--save-weights", str(save_weights)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sparsellm.errors import SparseLLMError
+from sparsellm.weights.admm import ADMM, ADMMConfig, ADMMUpdate
 from sparsellm.weights.base import WeightPruneConfig, WeightPruner
 from sparsellm.weights.dsnot import DSnoT, DSnoTConfig
 from sparsellm.weights.gblm import GBLM, GBLMConfig
@@ -16,6 +17,8 @@ METHODS: dict[str, tuple[type[WeightPruneConfig], type[WeightPruner]]] = {
     "sparsegpt": (SparseGPTConfig, SparseGPT),
     "dsnot": (DSnoTConfig, DSnoT),
     "gblm": (GBLMConfig, GBLM),
+    "admm": (ADMMConfig, ADMM),
+    "admm_update": (ADMMConfig, ADMMUpdate),
 }
 
 

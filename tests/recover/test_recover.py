@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 from sparsellm.api import sparsify
+from sparsellm.errors import SparseLLMError
 from sparsellm.models.tiny import tiny_model
-from sparsellm.recover.distill import DistillConfig, distill, feature_loss, kl_loss
+from sparsellm.recover.distill import DistillConfig, _lr_at, distill, feature_loss, kl_loss
 from sparsellm.recover.lora import MaskedLoRALinear, add_lora, merge_lora
 
 
@@ -37,6 +38,17 @@ def test_full_distillation_keeps_zeros_and_lowers_the_loss(calib_ids):
         assert (p[zeros[name]] == 0).all(), name
     with torch.no_grad():
         assert torch.isfinite(sparse(input_ids=calib_ids[:1]).logits).all()
+
+
+def test_time_budget_stops_training_and_ends_the_schedule(calib_ids):
+    dense, sparse, _ = _pruned(calib_ids)
+    log = distill(sparse, dense, calib_ids, DistillConfig(steps=50, max_seconds=1e-9))
+    assert len(log.losses) == 1  # the first step always runs
+    cfg = DistillConfig(steps=100, lr=1.0, warmup=0, max_seconds=10.0)
+    assert _lr_at(1, cfg, 5.0) == pytest.approx(0.5)  # halfway in time: cosine at 1/2
+    assert _lr_at(1, cfg, 20.0) == pytest.approx(0.0)
+    with pytest.raises(SparseLLMError, match="max_seconds"):
+        DistillConfig(max_seconds=0)
 
 
 def test_masked_lora_starts_as_identity_and_merges_exactly(calib_ids):

@@ -40,10 +40,13 @@ class DistillConfig:
     weight_decay: float = 0.0
     warmup: int = 10
     seed: int = 0
+    max_seconds: float | None = None  # wall-time budget; the lr schedule follows it too
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise SparseLLMError("steps and batch_size must be >= 1")
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise SparseLLMError(f"max_seconds must be > 0, got {self.max_seconds}")
         if self.lr <= 0 or self.temperature <= 0:
             raise SparseLLMError("lr and temperature must be > 0")
 
@@ -73,11 +76,15 @@ def feature_loss(
     return total
 
 
-def _lr_at(step: int, cfg: DistillConfig) -> float:
+def _lr_at(step: int, cfg: DistillConfig, elapsed: float = 0.0) -> float:
+    """Linear warmup, then cosine decay to 0 at `steps` or at `max_seconds`, whichever
+    comes first (so a time-budgeted run still ends its schedule)."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.max_seconds:
+        progress = max(progress, elapsed / cfg.max_seconds)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def distill(
@@ -96,6 +103,9 @@ def distill(
     start = time.perf_counter()
     with FrozenMasks(student) as masks:
         for step in tqdm(range(cfg.steps), desc="distill", unit="step"):
+            elapsed = time.perf_counter() - start
+            if cfg.max_seconds and step and elapsed >= cfg.max_seconds:
+                break
             idx = torch.randint(0, data.shape[0], (cfg.batch_size,), generator=gen)
             ids = data[idx]
             with torch.no_grad():
@@ -107,7 +117,7 @@ def distill(
                     s_out.hidden_states[1:], t_out.hidden_states[1:]
                 )
             for group in opt.param_groups:
-                group["lr"] = _lr_at(step, cfg)
+                group["lr"] = _lr_at(step, cfg, elapsed)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -52,7 +52,9 @@ def inverse_hessian_factor(
         lam = dampening * (10**attempt) * mean_diag
         chol, info = torch.linalg.cholesky_ex(hessian + lam * eye)
         if info == 0:
-            inv = torch.cholesky_inverse(chol)
+            # cholesky_solve against I, not cholesky_inverse: same result, but the
+            # latter took 14 s vs 0.5 s for a 1536×1536 matrix on this CPU build.
+            inv = torch.cholesky_solve(eye, chol)
             upper, info = torch.linalg.cholesky_ex(inv, upper=True)
             if info == 0:
                 return upper
