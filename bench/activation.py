@@ -132,10 +132,15 @@ def quality(args: argparse.Namespace, name: str) -> dict[str, Any]:
         if wanda:
             sl.sparsify(model, [{"method": "wanda", "sparsity": 0.5}], sl.calibration(tok))
             weights_only = perplexity(model, windows)["ppl"]
-        fit = sparsify_activations(model, calib, config(method, s, args.max_tokens, head))
+        cfg = config(method, s, args.max_tokens, head)
+        if wanda:
+            fit = sparsify_activations(model, calib, cfg)
+        else:
+            fit = calibrated(model, calib, name, label, cfg)
         calib_s = time.perf_counter() - start
         reset_counts(model)
-        q = compare_models(dense, model, windows)
+        # a batch of 1 window: a 152k vocabulary makes 4 windows of logits ~1.2 GB each
+        q = compare_models(dense, model, windows, batch_size=args.eval_batch)
         row = {
             "method": label,
             "sparsity": s,
@@ -184,16 +189,18 @@ def quality(args: argparse.Namespace, name: str) -> dict[str, Any]:
 
 def calibrated(
     model: Any, calib: torch.Tensor, name: str, label: str, cfg: ActivationConfig
-) -> None:
+) -> dict[str, Any] | None:
     """Wrap `model` with thresholds cached under bench/results/act_states (calibrating
-    the first time), so the timed run on an idle machine need not recalibrate."""
+    the first time; returns the fit then), so later runs (the timed one on an idle
+    machine, or quality after speed) need not recalibrate."""
     d = HERE / "results" / "act_states" / name / f"{label.replace(' ', '_')}-mt{cfg.max_tokens}"
     if load_activation_state(model, d) is not None:
-        return
-    sparsify_activations(model, calib, cfg)
+        return None
+    fit = sparsify_activations(model, calib, cfg)
     tensors, meta = activation_state(model, dataclasses.asdict(cfg))
     d.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(d / STATE_FILE), metadata=meta)
+    return fit
 
 
 def speed(args: argparse.Namespace, name: str) -> dict[str, Any]:
@@ -216,6 +223,10 @@ def speed(args: argparse.Namespace, name: str) -> dict[str, Any]:
         calibrated(model, calib, name, label, config(method, s, args.max_tokens, head))
         rt = DecodeRuntime(model, max_len=256)
         runtimes[label] = (rt, {"sparse": True})
+        if head:  # the same blocks with the head dense, sharing the runtime's tables
+            blocks_only = copy.copy(rt)
+            blocks_only.lm_head = dataclasses.replace(rt.lm_head, rule=None)
+            runtimes[f"{label} (head dense)"] = (blocks_only, {"sparse": True})
         if label == "teal 0.5" and args.pure_torch:
             torch_rt = DecodeRuntime(model, max_len=256, native=False)
             runtimes["teal 0.5, pure torch"] = (torch_rt, {"sparse": True})
@@ -263,6 +274,7 @@ def main() -> None:
     ap.add_argument("--methods", default="teal,wina,rsparse,cats,coreinfer")
     ap.add_argument("--sparsities", default="0.5", type=lambda s: [float(x) for x in s.split(",")])
     ap.add_argument("--max-tokens", type=int, default=1024)
+    ap.add_argument("--eval-batch", type=int, default=4, help="windows per eval forward")
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--tasks", default="", help="zero-shot tasks or groups (quality part)")
     ap.add_argument("--limit", type=int, default=200)
