@@ -177,6 +177,7 @@ def _kernel_time(method: Any, qkv: dict[str, torch.Tensor], layer: int) -> dict:
 
 
 def _kv_speed(model: Any, method: Any, context: int, steps: int, repeats: int) -> dict:
+    """KV bytes after a `context` prompt vs dense; decode tok/s too unless `steps` is 0."""
     with sparse_attention(model, method) as session:
         cache = session.new_cache()
         decode_tokens_per_s(model, context, 1, cache)
@@ -184,18 +185,16 @@ def _kv_speed(model: Any, method: Any, context: int, steps: int, repeats: int) -
         dense_cache = DynamicCache()
         decode_tokens_per_s(model, context, 1, dense_cache)
         dense_bytes = cache_nbytes(dense_cache)
+        sizes = {"kv_bytes": kv_bytes, "dense_kv_bytes": dense_bytes}
+        sizes["kv_ratio"] = dense_bytes / kv_bytes
+        if not steps:
+            return sizes
 
         def timed(make: Any) -> Any:
             return lambda: 1.0 / decode_tokens_per_s(model, context, steps, make())
 
         d, m = _alternate(timed(DynamicCache), timed(session.new_cache), repeats)
-    return {
-        "kv_bytes": kv_bytes,
-        "dense_kv_bytes": dense_bytes,
-        "kv_ratio": dense_bytes / kv_bytes,
-        "dense_tok_s": 1 / d,
-        "method_tok_s": 1 / m,
-    }
+    return {**sizes, "dense_tok_s": 1 / d, "method_tok_s": 1 / m}
 
 
 def main() -> None:
@@ -210,6 +209,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--kernel-layer", type=int, default=15)
+    ap.add_argument(
+        "--quality-only",
+        action="store_true",
+        help="skip every timing (prefill, kernel, decode tok/s); KV bytes are still measured",
+    )
     ap.add_argument("--calib-length", type=int, default=4096, help="MInference search tokens")
     ap.add_argument("--out", default=str(HERE / "results" / "attention.json"))
     args = ap.parse_args()
@@ -232,7 +236,8 @@ def main() -> None:
         for n in args.ppl_lengths.split(",")
     }
     with torch.no_grad():
-        qkv = _capture_qkv(model, token_windows(tok, wiki, 1, args.speed_length), args.kernel_layer)
+        speed_ids = token_windows(tok, wiki, 1, args.speed_length)
+        qkv = None if args.quality_only else _capture_qkv(model, speed_ids, args.kernel_layer)
         dense = {
             "accuracy": _accuracy(model, samples, None),
             "ppl": {str(n): perplexity(model, w, batch_size=1)["ppl"] for n, w in windows.items()},
@@ -244,10 +249,9 @@ def main() -> None:
             entry["accuracy"] = _accuracy(model, samples, method)
             entry["ppl"] = _ppl(model, windows, method, args.tail)
             if _is_kv(method):
-                entry.update(
-                    _kv_speed(model, method, args.speed_length, args.decode_steps, args.repeats)
-                )
-            else:
+                steps = 0 if args.quality_only else args.decode_steps
+                entry.update(_kv_speed(model, method, args.speed_length, steps, args.repeats))
+            elif not args.quality_only:
                 entry["prefill"] = _prefill_speed(model, method, args.speed_length, args.repeats)
                 entry["kernel"] = _kernel_time(method, qkv, args.kernel_layer)
             results["methods"][spec] = entry
@@ -278,13 +282,13 @@ def _print(results: dict, lengths: tuple[int, ...]) -> None:
     for spec, e in results["methods"].items():
         acc = [e["accuracy"].get(c) for c in cols]
         if e["kind"] == "kv":
-            kv_rows.append(
-                [spec, e["kv_ratio"], e["method_tok_s"], e["dense_tok_s"], *acc, *e["ppl"].values()]
-            )
+            tok_s = [e.get("method_tok_s"), e.get("dense_tok_s")]
+            kv_rows.append([spec, e["kv_ratio"], *tok_s, *acc, *e["ppl"].values()])
         else:
             kern = e.get("kernel")
             ratio = kern["sdpa_s"] / kern["method_s"] if kern else None
-            rows.append([spec, e["prefill"]["speedup"], ratio, *acc, *e["ppl"].values()])
+            speedup = e["prefill"]["speedup"] if "prefill" in e else None
+            rows.append([spec, speedup, ratio, *acc, *e["ppl"].values()])
     print(table(head, rows))
     print()
     print(table(kv_head, kv_rows))
