@@ -30,6 +30,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from sparsellm.attention import kv, prefill
 from sparsellm.attention.blocksparse import block_sparse_attention
+from sparsellm.attention.double_sparsity import DoubleSparsity
+from sparsellm.attention.tidal import TidalDecode
 from sparsellm.errors import SparseLLMError
 from sparsellm.models.adapters import context_window
 
@@ -48,6 +50,8 @@ KV_METHODS: dict[str, type] = {
     "h2o": kv.H2O,
     "think": kv.ThinK,
     "quest": kv.Quest,
+    "tidal": TidalDecode,
+    "double_sparsity": DoubleSparsity,
 }
 METHODS = {**PREFILL_METHODS, **KV_METHODS}
 
@@ -61,7 +65,8 @@ def parse_attention(spec: str) -> Any:
             f"unknown attention method {name!r}; valid: {', '.join(sorted(METHODS))}"
         )
     cls = METHODS[name]
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "choice"}
+    # calibrated tables (MInference choice, Double Sparsity label) are not spec keys
+    fields = {f.name: f for f in dataclasses.fields(cls) if not isinstance(f.default, tuple)}
     kwargs: dict[str, Any] = {}
     for item in filter(None, (p.strip() for p in params.split(","))):
         key, eq, raw = item.partition("=")
@@ -181,6 +186,11 @@ def sparse_attention(model: torch.nn.Module, method: Any | str) -> Iterator[Atte
     if isinstance(method, prefill.MInference) and not method.choice:
         raise SparseLLMError(
             "minference needs per-head patterns: run attention.search.calibrate_minference first"
+        )
+    if isinstance(method, DoubleSparsity) and not method.label:
+        raise SparseLLMError(
+            "double_sparsity needs calibrated channels: run "
+            "attention.double_sparsity.calibrate_double_sparsity first"
         )
     before = model.config._attn_implementation
     if before != "sdpa":
