@@ -31,6 +31,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from sparsellm.attention import kv, prefill
 from sparsellm.attention.blocksparse import block_sparse_attention
 from sparsellm.attention.double_sparsity import DoubleSparsity
+from sparsellm.attention.speckv import SpecKV
 from sparsellm.attention.tidal import TidalDecode
 from sparsellm.errors import SparseLLMError
 from sparsellm.models.adapters import context_window
@@ -52,6 +53,7 @@ KV_METHODS: dict[str, type] = {
     "quest": kv.Quest,
     "tidal": TidalDecode,
     "double_sparsity": DoubleSparsity,
+    "speckv": SpecKV,
 }
 METHODS = {**PREFILL_METHODS, **KV_METHODS}
 
@@ -128,11 +130,12 @@ class AttentionSession:
     def compresses_cache(self) -> bool:
         return isinstance(self.method, tuple(KV_METHODS.values()))
 
-    def new_cache(self) -> Cache:
-        """A fresh cache: compressing for KV methods, a plain DynamicCache otherwise."""
+    def new_cache(self, prepared: kv.CompressedCache | None = None) -> Cache:
+        """A fresh cache: compressing for KV methods, a plain DynamicCache otherwise.
+        `prepared` adopts a compressing cache made elsewhere (SpecKV's `speckv_cache`)."""
         if not self.compresses_cache:
             return DynamicCache()
-        self.cache = kv.CompressedCache(self.method)
+        self.cache = prepared if prepared is not None else kv.CompressedCache(self.method)
         return self.cache
 
 
@@ -205,6 +208,29 @@ def sparse_attention(model: torch.nn.Module, method: Any | str) -> Iterator[Atte
         if session.compresses_cache:  # per-session names: drop them (no public unregister)
             AttentionInterface._global_mapping.pop(name, None)
             AttentionMaskInterface._global_mapping.pop(name, None)
+
+
+@contextlib.contextmanager
+def observing_attention(model: torch.nn.Module, observe: Any) -> Iterator[None]:
+    """Run `model` with SDPA unchanged while ``observe(module, query, key, scaling)`` sees
+    every attention call (post-RoPE, before attention); restored on exit."""
+
+    def forward(module: Any, query: Any, key: Any, value: Any, mask: Any, **kwargs: Any) -> Any:
+        scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        observe(module, query, key, scale)
+        return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+
+    before = model.config._attn_implementation
+    name = f"sparsellm_observe_{id(observe):x}"
+    AttentionInterface.register(name, forward)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+        AttentionInterface._global_mapping.pop(name, None)
+        AttentionMaskInterface._global_mapping.pop(name, None)
 
 
 def prepared_attention(

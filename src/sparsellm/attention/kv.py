@@ -161,10 +161,11 @@ class CompressedLayer(DynamicLayer):
 class CompressedCache(Cache):
     """Cache of `CompressedLayer`s; `method` says how each layer is compressed.
 
-    Decode-time selection methods may define ``decode_tokens(cache, layer_idx, query)``
-    (token indices ``(B, Hkv, n)`` to attend, or None for all) and ``observe(cache,
-    layer_idx, probs)`` (sees each decode step's attention weights ``(B, Hkv, T)``);
-    `shared` holds their state across layers (e.g. TidalDecode's selection)."""
+    Methods in their own files hook in through optional methods: ``decode_tokens(cache,
+    layer_idx, query)`` (token indices ``(B, Hkv, n)`` to attend, or None for all),
+    ``observe(cache, layer_idx, probs)`` (each decode step's attention weights
+    ``(B, Hkv, T)``) and ``after_prefill(cache, layer_idx)`` (compress right after the
+    exact prefill); `shared` holds their state (TidalDecode's selection, SpecKV's scores)."""
 
     def __init__(self, method: Any) -> None:
         super().__init__(layer_class_to_replicate=CompressedLayer)
@@ -302,4 +303,6 @@ def kv_attention(
         if hasattr(method, "observe"):
             method.observe(cache, module.layer_idx, probs[..., 0, :])
     after_attention(layer, method, query, scale, probs)
+    if q_len > 1 and hasattr(method, "after_prefill"):
+        method.after_prefill(cache, module.layer_idx)
     return out
