@@ -29,8 +29,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from sparsellm.attention import kv, prefill
+from sparsellm.attention.anchor import Anchor
 from sparsellm.attention.blocksparse import block_sparse_attention
 from sparsellm.attention.double_sparsity import DoubleSparsity
+from sparsellm.attention.moa import MoA
 from sparsellm.attention.speckv import SpecKV
 from sparsellm.attention.tidal import TidalDecode
 from sparsellm.errors import SparseLLMError
@@ -44,6 +46,8 @@ PREFILL_METHODS: dict[str, type] = {
     "vertical_slash": prefill.VerticalSlash,
     "flexprefill": prefill.FlexPrefill,
     "minference": prefill.MInference,
+    "moa": MoA,
+    "anchor": Anchor,
 }
 KV_METHODS: dict[str, type] = {
     "streaming_kv": kv.StreamingKV,
@@ -190,6 +194,8 @@ def sparse_attention(model: torch.nn.Module, method: Any | str) -> Iterator[Atte
         raise SparseLLMError(
             "minference needs per-head patterns: run attention.search.calibrate_minference first"
         )
+    if isinstance(method, MoA) and not method.spans:
+        raise SparseLLMError("moa needs per-head spans: run attention.moa.calibrate_moa first")
     if isinstance(method, DoubleSparsity) and not method.label:
         raise SparseLLMError(
             "double_sparsity needs calibrated channels: run "
@@ -237,19 +243,24 @@ def prepared_attention(
     model: torch.nn.Module, tokenizer: Any, method: Any, calib: str = "c4", seqlen: int = 4096
 ) -> contextlib.AbstractContextManager[AttentionSession]:
     """`sparse_attention` for a prefill method, calibrating MInference's per-head patterns
-    first (one window of `calib`: `seqlen` tokens, or the model's window if shorter). KV
-    methods are refused: a single forward (perplexity, scored answers) never decodes from
-    a cache."""
+    or MoA's per-head spans first (one window of `calib`: `seqlen` tokens, or the model's
+    window if shorter). KV methods are refused: a single forward (perplexity, scored
+    answers) never decodes from a cache."""
     from sparsellm.data.corpora import resolve_corpus, token_windows
 
     if isinstance(method, tuple(KV_METHODS.values())):
         raise SparseLLMError(
             "KV-cache methods act only while decoding; measure them with bench/attention.py"
         )
+    seqlen = min(seqlen, context_window(model) or seqlen)
     if isinstance(method, prefill.MInference) and not method.choice:
         from sparsellm.attention.search import calibrate_minference
 
-        seqlen = min(seqlen, context_window(model) or seqlen)
         ids = token_windows(tokenizer, resolve_corpus(calib), 1, seqlen)
         method, _ = calibrate_minference(model, ids, method)
+    if isinstance(method, MoA) and not method.spans:
+        from sparsellm.attention.moa import calibrate_moa
+
+        ids = token_windows(tokenizer, resolve_corpus(calib), 1, seqlen)
+        method, _ = calibrate_moa(model, ids, method)
     return sparse_attention(model, method)
