@@ -13,10 +13,10 @@ that adds sparse attention on top of the weight sparsity::
     attention: "sink_window:sink=64,window=1024"     # or {prefill: SPEC, kv: SPEC}
 
 A bare spec goes to ``prefill`` or ``kv`` by the method's kind. The prefill method runs
-whenever the pruned model is evaluated; the KV-cache method acts only while decoding
-(``sparsellm.attention.hf.sparse_attention`` with a session cache), so it is validated
-and recorded. Unknown keys are errors that list the valid keys, so typos never silently
-do nothing.
+whenever the pruned model is evaluated; the KV-cache method acts only while decoding, so
+here it is validated and recorded; generation uses both with
+``sparse_attention(model, recipe.kv, prefill=recipe.prefill or None)``. Unknown keys are
+errors that list the valid keys, so typos never silently do nothing.
 """
 
 from __future__ import annotations

@@ -129,6 +129,7 @@ class AttentionSession:
 
     method: Any
     cache: kv.CompressedCache | None = None
+    prefill: Any = None  # a sparse prefill method run before a KV method compresses
 
     @property
     def compresses_cache(self) -> bool:
@@ -166,7 +167,12 @@ def _kv_forward(
             "KV-cache compression supports unpadded batches: one prefill, then single-token steps"
         )
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    out = kv.kv_attention(module, query, key, value, cache, scale)
+    sparse = session.prefill
+    prefill_out = None
+    if sparse is not None and query.shape[2] >= max(sparse.min_length, 2):
+        mask = sparse.block_mask(query, key, module.layer_idx)
+        prefill_out = block_sparse_attention(query, key, value, mask, sparse.block, scale)
+    out = kv.kv_attention(module, query, key, value, cache, scale, prefill_out)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -184,12 +190,38 @@ def register(method: Any, session: AttentionSession | None = None) -> str:
 
 
 @contextlib.contextmanager
-def sparse_attention(model: torch.nn.Module, method: Any | str) -> Iterator[AttentionSession]:
+def sparse_attention(
+    model: torch.nn.Module, method: Any | str, prefill: Any | str | None = None
+) -> Iterator[AttentionSession]:
     """Run `model` with a sparse attention method inside the block; the previous attention
     implementation is restored on exit, even on error. KV methods act only on caches made
-    by the yielded session's `new_cache`."""
-    if isinstance(method, str):
-        method = parse_attention(method)
+    by the yielded session's `new_cache`; a KV method may take a sparse `prefill` method
+    too (a recipe's ``{prefill, kv}``), which then computes the prefill it compresses."""
+    method, prefill = (parse_attention(m) if isinstance(m, str) else m for m in (method, prefill))
+    for m in (method, prefill):
+        _check_calibrated(m)
+    if prefill is not None and (
+        not isinstance(method, tuple(KV_METHODS.values()))
+        or isinstance(prefill, tuple(KV_METHODS.values()))
+    ):
+        raise SparseLLMError("prefill= pairs a prefill method with a KV-cache method")
+    before = model.config._attn_implementation
+    if before != "sdpa":
+        raise SparseLLMError(f"sparse attention builds on sdpa; the model uses {before!r}")
+    session = AttentionSession(method, prefill=prefill)
+    name = register(method, session if session.compresses_cache else None)
+    model.set_attn_implementation(name)
+    try:
+        yield session
+    finally:
+        model.set_attn_implementation(before)
+        if session.compresses_cache:  # per-session names: drop them (no public unregister)
+            AttentionInterface._global_mapping.pop(name, None)
+            AttentionMaskInterface._global_mapping.pop(name, None)
+
+
+def _check_calibrated(method: Any) -> None:
+    """Methods with calibrated tables refuse to run without them."""
     if isinstance(method, prefill.MInference) and not method.choice:
         raise SparseLLMError(
             "minference needs per-head patterns: run attention.search.calibrate_minference first"
@@ -201,19 +233,6 @@ def sparse_attention(model: torch.nn.Module, method: Any | str) -> Iterator[Atte
             "double_sparsity needs calibrated channels: run "
             "attention.double_sparsity.calibrate_double_sparsity first"
         )
-    before = model.config._attn_implementation
-    if before != "sdpa":
-        raise SparseLLMError(f"sparse attention builds on sdpa; the model uses {before!r}")
-    session = AttentionSession(method)
-    name = register(method, session if session.compresses_cache else None)
-    model.set_attn_implementation(name)
-    try:
-        yield session
-    finally:
-        model.set_attn_implementation(before)
-        if session.compresses_cache:  # per-session names: drop them (no public unregister)
-            AttentionInterface._global_mapping.pop(name, None)
-            AttentionMaskInterface._global_mapping.pop(name, None)
 
 
 @contextlib.contextmanager

@@ -270,18 +270,22 @@ def kv_attention(
     value: torch.Tensor,
     cache: CompressedCache,
     scale: float,
+    prefill_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention over the (compressed) cache for this layer, then compress it further.
 
-    Prefill is exact causal SDPA. Decode with pruned key channels selects the same query
-    channels (scale unchanged: ThinK approximates the full dot product); H2O decode needs
-    the weights, so it computes them explicitly (one query row: cheap)."""
+    Prefill is exact causal SDPA, unless a sparse prefill already computed `prefill_out`.
+    Decode with pruned key channels selects the same query channels (scale unchanged:
+    ThinK approximates the full dot product); H2O decode needs the weights, so it computes
+    them explicitly (one query row: cheap)."""
     layer = cache.layers[module.layer_idx]
     method = cache.method
     b, hq, q_len, _ = query.shape
     hkv = key.shape[1]
     probs = None
-    if q_len > 1:
+    if prefill_out is not None:
+        out = prefill_out
+    elif q_len > 1:
         out = F.scaled_dot_product_attention(
             query, key, value, is_causal=True, scale=scale, enable_gqa=True
         )
