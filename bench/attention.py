@@ -33,6 +33,7 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from sparsellm.api import sparsify
 from sparsellm.attention.blocksparse import block_sparse_attention
 from sparsellm.attention.decode import (
     cache_nbytes,
@@ -40,13 +41,16 @@ from sparsellm.attention.decode import (
     cached_tail_nll,
     decode_tokens_per_s,
 )
+from sparsellm.attention.double_sparsity import DoubleSparsity, calibrate_double_sparsity
 from sparsellm.attention.hf import (
     KV_METHODS,
     parse_attention,
     sparse_attention,
 )
+from sparsellm.attention.moa import MoA, calibrate_moa
 from sparsellm.attention.prefill import MInference
 from sparsellm.attention.search import calibrate_minference
+from sparsellm.attention.speckv import SpecKV, speckv_cache
 from sparsellm.data.corpora import resolve_corpus, token_windows
 from sparsellm.eval.longctx import answer_correct, make_samples
 from sparsellm.eval.perplexity import perplexity
@@ -63,6 +67,8 @@ PREFILL = [
     "vertical_slash:vertical=256,slash=256",
     "flexprefill:gamma=0.9,tau=0.1",
     "minference",
+    "moa:density=0.25",
+    "anchor:theta=8",
 ]
 KV = [
     "streaming_kv:sink=64,window=1984",
@@ -70,6 +76,9 @@ KV = [
     "h2o:budget=2048,recent=1024",
     "think:keep=0.5,budget=2048",
     "quest:budget=2048",
+    "tidal:budget=2048",
+    "double_sparsity:budget=2048,channels=16",
+    "speckv:budget=2048",
 ]
 
 
@@ -77,14 +86,35 @@ def _is_kv(method: Any) -> bool:
     return isinstance(method, tuple(KV_METHODS.values()))
 
 
-def _accuracy(model: Any, samples: list, method: Any | None) -> dict[str, float]:
-    """Accuracy per task@length; KV methods (and their dense reference) decode from a cache."""
+def _cache_maker(session: Any, method: Any, draft: Any) -> Any:
+    """``make(prompt_ids)`` -> a fresh session cache (SpecKV: scored by the draft first)."""
+    if isinstance(method, SpecKV):
+        return lambda ids: session.new_cache(speckv_cache(draft, ids, method))
+    return lambda ids: session.new_cache()
+
+
+def _dense_nbytes(cache: Any) -> int:
+    """Bytes a dense cache would hold for the tokens `cache` has seen."""
+    return sum(
+        2 * layer.values[:, :, :1].numel() * layer.get_seq_length() * layer.values.element_size()
+        for layer in cache.layers
+    )
+
+
+def _accuracy(
+    model: Any, samples: list, method: Any | None, draft: Any = None, sizes: list | None = None
+) -> dict[str, float]:
+    """Accuracy per task@length; KV methods (and their dense reference) decode from a cache.
+    For KV methods, (stored, dense) cache bytes after each prompt are appended to `sizes`."""
     hits: dict[str, list[bool]] = {}
 
     def score(session: Any) -> None:
         for s in samples:
             if method is not None and _is_kv(method):
-                ok = cached_answer_correct(model, s, session.new_cache())
+                cache = _cache_maker(session, method, draft)(torch.tensor([s.prompt]))
+                ok = cached_answer_correct(model, s, cache)
+                if sizes is not None:
+                    sizes.append((cache_nbytes(cache), _dense_nbytes(cache)))
             else:
                 ok = answer_correct(model, s)
             hits.setdefault(f"{s.task}@{s.length}", []).append(ok)
@@ -97,19 +127,22 @@ def _accuracy(model: Any, samples: list, method: Any | None) -> dict[str, float]
     return {k: sum(v) / len(v) for k, v in hits.items()}
 
 
-def _ppl(model: Any, windows: dict[int, torch.Tensor], method: Any, tail: int) -> dict:
+def _ppl(
+    model: Any, windows: dict[int, torch.Tensor], method: Any, tail: int, draft: Any = None
+) -> dict:
     """Wiki perplexity per length: plain for prefill methods, cached tail for KV methods."""
     with sparse_attention(model, method) as session:
         if not _is_kv(method):
             return {str(n): perplexity(model, w, batch_size=1)["ppl"] for n, w in windows.items()}
-        return _tail_ppl(model, windows, tail, session.new_cache)
+        return _tail_ppl(model, windows, tail, _cache_maker(session, method, draft))
 
 
-def _tail_ppl(model: Any, windows: dict[int, torch.Tensor], tail: int, new_cache: Any) -> dict:
-    """Perplexity of each window's last `tail` tokens, decoded one by one from a new cache."""
+def _tail_ppl(model: Any, windows: dict[int, torch.Tensor], tail: int, make_cache: Any) -> dict:
+    """Perplexity of each window's last `tail` tokens, decoded one by one from a new cache
+    (``make_cache(prompt_ids)``)."""
     out = {}
     for n, w in windows.items():
-        nll = sum(cached_tail_nll(model, row, tail, new_cache()) for row in w)
+        nll = sum(cached_tail_nll(model, row, tail, make_cache(row[None, :-tail])) for row in w)
         out[str(n)] = float(torch.tensor(nll / (tail * w.shape[0])).exp())
     return out
 
@@ -124,11 +157,14 @@ def _alternate(fn_dense: Any, fn_method: Any, repeats: int) -> tuple[float, floa
 
 
 def _prefill_speed(model: Any, method: Any, length: int, repeats: int) -> dict:
+    # generate()'s protocol: the LM head runs for the last position only, in both arms
     def sparse() -> float:
         with sparse_attention(model, method):
-            return prefill_seconds(model, length)
+            return prefill_seconds(model, length, logits_to_keep=1)
 
-    dense_s, sparse_s = _alternate(lambda: prefill_seconds(model, length), sparse, repeats)
+    dense_s, sparse_s = _alternate(
+        lambda: prefill_seconds(model, length, logits_to_keep=1), sparse, repeats
+    )
     return {"dense_s": dense_s, "method_s": sparse_s, "speedup": dense_s / sparse_s}
 
 
@@ -174,6 +210,7 @@ def _kernel_time(method: Any, qkv: dict[str, torch.Tensor], layer: int) -> dict:
 
 
 def _kv_speed(model: Any, method: Any, context: int, steps: int, repeats: int) -> dict:
+    """KV bytes after a `context` prompt vs dense, and decode tok/s (alternating)."""
     with sparse_attention(model, method) as session:
         cache = session.new_cache()
         decode_tokens_per_s(model, context, 1, cache)
@@ -181,18 +218,14 @@ def _kv_speed(model: Any, method: Any, context: int, steps: int, repeats: int) -
         dense_cache = DynamicCache()
         decode_tokens_per_s(model, context, 1, dense_cache)
         dense_bytes = cache_nbytes(dense_cache)
+        sizes = {"kv_bytes": kv_bytes, "dense_kv_bytes": dense_bytes}
+        sizes["kv_ratio"] = dense_bytes / kv_bytes
 
         def timed(make: Any) -> Any:
             return lambda: 1.0 / decode_tokens_per_s(model, context, steps, make())
 
         d, m = _alternate(timed(DynamicCache), timed(session.new_cache), repeats)
-    return {
-        "kv_bytes": kv_bytes,
-        "dense_kv_bytes": dense_bytes,
-        "kv_ratio": dense_bytes / kv_bytes,
-        "dense_tok_s": 1 / d,
-        "method_tok_s": 1 / m,
-    }
+    return {**sizes, "dense_tok_s": 1 / d, "method_tok_s": 1 / m}
 
 
 def main() -> None:
@@ -207,7 +240,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--kernel-layer", type=int, default=15)
-    ap.add_argument("--calib-length", type=int, default=4096, help="MInference search tokens")
+    ap.add_argument(
+        "--quality-only",
+        action="store_true",
+        help="skip every timing (prefill, kernel, decode tok/s); KV bytes are still measured",
+    )
+    ap.add_argument(
+        "--calib-length", type=int, default=4096, help="MInference / MoA / Double Sparsity tokens"
+    )
+    ap.add_argument(
+        "--draft", default="wanda:0.5", help="SpecKV draft: METHOD:SPARSITY of a pruned copy"
+    )
     ap.add_argument("--out", default=str(HERE / "results" / "attention.json"))
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -215,10 +258,17 @@ def main() -> None:
     methods = {s: parse_attention(s) for s in specs}  # fail on a bad spec before loading
     model, tok = load_model("default")
     model.eval()
+    calib = token_windows(tok, resolve_corpus("c4"), 1, args.calib_length)
+    draft = None
     for spec, method in methods.items():  # calibrate once, outside every timing
         if isinstance(method, MInference) and not method.choice:
-            calib = token_windows(tok, resolve_corpus("c4"), 1, args.calib_length)
             methods[spec], _ = calibrate_minference(model, calib, method)
+        elif isinstance(method, MoA) and not method.spans:
+            methods[spec], _ = calibrate_moa(model, calib, method)
+        elif isinstance(method, DoubleSparsity) and not method.label:
+            methods[spec] = calibrate_double_sparsity(model, calib, method)
+        elif isinstance(method, SpecKV) and draft is None:
+            draft = _draft(model, tok, args.draft)
     lengths = tuple(int(x) for x in args.lengths.split(","))
     samples = [
         s for task in ("passkey", "needle") for s in make_samples(tok, task, lengths, args.samples)
@@ -229,30 +279,52 @@ def main() -> None:
         for n in args.ppl_lengths.split(",")
     }
     with torch.no_grad():
-        qkv = _capture_qkv(model, token_windows(tok, wiki, 1, args.speed_length), args.kernel_layer)
+        speed_ids = token_windows(tok, wiki, 1, args.speed_length)
+        qkv = None if args.quality_only else _capture_qkv(model, speed_ids, args.kernel_layer)
         dense = {
             "accuracy": _accuracy(model, samples, None),
             "ppl": {str(n): perplexity(model, w, batch_size=1)["ppl"] for n, w in windows.items()},
-            "tail_ppl": _tail_ppl(model, windows, args.tail, DynamicCache),
+            "tail_ppl": _tail_ppl(model, windows, args.tail, lambda ids: DynamicCache()),
         }
         results: dict[str, Any] = {"dense": dense, "methods": {}, "args": vars(args)}
         for spec, method in methods.items():
             entry: dict[str, Any] = {"kind": "kv" if _is_kv(method) else "prefill"}
-            entry["accuracy"] = _accuracy(model, samples, method)
-            entry["ppl"] = _ppl(model, windows, method, args.tail)
-            if _is_kv(method):
+            sizes: list[tuple[int, int]] = []
+            entry["accuracy"] = _accuracy(model, samples, method, draft, sizes)
+            entry["ppl"] = _ppl(model, windows, method, args.tail, draft)
+            if _is_kv(method) and (args.quality_only or isinstance(method, SpecKV)):
+                # bytes of the caches that answered the longest prompts (no extra prefill)
+                stored, full = sizes[-1]
+                entry.update(kv_bytes=stored, dense_kv_bytes=full, kv_ratio=full / stored)
+            elif _is_kv(method):
                 entry.update(
                     _kv_speed(model, method, args.speed_length, args.decode_steps, args.repeats)
                 )
-            else:
+            elif not args.quality_only:
                 entry["prefill"] = _prefill_speed(model, method, args.speed_length, args.repeats)
                 entry["kernel"] = _kernel_time(method, qkv, args.kernel_layer)
             results["methods"][spec] = entry
+            _write(args.out, results)  # after every method: a long run keeps what it did
             print(f"done {spec}", flush=True)
     _print(results, lengths)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
+    _write(args.out, results)
     print(f"wrote {args.out}")
+
+
+def _draft(model: Any, tok: Any, spec: str) -> Any:
+    """SpecKV's draft: a copy of `model` pruned by METHOD to SPARSITY on 16 c4 windows."""
+    import copy
+
+    name, _, sparsity = spec.partition(":")
+    draft = copy.deepcopy(model)
+    calib = token_windows(tok, resolve_corpus("c4"), 16, 512)
+    sparsify(draft, [{"method": name, "sparsity": float(sparsity or 0.5)}], calib)
+    return draft
+
+
+def _write(out: str, results: dict) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(results, indent=2))
 
 
 def _print(results: dict, lengths: tuple[int, ...]) -> None:
@@ -275,13 +347,13 @@ def _print(results: dict, lengths: tuple[int, ...]) -> None:
     for spec, e in results["methods"].items():
         acc = [e["accuracy"].get(c) for c in cols]
         if e["kind"] == "kv":
-            kv_rows.append(
-                [spec, e["kv_ratio"], e["method_tok_s"], e["dense_tok_s"], *acc, *e["ppl"].values()]
-            )
+            tok_s = [e.get("method_tok_s"), e.get("dense_tok_s")]  # absent: --quality-only
+            kv_rows.append([spec, e["kv_ratio"], *tok_s, *acc, *e["ppl"].values()])
         else:
             kern = e.get("kernel")
             ratio = kern["sdpa_s"] / kern["method_s"] if kern else None
-            rows.append([spec, e["prefill"]["speedup"], ratio, *acc, *e["ppl"].values()])
+            speedup = e["prefill"]["speedup"] if "prefill" in e else None
+            rows.append([spec, speedup, ratio, *acc, *e["ppl"].values()])
     print(table(head, rows))
     print()
     print(table(kv_head, kv_rows))

@@ -395,12 +395,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _recipe(args: argparse.Namespace) -> list[dict[str, Any]] | Any:
     from sparsellm.errors import SparseLLMError
-    from sparsellm.recipe import load_recipe, parse_recipe
+    from sparsellm.recipe import parse_recipe, read_recipe
 
     if args.recipe:
         if args.method or args.sparsity is not None or args.pattern:
             raise SparseLLMError("--recipe cannot be combined with --method/--sparsity/--pattern")
-        return load_recipe(args.recipe)
+        return parse_recipe(read_recipe(args.recipe))
     step: dict[str, Any] = dict(DEFAULT_RECIPE[0])
     if args.method:
         step["method"] = args.method
@@ -500,6 +500,7 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
 
     _check_counts(args)
     steps = _recipe(args)
+    _recipe_attention(args)  # a bad attention key fails before the model loads
     out = Path(args.out or f"sparsellm-runs/{time.strftime('%Y%m%d-%H%M%S')}")
     check_out_dir(out, args.overwrite)
     protocol = _protocol(args, _tasks(args))
@@ -512,7 +513,9 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     lengths = _lengths(args, model) if args.speed else ()
     # The dense copy lets one pass after pruning give both perplexities, KL and top-1.
     dense_model = None if args.no_dense_eval else copy.deepcopy(model)
-    result = prune_and_evaluate(model, dense_model, prep, steps, protocol)
+    result = prune_and_evaluate(
+        model, dense_model, prep, steps, protocol, attention=_recipe_attention(args)
+    )
     speed = None
     if args.speed:
         speed = result["speed"] = compare_speed(dense_model, model, lengths)
@@ -569,6 +572,8 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     check_window(loaded.model, args.seqlen)
     _check_longctx(args, loaded.model, tasks)
     base = model = loaded.model
+    if args.recipe:
+        _apply_recipe_steps(args, model, loaded.tokenizer)
     prompt_dir = Path(args.model)
     if (prompt_dir / PROMPT_FILE).is_file():  # a Compress-then-Prompt result
         if harness:
@@ -586,7 +591,9 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         )
         if tasks:
             result["zeroshot"] = _run_tasks(args, model, loaded.tokenizer, tasks)
-    result["attention"] = args.attention or "sdpa"
+    result["attention"] = _attention_spec(args) or "sdpa"
+    if args.recipe:
+        result["recipe"] = str(args.recipe)
     linears = [weight_matrix(m) for b in get_blocks(base) for m in block_linears(b).values()]
     zeros = sum(int((w == 0).sum()) for w in linears)
     result["block_linear_sparsity"] = zeros / sum(w.numel() for w in linears)
@@ -886,19 +893,59 @@ def _add_attention(p: argparse.ArgumentParser) -> None:
         "vertical_slash, flexprefill, minference (calibrated on c4 first). Sequences "
         "shorter than the method's min_length (default 2048) stay dense",
     )
+    p.add_argument(
+        "--recipe",
+        default=None,
+        metavar="FILE",
+        help="a recipe file: its weight steps are applied first (calibrated on c4, 32 "
+        "windows of --seqlen) and its attention: prefill method is used (exclusive with "
+        "--attention); composes weight sparsity with sparse attention",
+    )
+
+
+def _recipe_attention(args: argparse.Namespace) -> Any:
+    """The validated attention: key of --recipe (an AttentionRecipe), or None."""
+    from sparsellm.recipe import read_recipe, recipe_attention
+
+    return recipe_attention(read_recipe(args.recipe)) if args.recipe else None
+
+
+def _attention_spec(args: argparse.Namespace) -> str:
+    """--attention, or the prefill spec of --recipe's attention key ("" for none)."""
+    from sparsellm.errors import SparseLLMError
+
+    from_recipe = _recipe_attention(args)
+    if from_recipe is None:
+        return args.attention
+    if args.attention:
+        raise SparseLLMError("--attention cannot be combined with a recipe's attention key")
+    return from_recipe.prefill
 
 
 def _attention_method(args: argparse.Namespace) -> Any:
-    """The parsed --attention method (prefill methods only), or None."""
+    """The parsed prefill method of `_attention_spec`, or None."""
     from sparsellm.attention.hf import KV_METHODS, parse_attention
     from sparsellm.errors import SparseLLMError
 
-    method = parse_attention(args.attention) if args.attention else None
+    spec = _attention_spec(args)
+    method = parse_attention(spec) if spec else None
     if isinstance(method, tuple(KV_METHODS.values())):
         raise SparseLLMError(
             "KV-cache methods act only while decoding; measure them with bench/attention.py"
         )
     return method
+
+
+def _apply_recipe_steps(args: argparse.Namespace, model: Any, tokenizer: Any) -> None:
+    """Prune `model` in place with the weight steps of --recipe (none: nothing to do)."""
+    from sparsellm.api import sparsify
+    from sparsellm.data.corpora import resolve_corpus, token_windows
+    from sparsellm.recipe import parse_recipe, read_recipe
+
+    steps = parse_recipe(read_recipe(args.recipe), allow_empty=True)
+    if steps:
+        calib = token_windows(tokenizer, resolve_corpus("c4"), 32, args.seqlen)
+        sparsify(model, steps, calib)
 
 
 def _attention(args: argparse.Namespace, model: Any, tokenizer: Any) -> Any:

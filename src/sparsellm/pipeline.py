@@ -112,11 +112,16 @@ def prune_and_evaluate(
     steps: Any,
     protocol: Protocol,
     dense_tasks: dict[str, Any] | None = None,
+    attention: Any = None,
 ) -> dict[str, Any]:
     """Prune `model` in place with `steps`, evaluate it (beside `dense` when given).
 
     `dense_tasks` reuses dense task results across a sweep (they do not change).
+    `attention` (a recipe's `AttentionRecipe`) runs the pruned model's evaluation with
+    its sparse prefill method; the dense reference keeps SDPA.
     """
+    import contextlib
+
     from sparsellm.api import sparsify, versions
     from sparsellm.eval.kl import compare_models
     from sparsellm.eval.perplexity import perplexity
@@ -131,15 +136,23 @@ def prune_and_evaluate(
         calib_dtype=DTYPES[protocol.calib_dtype],
     )
     quality: dict[str, Any] = {"dense_ppl": None, "kl": None, "top1_agreement": None}
-    if dense is not None:
-        quality.update(compare_models(dense, model, prep.eval_ids))
-    else:
-        quality["sparse_ppl"] = perplexity(model, prep.eval_ids, desc="sparse perplexity")["ppl"]
     zeroshot: dict[str, Any] = {}
-    if protocol.tasks:
+    if protocol.tasks and dense is not None:
+        zeroshot["dense"] = dense_tasks or run_tasks(dense, tok, protocol)
+    sparse_attn = contextlib.nullcontext()
+    if attention is not None and attention.prefill:
+        from sparsellm.attention.hf import parse_attention, prepared_attention
+
+        sparse_attn = prepared_attention(model, tok, parse_attention(attention.prefill))
+    with sparse_attn:
         if dense is not None:
-            zeroshot["dense"] = dense_tasks or run_tasks(dense, tok, protocol)
-        zeroshot["sparse"] = run_tasks(model, tok, protocol)
+            quality.update(compare_models(dense, model, prep.eval_ids))
+        else:
+            quality["sparse_ppl"] = perplexity(model, prep.eval_ids, desc="sparse perplexity")[
+                "ppl"
+            ]
+        if protocol.tasks:
+            zeroshot["sparse"] = run_tasks(model, tok, protocol)
     p = protocol
     return {
         "method": "+".join(s["method"] for s in report.steps),
@@ -155,6 +168,7 @@ def prune_and_evaluate(
         "speed": None,
         "model": prep.loaded.info,
         "recipe": report.steps,
+        "attention": attention.to_dict() if attention is not None else None,
         "calib": {
             "data": prep.corpora["calib"].describe(),
             "nsamples": p.nsamples,

@@ -55,3 +55,21 @@ def test_group_shared_masks_equal_masked_dense() -> None:
     got = block_sparse_attention(q, k, v, mask, 8)
     ref = masked_dense_attention(q, k, v, mask, 8)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_band_lengths_count_the_run_before_the_diagonal() -> None:
+    from sparsellm.attention.blocksparse import band_lengths
+
+    # rows = query blocks 0..3 of one head; row 3 selects blocks 0 and 2 (run of 1 before 3)
+    earlier = torch.tensor(
+        [[0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0]], dtype=torch.bool
+    )
+    assert band_lengths(earlier).tolist() == [0, 1, 2, 1]
+
+
+def test_sink_window_uses_band_and_gather_parts_exactly() -> None:
+    q, k, v = _qkv(1, 6, 3, 200, 8, seed=11)
+    mask = P.sink_window(P.n_blocks(200, 8), 2, 5)  # 2 gathered sink blocks + a band of 4
+    got = block_sparse_attention(q, k, v, mask, 8, scale=0.3)
+    ref = masked_dense_attention(q, k, v, mask, 8, scale=0.3)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

@@ -150,3 +150,25 @@ def test_generate_with_compressed_cache_keeps_budget() -> None:
         )
     assert out.shape[1] == 65
     assert all(layer.keys.shape[2] == 20 for layer in cache.layers)
+
+
+def test_kv_method_with_sparse_prefill_composes() -> None:
+    """A KV method's prefill computed by a prefill method: same first logits as that
+    prefill method alone, then decoding from the compressed cache."""
+    from sparsellm.errors import SparseLLMError
+
+    model = tiny_model("llama", 0)
+    ids = _ids(60)
+    window = "sink_window:sink=8,window=16,block=8,min_length=16"
+    with sparse_attention(model, window):
+        ref = model(ids).logits[:, -1]
+    with sparse_attention(model, "snapkv:budget=24,window=8", prefill=window) as session:
+        cache = session.new_cache()
+        _, logits = _greedy(model, ids, 2, cache)
+    torch.testing.assert_close(logits[0], ref, atol=1e-5, rtol=1e-5)
+    assert cache.layers[0].keys.shape[2] == 24 + 2
+    with (
+        pytest.raises(SparseLLMError, match="pairs a prefill"),
+        sparse_attention(model, window, prefill=window),
+    ):
+        pass

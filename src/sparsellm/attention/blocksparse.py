@@ -1,32 +1,68 @@
 """Block-sparse causal attention on CPU that computes only the selected key blocks.
 
-For a chunk of query blocks we gather just their selected K/V blocks (padded to the
-chunk's largest selection), run one batched matmul for the scores, mask the padding and
-the causal triangle of the diagonal block, take one numerically stable softmax over the
-gathered keys and one batched matmul with V. Work and memory scale with the number of
-selected blocks; no ``L × L`` matrix exists at any point. Because a query block sees all
-its selected keys in one gather, a single max-subtracted softmax is exact (the online
-rescaling of flash attention is only needed when keys arrive in several passes).
+Work is organised in *rows*: one row per (batch, selection head, query block) holding the
+queries of every query head that shares the selection (a GQA group stacks its heads, so
+their shared K/V blocks are read once). A row's selected key blocks split into three
+parts, each attended with the fused CPU flash-attention kernel, which also returns every
+query's log-sum-exp so the partial softmaxes merge exactly
+(``out = Σ_p exp(lse_p - lse) · out_p``):
 
-GQA is handled by indexing the shared K/V head of each query head, never by repeating K/V.
-`masked_dense_attention` is the reference the tests compare against.
+* the diagonal block, the only one needing a causal mask: one batched call for all rows;
+* the *band*, the run of selected blocks just before the diagonal (a sliding window):
+  consecutive rows with the same band length read overlapping slabs of the contiguous
+  K/V through one strided view, so nothing is copied;
+* the rest (sinks, dilated or dynamically chosen blocks): rows with the same count
+  gather exactly their blocks (``index_select`` of whole blocks, no padding, no mask).
+
+No mask tensor, score matrix or ``L × L`` object exists; work and memory scale with the
+number of selected blocks. `masked_dense_attention` is the reference of the tests.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 import torch.nn.functional as F
 
 from sparsellm.attention.patterns import expand_blocks, n_blocks
 
-KEYS_PER_CHUNK = 1 << 16  # gathered keys per (batch, head) and chunk: bounds temporary memory
+KEYS_PER_CHUNK = 1 << 18  # gathered keys per call of the gathered part: bounds memory
 
 
-def _selection(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of a block mask: selected key-block indices first (ascending), and counts."""
-    counts = mask.sum(-1)
-    order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)
-    return order, counts
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention output and per-query log-sum-exp for ``(N, H, Lq, D)`` inputs: the fused
+    CPU flash kernel where it exists (it returns the lse), explicit softmax elsewhere."""
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, causal, scale=scale
+        )
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if causal:
+        upper = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1)
+        s = s.masked_fill(upper, float("-inf"))
+    return torch.matmul(torch.softmax(s, -1), v), s.logsumexp(-1)
+
+
+def band_lengths(earlier: torch.Tensor) -> torch.Tensor:
+    """Per row of a strictly-lower block mask ``(rows, nb)`` whose row ``r`` is query block
+    ``r % nb``: how many consecutive blocks right before the diagonal are selected."""
+    rows, nb = earlier.shape
+    i = (torch.arange(rows, device=earlier.device) % nb)[:, None]
+    back = i - 1 - torch.arange(nb, device=earlier.device)  # blocks i-1, i-2, ...
+    run = earlier.gather(1, back.clamp(min=0)) & (back >= 0)
+    return run.cumprod(1).sum(1)
+
+
+def _runs(band: torch.Tensor, nb: int) -> list[tuple[int, int, int]]:
+    """Maximal ``(start, stop, band)`` runs of consecutive rows of one (batch, head) with
+    the same non-zero band length."""
+    change = torch.ones_like(band, dtype=torch.bool)
+    change[1:] = (band[1:] != band[:-1]) | (torch.arange(1, len(band)) % nb == 0)
+    starts = [*change.nonzero()[:, 0].tolist(), len(band)]
+    return [(a, z, int(band[a])) for a, z in itertools.pairwise(starts) if band[a] > 0]
 
 
 def block_sparse_attention(
@@ -40,9 +76,8 @@ def block_sparse_attention(
     """Causal attention restricted to `block_mask`; returns ``(B, Hq, L, D)``.
 
     `query` is ``(B, Hq, L, D)``, `key`/`value` ``(B, Hkv, L, D)`` with ``Hq % Hkv == 0``;
-    `block_mask` is ``(nb, nb)`` or ``(B | 1, H, nb, nb)`` with H in {1, Hkv, Hq} and must
-    keep each diagonal block. A mask shared by a KV group (H <= Hkv) gathers each K/V block
-    once for the whole group and stacks the group's queries into one matmul.
+    `block_mask` is ``(nb, nb)`` or ``(B | 1, H, nb, nb)`` with H in {1, Hkv, Hq}. The
+    diagonal block is always attended (whatever the mask says), so every softmax is defined.
     """
     b, hq, length, d = query.shape
     hkv = key.shape[1]
@@ -50,44 +85,67 @@ def block_sparse_attention(
     scale = d**-0.5 if scale is None else scale
     mask = block_mask if block_mask.dim() == 4 else block_mask[None, None]
     mh = hq if mask.shape[1] == hq else hkv  # heads that own a selection
-    rep = hq // mh  # query heads stacked per selection
-    mask = mask.expand(b, mh, nb, nb)
+    rep = hq // mh  # query heads stacked per row
+    earlier = mask.expand(b, mh, nb, nb).tril(-1).reshape(-1, nb)  # (rows, nb)
+    n_rows = earlier.shape[0]
     pad = nb * block - length
-    if pad:
-        query, key, value = (F.pad(t, (0, 0, 0, pad)) for t in (query, key, value))
-    kb = key.reshape(b, hkv * nb, block, d)
-    vb = value.reshape(b, hkv * nb, block, d)
-    # (B, mh, nb, rep*block, D): a selection's query heads side by side in the row dim
-    qb = query.reshape(b, mh, rep, nb, block, d).transpose(2, 3).reshape(b, mh, nb, rep * block, d)
-    order, counts = _selection(mask)
-    kv_head = (torch.arange(mh) // (mh // hkv))[None, :, None, None]
-    tok = torch.arange(block)
-    out = torch.empty_like(qb)
-    batch = torch.arange(b)[:, None]
-    start = 0
-    while start < nb:
-        # grow the chunk while its padded gather stays under the key budget
-        stop, widest = start + 1, int(counts[..., start].max())
-        while stop < nb:
-            w = max(widest, int(counts[..., stop].max()))
-            if (stop + 1 - start) * w * block > KEYS_PER_CHUNK:
-                break
-            widest, stop = w, stop + 1
-        g, rows = stop - start, slice(start, stop)
-        sel = order[:, :, rows, :widest]  # (B, mh, g, w) key-block ids
-        flat = (kv_head * nb + sel).reshape(b, -1)
-        k = kb[batch, flat].reshape(b, mh, g, widest * block, d)
-        v = vb[batch, flat].reshape(b, mh, g, widest * block, d)
-        scores = torch.matmul(qb[:, :, rows], k.transpose(-1, -2)).mul_(scale)
-        q_pos = (torch.arange(start, stop)[:, None] * block + tok).repeat(1, rep)[..., None]
-        k_pos = (sel[..., None] * block + tok).reshape(b, mh, g, 1, widest * block)
-        valid = torch.arange(widest) < counts[:, :, rows, None]
-        allowed = (k_pos <= q_pos) & valid.repeat_interleave(block, -1)[..., None, :]
-        scores.masked_fill_(~allowed, float("-inf"))
-        out[:, :, rows] = torch.matmul(torch.softmax(scores, dim=-1), v)
-        start = stop
-    out = out.reshape(b, mh, nb, rep, block, d).transpose(2, 3).reshape(b, hq, nb * block, d)
-    return out[:, :, :length]
+    query, key, value = (F.pad(t, (0, 0, 0, pad)).contiguous() for t in (query, key, value))
+    qrows = query.reshape(b, mh, rep, nb, block, d).transpose(2, 3).reshape(n_rows, rep, block, d)
+    kflat, vflat = key.reshape(-1, d), value.reshape(-1, d)
+    row = torch.arange(n_rows)
+    qblock = row % nb
+    # flat key-block id of block 0 of each row's KV head: (batch * Hkv + kv head) * nb
+    base = ((row // (mh * nb)) * hkv + (row // nb % mh) // (mh // hkv)) * nb
+
+    def blocks(flat: torch.Tensor, ids: torch.Tensor, per_row: int) -> torch.Tensor:
+        got = flat.view(-1, block, d).index_select(0, ids)
+        return got.reshape(-1, 1, per_row * block, d)
+
+    diag = base + qblock
+    kd, vd = (blocks(t, diag, 1).expand(n_rows, rep, block, d) for t in (kflat, vflat))
+    out, lse = _attend(qrows, kd, vd, True, scale)
+    parts = [(out.reshape(n_rows, rep * block, d), lse.reshape(n_rows, rep * block))]
+    qrows = qrows.reshape(n_rows, 1, rep * block, d)
+
+    band = band_lengths(earlier)
+    out_b = torch.zeros(n_rows, rep * block, d, dtype=query.dtype)
+    lse_b = torch.full((n_rows, rep * block), float("-inf"))
+    for start, stop, r in _runs(band, nb):
+        offset = int(base[start] + qblock[start] - r) * block * d
+        size, strides = (stop - start, 1, r * block, d), (block * d, 0, d, 1)
+        k = kflat.as_strided(size, strides, kflat.storage_offset() + offset)
+        v = vflat.as_strided(size, strides, vflat.storage_offset() + offset)
+        o, s = _attend(qrows[start:stop], k, v, False, scale)
+        out_b[start:stop], lse_b[start:stop] = o[:, 0], s[:, 0]
+    parts.append((out_b, lse_b))
+
+    rest = earlier & (torch.arange(nb) < (qblock - band)[:, None])
+    counts = rest.sum(-1)
+    order = torch.argsort((~rest).to(torch.int8), dim=-1, stable=True)  # selected first
+    out_g = torch.zeros_like(out_b)
+    lse_g = torch.full_like(lse_b, float("-inf"))
+    for c in counts.unique().tolist():
+        if c == 0:
+            continue
+        for rows in row[counts == c].split(max(1, KEYS_PER_CHUNK // (c * block))):
+            ids = (base[rows, None] + order[rows, :c]).flatten()
+            o, s = _attend(
+                qrows.index_select(0, rows),
+                blocks(kflat, ids, c),
+                blocks(vflat, ids, c),
+                False,
+                scale,
+            )
+            out_g.index_copy_(0, rows, o[:, 0])
+            lse_g.index_copy_(0, rows, s[:, 0])
+    parts.append((out_g, lse_g))
+
+    total = torch.stack([s for _, s in parts]).logsumexp(0)
+    out = parts[0][0].mul_((parts[0][1] - total).exp()[..., None])  # in place: few passes
+    for o, s in parts[1:]:
+        out.addcmul_(o, (s - total).exp()[..., None])
+    out = out.reshape(b, mh, nb, rep, block, d).transpose(2, 3)
+    return out.reshape(b, hq, nb * block, d)[:, :, :length]
 
 
 def masked_dense_attention(

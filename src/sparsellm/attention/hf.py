@@ -29,7 +29,12 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from sparsellm.attention import kv, prefill
+from sparsellm.attention.anchor import Anchor
 from sparsellm.attention.blocksparse import block_sparse_attention
+from sparsellm.attention.double_sparsity import DoubleSparsity
+from sparsellm.attention.moa import MoA
+from sparsellm.attention.speckv import SpecKV
+from sparsellm.attention.tidal import TidalDecode
 from sparsellm.errors import SparseLLMError
 from sparsellm.models.adapters import context_window
 
@@ -41,6 +46,8 @@ PREFILL_METHODS: dict[str, type] = {
     "vertical_slash": prefill.VerticalSlash,
     "flexprefill": prefill.FlexPrefill,
     "minference": prefill.MInference,
+    "moa": MoA,
+    "anchor": Anchor,
 }
 KV_METHODS: dict[str, type] = {
     "streaming_kv": kv.StreamingKV,
@@ -48,6 +55,9 @@ KV_METHODS: dict[str, type] = {
     "h2o": kv.H2O,
     "think": kv.ThinK,
     "quest": kv.Quest,
+    "tidal": TidalDecode,
+    "double_sparsity": DoubleSparsity,
+    "speckv": SpecKV,
 }
 METHODS = {**PREFILL_METHODS, **KV_METHODS}
 
@@ -61,7 +71,8 @@ def parse_attention(spec: str) -> Any:
             f"unknown attention method {name!r}; valid: {', '.join(sorted(METHODS))}"
         )
     cls = METHODS[name]
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "choice"}
+    # calibrated tables (MInference choice, Double Sparsity label) are not spec keys
+    fields = {f.name: f for f in dataclasses.fields(cls) if not isinstance(f.default, tuple)}
     kwargs: dict[str, Any] = {}
     for item in filter(None, (p.strip() for p in params.split(","))):
         key, eq, raw = item.partition("=")
@@ -118,16 +129,18 @@ class AttentionSession:
 
     method: Any
     cache: kv.CompressedCache | None = None
+    prefill: Any = None  # a sparse prefill method run before a KV method compresses
 
     @property
     def compresses_cache(self) -> bool:
         return isinstance(self.method, tuple(KV_METHODS.values()))
 
-    def new_cache(self) -> Cache:
-        """A fresh cache: compressing for KV methods, a plain DynamicCache otherwise."""
+    def new_cache(self, prepared: kv.CompressedCache | None = None) -> Cache:
+        """A fresh cache: compressing for KV methods, a plain DynamicCache otherwise.
+        `prepared` adopts a compressing cache made elsewhere (SpecKV's `speckv_cache`)."""
         if not self.compresses_cache:
             return DynamicCache()
-        self.cache = kv.CompressedCache(self.method)
+        self.cache = prepared if prepared is not None else kv.CompressedCache(self.method)
         return self.cache
 
 
@@ -154,7 +167,12 @@ def _kv_forward(
             "KV-cache compression supports unpadded batches: one prefill, then single-token steps"
         )
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    out = kv.kv_attention(module, query, key, value, cache, scale)
+    sparse = session.prefill
+    prefill_out = None
+    if sparse is not None and query.shape[2] >= max(sparse.min_length, 2):
+        mask = sparse.block_mask(query, key, module.layer_idx)
+        prefill_out = block_sparse_attention(query, key, value, mask, sparse.block, scale)
+    out = kv.kv_attention(module, query, key, value, cache, scale, prefill_out)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -172,20 +190,25 @@ def register(method: Any, session: AttentionSession | None = None) -> str:
 
 
 @contextlib.contextmanager
-def sparse_attention(model: torch.nn.Module, method: Any | str) -> Iterator[AttentionSession]:
+def sparse_attention(
+    model: torch.nn.Module, method: Any | str, prefill: Any | str | None = None
+) -> Iterator[AttentionSession]:
     """Run `model` with a sparse attention method inside the block; the previous attention
     implementation is restored on exit, even on error. KV methods act only on caches made
-    by the yielded session's `new_cache`."""
-    if isinstance(method, str):
-        method = parse_attention(method)
-    if isinstance(method, prefill.MInference) and not method.choice:
-        raise SparseLLMError(
-            "minference needs per-head patterns: run attention.search.calibrate_minference first"
-        )
+    by the yielded session's `new_cache`; a KV method may take a sparse `prefill` method
+    too (a recipe's ``{prefill, kv}``), which then computes the prefill it compresses."""
+    method, prefill = (parse_attention(m) if isinstance(m, str) else m for m in (method, prefill))
+    for m in (method, prefill):
+        _check_calibrated(m)
+    if prefill is not None and (
+        not isinstance(method, tuple(KV_METHODS.values()))
+        or isinstance(prefill, tuple(KV_METHODS.values()))
+    ):
+        raise SparseLLMError("prefill= pairs a prefill method with a KV-cache method")
     before = model.config._attn_implementation
     if before != "sdpa":
         raise SparseLLMError(f"sparse attention builds on sdpa; the model uses {before!r}")
-    session = AttentionSession(method)
+    session = AttentionSession(method, prefill=prefill)
     name = register(method, session if session.compresses_cache else None)
     model.set_attn_implementation(name)
     try:
@@ -197,23 +220,66 @@ def sparse_attention(model: torch.nn.Module, method: Any | str) -> Iterator[Atte
             AttentionMaskInterface._global_mapping.pop(name, None)
 
 
+def _check_calibrated(method: Any) -> None:
+    """Methods with calibrated tables refuse to run without them."""
+    if isinstance(method, prefill.MInference) and not method.choice:
+        raise SparseLLMError(
+            "minference needs per-head patterns: run attention.search.calibrate_minference first"
+        )
+    if isinstance(method, MoA) and not method.spans:
+        raise SparseLLMError("moa needs per-head spans: run attention.moa.calibrate_moa first")
+    if isinstance(method, DoubleSparsity) and not method.label:
+        raise SparseLLMError(
+            "double_sparsity needs calibrated channels: run "
+            "attention.double_sparsity.calibrate_double_sparsity first"
+        )
+
+
+@contextlib.contextmanager
+def observing_attention(model: torch.nn.Module, observe: Any) -> Iterator[None]:
+    """Run `model` with SDPA unchanged while ``observe(module, query, key, scaling)`` sees
+    every attention call (post-RoPE, before attention); restored on exit."""
+
+    def forward(module: Any, query: Any, key: Any, value: Any, mask: Any, **kwargs: Any) -> Any:
+        scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        observe(module, query, key, scale)
+        return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+
+    before = model.config._attn_implementation
+    name = f"sparsellm_observe_{id(observe):x}"
+    AttentionInterface.register(name, forward)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+        AttentionInterface._global_mapping.pop(name, None)
+        AttentionMaskInterface._global_mapping.pop(name, None)
+
+
 def prepared_attention(
     model: torch.nn.Module, tokenizer: Any, method: Any, calib: str = "c4", seqlen: int = 4096
 ) -> contextlib.AbstractContextManager[AttentionSession]:
     """`sparse_attention` for a prefill method, calibrating MInference's per-head patterns
-    first (one window of `calib`: `seqlen` tokens, or the model's window if shorter). KV
-    methods are refused: a single forward (perplexity, scored answers) never decodes from
-    a cache."""
+    or MoA's per-head spans first (one window of `calib`: `seqlen` tokens, or the model's
+    window if shorter). KV methods are refused: a single forward (perplexity, scored
+    answers) never decodes from a cache."""
     from sparsellm.data.corpora import resolve_corpus, token_windows
 
     if isinstance(method, tuple(KV_METHODS.values())):
         raise SparseLLMError(
             "KV-cache methods act only while decoding; measure them with bench/attention.py"
         )
+    seqlen = min(seqlen, context_window(model) or seqlen)
     if isinstance(method, prefill.MInference) and not method.choice:
         from sparsellm.attention.search import calibrate_minference
 
-        seqlen = min(seqlen, context_window(model) or seqlen)
         ids = token_windows(tokenizer, resolve_corpus(calib), 1, seqlen)
         method, _ = calibrate_minference(model, ids, method)
+    if isinstance(method, MoA) and not method.spans:
+        from sparsellm.attention.moa import calibrate_moa
+
+        ids = token_windows(tokenizer, resolve_corpus(calib), 1, seqlen)
+        method, _ = calibrate_moa(model, ids, method)
     return sparse_attention(model, method)

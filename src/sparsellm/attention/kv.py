@@ -81,6 +81,11 @@ class Quest:
     budget: int = 2048
     page: int = 16
 
+    def decode_tokens(
+        self, cache: CompressedCache, layer_idx: int, query: torch.Tensor
+    ) -> torch.Tensor | None:
+        return _quest_tokens(cache.layers[layer_idx], query, self)
+
 
 def _softmax_scores(
     q: torch.Tensor, k: torch.Tensor, scale: float, causal_from: int
@@ -154,11 +159,18 @@ class CompressedLayer(DynamicLayer):
 
 
 class CompressedCache(Cache):
-    """Cache of `CompressedLayer`s; `method` says how each layer is compressed."""
+    """Cache of `CompressedLayer`s; `method` says how each layer is compressed.
+
+    Methods in their own files hook in through optional methods: ``decode_tokens(cache,
+    layer_idx, query)`` (token indices ``(B, Hkv, n)`` to attend, or None for all),
+    ``observe(cache, layer_idx, probs)`` (each decode step's attention weights
+    ``(B, Hkv, T)``) and ``after_prefill(cache, layer_idx)`` (compress right after the
+    exact prefill); `shared` holds their state (TidalDecode's selection, SpecKV's scores)."""
 
     def __init__(self, method: Any) -> None:
         super().__init__(layer_class_to_replicate=CompressedLayer)
         self.method = method
+        self.shared: dict[Any, torch.Tensor] = {}
 
 
 def _snap_select(layer: CompressedLayer, q: torch.Tensor, scale: float, m: Any) -> None:
@@ -258,18 +270,22 @@ def kv_attention(
     value: torch.Tensor,
     cache: CompressedCache,
     scale: float,
+    prefill_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention over the (compressed) cache for this layer, then compress it further.
 
-    Prefill is exact causal SDPA. Decode with pruned key channels selects the same query
-    channels (scale unchanged: ThinK approximates the full dot product); H2O decode needs
-    the weights, so it computes them explicitly (one query row: cheap)."""
+    Prefill is exact causal SDPA, unless a sparse prefill already computed `prefill_out`.
+    Decode with pruned key channels selects the same query channels (scale unchanged:
+    ThinK approximates the full dot product); H2O decode needs the weights, so it computes
+    them explicitly (one query row: cheap)."""
     layer = cache.layers[module.layer_idx]
     method = cache.method
     b, hq, q_len, _ = query.shape
     hkv = key.shape[1]
     probs = None
-    if q_len > 1:
+    if prefill_out is not None:
+        out = prefill_out
+    elif q_len > 1:
         out = F.scaled_dot_product_attention(
             query, key, value, is_causal=True, scale=scale, enable_gqa=True
         )
@@ -280,13 +296,17 @@ def kv_attention(
             chan = layer.channels.repeat_interleave(groups, 1)[:, :, None, :]
             q = query.gather(-1, chan)
         qg = q.reshape(b, hkv, hq // hkv, q.shape[-1])
-        if isinstance(method, Quest):
-            idx = _quest_tokens(layer, query, method)
-            if idx is not None:
-                key = key.gather(2, idx[..., None].expand(-1, -1, -1, key.shape[-1]))
-                value = value.gather(2, idx[..., None].expand(-1, -1, -1, value.shape[-1]))
+        select = getattr(method, "decode_tokens", None)
+        idx = select(cache, module.layer_idx, query) if select is not None else None
+        if idx is not None:
+            key = key.gather(2, idx[..., None].expand(-1, -1, -1, key.shape[-1]))
+            value = value.gather(2, idx[..., None].expand(-1, -1, -1, value.shape[-1]))
         w = torch.softmax(torch.matmul(qg, key.transpose(-1, -2)) * scale, -1)  # (B,Hkv,g,T)
         out = torch.matmul(w, value).reshape(b, hq, 1, value.shape[-1])
         probs = w.sum(2, keepdim=True)
+        if hasattr(method, "observe"):
+            method.observe(cache, module.layer_idx, probs[..., 0, :])
     after_attention(layer, method, query, scale, probs)
+    if q_len > 1 and hasattr(method, "after_prefill"):
+        method.after_prefill(cache, module.layer_idx)
     return out

@@ -26,11 +26,16 @@ def _timed(fn: Any) -> float:
 
 
 @torch.no_grad()
-def prefill_seconds(model: torch.nn.Module, length: int, seed: int = 0) -> float:
-    """Seconds for one forward over `length` random tokens (batch 1, no cache)."""
+def prefill_seconds(
+    model: torch.nn.Module, length: int, seed: int = 0, logits_to_keep: int = 0
+) -> float:
+    """Seconds for one forward over `length` random tokens (batch 1, no cache).
+
+    ``logits_to_keep=1`` computes the LM head for the last position only, as `generate`'s
+    prefill does (0 = every position, as perplexity needs)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (1, length), generator=g)
-    return _timed(lambda: model(input_ids=ids, use_cache=False))
+    return _timed(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=logits_to_keep))
 
 
 @torch.no_grad()

@@ -1,0 +1,111 @@
+"""Double Sparsity: decode-time token selection from a few offline-calibrated channels.
+
+Attention logits ``q·k`` are dominated by a few channels per head, and which ones is a
+stable property of the model, so they can be found once offline. On calibration text we
+score channel ``c`` of each KV head by ``‖q_c‖₁ · ‖k_c‖₁`` (the summed magnitude of its
+contributions ``|q_ic k_jc|`` over every query/key pair; queries summed over the GQA
+group) and keep the top `channels`. While decoding, a *label cache* holds only those key
+channels; the approximate logits ``q_C · k_C`` rank every cached token, the `budget` best
+per KV head are chosen, and exact attention runs over them. Nothing is evicted; prefill
+is exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sparsellm.attention import patterns as P
+from sparsellm.errors import SparseLLMError
+from sparsellm.models.adapters import get_blocks
+
+
+@dataclass(frozen=True)
+class DoubleSparsity:
+    """Top-`budget` tokens per KV head by logits over `channels` calibrated channels
+    (`label[layer][kv_head]`, filled by `calibrate_double_sparsity`)."""
+
+    budget: int = 2048
+    channels: int = 16
+    label: tuple[tuple[tuple[int, ...], ...], ...] = ()
+
+    def decode_tokens(self, cache: Any, layer_idx: int, query: torch.Tensor) -> torch.Tensor | None:
+        keys = cache.layers[layer_idx].keys
+        b, hkv, length, d = keys.shape
+        if length <= self.budget:
+            return None
+        chan = torch.tensor(self.label[layer_idx])  # (Hkv, c)
+        labels = _label_cache(cache, layer_idx, keys, chan)
+        g = query.shape[1] // hkv
+        q = query.reshape(b, hkv, g, d).gather(-1, chan[None, :, None, :].expand(b, -1, g, -1))
+        return approx_top_tokens(q, labels, self.budget, d**-0.5)
+
+
+def approx_top_tokens(
+    q: torch.Tensor, labels: torch.Tensor, budget: int, scale: float
+) -> torch.Tensor:
+    """Sorted ``(B, Hkv, budget)`` token ids with the highest approximate attention:
+    softmax of the partial logits per query head, summed over the GQA group. `q` is
+    ``(B, Hkv, g, c)``, `labels` ``(B, Hkv, T, c)``."""
+    approx = torch.softmax(torch.matmul(q, labels.transpose(-1, -2)) * scale, -1).sum(2)
+    return approx.topk(budget, -1).indices.sort(-1).values
+
+
+def _label_cache(
+    cache: Any, layer_idx: int, keys: torch.Tensor, chan: torch.Tensor
+) -> torch.Tensor:
+    """The layer's label cache ``(B, Hkv, T, c)``: kept key channels, extended in place
+    with the tokens added since the last step (the full keys are read once)."""
+    have = cache.shared.get(("ds_label", layer_idx))
+    done = 0 if have is None else have.shape[2]
+    new = keys[:, :, done:]
+    new = new.gather(-1, chan[None, :, None, :].expand(*new.shape[:3], -1))
+    labels = new if have is None else torch.cat([have, new], 2)
+    cache.shared[("ds_label", layer_idx)] = labels
+    return labels
+
+
+def channel_scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """``(B, Hkv, D)`` channel importance ``‖q_c‖₁ · ‖k_c‖₁`` over tokens, queries summed
+    over each GQA group."""
+    b, hq, _, d = query.shape
+    hkv = key.shape[1]
+    qn = query.abs().sum(2).reshape(b, hkv, hq // hkv, d).sum(2)
+    return qn * key.abs().sum(2)
+
+
+@dataclass(frozen=True)
+class _Recorder:
+    """Prefill 'method' that records channel scores per layer and attends densely."""
+
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)
+    block: int = 64
+    min_length: int = 0
+
+    def block_mask(self, query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tensor:
+        self.scores[layer] = channel_scores(query, key).sum(0)
+        return P.causal_blocks(P.n_blocks(query.shape[2], self.block))
+
+
+@torch.no_grad()
+def calibrate_double_sparsity(
+    model: torch.nn.Module, ids: torch.Tensor, method: DoubleSparsity | None = None
+) -> DoubleSparsity:
+    """`method` with `label` filled from one forward over calibration `ids` (1, L)."""
+    from sparsellm.attention.hf import sparse_attention
+
+    base = method or DoubleSparsity()
+    rec = _Recorder()
+    with sparse_attention(model, rec):
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    n_layers = len(get_blocks(model))
+    if sorted(rec.scores) != list(range(n_layers)):
+        raise SparseLLMError("calibration did not reach every attention layer")
+    label = tuple(
+        tuple(tuple(sorted(h.tolist())) for h in rec.scores[i].topk(base.channels, -1).indices)
+        for i in range(n_layers)
+    )
+    return dataclasses.replace(base, label=label)
