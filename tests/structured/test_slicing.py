@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import sparsellm
 from sparsellm.models.adapters import BlockLayout
 from sparsellm.models.tiny import tiny_model
 from sparsellm.structured import shrink
+from sparsellm.structured.pipeline import recover
 from sparsellm.structured.slicing import fold_norms, pca_basis, slice_model, width_for_ratio
 
 
@@ -123,3 +125,13 @@ def test_shrink_slicegpt_reports_ratio(calib_ids: torch.Tensor) -> None:
     report = shrink(model, "slicegpt", 0.25, calib_ids)
     assert 0.15 < report["measured_ratio"] < 0.35  # d' moves in steps of 8 here
     assert model.config.hidden_size == report["hidden_size"] < 64
+
+
+def test_sliced_model_distils_shortcuts_too(calib_ids: torch.Tensor) -> None:
+    teacher = tiny_model("llama")
+    student = copy.deepcopy(teacher)
+    slice_model(student, calib_ids, 0.25)
+    before = student.model.layers[0].attn_shortcut.detach().clone()
+    recover(student, teacher, calib_ids, steps=2, batch_size=4, lr=1e-2)
+    assert not torch.equal(student.model.layers[0].attn_shortcut, before)
+    assert torch.isfinite(student(calib_ids).logits).all()
