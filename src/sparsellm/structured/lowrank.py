@@ -47,8 +47,15 @@ class LowRankLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = (x @ self.a.T) @ self.b.T
         if self.sparse_values is not None:
-            rows, cols = self.sparse_index
-            y = y.index_add(-1, rows, x[..., cols] * self.sparse_values)
+            # a sparse matmul: gathering x[..., cols] would hold tokens × nnz values
+            s = torch.sparse_coo_tensor(
+                self.sparse_index,
+                self.sparse_values,
+                (self.out_features, self.in_features),
+                check_invariants=False,  # indices are our own top-k: unique and in range
+            )
+            flat = x.reshape(-1, self.in_features)
+            y = y + torch.sparse.mm(s, flat.T).T.reshape(y.shape)
         return y + self.bias if self.bias is not None else y
 
 
