@@ -9,6 +9,10 @@ interrupted run keeps what it finished. Timed numbers need an idle machine.
 
     python bench/structured.py [--methods taylor,obs,depth] [--ratios 0.1,0.2,0.25,0.3]
         [--recover-steps 20] [--tasks piqa,arc_easy] [--speed] [--per-layer]
+        [--tasks-ratios 0.25] [--speed-ratios 0.25]
+
+`--tasks-ratios` / `--speed-ratios` restrict the costly zero-shot and speed parts to some
+ratios (default: every ratio), so the whole table comes out of one command.
 """
 
 from __future__ import annotations
@@ -33,6 +37,11 @@ HERE = Path(__file__).resolve().parent
 def _mean_acc(tasks: dict[str, Any] | None) -> float | None:
     accs = [m["acc"] for m in (tasks or {}).values() if "acc" in m]
     return sum(accs) / len(accs) if accs else None
+
+
+def _ratio_set(text: str) -> set[float] | None:
+    """Ratios from a comma list; None (= every ratio) for an empty one."""
+    return {float(x) for x in text.split(",")} if text else None
 
 
 def _row(r: dict[str, Any]) -> list[Any]:
@@ -65,7 +74,9 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--tasks", default="", help="zero-shot tasks, e.g. piqa,arc_easy")
     ap.add_argument("--limit", type=int, default=200, help="documents per task")
+    ap.add_argument("--tasks-ratios", default="", help="zero-shot only at these ratios")
     ap.add_argument("--speed", action="store_true")
+    ap.add_argument("--speed-ratios", default="", help="speed only at these ratios")
     ap.add_argument("--out", default=str(HERE / "results" / "structured.json"))
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -79,6 +90,8 @@ def main() -> None:
         "dense_zeroshot": run_tasks(dense, tok, tasks, args.limit) if tasks else None,
         "runs": [],
     }
+    task_ratios = _ratio_set(args.tasks_ratios)
+    speed_ratios = _ratio_set(args.speed_ratios)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for method in args.methods.split(","):
@@ -95,9 +108,9 @@ def main() -> None:
                 prune_heads=not args.no_heads,
             )
             r |= {"method": method, "ratio": ratio, "per_layer": per_layer}
-            if tasks:
+            if tasks and (task_ratios is None or ratio in task_ratios):
                 r["zeroshot"] = run_tasks(model, tok, tasks, args.limit)
-            if args.speed:
+            if args.speed and (speed_ratios is None or ratio in speed_ratios):
                 r["speed"] = compare_speed(dense, model, (512, 2048), new_tokens=128)
             results["runs"].append(r)
             write_json_atomic(out, results)

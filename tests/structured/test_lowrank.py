@@ -9,7 +9,13 @@ import torch
 import sparsellm
 from sparsellm.models.tiny import tiny_model
 from sparsellm.structured import shrink
-from sparsellm.structured.lowrank import allocate_ranks, factorise, ranks_for_threshold
+from sparsellm.structured.lowrank import (
+    allocate_ranks,
+    factorise,
+    ranks_for_threshold,
+    split_budget,
+    split_sparse_low_rank,
+)
 
 
 def test_ranks_for_threshold_by_hand() -> None:
@@ -42,3 +48,50 @@ def test_welore_shrinks_and_reloads(calib_ids: torch.Tensor, tmp_path: Path) -> 
     model.save_pretrained(tmp_path)
     again = sparsellm.load(tmp_path).model
     assert torch.equal(again(calib_ids).logits, model(calib_ids).logits)
+
+
+def test_split_recovers_low_rank_plus_spikes() -> None:
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(12, 2, generator=g) @ torch.randn(2, 10, generator=g)
+    spikes = torch.tensor([[0, 3], [5, 7], [11, 0]])
+    w[spikes[:, 0], spikes[:, 1]] += torch.tensor([20.0, -15.0, 30.0])
+    a, b, index, values = split_sparse_low_rank(w, 2, 3, iters=50)
+    approx = (b @ a).index_put((index[0], index[1]), values, accumulate=True)
+    assert torch.allclose(approx, w.double(), atol=1e-6)
+    assert sorted(index.T.tolist()) == sorted(spikes.tolist())
+
+
+def test_split_no_worse_than_low_rank_alone() -> None:
+    w = torch.randn(16, 12)
+    a, b, index, values = split_sparse_low_rank(w, 3, 20)
+    split = (b @ a).index_put((index[0], index[1]), values, accumulate=True)
+    lin = torch.nn.Linear(12, 16, bias=False)
+    lin.weight.data.copy_(w)
+    plain = factorise(lin, 3)
+    plain_err = (plain.b @ plain.a - w).norm()
+    assert (split.float() - w).norm() < plain_err
+
+
+def test_sparse_factor_forward_matches_its_matrix() -> None:
+    lin = torch.nn.Linear(10, 8)
+    lr = factorise(lin, 2, nnz=12)
+    rows, cols = lr.sparse_index
+    w = (lr.b @ lr.a).index_put((rows, cols), lr.sparse_values, accumulate=True)
+    x = torch.randn(2, 3, 10)
+    assert torch.allclose(lr(x), x @ w.T + lr.bias, atol=1e-5)
+
+
+def test_split_budget_keeps_parameter_count() -> None:
+    assert split_budget(8, (30, 20), 0.25) == (6, 100)
+    assert split_budget(1, (30, 20), 0.25) == (1, 0)
+
+
+def test_welore_sparse_shrinks_and_reloads(calib_ids: torch.Tensor, tmp_path: Path) -> None:
+    model = tiny_model("llama")
+    report = shrink(model, "welore-sparse", 0.3)
+    assert 0.2 < report["measured_ratio"] < 0.4
+    assert any(nnz > 0 for _, nnz in report["ranks"].values())
+    out = model(calib_ids).logits
+    model.save_pretrained(tmp_path)
+    again = sparsellm.load(tmp_path).model
+    assert torch.equal(again(calib_ids).logits, out)

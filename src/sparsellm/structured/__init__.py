@@ -29,10 +29,10 @@ from sparsellm.structured.slicing import (
 
 WIDTH = ("taylor", "activation", "obs", "spectral")
 SLICING = ("slicegpt",)
-LOW_RANK = ("welore",)
+LOW_RANK = {"welore": 0.0, "welore-sparse": 0.25}  # share of budget to a sparse residual
 DEPTH = {"depth": "angular", "depth-ppl": "ppl"}
 METHODS = (*WIDTH, *DEPTH, *SLICING, *LOW_RANK)
-NO_DATA = ("spectral", "welore")
+NO_DATA = ("spectral", *LOW_RANK)
 
 __all__ = ["METHODS", "load", "shrink"]
 
@@ -69,7 +69,7 @@ def shrink(
     report: dict[str, Any] = {"method": method, "ratio": ratio, "per_layer": per_layer}
     with torch.no_grad():
         if method in LOW_RANK:
-            report["ranks"] = low_rank(model, ratio)
+            report["ranks"] = low_rank(model, ratio, LOW_RANK[method])
         elif method in SLICING:
             d = model.config.hidden_size
             per_dim = per_dim_params(get_blocks(model)[0], block_layout(model))

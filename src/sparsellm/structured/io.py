@@ -8,8 +8,9 @@ expressed in an HF llama/qwen config: we store them as `config.sparsellm_layer_s
 transformers cannot load such a directory** (it builds every block at the ordinary
 widths and refuses the smaller tensors); `sparsellm.load` / `structured.load` rebuild
 each block at its own widths and then read the safetensors (never a pickle).
-SliceGPT models (`config.sparsellm_slicing`) are plain at width d' except for one
-shortcut matrix per block: vanilla transformers would drop those (and warn), so they too
+SliceGPT models (`config.sparsellm_slicing`) are plain at width d' except for two
+shortcut matrices per block (and, unless the head was sliced, a final norm and head at
+the dense width): vanilla transformers would drop the shortcuts (and warn), so they too
 load only with `sparsellm.load`; so do low-rank models (`config.sparsellm_low_rank`:
 rank per factorised projection).
 """
@@ -27,11 +28,17 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from sparsellm.errors import SparseLLMError
-from sparsellm.models.adapters import block_layout, get_blocks
+from sparsellm.models.adapters import BlockLayout, block_layout, blocks_prefix, get_blocks
 from sparsellm.models.load import LoadedModel
-from sparsellm.structured.common import BlockShape, block_shape, head_dim, resize_block
+from sparsellm.structured.common import (
+    BlockShape,
+    block_shape,
+    head_dim,
+    resize_block,
+    set_module,
+)
 from sparsellm.structured.lowrank import RANKS_KEY, rebuild
-from sparsellm.structured.slicing import SlicedBlock
+from sparsellm.structured.slicing import SlicedBlock, resize_norm
 
 SHAPES_KEY = "sparsellm_layer_shapes"
 SLICING_KEY = "sparsellm_slicing"
@@ -78,6 +85,32 @@ def _state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _empty_sliced_block(
+    block: nn.Module, layout: BlockLayout, state: dict[str, torch.Tensor], prefix: str
+) -> SlicedBlock:
+    """A `SlicedBlock` with the saved shortcut shapes; the last block's shortcut and
+    down_proj may write the dense width d (head not sliced)."""
+    names = ("attn_shortcut", "mlp_shortcut")
+    missing = [f"{prefix}.{n}" for n in names if f"{prefix}.{n}" not in state]
+    if missing:
+        raise SparseLLMError(f"weights missing for {missing}")
+    attn, mlp = (torch.empty_like(state[f"{prefix}.{n}"]) for n in names)
+    down = block.get_submodule(layout.down)
+    if down.out_features != mlp.shape[1]:
+        set_module(block, layout.down, nn.Linear(down.in_features, mlp.shape[1], bias=False))
+    return SlicedBlock(block, layout, attn, mlp)
+
+
+def _resize_head(model: nn.Module, layout: BlockLayout, slicing: dict, dtype: torch.dtype) -> None:
+    """Final norm and head at the width the last block writes (dense d unless sliced)."""
+    width = slicing.get("head_width", slicing["hidden_size"])
+    resize_norm(model.get_submodule(layout.final_norm), width, slicing["dense_hidden_size"])
+    head = model.get_output_embeddings()
+    model.set_output_embeddings(
+        nn.Linear(width, head.out_features, bias=head.bias is not None, dtype=dtype)
+    )
+
+
 def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a directory with per-layer widths (plain HF directories load as usual)."""
     path = Path(path)
@@ -93,15 +126,16 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LoadedM
         blocks = get_blocks(model)
         if shapes is not None and len(shapes) != len(blocks):
             raise SparseLLMError(f"{path}: {len(shapes)} layer shapes for {len(blocks)} blocks")
+        state = _state_dict(path)
         for i, block in enumerate(list(blocks)):
             if shapes is not None:
                 resize_block(block, layout, BlockShape(**shapes[i]), hd)
             if slicing is not None:
-                d = config.hidden_size
-                blocks[i] = SlicedBlock(block, torch.empty(d, d, dtype=dtype))
+                blocks[i] = _empty_sliced_block(block, layout, state, f"{blocks_prefix(model)}.{i}")
+        if slicing is not None:
+            _resize_head(model, layout, slicing, dtype)
         if ranks is not None:
             rebuild(model, ranks)
-        state = _state_dict(path)
         tied = {n for n, p in model.state_dict().items() if n not in state}
         loaded = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if n in state}
         untied = [

@@ -7,8 +7,15 @@ fast-decaying spectra shrink a lot, flat ones keep full rank. A matrix is factor
 when r·(in+out) < in·out, i.e. when the factors are smaller than the dense matrix. We
 bisect t so that about `ratio` of the block linears' parameters go. No data is read.
 
-Not done (said so): WeLore's fine-tuning of only the low-rank components, and the
-sparse + low-rank split (LOST/SLTrain) applied post-training.
+Sparse + low-rank split (`split=f`, the LOST / SLTrain idea applied post-training): a
+matrix given rank r by the allocation keeps rank r' = round((1 − f)·r) and spends the
+freed (r − r')·(in + out) parameters on the largest entries of the residual, W ≈ B·A + S.
+Heavy-tailed weights have a few large entries that a low rank cannot reach; a sparse S
+catches them at the same parameter count. S is fitted by alternating (GoDec-style) best
+rank-r' of W − S and top entries of W − B·A. Counted parameters are S's values; its
+int64 indices are storage the count leaves out (said so).
+
+Not done (said so): WeLore's fine-tuning of only the low-rank components.
 """
 
 from __future__ import annotations
@@ -23,17 +30,32 @@ RANKS_KEY = "sparsellm_low_rank"
 
 
 class LowRankLinear(nn.Module):
-    """y = (x·Aᵀ)·Bᵀ + bias with A (r, in), B (out, r): two thin matmuls instead of one."""
+    """y = (x·Aᵀ)·Bᵀ + x·Sᵀ + bias with A (r, in), B (out, r): two thin matmuls instead of
+    one, plus an optional sparse S of `nnz` entries (values a parameter, (row, col) a buffer)."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, rank: int, bias: bool, nnz: int = 0
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.a = nn.Parameter(torch.empty(rank, in_features))
         self.b = nn.Parameter(torch.empty(out_features, rank))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.sparse_values = nn.Parameter(torch.zeros(nnz)) if nnz else None
+        self.register_buffer("sparse_index", torch.zeros(2, nnz, dtype=torch.long) if nnz else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = (x @ self.a.T) @ self.b.T
+        if self.sparse_values is not None:
+            # a sparse matmul: gathering x[..., cols] would hold tokens × nnz values
+            s = torch.sparse_coo_tensor(
+                self.sparse_index,
+                self.sparse_values,
+                (self.out_features, self.in_features),
+                check_invariants=False,  # indices are our own top-k: unique and in range
+            )
+            flat = x.reshape(-1, self.in_features)
+            y = y + torch.sparse.mm(s, flat.T).T.reshape(y.shape)
         return y + self.bias if self.bias is not None else y
 
 
@@ -68,21 +90,68 @@ def allocate_ranks(
     return plan(hi)[0]
 
 
-def factorise(lin: nn.Linear, rank: int) -> LowRankLinear:
-    """Best rank-`rank` approximation (truncated SVD) of a Linear, as two factors."""
-    u, s, vh = torch.linalg.svd(lin.weight.data.double(), full_matrices=False)
-    new = LowRankLinear(lin.in_features, lin.out_features, rank, lin.bias is not None)
+def _factors(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with B·A the best rank-`rank` approximation of w (truncated SVD)."""
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
     root = s[:rank].sqrt()
-    new.a.data.copy_(root[:, None] * vh[:rank])
-    new.b.data.copy_(u[:, :rank] * root)
+    return root[:, None] * vh[:rank], u[:, :rank] * root
+
+
+def split_sparse_low_rank(
+    w: torch.Tensor, rank: int, nnz: int, iters: int = 4
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A, B, index (2, nnz), values) with w ≈ B·A + S, S holding `nnz` entries.
+
+    Alternating minimisation of ‖w − B·A − S‖: each step is optimal in one part (truncated
+    SVD of w − S; top entries of the residual), so the error never grows. S starts as the
+    largest entries of w itself: starting from the SVD of w instead lets a few huge
+    entries bend the leading singular vectors, a minimum the alternation never leaves.
+    """
+    w = w.double()
+
+    def top(resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = resid.flatten().abs().topk(nnz).indices
+        return flat, torch.zeros(w.numel(), dtype=w.dtype).index_copy(
+            0, flat, resid.flatten()[flat]
+        ).view_as(w)
+
+    flat, sparse = top(w)
+    for _ in range(iters):
+        a, b = _factors(w - sparse, rank)
+        flat, sparse = top(w - b @ a)
+    index = torch.stack([flat // w.shape[1], flat % w.shape[1]])
+    return a, b, index, sparse.flatten()[flat]
+
+
+def factorise(lin: nn.Linear, rank: int, nnz: int = 0) -> LowRankLinear:
+    """Rank-`rank` factors of a Linear (truncated SVD), plus `nnz` sparse residual entries."""
+    new = LowRankLinear(lin.in_features, lin.out_features, rank, lin.bias is not None, nnz)
+    w = lin.weight.data.double()
+    if nnz:
+        a, b, index, values = split_sparse_low_rank(w, rank, nnz)
+        new.sparse_index.copy_(index)
+        new.sparse_values.data.copy_(values)
+    else:
+        a, b = _factors(w, rank)
+    new.a.data.copy_(a)
+    new.b.data.copy_(b)
     if lin.bias is not None:
         new.bias.data.copy_(lin.bias.data)
     return new.to(lin.weight.dtype)
 
 
+def split_budget(rank: int, shape: tuple[int, int], split: float) -> tuple[int, int]:
+    """(rank', nnz): move `split` of a rank-`rank` budget into sparse entries, same count."""
+    low = max(1, round((1 - split) * rank))
+    return low, (rank - low) * (shape[0] + shape[1])
+
+
 @torch.no_grad()
-def low_rank(model: nn.Module, ratio: float) -> dict[str, int]:
-    """Factorise block linears in place with WeLore-style ranks; returns {name: rank}."""
+def low_rank(model: nn.Module, ratio: float, split: float = 0.0) -> dict[str, list[int]]:
+    """Factorise block linears in place with WeLore-style ranks; returns {name: [rank, nnz]}.
+
+    `split` > 0 moves that share of each factorised matrix's budget into a sparse residual.
+    """
     entries = [
         (i, rel, m) for i, b in enumerate(get_blocks(model)) for rel, m in block_linears(b).items()
     ]
@@ -90,26 +159,24 @@ def low_rank(model: nn.Module, ratio: float) -> dict[str, int]:
     shapes = [tuple(m.weight.shape) for _, _, m in entries]
     ranks = allocate_ranks(spectra, shapes, ratio)
     blocks = get_blocks(model)
-    done: dict[str, int] = {}
-    for (i, rel, m), r in zip(entries, ranks, strict=True):
+    done: dict[str, list[int]] = {}
+    for (i, rel, m), r, shape in zip(entries, ranks, shapes, strict=True):
         if r is not None:
-            set_module(blocks[i], rel, factorise(m, r))
-            done[f"{i}.{rel}"] = r
+            r, nnz = split_budget(r, shape, split) if split > 0 else (r, 0)
+            set_module(blocks[i], rel, factorise(m, r, nnz))
+            done[f"{i}.{rel}"] = [r, nnz]
     if done:
         setattr(model.config, RANKS_KEY, done)
     return done
 
 
-def rebuild(model: nn.Module, ranks: dict[str, int]) -> None:
-    """Put empty `LowRankLinear`s where a saved model has factors (for loading)."""
+def rebuild(model: nn.Module, ranks: dict[str, int | list[int]]) -> None:
+    """Put empty `LowRankLinear`s where a saved model has factors (for loading); a value is
+    a rank, or [rank, nnz] with a sparse residual."""
     blocks = get_blocks(model)
-    for key, r in ranks.items():
+    for key, spec in ranks.items():
+        r, nnz = (spec, 0) if isinstance(spec, int) else spec
         i, _, rel = key.partition(".")
         lin = blocks[int(i)].get_submodule(rel)
-        set_module(
-            blocks[int(i)],
-            rel,
-            LowRankLinear(lin.in_features, lin.out_features, r, lin.bias is not None).to(
-                lin.weight.dtype
-            ),
-        )
+        new = LowRankLinear(lin.in_features, lin.out_features, r, lin.bias is not None, nnz)
+        set_module(blocks[int(i)], rel, new.to(lin.weight.dtype))
