@@ -278,7 +278,7 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--tasks", default="", help="zero-shot tasks or groups (quality part)")
     ap.add_argument("--limit", type=int, default=200)
-    ap.add_argument("--with-wanda", action="store_true", help="also TEAL 50% on 50% Wanda")
+    ap.add_argument("--with-wanda", action="store_true", help="also TEAL 50%% on 50%% Wanda")
     ap.add_argument("--head", action="store_true", help="also TEAL with the LM head thresholded")
     ap.add_argument("--pure-torch", action="store_true", help="speed: also the no-C++ path")
     ap.add_argument("--ppl-p", type=float, default=0.0, help="Sparsing-Law PPL-p%% (e.g. 1)")
@@ -289,13 +289,16 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     result: dict[str, Any] = {"versions": versions(), "args": vars(args), "models": {}}
+    out = Path(args.out or HERE / "results" / f"activation_{args.part}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.models.split(","):
         r = quality(args, name) if args.part == "quality" else speed(args, name)
         result["models"][name] = r
+        out.write_text(json.dumps(result, indent=2, default=str) + "\n")  # before printing
         if args.part == "quality":
             heads = ["method", "sparsity", "measured", "ppl", "dense ppl", "KL", "top-1"]
             keys = ["method", "sparsity", "measured", "sparse_ppl", "dense_ppl", "kl"]
-            rows = [[x[k] for k in [*keys, "top1_agreement"]] for x in r["rows"]]
+            rows = [[x.get(k) for k in [*keys, "top1_agreement"]] for x in r["rows"]]
             if "ppl_p" in r:
                 print(
                     f"PPL-{args.ppl_p:g}% sparsity (TEAL thresholds): {r['ppl_p']['sparsity']:.3f}"
@@ -304,13 +307,11 @@ def main() -> None:
             heads = ["decode", "tok/s", "vs our dense", "vs HF generate", "skipped", "Sirius rate"]
             keys = ["name", "decode_tok_s", "vs_runtime_dense", "vs_hf_generate"]
             rows = [
-                [x[k] for k in [*keys, "skipped_fraction", "correction_rate"]] for x in r["rows"]
+                [x.get(k) for k in [*keys, "skipped_fraction", "correction_rate"]]
+                for x in r["rows"]
             ]
         print(f"\n### {name}\n")
         print(table(heads, rows))
-    out = Path(args.out or HERE / "results" / f"activation_{args.part}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

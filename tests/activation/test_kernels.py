@@ -62,15 +62,19 @@ def test_pick_chunks_divides() -> None:
     assert 3072 % pick_chunks(3072) == 0
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_native_kernel_equals_masked_reference(seed: int) -> None:
+@pytest.mark.parametrize(
+    ("seed", "b", "n_in", "n_out"),
+    # narrow outputs (threads split the kept rows, some ranges > one 32-row task) and
+    # wide ones (threads split the output columns: out >= 2048 per thread)
+    [(0, 1, 24, 40), (1, 2, 300, 340), (2, 3, 517, 96), (3, 1, 70, 9000), (4, 3, 33, 4999)],
+)
+def test_native_kernel_equals_masked_reference(seed: int, b: int, n_in: int, n_out: int) -> None:
     from sparsellm.activation.kernels import native_kernel
 
     ext = native_kernel()
     if ext is None:
         pytest.skip("no C++ compiler here: the pure-torch path is tested above")
     g = torch.Generator().manual_seed(seed)
-    b, n_in, n_out = 1 + seed, 24 + 16 * seed, 40 + 300 * seed  # > one 256-column task
     w, bias = torch.randn(n_out, n_in, generator=g), torch.randn(n_out, generator=g)
     x, scale = torch.randn(b, n_in, generator=g), torch.rand(n_in, generator=g)
     wt = w.t().contiguous()
