@@ -81,11 +81,10 @@ class _Probe:
     min_length: int = 0
 
     def block_mask(self, query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tensor:
-        from sparsellm.attention.search import _rows_attention
+        from sparsellm.attention.search import _rows_attention, probe_rows
 
         length, bs = query.shape[2], self.base.block
-        starts = sorted({length - 64, length // 4, length // 2, 3 * length // 4})
-        rows = torch.cat([torch.arange(s, min(s + 64, length)) for s in starts])
+        rows = probe_rows(length)
         attn = _rows_attention(query, key, rows)  # (B, Hkv, R, L)
         got = []
         for s in CANDIDATES:

@@ -23,6 +23,13 @@ from sparsellm.errors import SparseLLMError
 from sparsellm.models.adapters import get_blocks
 
 
+def probe_rows(length: int) -> torch.Tensor:
+    """The query rows a recall probe reads: 64 at the end and 64 at 1/4, 1/2 and 3/4 of
+    the sequence, so a candidate is judged on near and far keys alike, at O(rows·L) cost."""
+    starts = sorted({length - 64, length // 4, length // 2, 3 * length // 4})
+    return torch.cat([torch.arange(s, min(s + 64, length)) for s in starts])
+
+
 def _rows_attention(query: torch.Tensor, key: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Exact causal attention of query positions `rows` to all keys, averaged per KV head."""
     groups = query.shape[1] // key.shape[1]
@@ -43,8 +50,7 @@ class _Probe:
 
     def block_mask(self, query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tensor:
         length, bs = query.shape[2], self.base.block
-        starts = sorted({length - 64, length // 4, length // 2, 3 * length // 4})
-        rows = torch.cat([torch.arange(s, min(s + 64, length)) for s in starts])
+        rows = probe_rows(length)
         attn = _rows_attention(query, key, rows)  # (B, Hkv, R, L)
         got = []
         for cand in self.base.candidates():
