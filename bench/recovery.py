@@ -9,7 +9,7 @@ seen, and checks that every pruned weight is still exactly zero, also after
 Writes bench/results/recovery.json (or --out).
 
     python bench/recovery.py [--variants distill,lora,maskllm,prompt] [--steps 200]
-        [--start admm] [--lr 3e-4] [--minutes 30]
+        [--start admm] [--lr 3e-4] [--minutes 30] [--bf16]
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None, help="distill/LoRA learning rate")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--minutes", type=float, default=None, help="wall-time budget per variant")
+    ap.add_argument("--bf16", action="store_true", help="distill/LoRA under bf16 autocast")
     ap.add_argument("--mask-steps", type=int, default=None, help="MaskLLM steps (default --steps)")
     ap.add_argument("--out", default=str(HERE / "results" / "recovery.json"))
     args = ap.parse_args()
@@ -67,11 +68,15 @@ def main() -> None:
         model = copy.deepcopy(sparse)
         evaluated = model
         if variant == "distill":
-            cfg = DistillConfig(steps=steps, batch_size=bs, lr=args.lr or 1e-4, max_seconds=budget)
+            cfg = DistillConfig(
+                steps=steps, batch_size=bs, lr=args.lr or 1e-4, max_seconds=budget, bf16=args.bf16
+            )
             info = summary(distill(model, dense, train, cfg))
         elif variant == "lora":
             add_lora(model, rank=16)
-            cfg = DistillConfig(steps=steps, batch_size=bs, lr=args.lr or 1e-3, max_seconds=budget)
+            cfg = DistillConfig(
+                steps=steps, batch_size=bs, lr=args.lr or 1e-3, max_seconds=budget, bf16=args.bf16
+            )
             info = summary(distill(model, dense, train, cfg))
             merge_lora(model)
         elif variant == "maskllm":
@@ -97,6 +102,7 @@ def main() -> None:
                     assert n not in zeros or torch.equal(reloaded[n] == 0, p == 0), n
         done = (info or {}).get("steps", steps)
         info = {**(info or {}), "tokens": done * bs * train.shape[1], "start": args.start}
+        info["bf16"] = args.bf16
         rows.append([variant, compare_models(dense, evaluated, windows), info])
     dense_ppl = rows[0][1]["dense_ppl"]  # the same 32×512 wiki windows in every row
     print(f"dense ppl {dense_ppl:.3f}")

@@ -50,6 +50,8 @@ def test_sparse_decode_matches_wrapped_hf(
     ids = _prompt()
     ref = model(ids).logits  # the wrappers: masked dense matmuls
     rt = DecodeRuntime(model, max_len=32, native=native)
+    # the one-call native Decoder covers thresholds only; the rest runs the Python blocks
+    assert rt.fusable() == (native and method in ("teal", "wina"))
     got = _stepwise(rt, ids, 5, sparse=True)  # the kernel, one token at a time
     torch.testing.assert_close(got, ref[:, 5:], rtol=1e-4, atol=1e-5)
     assert rt.skipped_fraction() > 0.2
@@ -106,3 +108,27 @@ def test_too_long_is_an_error() -> None:
     rt = DecodeRuntime(tiny_model("llama").eval(), max_len=8)
     with pytest.raises(ValueError, match="max_len"):
         rt.generate(_prompt(), 4, sparse=False)
+
+
+@pytest.mark.parametrize(("family", "method"), [("llama", "teal"), ("qwen2", "wina")])
+def test_native_decode_step_equals_python_blocks(
+    family: str, method: str, calib_ids: torch.Tensor
+) -> None:
+    """The one-call Decoder (sparse_gemv.cpp) computes the Python blocks' function and
+    counts the same skipped channels, dense and sparse, with GQA and (qwen2) biases."""
+    model = tiny_model(family).eval()
+    sparsify_activations(model, calib_ids, ActivationConfig(method=method, sparsity=0.5))
+    rt = DecodeRuntime(model, max_len=32)
+    assert rt.fusable()
+    ids = _prompt()
+    for sparse in (False, True):
+        fused = _stepwise(rt, ids, 5, sparse)
+        assert rt._decoder is not None
+        fused_skip = rt.skipped_fraction()
+        rt.reset(1)
+        rt._decoder = None  # force the Python blocks for the same steps
+        rt.forward(ids[:, :5], 0, sparse)
+        steps = [rt.forward(ids[:, i : i + 1], i, sparse) for i in range(5, ids.shape[1])]
+        torch.testing.assert_close(fused, torch.cat(steps, dim=1), rtol=1e-5, atol=1e-5)
+        assert rt.skipped_fraction() == fused_skip
+        assert (fused_skip is None) == (not sparse)

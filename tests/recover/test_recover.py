@@ -30,12 +30,15 @@ def test_losses_by_hand():
     assert feature_loss(hs, ht).item() == pytest.approx(2.0)  # (0 + 4) / (1 + 1)
 
 
-def test_full_distillation_keeps_zeros_and_lowers_the_loss(calib_ids):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_full_distillation_keeps_zeros_and_lowers_the_loss(calib_ids, bf16):
     dense, sparse, zeros = _pruned(calib_ids)
-    log = distill(sparse, dense, calib_ids, DistillConfig(steps=30, lr=3e-3, warmup=2))
+    cfg = DistillConfig(steps=30, lr=3e-3, warmup=2, bf16=bf16)
+    log = distill(sparse, dense, calib_ids, cfg)
     assert sum(log.losses[-5:]) < sum(log.losses[:5])
     for name, p in sparse.named_parameters():
         assert (p[zeros[name]] == 0).all(), name
+        assert p.dtype == torch.float32, name  # autocast leaves the master weights fp32
     with torch.no_grad():
         assert torch.isfinite(sparse(input_ids=calib_ids[:1]).logits).all()
 

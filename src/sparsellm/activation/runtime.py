@@ -10,6 +10,13 @@ KV cache, and per projection the column kernel over the columns that pass the la
 threshold (sparse) or, for dense calls, whichever of the column kernel and `F.linear`
 was faster for that weight shape when the runtime was built (`pick_dense_kernels`).
 
+Decode steps of the common case (SiLU-gated MLP, TEAL/WINA thresholds, batch <= 8) run
+as one call into the native extension's `Decoder`, which walks every block in C++ with
+the same kernels and choices; the Python blocks below remain the definition and serve
+prompts, verification passes, CATS, R-Sparse and CoreInfer. Why: the Python loop costs
+~6 ms of ~32 ms per token on the default model outside the projections (norms, RoPE,
+cache writes, reshapes, residual adds), paid equally by dense and sparse.
+
 It reads the model: weights through the adapter layout, thresholds / WINA scales /
 R-Sparse factors / CATS gate thresholds from the wrappers of
 `sparsellm.activation.modules`. The HF model is not modified. Prompt tokens (prefill,
@@ -254,6 +261,19 @@ class Layer:
     v_cache: torch.Tensor = field(default_factory=lambda: torch.empty(0))
 
 
+def _is_silu(act: nn.Module) -> bool:
+    """Whether `act` computes SiLU (the Decoder hard-codes it). Checked on values, since
+    transformers wraps SiLU in classes of its own that change between versions."""
+    probe = torch.linspace(-8, 8, 65)
+    with torch.no_grad():
+        return torch.allclose(act(probe), F.silu(probe), rtol=1e-6, atol=1e-7)
+
+
+def _block(layer: Layer) -> list[Proj]:
+    """A block's four projections in the Decoder's order."""
+    return [layer.qkv, layer.o, layer.mlp.gate, layer.mlp.down]
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
     """x·cos + rotate_half(x)·sin in three ops: rotate_half(x) = roll(x, d/2) with the sign
     of the first half folded into `sin_signed` (see `DecodeRuntime._rope`)."""
@@ -281,6 +301,55 @@ class DecodeRuntime:
             proj.native = self.native
         pick_dense_kernels(self._all_projs())
         self.cos, self.sin = self._rope()
+        self._decoder: Any = None  # the native whole-step decoder, built by `reset`
+        self._counts = torch.zeros(4 * len(self.layers), 2, dtype=torch.int64)
+
+    def fusable(self) -> bool:
+        """Whether decode steps can run as one native call (`sparse_gemv.cpp`'s Decoder):
+        the extension is built and every block is a SiLU-gated MLP with at most a
+        (scaled) threshold per projection; CATS, R-Sparse and CoreInfer use the Python
+        path."""
+        if self.native is None or not hasattr(self.native, "Decoder"):
+            return False
+        for layer in self.layers:
+            mlp = layer.mlp
+            if mlp.gate_threshold > 0 or mlp.core is not None or not _is_silu(mlp.act):
+                return False
+            if any(p.rule is not None and p.rule.lr_b is not None for p in _block(layer)):
+                return False
+        return True
+
+    def _build_decoder(self) -> Any:
+        """Hand the block weights, rules and current dense-kernel choices to the Decoder."""
+        tensors: list[torch.Tensor] = []
+        thresholds: list[float] = []
+        torch_dense: list[bool] = []
+        eps: list[float] = []
+        for layer in self.layers:
+            tensors += [layer.attn_norm.weight, layer.mlp_norm.weight]
+            eps += [layer.attn_norm.eps, layer.mlp_norm.eps]
+            for p in _block(layer):
+                cm = p.cm
+                tensors += [
+                    cm.table.view(cm.in_features, cm.out_features),
+                    p.weight,
+                    _EMPTY if p.bias is None else p.bias.detach(),
+                    _EMPTY if p.rule is None or p.rule.scale is None else p.rule.scale,
+                ]
+                thresholds.append(0.0 if p.rule is None else p.rule.threshold)
+                torch_dense.append(p.torch_dense)
+        return self.native.Decoder(
+            tensors, thresholds, torch_dense, eps, self.n_heads, self.n_kv, self.head_dim
+        )
+
+    def _fold_counts(self) -> None:
+        """Move the Decoder's kept / seen channel counts into the projections' counters."""
+        counts = self._counts.tolist()
+        projs = [p for layer in self.layers for p in _block(layer)]
+        for proj, (kept, seen) in zip(projs, counts, strict=True):
+            proj.kept += kept * proj.cm.out_features
+            proj.seen += seen * proj.cm.out_features
+        self._counts.zero_()
 
     def _layer(self, block: nn.Module, layout: Any) -> Layer:
         qkv_names, o_names, gu_names, down_names = layout.input_groups
@@ -322,31 +391,28 @@ class DecodeRuntime:
             proj.kept = proj.seen = 0
         for layer in self.layers:
             layer.mlp.core_mlp = None  # CoreInfer: a new prompt picks a new core
+        self._counts.zero_()
+        # rebuilt per prompt: cheap, and it picks up changed dense-kernel choices
+        self._decoder = self._build_decoder() if self.fusable() else None
+        if self._decoder is not None:
+            self._decoder.set_caches([c for ly in self.layers for c in (ly.k_cache, ly.v_cache)])
 
     def _all_projs(self) -> list[Proj]:
         out = [self.lm_head]
         for layer in self.layers:
-            out += [layer.qkv, layer.o, layer.mlp.gate, layer.mlp.down]
+            out += _block(layer)
         return out
 
     def projections(self) -> list[Any]:
         out: list[Any] = [self.lm_head]
         for layer in self.layers:
-            out += [layer.qkv, layer.o, layer.mlp.gate, layer.mlp.down, layer.mlp]
+            out += [*_block(layer), layer.mlp]
         return out
 
-    @torch.no_grad()
-    def forward(
-        self, ids: torch.Tensor, pos: int, sparse: bool, last_only: bool = False
-    ) -> torch.Tensor:
-        """Logits (b, L, vocab) for `ids` (b, L) placed at positions pos..pos+L-1.
-
-        `last_only` computes the LM head for the last position only (prefill).
-        """
-        b, n = ids.shape
-        if pos + n > self.max_len:
-            raise ValueError(f"sequence of {pos + n} tokens exceeds max_len={self.max_len}")
-        x = self.embed(ids)
+    def _blocks(self, x: torch.Tensor, pos: int, sparse: bool) -> torch.Tensor:
+        """The blocks in Python: prompts, verification passes, and models the native
+        Decoder does not cover."""
+        b, n, _ = x.shape
         cos, sin = self.cos[:, :, pos : pos + n], self.sin[:, :, pos : pos + n]
         mask = None
         if n > 1:
@@ -370,6 +436,26 @@ class DecodeRuntime:
             x = x + layer.o(att, sparse).view(b, n, -1)
             h = layer.mlp_norm(x).reshape(b * n, -1)
             x = x + layer.mlp(h, sparse).view(b, n, -1)
+        return x
+
+    @torch.no_grad()
+    def forward(
+        self, ids: torch.Tensor, pos: int, sparse: bool, last_only: bool = False
+    ) -> torch.Tensor:
+        """Logits (b, L, vocab) for `ids` (b, L) placed at positions pos..pos+L-1.
+
+        `last_only` computes the LM head for the last position only (prefill).
+        """
+        b, n = ids.shape
+        if pos + n > self.max_len:
+            raise ValueError(f"sequence of {pos + n} tokens exceeds max_len={self.max_len}")
+        x = self.embed(ids)
+        if n == 1 and b <= 8 and self._decoder is not None:  # a decode step: one native call
+            cos_row, sin_row = self.cos[0, 0, pos], self.sin[0, 0, pos]
+            x = self._decoder.step(x.view(b, -1), pos, sparse, cos_row, sin_row, self._counts)
+            x = x.view(b, 1, -1)
+        else:
+            x = self._blocks(x, pos, sparse)
         if last_only:
             x, n = x[:, -1:], 1
         h = self.final_norm(x).reshape(b * n, -1)
@@ -431,6 +517,7 @@ class DecodeRuntime:
 
     def skipped_fraction(self) -> float | None:
         """Share of the thresholded projections' weight reads skipped in decode steps."""
+        self._fold_counts()
         kept = sum(p.kept for p in self.projections())
         seen = sum(p.seen for p in self.projections())
         return None if seen == 0 else 1.0 - kept / seen

@@ -41,6 +41,10 @@ class DistillConfig:
     warmup: int = 10
     seed: int = 0
     max_seconds: float | None = None  # wall-time budget; the lr schedule follows it too
+    # bf16 autocast for the forward passes (weights, optimiser and losses stay fp32): on
+    # CPUs with AMX/AVX512-BF16 the matmuls run ~4x faster, so a time budget sees ~3x
+    # more tokens; pruned weights stay exactly zero either way (they are fp32 masters).
+    bf16: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -108,9 +112,10 @@ def distill(
                 break
             idx = torch.randint(0, data.shape[0], (cfg.batch_size,), generator=gen)
             ids = data[idx]
-            with torch.no_grad():
-                t_out = teacher(input_ids=ids, output_hidden_states=True, use_cache=False)
-            s_out = student(input_ids=ids, output_hidden_states=True, use_cache=False)
+            with torch.autocast(_device(student), torch.bfloat16, enabled=cfg.bf16):
+                with torch.no_grad():
+                    t_out = teacher(input_ids=ids, output_hidden_states=True, use_cache=False)
+                s_out = student(input_ids=ids, output_hidden_states=True, use_cache=False)
             loss = cfg.kl_weight * kl_loss(s_out.logits, t_out.logits, cfg.temperature)
             if cfg.feature_weight:
                 loss = loss + cfg.feature_weight * feature_loss(
@@ -126,6 +131,10 @@ def distill(
     student.eval()
     log.seconds = time.perf_counter() - start
     return log
+
+
+def _device(model: nn.Module) -> str:
+    return next(model.parameters()).device.type
 
 
 def summary(log: DistillLog) -> dict[str, Any]:
