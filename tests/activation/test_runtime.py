@@ -99,6 +99,7 @@ def test_verification_every_token_reproduces_dense_greedy(calib_ids: torch.Tenso
     plain = rt.generate(ids, 16, sparse=True)
     checked = rt.generate(ids, 16, sparse=True, verify_every=1)
     assert not torch.equal(plain["tokens"], dense)  # 70% sparsity changes the greedy text
+    assert plain["correction_rate"] is None  # nothing verified: no rate, not a rate of 0
     # every sparse token is checked by a dense pass before the next one is drafted
     assert torch.equal(checked["tokens"], dense)
     assert checked["verified_tokens"] >= 14 and 0 < checked["correction_rate"] <= 1

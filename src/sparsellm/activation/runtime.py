@@ -511,7 +511,7 @@ class DecodeRuntime:
             "decode_tok_s": (new_tokens - 1) * b / decode_s if decode_s > 0 else float("inf"),
             "corrections": corrected,
             "verified_tokens": verified,
-            "correction_rate": corrected / verified if verified else 0.0,
+            "correction_rate": corrected / verified if verified else None,  # None: not verified
             "skipped_fraction": self.skipped_fraction(),
         }
 
