@@ -124,3 +124,22 @@ def test_bad_inputs(calib_ids: torch.Tensor) -> None:
         shrink(tiny_model("gpt2"), "taylor", 0.2, calib_ids)
     with pytest.raises(SparseLLMError, match="calibration"):
         shrink(tiny_model("llama"), "obs", 0.2, None)
+
+
+def test_spectral_keeps_a_super_weight_channel(calib_ids: torch.Tensor) -> None:
+    """A down_proj column holding one huge entry survives spectral pruning (data-free)."""
+    model = tiny_model("llama")
+    down = get_blocks(model)[0].mlp.down_proj.weight
+    mlp = get_blocks(model)[0].mlp
+    with torch.no_grad():
+        # channel 5 is one 12σ entry and nothing else: its row is a lone tail direction,
+        # which leverage alone ranks among the first to go
+        spike = 12 * down.std()
+        mlp.gate_proj.weight[5] = 0
+        mlp.up_proj.weight[5] = 0
+        down[:, 5] = 0
+        down[3, 5] = spike
+    shrink(model, "spectral", 0.3, calib_ids)
+    kept = get_blocks(model)[0].mlp.down_proj.weight
+    assert kept.shape[1] < down.shape[1]  # channels were removed...
+    assert torch.isclose(kept.abs().max(), spike)  # ...but not that one
