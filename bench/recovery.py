@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import tempfile
 from pathlib import Path
 
@@ -24,9 +23,10 @@ import torch
 
 import sparsellm as sl
 from sparsellm.eval.kl import compare_models
-from sparsellm.models.adapters import block_linears, blocks_prefix, get_blocks
+from sparsellm.export.hf import write_json_atomic
 from sparsellm.recover.distill import DistillConfig, distill, summary
 from sparsellm.recover.lora import add_lora, merge_lora
+from sparsellm.recover.masks import pruned_weights
 from sparsellm.recover.prompt import PromptedLM, train_prompt
 from sparsellm.report.markdown import table
 from sparsellm.weights.maskllm import MaskLLMConfig, learn_masks
@@ -58,14 +58,9 @@ def main() -> None:
     else:
         sparse = copy.deepcopy(dense)
         sl.sparsify(sparse, [{"method": args.start, "pattern": "2:4"}], calib)
-    # Only the pruned block linears: embeddings can hold exact zeros of their own, and
-    # recovery is free to train those.
-    zeros = {
-        f"{blocks_prefix(sparse)}.{i}.{rel}.weight": m.weight == 0
-        for i, block in enumerate(get_blocks(sparse))
-        for rel, m in block_linears(block).items()
-    }
-    assert any(z.any() for z in zeros.values()), "the start model has no zeros"
+    # the pruned block linears (embeddings may hold zeros of their own that training moves)
+    zeros = {f"{name}.weight": ~keep for name, (_, keep) in pruned_weights(sparse).items()}
+    assert zeros, "the start model has no zeros"
     rows: list[list] = []
 
     def add_row(name: str, quality: dict, info: dict | None) -> None:
@@ -75,11 +70,9 @@ def main() -> None:
             f"{name}: ppl {quality['sparse_ppl']:.3f} (dense {quality['dense_ppl']:.3f})",
             flush=True,
         )
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(
-            json.dumps([{"variant": n, "quality": q, "training": i} for n, q, i in rows], indent=2)
-            + "\n"
-        )
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out, [{"variant": n, "quality": q, "training": i} for n, q, i in rows])
 
     if not args.skip_start_eval:
         add_row(f"start {args.start}", compare_models(dense, sparse, windows), None)

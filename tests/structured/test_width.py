@@ -129,8 +129,8 @@ def test_bad_inputs(calib_ids: torch.Tensor) -> None:
 def test_spectral_keeps_a_super_weight_channel(calib_ids: torch.Tensor) -> None:
     """A down_proj column holding one huge entry survives spectral pruning (data-free)."""
     model = tiny_model("llama")
-    down = get_blocks(model)[0].mlp.down_proj.weight
     mlp = get_blocks(model)[0].mlp
+    down = mlp.down_proj.weight
     with torch.no_grad():
         # channel 5 is one 12σ entry and nothing else: its row is a lone tail direction,
         # which leverage alone ranks among the first to go

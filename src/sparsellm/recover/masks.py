@@ -14,17 +14,27 @@ from torch import nn
 from sparsellm.models.adapters import block_linears, blocks_prefix, get_blocks
 
 
+def pruned_weights(model: nn.Module) -> dict[str, tuple[nn.Parameter, torch.Tensor]]:
+    """{block linear's name: (its weight, keep mask)} for every block linear holding zeros.
+
+    Only block linears: embeddings and the head may hold exact zeros of their own, which
+    are not pruning and which recovery is free to train.
+    """
+    prefix = blocks_prefix(model)
+    out = {}
+    for i, block in enumerate(get_blocks(model)):
+        for rel, module in block_linears(block).items():
+            w = module.weight
+            if (w == 0).any():
+                out[f"{prefix}.{i}.{rel}"] = (w, w.detach() != 0)
+    return out
+
+
 class FrozenMasks:
     """Masks (True = keep) of every block linear that has zeros, enforced while held."""
 
     def __init__(self, model: nn.Module) -> None:
-        prefix = blocks_prefix(model)
-        self.params: dict[str, tuple[nn.Parameter, torch.Tensor]] = {}
-        for i, block in enumerate(get_blocks(model)):
-            for rel, module in block_linears(block).items():
-                w = module.weight
-                if (w == 0).any():
-                    self.params[f"{prefix}.{i}.{rel}"] = (w, w.detach() != 0)
+        self.params = pruned_weights(model)
         self._handles = [
             w.register_hook(lambda g, keep=keep: g * keep)
             for w, keep in self.params.values()

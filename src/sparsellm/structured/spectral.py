@@ -9,7 +9,7 @@ kept; structures living in the spectral tail go. No data is read.
 
 Leverage alone removes "super weight" channels (Yu et al. 2024): a down_proj column
 whose energy is one huge entry forms its own tail direction, scores low, and goes,
-although the model's massive activations flow through it. On the default model block
+though the model may depend on that one weight. On the default model block
 3's largest down_proj weight (16σ) sat in the channel ranked 1533rd of 1536, and 10%
 spectral pruning read ppl 60813. Such channels are found from the weights alone (an
 entry over `outlier_sigma` standard deviations) and always kept: 13773 with the guard,
@@ -64,7 +64,7 @@ def spectral_scores(
         dim=1,
     )
     groups = leverage_scores(group_rows.reshape(-1, h), energy).reshape(g, -1).sum(1)
-    channel_rows = torch.cat([w(layout.gate), w(layout.up), w(layout.down).T], dim=1)
-    channels = leverage_scores(channel_rows, energy).float()
-    guard = outlier_channels(block.get_submodule(layout.down).weight.data, outlier_sigma)
-    return groups.float(), channels.masked_fill(guard, torch.inf)
+    down = w(layout.down)
+    channels = leverage_scores(torch.cat([w(layout.gate), w(layout.up), down.T], dim=1), energy)
+    guard = outlier_channels(down, outlier_sigma)
+    return groups.float(), channels.float().masked_fill(guard, torch.inf)
