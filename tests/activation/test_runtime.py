@@ -111,6 +111,21 @@ def test_too_long_is_an_error() -> None:
         rt.generate(_prompt(), 4, sparse=False)
 
 
+def _fused_and_python(
+    rt: DecodeRuntime, ids: torch.Tensor, split: int, sparse: bool
+) -> tuple[torch.Tensor, torch.Tensor, float | None, float | None]:
+    """Decode ids[:, split:] after a prefill, once through the native Decoder and once
+    through the Python blocks: both logits and both skipped fractions."""
+    fused = _stepwise(rt, ids, split, sparse)
+    assert rt._decoder is not None
+    fused_skip = rt.skipped_fraction()
+    rt.reset(ids.shape[0])
+    rt._decoder = None  # force the Python blocks for the same steps
+    rt.forward(ids[:, :split], 0, sparse)
+    steps = [rt.forward(ids[:, i : i + 1], i, sparse) for i in range(split, ids.shape[1])]
+    return fused, torch.cat(steps, dim=1), fused_skip, rt.skipped_fraction()
+
+
 @pytest.mark.parametrize(("family", "method"), [("llama", "teal"), ("qwen2", "wina")])
 def test_native_decode_step_equals_python_blocks(
     family: str, method: str, calib_ids: torch.Tensor
@@ -121,15 +136,19 @@ def test_native_decode_step_equals_python_blocks(
     sparsify_activations(model, calib_ids, ActivationConfig(method=method, sparsity=0.5))
     rt = DecodeRuntime(model, max_len=32)
     assert rt.fusable()
-    ids = _prompt()
     for sparse in (False, True):
-        fused = _stepwise(rt, ids, 5, sparse)
-        assert rt._decoder is not None
-        fused_skip = rt.skipped_fraction()
-        rt.reset(1)
-        rt._decoder = None  # force the Python blocks for the same steps
-        rt.forward(ids[:, :5], 0, sparse)
-        steps = [rt.forward(ids[:, i : i + 1], i, sparse) for i in range(5, ids.shape[1])]
-        torch.testing.assert_close(fused, torch.cat(steps, dim=1), rtol=1e-5, atol=1e-5)
-        assert rt.skipped_fraction() == fused_skip
+        fused, python, fused_skip, python_skip = _fused_and_python(rt, _prompt(), 5, sparse)
+        torch.testing.assert_close(fused, python, rtol=1e-5, atol=1e-5)
+        assert python_skip == fused_skip
         assert (fused_skip is None) == (not sparse)
+
+
+def test_native_decode_long_context_attention(calib_ids: torch.Tensor) -> None:
+    """From 512 cached positions the Decoder's attention splits heads over threads;
+    steps on both sides of that switch still equal the Python blocks (SDPA)."""
+    model = tiny_model("llama").eval()
+    sparsify_activations(model, calib_ids, ActivationConfig(sparsity=0.5))
+    ids = torch.randint(0, 256, (2, 516), generator=torch.Generator().manual_seed(5))
+    rt = DecodeRuntime(model, max_len=520)
+    fused, python, _, _ = _fused_and_python(rt, ids, 508, sparse=True)
+    torch.testing.assert_close(fused, python, rtol=1e-5, atol=1e-5)

@@ -338,8 +338,17 @@ class DecodeRuntime:
                 ]
                 thresholds.append(0.0 if p.rule is None else p.rule.threshold)
                 torch_dense.append(p.torch_dense)
+        norm = self.final_norm
         return self.native.Decoder(
-            tensors, thresholds, torch_dense, eps, self.n_heads, self.n_kv, self.head_dim
+            tensors,
+            thresholds,
+            torch_dense,
+            eps,
+            self.n_heads,
+            self.n_kv,
+            self.head_dim,
+            norm.weight,
+            norm.eps,
         )
 
     def _fold_counts(self) -> None:
@@ -452,10 +461,10 @@ class DecodeRuntime:
         x = self.embed(ids)
         if n == 1 and b <= 8 and self._decoder is not None:  # a decode step: one native call
             cos_row, sin_row = self.cos[0, 0, pos], self.sin[0, 0, pos]
-            x = self._decoder.step(x.view(b, -1), pos, sparse, cos_row, sin_row, self._counts)
-            x = x.view(b, 1, -1)
-        else:
-            x = self._blocks(x, pos, sparse)
+            # the step ends with the final norm applied
+            h = self._decoder.step(x.view(b, -1), pos, sparse, cos_row, sin_row, self._counts)
+            return self.lm_head(h, sparse).view(b, 1, -1)
+        x = self._blocks(x, pos, sparse)
         if last_only:
             x, n = x[:, -1:], 1
         h = self.final_norm(x).reshape(b * n, -1)
