@@ -193,8 +193,9 @@ class Decoder {
     const int64_t b = x.size(0), hid = x.size(1);
     float* xp = x.data_ptr<float>();
     int64_t* cnt = counts.data_ptr<int64_t>();
-    const float* c = cos.contiguous().data_ptr<float>();
-    const float* sn = sin.contiguous().data_ptr<float>();
+    const auto cos_c = cos.contiguous(), sin_c = sin.contiguous();  // alive for the step
+    const float* c = cos_c.data_ptr<float>();
+    const float* sn = sin_c.data_ptr<float>();
     for (int64_t l = 0; l < layers_; ++l) {
       const torch::Tensor* t = t_.data() + l * kPerLayer;
       rms_norm(xp, b, hid, t[0].data_ptr<float>(), eps_[2 * l], buf(h_, b * hid));
