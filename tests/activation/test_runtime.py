@@ -15,9 +15,14 @@ def _prompt() -> torch.Tensor:
     return torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(3))
 
 
-def _stepwise(rt: DecodeRuntime, ids: torch.Tensor, split: int, sparse: bool) -> torch.Tensor:
-    """Prefill ids[:, :split], then feed the rest one token at a time (the decode path)."""
+def _stepwise(
+    rt: DecodeRuntime, ids: torch.Tensor, split: int, sparse: bool, native: bool = True
+) -> torch.Tensor:
+    """Prefill ids[:, :split], then feed the rest one token at a time (the decode path);
+    `native=False` forces the Python blocks where the native Decoder would run."""
     rt.reset(ids.shape[0])
+    if not native:
+        rt._decoder = None
     rt.forward(ids[:, :split], 0, sparse)
     steps = [rt.forward(ids[:, i : i + 1], i, sparse) for i in range(split, ids.shape[1])]
     return torch.cat(steps, dim=1)
@@ -119,11 +124,8 @@ def _fused_and_python(
     fused = _stepwise(rt, ids, split, sparse)
     assert rt._decoder is not None
     fused_skip = rt.skipped_fraction()
-    rt.reset(ids.shape[0])
-    rt._decoder = None  # force the Python blocks for the same steps
-    rt.forward(ids[:, :split], 0, sparse)
-    steps = [rt.forward(ids[:, i : i + 1], i, sparse) for i in range(split, ids.shape[1])]
-    return fused, torch.cat(steps, dim=1), fused_skip, rt.skipped_fraction()
+    python = _stepwise(rt, ids, split, sparse, native=False)
+    return fused, python, fused_skip, rt.skipped_fraction()
 
 
 @pytest.mark.parametrize(("family", "method"), [("llama", "teal"), ("qwen2", "wina")])
