@@ -104,26 +104,22 @@ def block_sparse_attention(
     diag = base + qblock
     kd, vd = (blocks(t, diag, 1).expand(n_rows, rep, block, d) for t in (kflat, vflat))
     out, lse = _attend(qrows, kd, vd, True, scale)
-    parts = [(out.reshape(n_rows, rep * block, d), lse.reshape(n_rows, rep * block))]
+    # the running result, merged with each further part in place (no per-part buffers)
+    out, lse = out.reshape(n_rows, rep * block, d), lse.reshape(n_rows, rep * block)
     qrows = qrows.reshape(n_rows, 1, rep * block, d)
 
     band = band_lengths(earlier)
-    out_b = torch.zeros(n_rows, rep * block, d, dtype=query.dtype)
-    lse_b = torch.full((n_rows, rep * block), float("-inf"))
     for start, stop, r in _runs(band, nb):
         offset = int(base[start] + qblock[start] - r) * block * d
         size, strides = (stop - start, 1, r * block, d), (block * d, 0, d, 1)
         k = kflat.as_strided(size, strides, kflat.storage_offset() + offset)
         v = vflat.as_strided(size, strides, vflat.storage_offset() + offset)
         o, s = _attend(qrows[start:stop], k, v, False, scale)
-        out_b[start:stop], lse_b[start:stop] = o[:, 0], s[:, 0]
-    parts.append((out_b, lse_b))
+        _merge(out[start:stop], lse[start:stop], o[:, 0], s[:, 0])
 
     rest = earlier & (torch.arange(nb) < (qblock - band)[:, None])
     counts = rest.sum(-1)
     order = torch.argsort((~rest).to(torch.int8), dim=-1, stable=True)  # selected first
-    out_g = torch.zeros_like(out_b)
-    lse_g = torch.full_like(lse_b, float("-inf"))
     for c in counts.unique().tolist():
         if c == 0:
             continue
@@ -136,16 +132,25 @@ def block_sparse_attention(
                 False,
                 scale,
             )
-            out_g.index_copy_(0, rows, o[:, 0])
-            lse_g.index_copy_(0, rows, s[:, 0])
-    parts.append((out_g, lse_g))
+            got_o, got_s = out.index_select(0, rows), lse.index_select(0, rows)
+            _merge(got_o, got_s, o[:, 0], s[:, 0])
+            out.index_copy_(0, rows, got_o)
+            lse.index_copy_(0, rows, got_s)
 
-    total = torch.stack([s for _, s in parts]).logsumexp(0)
-    out = parts[0][0].mul_((parts[0][1] - total).exp()[..., None])  # in place: few passes
-    for o, s in parts[1:]:
-        out.addcmul_(o, (s - total).exp()[..., None])
-    out = out.reshape(b, mh, nb, rep, block, d).transpose(2, 3)
-    return out.reshape(b, hq, nb * block, d)[:, :, :length]
+    # one copy into (B, L, Hq, D), the layout the model consumes next: the returned
+    # (B, Hq, L, D) view is its transpose, so the caller's `.transpose(1, 2)` is free
+    out = out.reshape(b, mh, nb, rep, block, d).permute(0, 2, 4, 1, 3, 5)
+    out = out.reshape(b, nb * block, hq, d)[:, :length]
+    return out.transpose(1, 2)
+
+
+def _merge(out: torch.Tensor, lse: torch.Tensor, o: torch.Tensor, s: torch.Tensor) -> None:
+    """Fold a partial attention result (`o`, log-sum-exp `s`) over further keys into
+    (`out`, `lse`) in place: both are softmax averages, reweighted by their shares of the
+    combined normaliser ``exp(lse) + exp(s)``."""
+    total = torch.logaddexp(lse, s)
+    out.mul_((lse - total).exp_()[..., None]).addcmul_(o, (s - total).exp_()[..., None])
+    lse.copy_(total)
 
 
 def masked_dense_attention(
