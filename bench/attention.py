@@ -246,6 +246,11 @@ def main() -> None:
         help="skip every timing (prefill, kernel, decode tok/s); KV bytes are still measured",
     )
     ap.add_argument(
+        "--speed-only",
+        action="store_true",
+        help="only the timings and KV bytes (no accuracy, no perplexity): an idle-machine run",
+    )
+    ap.add_argument(
         "--calib-length", type=int, default=4096, help="MInference / MoA / Double Sparsity tokens"
     )
     ap.add_argument(
@@ -253,6 +258,8 @@ def main() -> None:
     )
     ap.add_argument("--out", default=str(HERE / "results" / "attention.json"))
     args = ap.parse_args()
+    if args.speed_only and args.quality_only:
+        ap.error("--speed-only and --quality-only exclude each other")
     torch.manual_seed(0)
     specs = [s for s in args.methods.split(";") if s.strip()]
     methods = {s: parse_attention(s) for s in specs}  # fail on a bad spec before loading
@@ -281,21 +288,27 @@ def main() -> None:
     with torch.no_grad():
         speed_ids = token_windows(tok, wiki, 1, args.speed_length)
         qkv = None if args.quality_only else _capture_qkv(model, speed_ids, args.kernel_layer)
-        dense = {
-            "accuracy": _accuracy(model, samples, None),
-            "ppl": {str(n): perplexity(model, w, batch_size=1)["ppl"] for n, w in windows.items()},
-            "tail_ppl": _tail_ppl(model, windows, args.tail, lambda ids: DynamicCache()),
-        }
+        dense: dict[str, Any] = {"accuracy": {}, "ppl": {}, "tail_ppl": {}}
+        if not args.speed_only:
+            dense = {
+                "accuracy": _accuracy(model, samples, None),
+                "ppl": {
+                    str(n): perplexity(model, w, batch_size=1)["ppl"] for n, w in windows.items()
+                },
+                "tail_ppl": _tail_ppl(model, windows, args.tail, lambda ids: DynamicCache()),
+            }
         results: dict[str, Any] = {"dense": dense, "methods": {}, "args": vars(args)}
         for spec, method in methods.items():
             entry: dict[str, Any] = {"kind": "kv" if _is_kv(method) else "prefill"}
             sizes: list[tuple[int, int]] = []
-            entry["accuracy"] = _accuracy(model, samples, method, draft, sizes)
-            entry["ppl"] = _ppl(model, windows, method, args.tail, draft)
+            entry["accuracy"], entry["ppl"] = {}, {}
+            if not args.speed_only:
+                entry["accuracy"] = _accuracy(model, samples, method, draft, sizes)
+                entry["ppl"] = _ppl(model, windows, method, args.tail, draft)
             if _is_kv(method) and (args.quality_only or isinstance(method, SpecKV)):
-                # bytes of the caches that answered the longest prompts (no extra prefill)
-                stored, full = sizes[-1]
-                entry.update(kv_bytes=stored, dense_kv_bytes=full, kv_ratio=full / stored)
+                if sizes:  # bytes of the caches that answered the longest prompts
+                    stored, full = sizes[-1]
+                    entry.update(kv_bytes=stored, dense_kv_bytes=full, kv_ratio=full / stored)
             elif _is_kv(method):
                 entry.update(
                     _kv_speed(model, method, args.speed_length, args.decode_steps, args.repeats)
@@ -348,7 +361,7 @@ def _print(results: dict, lengths: tuple[int, ...]) -> None:
         acc = [e["accuracy"].get(c) for c in cols]
         if e["kind"] == "kv":
             tok_s = [e.get("method_tok_s"), e.get("dense_tok_s")]  # absent: --quality-only
-            kv_rows.append([spec, e["kv_ratio"], *tok_s, *acc, *e["ppl"].values()])
+            kv_rows.append([spec, e.get("kv_ratio"), *tok_s, *acc, *e["ppl"].values()])
         else:
             kern = e.get("kernel")
             ratio = kern["sdpa_s"] / kern["method_s"] if kern else None
