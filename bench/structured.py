@@ -69,6 +69,7 @@ def main() -> None:
     ap.add_argument("--per-layer", action="store_true", help="per-block budgets (width only)")
     ap.add_argument("--no-heads", action="store_true", help="width methods: MLP channels only")
     ap.add_argument("--recover-steps", type=int, default=20)
+    ap.add_argument("--recover-bf16", action="store_true", help="bf16 autocast in recovery")
     ap.add_argument("--calib-windows", type=int, default=32)
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -106,6 +107,7 @@ def main() -> None:
                 per_layer=per_layer,
                 recover_steps=args.recover_steps,
                 prune_heads=not args.no_heads,
+                recover_bf16=args.recover_bf16,
             )
             r |= {"method": method, "ratio": ratio, "per_layer": per_layer}
             if tasks and (task_ratios is None or ratio in task_ratios):

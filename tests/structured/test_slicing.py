@@ -127,11 +127,13 @@ def test_shrink_slicegpt_reports_ratio(calib_ids: torch.Tensor) -> None:
     assert model.config.hidden_size == report["hidden_size"] < 64
 
 
-def test_sliced_model_distils_shortcuts_too(calib_ids: torch.Tensor) -> None:
+@pytest.mark.parametrize("bf16", [False, True])
+def test_sliced_model_distils_shortcuts_too(calib_ids: torch.Tensor, bf16: bool) -> None:
     teacher = tiny_model("llama")
     student = copy.deepcopy(teacher)
     slice_model(student, calib_ids, 0.25)
     before = student.model.layers[0].attn_shortcut.detach().clone()
-    recover(student, teacher, calib_ids, steps=2, batch_size=4, lr=1e-2)
+    recover(student, teacher, calib_ids, steps=2, batch_size=4, lr=1e-2, bf16=bf16)
+    assert student.model.layers[0].attn_shortcut.dtype == torch.float32  # fp32 masters
     assert not torch.equal(student.model.layers[0].attn_shortcut, before)
     assert torch.isfinite(student(calib_ids).logits).all()

@@ -29,8 +29,10 @@ def recover(
     batch_size: int = 4,
     lr: float = 1e-4,
     seed: int = 0,
+    bf16: bool = False,
 ) -> dict[str, Any]:
-    """Distil `student` towards `teacher` for `steps` steps on token windows `data`."""
+    """Distil `student` towards `teacher` for `steps` steps on token windows `data`
+    (`bf16`: autocast forwards, ~3x faster on CPUs with bf16 instructions)."""
     same_depth = len(get_blocks(student)) == len(get_blocks(teacher))
     same_depth &= student.config.hidden_size == teacher.config.hidden_size
     cfg = DistillConfig(
@@ -40,6 +42,7 @@ def recover(
         feature_weight=1.0 if same_depth else 0.0,
         warmup=max(steps // 10, 1),
         seed=seed,
+        bf16=bf16,
     )
     return {**summary(distill(student, teacher, data, cfg)), "feature_loss": same_depth}
 
@@ -55,6 +58,7 @@ def shrink_and_evaluate(
     batch_size: int = 4,
     seed: int = 0,
     prune_heads: bool = True,
+    recover_bf16: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """(shrunk copy, result): perplexity/KL vs dense before and (optionally) after recovery."""
     torch.manual_seed(seed)
@@ -64,6 +68,8 @@ def shrink_and_evaluate(
     }
     result["before"] = compare_models(dense, student, eval_ids, batch_size)
     if recover_steps > 0:
-        result["recovery"] = recover(student, dense, calib_ids, recover_steps, seed=seed)
+        result["recovery"] = recover(
+            student, dense, calib_ids, recover_steps, seed=seed, bf16=recover_bf16
+        )
         result["after"] = compare_models(dense, student, eval_ids, batch_size)
     return student, result
