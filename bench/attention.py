@@ -230,6 +230,11 @@ def _kv_speed(model: Any, method: Any, context: int, steps: int, repeats: int) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--model",
+        default="default",
+        help="model source (default: bundled SmolLM2-135M; e.g. a Gemma-3 .gguf that retrieves)",
+    )
     ap.add_argument("--methods", default=";".join(PREFILL + KV), help="';'-separated specs")
     ap.add_argument("--lengths", default="2048,8192")
     ap.add_argument("--samples", type=int, default=5)
@@ -263,7 +268,7 @@ def main() -> None:
     torch.manual_seed(0)
     specs = [s for s in args.methods.split(";") if s.strip()]
     methods = {s: parse_attention(s) for s in specs}  # fail on a bad spec before loading
-    model, tok = load_model("default")
+    model, tok = load_model(args.model)
     model.eval()
     calib = token_windows(tok, resolve_corpus("c4"), 1, args.calib_length)
     draft = None

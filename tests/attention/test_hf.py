@@ -14,8 +14,13 @@ def _ids(length: int) -> torch.Tensor:
     return torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_keep_everything_reproduces_dense_and_restores(family: str) -> None:
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text"])
+def test_keep_everything_reproduces_dense_and_restores(family: str, monkeypatch) -> None:
+    from sparsellm.attention import hf
+
+    calls = []
+    real = hf.block_sparse_attention
+    monkeypatch.setattr(hf, "block_sparse_attention", lambda *a: calls.append(1) or real(*a))
     model = tiny_model(family, 0)
     ids = _ids(100)
     with torch.no_grad():
@@ -24,6 +29,8 @@ def test_keep_everything_reproduces_dense_and_restores(family: str) -> None:
             full = model(ids).logits
             assert model.config._attn_implementation.startswith("sparsellm_full")
         after = model(ids).logits
+    # Gemma-3's sliding layers arrive with a mask and stay on SDPA; its global layer doesn't
+    assert len(calls) == (1 if family == "gemma3_text" else model.config.num_hidden_layers)
     torch.testing.assert_close(full, dense, atol=1e-5, rtol=1e-5)
     assert torch.equal(after, dense)
     assert model.config._attn_implementation == "sdpa"

@@ -172,3 +172,15 @@ def test_kv_method_with_sparse_prefill_composes() -> None:
         sparse_attention(model, window, prefill=window),
     ):
         pass
+
+
+def test_sliding_window_models_are_refused_clearly() -> None:
+    from sparsellm.errors import SparseLLMError
+
+    model = tiny_model("gemma3_text", 0)
+    with (
+        pytest.raises(SparseLLMError, match="sliding-window layers"),
+        sparse_attention(model, "snapkv:budget=24"),
+    ):
+        pass
+    assert model.config._attn_implementation == "sdpa"

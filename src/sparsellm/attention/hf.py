@@ -205,6 +205,14 @@ def sparse_attention(
         or isinstance(prefill, tuple(KV_METHODS.values()))
     ):
         raise SparseLLMError("prefill= pairs a prefill method with a KV-cache method")
+    if isinstance(method, tuple(KV_METHODS.values())) and "sliding_attention" in (
+        getattr(model.config, "layer_types", None) or ()
+    ):
+        # those layers get a window mask and a window-bounded cache from transformers;
+        # our compressing cache treats every layer alike. Prefill methods do work there.
+        raise SparseLLMError(
+            "KV-cache methods do not support models with sliding-window layers (Gemma-3) yet"
+        )
     before = model.config._attn_implementation
     if before != "sdpa":
         raise SparseLLMError(f"sparse attention builds on sdpa; the model uses {before!r}")

@@ -29,12 +29,12 @@ How the definitions line up with `zeroshot.evaluate_task` (checked against the l
 
 Tokenisation is identical: ``HFLM`` moves trailing context spaces into the continuation
 and splits ``encode(context + continuation)`` at ``len(encode(context))`` as
-`zeroshot.encode_pair` does; `run_harness` passes ``add_bos_token=False`` so neither side
-adds special tokens (for tokenizers that add a BOS by default, e.g. Llama's, lm-eval's
-own default would prepend one). Remaining differences: lm-eval left-truncates requests
-longer than the model window where our scorer refuses, and for an empty context lm-eval
-drops the prefix token when it equals the first continuation token; neither occurs in
-the bundled request files.
+`zeroshot.encode_pair` does; `run_harness` passes ``add_bos_token`` as
+`corpora.bos_prefix` decides, so both sides prepend BOS for tokenizers that start every
+text with it (Gemma) and neither adds special tokens otherwise. Remaining differences:
+lm-eval left-truncates requests longer than the model window where our scorer refuses,
+and for an empty context lm-eval drops the prefix token when it equals the first
+continuation token; neither occurs in the bundled request files.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from typing import Any
 import torch
 import yaml
 
+from sparsellm.data.corpora import bos_prefix
 from sparsellm.errors import SparseLLMError
 from sparsellm.eval import zeroshot
 
@@ -185,10 +186,10 @@ def run_harness(
     """Evaluate the in-memory `model` on lm-eval `tasks`; per-task metrics as plain floats.
 
     Runs lm-eval's ``HFLM`` around the model itself (no re-save, so sparse or patched
-    models are measured as they are) with ``add_bos_token=False`` to tokenise exactly as
-    our scorer does. `include_path` adds a directory of task YAMLs (see
-    `write_olmo_tasks`); ``include_defaults=False`` searches only that directory (faster).
-    `limit` keeps the first documents of each task. Returns e.g.
+    models are measured as they are) with ``add_bos_token`` set to tokenise exactly as
+    our scorer does (BOS only where `bos_prefix` puts one). `include_path` adds a
+    directory of task YAMLs (see `write_olmo_tasks`); ``include_defaults=False`` searches
+    only that directory (faster). `limit` keeps the first documents of each task. Returns e.g.
     ``{"arc_easy": {"acc": .., "acc_stderr": .., "acc_norm": .., "docs": 200}}``.
     """
     metrics, _ = run_harness_samples(
@@ -233,7 +234,7 @@ def run_harness_samples(
             tokenizer=copy.deepcopy(tokenizer),
             device=str(next(model.parameters()).device),
             batch_size=batch_size,
-            add_bos_token=False,
+            add_bos_token=bool(bos_prefix(tokenizer)),
         )
         try:
             results = lm_eval.simple_evaluate(

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from sparsellm.data.corpora import encode, read_text, resolve_corpus
+from sparsellm.data.corpora import bos_prefix, encode, read_text, resolve_corpus
 from sparsellm.errors import SparseLLMError
 from sparsellm.eval.zeroshot import encode_pair
 from sparsellm.models.adapters import context_window
@@ -131,8 +131,8 @@ def build_sample(
         answer = f" {values[0]}"
     else:
         raise SparseLLMError(f"unknown long-context task {task!r}; valid: {', '.join(TASKS)}")
-    intro = enc(_INTRO[task])
-    q_ids, a_ids = encode_pair(tokenizer, question, answer)
+    intro = bos_prefix(tokenizer) + enc(_INTRO[task])
+    q_ids, a_ids = encode_pair(tokenizer, question, answer, bos=False)
     budget = length + 1 - len(intro) - len(q_ids) - len(a_ids)
     if budget < 16:
         raise SparseLLMError(f"length {length} is too short for {task}")

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from sparsellm.data.corpora import bos_prefix
 from sparsellm.errors import SparseLLMError
 from sparsellm.models.adapters import context_window
 
@@ -113,14 +114,23 @@ def load_docs(path: Path, limit: int | None = None) -> list[Doc]:
     return list(docs.values())
 
 
-def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Context and continuation token ids, split the way lm-evaluation-harness splits them."""
+def encode_pair(
+    tokenizer: Any, context: str, continuation: str, bos: bool = True
+) -> tuple[list[int], list[int]]:
+    """Context and continuation token ids, split the way lm-evaluation-harness splits them.
+
+    The context starts with BOS where `bos_prefix` says the model expects one (`bos=False`
+    for a pair that goes in the middle of a longer prompt).
+    """
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         continuation = context[-n_spaces:] + continuation
         context = context[:-n_spaces]
     whole = tokenizer.encode(context + continuation, add_special_tokens=False)
     ctx = tokenizer.encode(context, add_special_tokens=False)
+    prefix = bos_prefix(tokenizer) if bos else []
+    if prefix:
+        return prefix + ctx, whole[len(ctx) :]
     if not ctx:  # nothing to condition on: start from the BOS/EOS token, as lm-eval does
         prefix = (
             tokenizer.bos_token_id

