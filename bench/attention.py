@@ -47,6 +47,7 @@ from sparsellm.attention.hf import (
     parse_attention,
     sparse_attention,
 )
+from sparsellm.attention.kv import CompressedLayer
 from sparsellm.attention.moa import MoA, calibrate_moa
 from sparsellm.attention.prefill import MInference
 from sparsellm.attention.search import calibrate_minference
@@ -94,9 +95,14 @@ def _cache_maker(session: Any, method: Any, draft: Any) -> Any:
 
 
 def _dense_nbytes(cache: Any) -> int:
-    """Bytes a dense cache would hold for the tokens `cache` has seen."""
+    """Bytes the model's default cache would hold for the tokens `cache` has seen: every
+    token for compressing layers, what is stored for sliding-window ones (already bounded
+    by the model itself, so they count the same on both sides)."""
     return sum(
-        2 * layer.values[:, :, :1].numel() * layer.get_seq_length() * layer.values.element_size()
+        2
+        * layer.values[:, :, :1].numel()
+        * (layer.get_seq_length() if isinstance(layer, CompressedLayer) else layer.keys.shape[2])
+        * layer.values.element_size()
         for layer in cache.layers
     )
 
@@ -215,7 +221,7 @@ def _kv_speed(model: Any, method: Any, context: int, steps: int, repeats: int) -
         cache = session.new_cache()
         decode_tokens_per_s(model, context, 1, cache)
         kv_bytes = cache_nbytes(cache)
-        dense_cache = DynamicCache()
+        dense_cache = DynamicCache(config=model.config)  # the model's own default cache
         decode_tokens_per_s(model, context, 1, dense_cache)
         dense_bytes = cache_nbytes(dense_cache)
         sizes = {"kv_bytes": kv_bytes, "dense_kv_bytes": dense_bytes}
@@ -224,7 +230,9 @@ def _kv_speed(model: Any, method: Any, context: int, steps: int, repeats: int) -
         def timed(make: Any) -> Any:
             return lambda: 1.0 / decode_tokens_per_s(model, context, steps, make())
 
-        d, m = _alternate(timed(DynamicCache), timed(session.new_cache), repeats)
+        d, m = _alternate(
+            timed(lambda: DynamicCache(config=model.config)), timed(session.new_cache), repeats
+        )
     return {**sizes, "dense_tok_s": 1 / d, "method_tok_s": 1 / m}
 
 
@@ -302,7 +310,9 @@ def main() -> None:
                 "ppl": {
                     str(n): perplexity(model, w, batch_size=1)["ppl"] for n, w in windows.items()
                 },
-                "tail_ppl": _tail_ppl(model, windows, args.tail, lambda ids: DynamicCache()),
+                "tail_ppl": _tail_ppl(
+                    model, windows, args.tail, lambda ids: DynamicCache(config=model.config)
+                ),
             }
         results: dict[str, Any] = {"dense": dense, "methods": {}, "args": vars(args)}
         for spec, method in methods.items():

@@ -174,13 +174,46 @@ def test_kv_method_with_sparse_prefill_composes() -> None:
         pass
 
 
-def test_sliding_window_models_are_refused_clearly() -> None:
+@pytest.mark.parametrize(
+    "spec",
+    ["streaming_kv:sink=4,window=500", "snapkv:budget=500", "think:keep=1.0", "quest:budget=512"],
+)
+def test_sliding_window_model_keeps_its_window_layers_and_dense_generation(spec: str) -> None:
+    """Gemma-3: sliding layers keep transformers' window cache, full layers compress;
+    at a keep-everything budget generation equals the model's own default cache."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    from sparsellm.attention.kv import CompressedLayer
+
+    model = tiny_model("gemma3_text", 0)  # layer 0 sliding (window 16), layer 1 full
+    ids = _ids(60)
+    ref_tokens, ref_logits = _greedy(model, ids, 8, DynamicCache(config=model.config))
+    with sparse_attention(model, spec) as session:
+        cache = session.new_cache()
+        tokens, logits = _greedy(model, ids, 8, cache)
+    assert isinstance(cache.layers[0], DynamicSlidingWindowLayer)
+    assert isinstance(cache.layers[1], CompressedLayer)
+    assert tokens == ref_tokens
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_sliding_window_model_compresses_its_full_layers() -> None:
+    model = tiny_model("gemma3_text", 0)
+    with sparse_attention(model, "streaming_kv:sink=4,window=20") as session:
+        cache = session.new_cache()
+        _greedy(model, _ids(60), 4, cache)
+    assert cache.layers[1].keys.shape[2] == 24, "the full layer holds sink + window"
+    assert cache.layers[0].keys.shape[2] <= 16, "the sliding layer holds its window"
+
+
+def test_cross_layer_methods_refuse_sliding_window_models_clearly() -> None:
     from sparsellm.errors import SparseLLMError
 
     model = tiny_model("gemma3_text", 0)
     with (
-        pytest.raises(SparseLLMError, match="sliding-window layers"),
-        sparse_attention(model, "snapkv:budget=24"),
+        pytest.raises(SparseLLMError, match=r"tidal does not support .*sliding-window"),
+        sparse_attention(model, "tidal:budget=24"),
     ):
         pass
     assert model.config._attn_implementation == "sdpa"

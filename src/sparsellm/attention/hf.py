@@ -130,6 +130,7 @@ class AttentionSession:
     method: Any
     cache: kv.CompressedCache | None = None
     prefill: Any = None  # a sparse prefill method run before a KV method compresses
+    config: Any = None  # the model's config: which layers are sliding-window ones
 
     @property
     def compresses_cache(self) -> bool:
@@ -139,8 +140,10 @@ class AttentionSession:
         """A fresh cache: compressing for KV methods, a plain DynamicCache otherwise.
         `prepared` adopts a compressing cache made elsewhere (SpecKV's `speckv_cache`)."""
         if not self.compresses_cache:
-            return DynamicCache()
-        self.cache = prepared if prepared is not None else kv.CompressedCache(self.method)
+            return DynamicCache(config=self.config)
+        self.cache = (
+            prepared if prepared is not None else kv.CompressedCache(self.method, self.config)
+        )
         return self.cache
 
 
@@ -158,7 +161,8 @@ def _kv_forward(
     """AttentionInterface function of KV methods: compress when the keys are our cache's."""
     cache = session.cache
     layer = cache.layers[module.layer_idx] if cache is not None else None
-    if layer is None or key is not layer.keys:  # no cache, or another cache: plain SDPA
+    # no cache, another cache, or a sliding-window layer (transformers' own): plain SDPA
+    if not isinstance(layer, kv.CompressedLayer) or key is not layer.keys:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, **kwargs
         )
@@ -205,18 +209,18 @@ def sparse_attention(
         or isinstance(prefill, tuple(KV_METHODS.values()))
     ):
         raise SparseLLMError("prefill= pairs a prefill method with a KV-cache method")
-    if isinstance(method, tuple(KV_METHODS.values())) and "sliding_attention" in (
-        getattr(model.config, "layer_types", None) or ()
-    ):
-        # those layers get a window mask and a window-bounded cache from transformers;
-        # our compressing cache treats every layer alike. Prefill methods do work there.
+    kind = next((k for k, v in KV_METHODS.items() if isinstance(method, v)), None)
+    if kind in ("tidal", "double_sparsity", "speckv") and any(kv.sliding_layers(model.config)):
+        # these index layers across the model (selection layers, calibrated channels, the
+        # draft's per-layer scores) assuming each one has a compressing cache
         raise SparseLLMError(
-            "KV-cache methods do not support models with sliding-window layers (Gemma-3) yet"
+            f"{kind} does not support models with "
+            "sliding-window layers (Gemma-3) yet; streaming_kv, snapkv, h2o, think and quest do"
         )
     before = model.config._attn_implementation
     if before != "sdpa":
         raise SparseLLMError(f"sparse attention builds on sdpa; the model uses {before!r}")
-    session = AttentionSession(method, prefill=prefill)
+    session = AttentionSession(method, prefill=prefill, config=model.config)
     name = register(method, session if session.compresses_cache else None)
     model.set_attn_implementation(name)
     try:

@@ -21,6 +21,10 @@ and decode steps attend only to what was kept:
 
 The layer keeps positions right: ``get_seq_length`` is the number of tokens *seen* (RoPE
 positions of new tokens), while masks are sized by what is actually stored.
+
+Models with sliding-window layers (Gemma-3: 5 of every 6 layers see only the last 512
+tokens) keep transformers' own window-bounded layer there, exactly as the model's default
+cache does; only the full-attention layers, whose cache grows with the context, compress.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 QUERY_CHUNK = 512  # H2O prefill statistics are accumulated this many queries at a time
 
@@ -167,10 +171,25 @@ class CompressedCache(Cache):
     ``(B, Hkv, T)``) and ``after_prefill(cache, layer_idx)`` (compress right after the
     exact prefill); `shared` holds their state (TidalDecode's selection, SpecKV's scores)."""
 
-    def __init__(self, method: Any) -> None:
-        super().__init__(layer_class_to_replicate=CompressedLayer)
+    def __init__(self, method: Any, config: Any = None) -> None:
+        kinds = sliding_layers(config)
+        if any(kinds):
+            window = config.sliding_window
+            layers = [
+                DynamicSlidingWindowLayer(sliding_window=window) if k else CompressedLayer()
+                for k in kinds
+            ]
+            super().__init__(layers=layers)
+        else:
+            super().__init__(layer_class_to_replicate=CompressedLayer)
         self.method = method
         self.shared: dict[Any, torch.Tensor] = {}
+
+
+def sliding_layers(config: Any) -> list[bool]:
+    """Per layer, True where `config` declares a sliding-window layer (empty: no config)."""
+    types = getattr(config, "layer_types", None) or []
+    return [t == "sliding_attention" for t in types]
 
 
 def _snap_select(layer: CompressedLayer, q: torch.Tensor, scale: float, m: Any) -> None:
