@@ -73,3 +73,26 @@ def test_sink_window_uses_band_and_gather_parts_exactly() -> None:
     got = block_sparse_attention(q, k, v, mask, 8, scale=0.3)
     ref = masked_dense_attention(q, k, v, mask, 8, scale=0.3)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("length", "window", "block", "hq", "hkv"),
+    [(100, 16, 8, 4, 2), (257, 64, 16, 4, 1), (64, 16, 16, 2, 2), (10, 16, 8, 2, 1)],
+)
+def test_sliding_window_path_equals_token_level_window(length, window, block, hq, hkv) -> None:
+    """Exact at token level: the partial edge block is masked per query, not per block."""
+    from sparsellm.attention.blocksparse import sliding_window_attention
+
+    g = torch.Generator().manual_seed(length)
+    q = torch.randn(2, hq, length, 16, generator=g)
+    k, v = (torch.randn(2, hkv, length, 16, generator=g) for _ in range(2))
+    i = torch.arange(length)
+    allowed = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+    rep = hq // hkv
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=allowed
+    )
+    out = sliding_window_attention(q, k, v, window, block)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="multiple of block"):
+        sliding_window_attention(q, k, v, window + 1, block)

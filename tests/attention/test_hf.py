@@ -18,9 +18,12 @@ def _ids(length: int) -> torch.Tensor:
 def test_keep_everything_reproduces_dense_and_restores(family: str, monkeypatch) -> None:
     from sparsellm.attention import hf
 
-    calls = []
-    real = hf.block_sparse_attention
+    calls, windows = [], []
+    real, real_window = hf.block_sparse_attention, hf.sliding_window_attention
     monkeypatch.setattr(hf, "block_sparse_attention", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(
+        hf, "sliding_window_attention", lambda *a: windows.append(1) or real_window(*a)
+    )
     model = tiny_model(family, 0)
     ids = _ids(100)
     with torch.no_grad():
@@ -29,8 +32,10 @@ def test_keep_everything_reproduces_dense_and_restores(family: str, monkeypatch)
             full = model(ids).logits
             assert model.config._attn_implementation.startswith("sparsellm_full")
         after = model(ids).logits
-    # Gemma-3's sliding layers arrive with a mask and stay on SDPA; its global layer doesn't
-    assert len(calls) == (1 if family == "gemma3_text" else model.config.num_hidden_layers)
+    # Gemma-3's sliding layer computes its own window exactly; its global layer the method
+    sliding = family == "gemma3_text"
+    assert len(calls) == (1 if sliding else model.config.num_hidden_layers)
+    assert len(windows) == (1 if sliding else 0)
     torch.testing.assert_close(full, dense, atol=1e-5, rtol=1e-5)
     assert torch.equal(after, dense)
     assert model.config._attn_implementation == "sdpa"
@@ -126,3 +131,19 @@ def test_minference_calibration_picks_a_pattern_per_kv_head() -> None:
         sparse_attention(model, "minference"),
     ):
         pass
+
+
+def test_window_mask_check_accepts_only_the_plain_band() -> None:
+    from sparsellm.attention.hf import is_window_mask
+
+    i = torch.arange(40)
+    band = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - 8)
+    assert is_window_mask(band[None, None].expand(2, 1, 40, 40), 8, 40)
+    padded = band[None, None].repeat(2, 1, 1, 1)
+    padded[1, :, :, :3] = False  # left padding in the second row of the batch
+    assert not is_window_mask(padded, 8, 40)
+    assert not is_window_mask(band, 16, 40), "another window"
+    assert not is_window_mask(band.float(), 8, 40) and not is_window_mask(None, 8, 40)
+    wider = band.clone()
+    wider[30, 5] = True  # one extra key outside the band
+    assert not is_window_mask(wider, 8, 40)

@@ -72,12 +72,16 @@ def block_sparse_attention(
     block_mask: torch.Tensor,
     block: int,
     scale: float | None = None,
+    edge: int = 0,
 ) -> torch.Tensor:
     """Causal attention restricted to `block_mask`; returns ``(B, Hq, L, D)``.
 
     `query` is ``(B, Hq, L, D)``, `key`/`value` ``(B, Hkv, L, D)`` with ``Hq % Hkv == 0``;
     `block_mask` is ``(nb, nb)`` or ``(B | 1, H, nb, nb)`` with H in {1, Hkv, Hq}. The
     diagonal block is always attended (whatever the mask says), so every softmax is defined.
+    `edge` > 0 also attends, in the block `edge` blocks before the diagonal, the keys past
+    the query's own offset (key c of query a where c > a): with a band of ``edge − 1``
+    blocks that is exactly a token-level sliding window of ``edge · block`` keys.
     """
     b, hq, length, d = query.shape
     hkv = key.shape[1]
@@ -117,6 +121,9 @@ def block_sparse_attention(
         o, s = _attend(qrows[start:stop], k, v, False, scale)
         _merge(out[start:stop], lse[start:stop], o[:, 0], s[:, 0])
 
+    if edge:
+        _edge_block(out, lse, qrows, kflat, vflat, base, qblock, edge, block, scale)
+
     rest = earlier & (torch.arange(nb) < (qblock - band)[:, None])
     counts = rest.sum(-1)
     order = torch.argsort((~rest).to(torch.int8), dim=-1, stable=True)  # selected first
@@ -142,6 +149,60 @@ def block_sparse_attention(
     out = out.reshape(b, mh, nb, rep, block, d).permute(0, 2, 4, 1, 3, 5)
     out = out.reshape(b, nb * block, hq, d)[:, :length]
     return out.transpose(1, 2)
+
+
+def _edge_block(
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    qrows: torch.Tensor,
+    kflat: torch.Tensor,
+    vflat: torch.Tensor,
+    base: torch.Tensor,
+    qblock: torch.Tensor,
+    edge: int,
+    block: int,
+    scale: float,
+) -> None:
+    """Merge the partially visible block `edge` blocks back (key c > query offset a) into
+    every row that has one. One block per row, so an explicit masked softmax is cheap; the
+    last query of a block sees none of it (lse −inf, weight 0 in the merge)."""
+    rows = torch.nonzero(qblock >= edge).flatten()
+    if rows.numel() == 0:
+        return
+    d = kflat.shape[-1]
+    ids = base[rows] + qblock[rows] - edge
+    k = kflat.view(-1, block, d).index_select(0, ids)
+    v = vflat.view(-1, block, d).index_select(0, ids)
+    q = qrows.index_select(0, rows)[:, 0]  # (n, rep·block, d)
+    offset = torch.arange(q.shape[1]) % block
+    hidden = torch.arange(block)[None, :] <= offset[:, None]  # (rep·block, block)
+    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).masked_fill_(hidden, float("-inf"))
+    s_lse = s.logsumexp(-1)
+    o = torch.matmul((s - s_lse.nan_to_num(neginf=0.0)[..., None]).exp_(), v)
+    got_o, got_s = out.index_select(0, rows), lse.index_select(0, rows)
+    _merge(got_o, got_s, o, s_lse)
+    out.index_copy_(0, rows, got_o)
+    lse.index_copy_(0, rows, got_s)
+
+
+def sliding_window_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    window: int,
+    block: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Exact causal sliding-window attention (key j visible to query i iff
+    ``i − window < j ≤ i``, transformers' convention) computing only the band's blocks;
+    `window` must be a multiple of `block`. Returns ``(B, Hq, L, D)``."""
+    if window % block:
+        raise ValueError(f"window {window} is not a multiple of block {block}")
+    nb = n_blocks(query.shape[2], block)
+    i = torch.arange(nb)
+    edge = window // block
+    band = (i[:, None] - i[None, :] >= 0) & (i[:, None] - i[None, :] < edge)
+    return block_sparse_attention(query, key, value, band, block, scale, edge=edge)
 
 
 def _merge(out: torch.Tensor, lse: torch.Tensor, o: torch.Tensor, s: torch.Tensor) -> None:

@@ -30,7 +30,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from sparsellm.attention import kv, prefill
 from sparsellm.attention.anchor import Anchor
-from sparsellm.attention.blocksparse import block_sparse_attention
+from sparsellm.attention.blocksparse import block_sparse_attention, sliding_window_attention
 from sparsellm.attention.double_sparsity import DoubleSparsity
 from sparsellm.attention.moa import MoA
 from sparsellm.attention.speckv import SpecKV
@@ -111,8 +111,26 @@ def _sparse_forward(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """AttentionInterface function: block-sparse prefill, SDPA for everything else."""
+    """AttentionInterface function: block-sparse prefill, SDPA for everything else.
+
+    A sliding-window layer (Gemma-3's local layers) never takes the method's pattern: it
+    computes its own window exactly, through the block path when its mask is the plain
+    sliding causal band (transformers would run dense SDPA over an L × L mask)."""
     q_len, kv_len = query.shape[2], key.shape[2]
+    window = getattr(module, "sliding_window", None)
+    if window:
+        if (
+            q_len == kv_len
+            and q_len >= max(method.min_length, 2)
+            and q_len > window
+            and window % method.block == 0
+            and is_window_mask(attention_mask, window, q_len)
+        ):
+            out = sliding_window_attention(query, key, value, window, method.block, scaling)
+            return out.transpose(1, 2).contiguous(), None
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, **kwargs
+        )
     if attention_mask is not None or q_len != kv_len or q_len < max(method.min_length, 2):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, **kwargs
@@ -120,6 +138,18 @@ def _sparse_forward(
     mask = method.block_mask(query, key, module.layer_idx)
     out = block_sparse_attention(query, key, value, mask, method.block, scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+def is_window_mask(mask: torch.Tensor | None, window: int, length: int) -> bool:
+    """True iff boolean `mask` (…, L, L) is exactly the causal band of `window` keys in
+    every batch row (no padding): its band is all True and it holds nothing else."""
+    if mask is None or mask.dtype != torch.bool or tuple(mask.shape[-2:]) != (length, length):
+        return False
+    w = min(window, length)
+    per_matrix = w * (w + 1) // 2 + (length - w) * w
+    if int(mask.sum()) != per_matrix * (mask.numel() // (length * length)):
+        return False
+    return all(bool(mask.diagonal(-o, -2, -1).all()) for o in range(w))
 
 
 @dataclass
