@@ -45,6 +45,7 @@ from sparsellm.attention.double_sparsity import DoubleSparsity, calibrate_double
 from sparsellm.attention.hf import (
     KV_METHODS,
     parse_attention,
+    prefill_mask,
     sparse_attention,
 )
 from sparsellm.attention.kv import CompressedLayer
@@ -206,7 +207,7 @@ def _kernel_time(method: Any, qkv: dict[str, torch.Tensor], layer: int) -> dict:
 
     def sparse() -> float:
         s = time.perf_counter()
-        mask = method.block_mask(q, k, layer)
+        mask = prefill_mask(method, q, k, layer)
         est.append(time.perf_counter() - s)
         block_sparse_attention(q, k, v, mask, method.block)
         return time.perf_counter() - s

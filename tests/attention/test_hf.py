@@ -147,3 +147,37 @@ def test_window_mask_check_accepts_only_the_plain_band() -> None:
     wider = band.clone()
     wider[30, 5] = True  # one extra key outside the band
     assert not is_window_mask(wider, 8, 40)
+
+
+def test_dense_tail_rows_equal_sdpa_and_other_rows_keep_the_pattern() -> None:
+    from sparsellm.attention.blocksparse import block_sparse_attention
+    from sparsellm.attention.hf import prefill_mask
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 4, 90, 8, generator=g) for _ in range(3))
+    k, v = k[:, :2], v[:, :2]  # GQA: 2 KV heads
+    plain = parse_attention("sink_window:sink=16,window=16,block=16,min_length=0")
+    tailed = parse_attention("sink_window:sink=16,window=16,block=16,min_length=0,tail=20")
+    # 90 tokens = 6 blocks, the last one partial: tail 20 rounds up to the last 2 blocks
+    with_tail = block_sparse_attention(q, k, v, prefill_mask(tailed, q, k, 0), 16)
+    without = block_sparse_attention(q, k, v, prefill_mask(plain, q, k, 0), 16)
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=True, enable_gqa=True
+    )
+    torch.testing.assert_close(with_tail[:, :, 64:], dense[:, :, 64:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(with_tail[:, :, :64], without[:, :, :64], atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(without[:, :, 64:], dense[:, :, 64:], atol=1e-3)
+
+
+def test_tail_covering_the_prompt_reproduces_dense_logits() -> None:
+    model = tiny_model("llama", 1)
+    ids = _ids(90)
+    with torch.no_grad():
+        dense = model(ids).logits
+        with sparse_attention(model, "sink_window:sink=16,window=16,block=16,min_length=0"):
+            sparse = model(ids).logits
+        spec = "sink_window:sink=16,window=16,block=16,min_length=0,tail=96"
+        with sparse_attention(model, spec):
+            tailed = model(ids).logits
+    assert not torch.allclose(sparse, dense, atol=1e-3)
+    torch.testing.assert_close(tailed, dense, atol=1e-5, rtol=1e-5)

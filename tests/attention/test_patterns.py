@@ -65,3 +65,12 @@ def test_expand_blocks_is_causal_token_mask() -> None:
         [[k <= q and (k // 2 == 0 or k // 2 == q // 2) for k in range(6)] for q in range(6)]
     )
     assert torch.equal(tok, ref)
+
+
+def test_dense_tail_makes_only_the_last_rows_dense() -> None:
+    base = P.sink_window(5, 1, 1)  # sink block 0 + the diagonal
+    got = P.dense_tail(base, 2)
+    ref = _loop(5, lambda i, j: i >= 3 or j == 0 or i == j)
+    assert torch.equal(got, ref)
+    assert torch.equal(P.dense_tail(base, 0), base)
+    assert torch.equal(P.dense_tail(base, 9), P.causal_blocks(5))  # beyond nb: all dense

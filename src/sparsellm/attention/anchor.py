@@ -47,6 +47,7 @@ class Anchor:
     local: int = 128
     block: int = 64
     min_length: int = 2048
+    tail: int = 0
 
     def block_mask(self, query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tensor:
         b, hq, length, d = query.shape

@@ -29,6 +29,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from sparsellm.attention import kv, prefill
+from sparsellm.attention import patterns as P
 from sparsellm.attention.anchor import Anchor
 from sparsellm.attention.blocksparse import block_sparse_attention, sliding_window_attention
 from sparsellm.attention.double_sparsity import DoubleSparsity
@@ -100,6 +101,13 @@ def method_name(method: Any) -> str:
     return f"sparsellm_{kind}_{digest}"
 
 
+def prefill_mask(method: Any, query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tensor:
+    """The block mask a prefill method computes for one layer, with its ``tail`` query
+    blocks made dense (`patterns.dense_tail`)."""
+    tail_blocks = -(-getattr(method, "tail", 0) // method.block)
+    return P.dense_tail(method.block_mask(query, key, layer), tail_blocks)
+
+
 def _sparse_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -135,7 +143,7 @@ def _sparse_forward(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, **kwargs
         )
-    mask = method.block_mask(query, key, module.layer_idx)
+    mask = prefill_mask(method, query, key, module.layer_idx)
     out = block_sparse_attention(query, key, value, mask, method.block, scaling)
     return out.transpose(1, 2).contiguous(), None
 
@@ -204,7 +212,7 @@ def _kv_forward(
     sparse = session.prefill
     prefill_out = None
     if sparse is not None and query.shape[2] >= max(sparse.min_length, 2):
-        mask = sparse.block_mask(query, key, module.layer_idx)
+        mask = prefill_mask(sparse, query, key, module.layer_idx)
         prefill_out = block_sparse_attention(query, key, value, mask, sparse.block, scale)
     out = kv.kv_attention(module, query, key, value, cache, scale, prefill_out)
     return out.transpose(1, 2).contiguous(), None

@@ -35,6 +35,7 @@ class MoA:
     sink: int = 64
     block: int = 64
     min_length: int = 2048
+    tail: int = 0
     spans: tuple[tuple[float, ...], ...] = ()
 
     def block_mask(self, query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tensor:

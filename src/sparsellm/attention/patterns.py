@@ -128,6 +128,18 @@ def vertical_slash_blocks(
     return (out & causal_blocks(nb)) | torch.eye(nb, dtype=torch.bool)
 
 
+def dense_tail(mask: torch.Tensor, tail_blocks: int) -> torch.Tensor:
+    """Star Attention's second phase on any pattern: the last `tail_blocks` query blocks (the
+    question at the end of a long prompt, and the position whose logits start the answer)
+    attend every causal key block; the other rows keep `mask`. Costs ``tail_blocks · nb``
+    blocks per head, against the whole prompt's ``nb²/2`` for dense attention."""
+    if tail_blocks <= 0:
+        return mask
+    nb = mask.shape[-1]
+    rows = torch.arange(nb, device=mask.device)[:, None] >= nb - tail_blocks
+    return mask | (rows & causal_blocks(nb, mask.device))
+
+
 def expand_blocks(mask: torch.Tensor, length: int, block: int) -> torch.Tensor:
     """Token-level ``(..., L, L)`` causal mask of a block mask (reference path and tests)."""
     tok = mask.repeat_interleave(block, -1).repeat_interleave(block, -2)[..., :length, :length]

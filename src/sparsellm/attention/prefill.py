@@ -14,6 +14,9 @@ selection, so the compute path gathers K/V once per group):
   vertical-slash with verticals/slashes chosen up to cumulative mass γ.
 
 Sizes are in tokens (converted to blocks, rounded up) so a spec reads like the papers.
+Every sparse method also takes ``tail`` (tokens, default 0): the last ``tail`` query tokens,
+rounded up to whole blocks, attend the whole prompt (`patterns.dense_tail`, applied by
+`hf.prefill_mask`), so a question at the end of a long prompt reads all of it.
 """
 
 from __future__ import annotations
@@ -101,6 +104,7 @@ class SinkWindow:
     window: int = 1024
     block: int = 64
     min_length: int = 2048
+    tail: int = 0
 
     def block_mask(self, query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tensor:
         nb = P.n_blocks(query.shape[2], self.block)
@@ -117,6 +121,7 @@ class Power:
     window: int = 256
     block: int = 64
     min_length: int = 2048
+    tail: int = 0
 
     def block_mask(self, query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tensor:
         nb = P.n_blocks(query.shape[2], self.block)
@@ -135,6 +140,7 @@ class BlockTopK:
     window: int = 128
     block: int = 64
     min_length: int = 2048
+    tail: int = 0
 
     def block_mask(self, query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tensor:
         probs = _pooled_block_probs(query, key, self.block)
@@ -157,6 +163,7 @@ class VerticalSlash:
     local: int = 64
     block: int = 64
     min_length: int = 2048
+    tail: int = 0
 
     def block_mask(self, query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tensor:
         length = query.shape[2]
@@ -181,6 +188,7 @@ class FlexPrefill:
     min_blocks: int = 2
     block: int = 64
     min_length: int = 2048
+    tail: int = 0
 
     def block_mask(self, query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tensor:
         length = query.shape[2]
@@ -223,6 +231,7 @@ class MInference:
     blocks: int = 16
     block: int = 64
     min_length: int = 2048
+    tail: int = 0
 
     def candidates(self) -> tuple[SinkWindow, VerticalSlash, BlockTopK]:
         """The three patterns with this config's budgets (order = `MINFERENCE_CANDIDATES`)."""
