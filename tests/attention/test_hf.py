@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -131,6 +133,33 @@ def test_minference_calibration_picks_a_pattern_per_kv_head() -> None:
         sparse_attention(model, "minference"),
     ):
         pass
+
+
+@pytest.mark.parametrize("kind", ["minference", "moa"])
+def test_calibrated_methods_on_sliding_window_models(kind: str) -> None:
+    """Gemma-3: calibration covers the full-attention layers only (the sliding ones keep
+    their window under any method), and the calibrated method runs."""
+    from sparsellm.attention.moa import MoA, calibrate_moa
+    from sparsellm.attention.prefill import MInference
+    from sparsellm.attention.search import calibrate_minference
+
+    model = tiny_model("gemma3_text", 0, layers=4)  # sliding, full, sliding, full
+    ids = _ids(320)
+    if kind == "minference":
+        base = MInference(sink=16, window=16, vertical=8, slash=8, blocks=1, block=16)
+        method, _ = calibrate_minference(model, ids, base)
+        table = method.choice
+    else:
+        method, recall = calibrate_moa(model, ids, MoA(density=0.3, sink=16, block=16))
+        assert recall.shape[0] == 2, "one row per full-attention layer"
+        table = method.spans
+    hkv = model.config.num_key_value_heads
+    assert [len(t) for t in table] == [0, hkv, 0, hkv]  # per KV head of the full layers
+    with torch.no_grad():
+        dense = model(ids).logits
+        with sparse_attention(model, dataclasses.replace(method, min_length=0)):
+            got = model(ids).logits
+    assert torch.isfinite(got).all() and not torch.allclose(got, dense, atol=1e-4)
 
 
 def test_window_mask_check_accepts_only_the_plain_band() -> None:

@@ -207,13 +207,56 @@ def test_sliding_window_model_compresses_its_full_layers() -> None:
     assert cache.layers[0].keys.shape[2] <= 16, "the sliding layer holds its window"
 
 
-def test_cross_layer_methods_refuse_sliding_window_models_clearly() -> None:
-    from sparsellm.errors import SparseLLMError
+def _cross_layer_session(model, spec: str, ids: torch.Tensor):
+    """A session's cache for `spec` (tidal, double_sparsity or speckv) on `model`,
+    calibrating or drafting first as the method needs."""
+    import copy
 
-    model = tiny_model("gemma3_text", 0)
-    with (
-        pytest.raises(SparseLLMError, match=r"tidal does not support .*sliding-window"),
-        sparse_attention(model, "tidal:budget=24"),
-    ):
-        pass
-    assert model.config._attn_implementation == "sdpa"
+    from sparsellm.attention.double_sparsity import calibrate_double_sparsity
+    from sparsellm.attention.hf import parse_attention
+    from sparsellm.attention.speckv import speckv_cache
+
+    method = parse_attention(spec)
+    if spec.startswith("double_sparsity"):
+        method = calibrate_double_sparsity(model, _ids(48, 1), method)
+    draft = copy.deepcopy(model)  # SpecKV's stand-in draft, copied outside any session
+    session = sparse_attention(model, method)
+
+    def cache(s):
+        if spec.startswith("speckv"):
+            return s.new_cache(speckv_cache(draft, ids, method))
+        return s.new_cache()
+
+    return session, cache
+
+
+@pytest.mark.parametrize(
+    ("keep_all", "small"),
+    [
+        ("tidal:budget=100,dense=0,reselect=0", "tidal:budget=8,dense=0,reselect=0"),
+        ("double_sparsity:budget=100,channels=4", "double_sparsity:budget=8,channels=4"),
+        ("speckv:budget=100,lookahead=2", "speckv:budget=12,lookahead=2,window=4"),
+    ],
+)
+def test_cross_layer_methods_on_sliding_window_models(keep_all: str, small: str) -> None:
+    """tidal, double_sparsity and speckv act on a Gemma-3 model's full-attention layers
+    (layers 1 and 3 of sliding/full/sliding/full): a keep-everything budget generates
+    exactly as the model's own cache does, a small one changes the decode logits."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    model = tiny_model("gemma3_text", 0, layers=4)
+    ids = _ids(60)
+    ref_tokens, ref_logits = _greedy(model, ids, 6, DynamicCache(config=model.config))
+    for spec in (keep_all, small):
+        session, make = _cross_layer_session(model, spec, ids)
+        with session as s:
+            cache = make(s)
+            tokens, logits = _greedy(model, ids, 6, cache)
+        assert all(isinstance(cache.layers[i], DynamicSlidingWindowLayer) for i in (0, 2))
+        torch.testing.assert_close(logits[0], ref_logits[0], atol=1e-5, rtol=1e-5)  # prefill
+        if spec == keep_all:
+            assert tokens == ref_tokens
+            torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+        else:
+            assert not torch.allclose(logits[1:], ref_logits[1:], atol=1e-4)

@@ -36,6 +36,15 @@ def test_selection_layers_write_and_others_reuse() -> None:
     assert cache.shared[SELECTION].tolist() == [[0, 3]]
 
 
+def test_selection_layers_are_the_first_full_attention_ones() -> None:
+    m = TidalDecode(budget=2, dense=0, reselect=2)
+    assert m.selection_layers([]) == (0, 2)  # no sliding layers: `dense` and `reselect`
+    sliding = [True, False, True, False, True, False]  # Gemma-3-like
+    assert m.selection_layers(sliding) == (1, 3)
+    assert [m.full_layer(i, sliding) for i in range(6)] == [0, 1, 0, 1, 0, 0]
+    assert TidalDecode(dense=2, reselect=3).full_layer(1, sliding), "below `dense`: full"
+
+
 def test_all_full_layers_reproduce_dense_and_small_budget_changes_logits() -> None:
     model = tiny_model("llama", 0)
     n_layers = model.config.num_hidden_layers

@@ -20,7 +20,7 @@ import torch
 
 from sparsellm.attention import patterns as P
 from sparsellm.errors import SparseLLMError
-from sparsellm.models.adapters import get_blocks
+from sparsellm.models.adapters import full_attention_layers, get_blocks
 
 
 @dataclass(frozen=True)
@@ -101,11 +101,13 @@ def calibrate_double_sparsity(
     rec = _Recorder()
     with sparse_attention(model, rec):
         model(input_ids=ids, use_cache=False, logits_to_keep=1)
-    n_layers = len(get_blocks(model))
-    if sorted(rec.scores) != list(range(n_layers)):
-        raise SparseLLMError("calibration did not reach every attention layer")
+    # sliding-window layers (Gemma-3) keep their own window cache and need no labels
+    if sorted(rec.scores) != full_attention_layers(model):
+        raise SparseLLMError("calibration did not reach every full-attention layer")
     label = tuple(
         tuple(tuple(sorted(h.tolist())) for h in rec.scores[i].topk(base.channels, -1).indices)
-        for i in range(n_layers)
+        if i in rec.scores
+        else ()
+        for i in range(len(get_blocks(model)))
     )
     return dataclasses.replace(base, label=label)

@@ -247,14 +247,6 @@ def sparse_attention(
         or isinstance(prefill, tuple(KV_METHODS.values()))
     ):
         raise SparseLLMError("prefill= pairs a prefill method with a KV-cache method")
-    kind = next((k for k, v in KV_METHODS.items() if isinstance(method, v)), None)
-    if kind in ("tidal", "double_sparsity", "speckv") and any(kv.sliding_layers(model.config)):
-        # these index layers across the model (selection layers, calibrated channels, the
-        # draft's per-layer scores) assuming each one has a compressing cache
-        raise SparseLLMError(
-            f"{kind} does not support models with "
-            "sliding-window layers (Gemma-3) yet; streaming_kv, snapkv, h2o, think and quest do"
-        )
     before = model.config._attn_implementation
     if before != "sdpa":
         raise SparseLLMError(f"sparse attention builds on sdpa; the model uses {before!r}")

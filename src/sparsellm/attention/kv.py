@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
+from sparsellm.models.adapters import sliding_layers
+
 QUERY_CHUNK = 512  # H2O prefill statistics are accumulated this many queries at a time
 
 
@@ -183,13 +185,8 @@ class CompressedCache(Cache):
         else:
             super().__init__(layer_class_to_replicate=CompressedLayer)
         self.method = method
+        self.sliding = kinds  # per layer: keeps transformers' window (empty: none does)
         self.shared: dict[Any, torch.Tensor] = {}
-
-
-def sliding_layers(config: Any) -> list[bool]:
-    """Per layer, True where `config` declares a sliding-window layer (empty: no config)."""
-    types = getattr(config, "layer_types", None) or []
-    return [t == "sliding_attention" for t in types]
 
 
 def _snap_select(layer: CompressedLayer, q: torch.Tensor, scale: float, m: Any) -> None:

@@ -22,7 +22,7 @@ import torch
 
 from sparsellm.attention import patterns as P
 from sparsellm.errors import SparseLLMError
-from sparsellm.models.adapters import get_blocks
+from sparsellm.models.adapters import full_attention_layers, get_blocks
 
 CANDIDATES = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)  # span as a fraction of the length
 
@@ -101,7 +101,8 @@ def calibrate_moa(
     model: torch.nn.Module, ids: torch.Tensor, method: MoA | None = None
 ) -> tuple[MoA, torch.Tensor]:
     """`method` with `spans` chosen from one forward over calibration `ids` (1, L) under
-    its average-span budget, and the ``(layers, Hkv, candidates)`` recalls behind it."""
+    its average-span budget, and the ``(layers, Hkv, candidates)`` recalls behind it (one
+    row per full-attention layer)."""
     from sparsellm.attention.hf import sparse_attention
 
     base = method or MoA()
@@ -110,10 +111,16 @@ def calibrate_moa(
     probe = _Probe(base)
     with sparse_attention(model, probe):
         model(input_ids=ids, use_cache=False, logits_to_keep=1)
-    n_layers = len(get_blocks(model))
-    if sorted(probe.recall) != list(range(n_layers)):
-        raise SparseLLMError("calibration did not reach every attention layer")
-    recall = torch.stack([probe.recall[i] for i in range(n_layers)])
+    # sliding-window layers (Gemma-3) compute their own window under any method: the
+    # average-span budget is shared by the full-attention layers alone
+    layers = full_attention_layers(model)
+    if sorted(probe.recall) != layers:
+        raise SparseLLMError("calibration did not reach every full-attention layer")
+    recall = torch.stack([probe.recall[i] for i in layers])
     pick = allocate(recall.flatten(0, 1), CANDIDATES, base.density).reshape(recall.shape[:2])
-    spans = tuple(tuple(CANDIDATES[j] for j in row.tolist()) for row in pick)
+    chosen = dict(zip(layers, pick.tolist(), strict=True))
+    spans = tuple(
+        tuple(CANDIDATES[j] for j in chosen[i]) if i in chosen else ()
+        for i in range(len(get_blocks(model)))
+    )
     return dataclasses.replace(base, spans=spans), recall

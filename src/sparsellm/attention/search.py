@@ -20,7 +20,7 @@ from sparsellm.attention import patterns as P
 from sparsellm.attention.hf import sparse_attention
 from sparsellm.attention.prefill import MInference, _group_sum
 from sparsellm.errors import SparseLLMError
-from sparsellm.models.adapters import get_blocks
+from sparsellm.models.adapters import full_attention_layers, get_blocks
 
 
 def probe_rows(length: int) -> torch.Tensor:
@@ -74,8 +74,11 @@ def calibrate_minference(
     probe = _Probe(base)
     with sparse_attention(model, probe):
         model(input_ids=ids, use_cache=False)
-    n_layers = len(get_blocks(model))
-    if sorted(probe.recall) != list(range(n_layers)):
-        raise SparseLLMError("calibration did not reach every attention layer")
-    choice = tuple(tuple(probe.recall[i].argmax(0).tolist()) for i in range(n_layers))
+    # sliding-window layers (Gemma-3) compute their own window under any method: no choice
+    if sorted(probe.recall) != full_attention_layers(model):
+        raise SparseLLMError("calibration did not reach every full-attention layer")
+    choice = tuple(
+        tuple(probe.recall[i].argmax(0).tolist()) if i in probe.recall else ()
+        for i in range(len(get_blocks(model)))
+    )
     return dataclasses.replace(base, choice=choice), probe.recall

@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from sparsellm.errors import SparseLLMError
+from sparsellm.models.adapters import full_attention_layers
 
-SCORES = "speckv_scores"  # CompressedCache.shared key: list of (B, Hkv, T) per layer
+SCORES = "speckv_scores"  # CompressedCache.shared key: {layer: (B, Hkv, T)}
 
 
 @dataclass(frozen=True)
@@ -47,10 +48,11 @@ class SpecKV:
         length = layer.keys.shape[2]
         if length <= self.budget:
             return
-        if scores[layer_idx].shape[-1] != length:
-            raise SparseLLMError("speckv scores were computed for a different prompt")
+        score = scores.get(layer_idx)
+        if score is None or score.shape[-1] != length:
+            raise SparseLLMError("speckv scores were computed for a different prompt or model")
         w = min(self.window, length)
-        keep = _keep_tokens(scores[layer_idx], length, self.budget - w - self.sink, self.sink, w)
+        keep = _keep_tokens(score, length, self.budget - w - self.sink, self.sink, w)
         layer.keep(keep)
 
 
@@ -72,31 +74,35 @@ def prompt_votes(
 
 
 @torch.no_grad()
-def draft_scores(draft: torch.nn.Module, prompt_ids: torch.Tensor, method: SpecKV) -> list:
-    """Per layer ``(B, Hkv, T)`` importance of each prompt token from the draft reading the
-    prompt and generating ``method.lookahead`` tokens greedily."""
+def draft_scores(
+    draft: torch.nn.Module, prompt_ids: torch.Tensor, method: SpecKV
+) -> dict[int, torch.Tensor]:
+    """Per full-attention layer, the ``(B, Hkv, T)`` importance of each prompt token from
+    the draft reading the prompt and generating ``method.lookahead`` tokens greedily."""
     from transformers import DynamicCache
 
     from sparsellm.attention.hf import observing_attention
 
     prompt = prompt_ids.shape[1]
     votes: dict[int, torch.Tensor] = {}
+    # sliding-window layers (Gemma-3) keep their own window and are never compressed
+    full = set(full_attention_layers(draft))
 
     def observe(module: Any, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
-        v = prompt_votes(query, key, scale, prompt, method.window)
-        votes[module.layer_idx] = votes.get(module.layer_idx, 0) + v
+        if module.layer_idx in full:
+            v = prompt_votes(query, key, scale, prompt, method.window)
+            votes[module.layer_idx] = votes.get(module.layer_idx, 0) + v
 
-    cache = DynamicCache()
+    cache = DynamicCache(config=draft.config)  # the draft's own layer kinds
     with observing_attention(draft, observe):
         ids = prompt_ids
         for _ in range(method.lookahead + 1):  # the last generated token is read too
             out = draft(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
             ids = out.logits[:, -1:].argmax(-1)
-    pooled = []
-    for i in range(len(votes)):
-        v = votes[i]
+    pooled: dict[int, torch.Tensor] = {}
+    for i, v in votes.items():
         p = F.max_pool1d(v.flatten(0, 1)[:, None], method.kernel, 1, method.kernel // 2)
-        pooled.append(p.reshape(v.shape))
+        pooled[i] = p.reshape(v.shape)
     return pooled
 
 
@@ -105,6 +111,6 @@ def speckv_cache(draft: torch.nn.Module, prompt_ids: torch.Tensor, method: SpecK
     scores (hand it to the target's session: ``session.new_cache(cache)``)."""
     from sparsellm.attention.kv import CompressedCache
 
-    cache = CompressedCache(method)
+    cache = CompressedCache(method, draft.config)  # same layer kinds as the target
     cache.shared[SCORES] = draft_scores(draft, prompt_ids, method)
     return cache

@@ -8,10 +8,16 @@ following layer attends only those positions, until the next selection layer (th
 attention, as in the paper, and layer `dense` is the first selection layer. Nothing is
 evicted: the cache keeps every token; each decode step reads ``budget`` of them in most
 layers. Prefill is exact.
+
+On a model with sliding-window layers (Gemma-3) only the full-attention layers take part:
+a selection layer is the first full-attention layer at or after `dense` (resp.
+`reselect`), and the sliding layers keep their own window untouched.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,20 +35,29 @@ class TidalDecode:
     dense: int = 2
     reselect: int = 13
 
-    def full_layer(self, layer_idx: int) -> bool:
-        return layer_idx <= self.dense or layer_idx == self.reselect
+    def selection_layers(self, sliding: Sequence[bool]) -> tuple[int, int]:
+        """The two selection layers: the first full-attention layers (``sliding[i]`` False,
+        or past the list) at or after `dense` and `reselect`."""
+
+        def first(at: int) -> int:
+            return next(i for i in itertools.count(at) if i >= len(sliding) or not sliding[i])
+
+        return first(self.dense), first(self.reselect)
+
+    def full_layer(self, layer_idx: int, sliding: Sequence[bool] = ()) -> bool:
+        return layer_idx < self.dense or layer_idx in self.selection_layers(sliding)
 
     def decode_tokens(self, cache: Any, layer_idx: int, query: torch.Tensor) -> torch.Tensor | None:
         """The shared selection expanded to every KV head, or None (full attention)."""
         chosen = cache.shared.get(SELECTION)
-        if self.full_layer(layer_idx) or chosen is None:
+        if chosen is None or self.full_layer(layer_idx, getattr(cache, "sliding", ())):
             return None
         hkv = cache.layers[layer_idx].keys.shape[1]
         return chosen[:, None, :].expand(-1, hkv, -1)
 
     def observe(self, cache: Any, layer_idx: int, probs: torch.Tensor) -> None:
         """In a selection layer, replace the shared selection with this step's top tokens."""
-        if layer_idx < self.dense or not self.full_layer(layer_idx):
+        if layer_idx not in self.selection_layers(getattr(cache, "sliding", ())):
             return
         if probs.shape[-1] <= self.budget:
             cache.shared.pop(SELECTION, None)  # everything fits: full attention everywhere

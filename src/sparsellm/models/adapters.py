@@ -131,6 +131,21 @@ def context_window(model: nn.Module) -> int | None:
     return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
 
 
+def sliding_layers(config: Any) -> list[bool]:
+    """Per layer, True where `config` declares a sliding-window layer in `layer_types`
+    (Gemma-3's local layers); empty when it declares no layer types."""
+    types = getattr(config, "layer_types", None) or []
+    return [t == "sliding_attention" for t in types]
+
+
+def full_attention_layers(model: nn.Module) -> list[int]:
+    """Indices of the blocks whose attention sees the whole context: every block but the
+    sliding-window ones (which keep their own window under any attention method)."""
+    sliding = sliding_layers(model.config)
+    n = len(get_blocks(model))
+    return [i for i in range(n) if i >= len(sliding) or not sliding[i]]
+
+
 def grad_matrix(module: nn.Module) -> torch.Tensor | None:
     """The weight's gradient in the same (out_features, in_features) layout."""
     g = module.weight.grad

@@ -35,28 +35,30 @@ _COMMON = dict(
 )
 
 
-def tiny_config(family: str) -> PretrainedConfig:
-    """Config of a tiny model of `family` (llama, mistral, qwen2, qwen3, gemma3_text, gpt2)."""
+def tiny_config(family: str, layers: int = 2) -> PretrainedConfig:
+    """Config of a tiny model of `family` (llama, mistral, qwen2, qwen3, gemma3_text, gpt2)
+    with `layers` blocks (gemma3_text alternates sliding-window and full-attention ones)."""
+    common = {**_COMMON, "num_hidden_layers": layers}
     if family == "llama":
-        return LlamaConfig(**_COMMON)
+        return LlamaConfig(**common)
     if family == "mistral":
-        return MistralConfig(**_COMMON)
+        return MistralConfig(**common)
     if family == "qwen2":
-        return Qwen2Config(**_COMMON)
+        return Qwen2Config(**common)
     if family == "qwen3":
-        return Qwen3Config(**_COMMON, head_dim=16)
+        return Qwen3Config(**common, head_dim=16)
     if family == "gemma3_text":
         return Gemma3TextConfig(
-            **_COMMON,
+            **common,
             head_dim=16,
             sliding_window=16,
-            layer_types=["sliding_attention", "full_attention"],
+            layer_types=[("sliding_attention", "full_attention")[i % 2] for i in range(layers)],
         )
     if family == "gpt2":
         return GPT2Config(
             vocab_size=VOCAB,
             n_embd=64,
-            n_layer=2,
+            n_layer=layers,
             n_head=4,
             n_positions=512,
             bos_token_id=0,
@@ -68,10 +70,10 @@ def tiny_config(family: str) -> PretrainedConfig:
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt2")
 
 
-def tiny_model(family: str = "llama", seed: int = 0) -> torch.nn.Module:
+def tiny_model(family: str = "llama", seed: int = 0, layers: int = 2) -> torch.nn.Module:
     """A seeded, randomly initialised tiny causal LM in fp32, in eval mode."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, layers), dtype=torch.float32)
     # HF initialises with std 0.02; widen so that tiny models have non-trivial activations.
     with torch.no_grad():
         for p in model.parameters():
