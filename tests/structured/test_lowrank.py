@@ -78,7 +78,14 @@ def test_sparse_factor_forward_matches_its_matrix() -> None:
     rows, cols = lr.sparse_index
     w = (lr.b @ lr.a).index_put((rows, cols), lr.sparse_values, accumulate=True)
     x = torch.randn(2, 3, 10)
-    assert torch.allclose(lr(x), x @ w.T + lr.bias, atol=1e-5)
+    assert torch.allclose(lr(x), x @ w.T + lr.bias, atol=1e-5)  # training: COO path
+    with torch.no_grad():  # inference: the cached CSR copy
+        torch.testing.assert_close(lr(x), x @ w.T + lr.bias, atol=1e-5, rtol=1e-5)
+        lr.sparse_values.mul_(2)  # a new version of the values: the copy is rebuilt
+        w2 = (lr.b @ lr.a).index_put((rows, cols), lr.sparse_values, accumulate=True)
+        torch.testing.assert_close(lr(x), x @ w2.T + lr.bias, atol=1e-5, rtol=1e-5)
+    lr(x).sum().backward()
+    assert lr.sparse_values.grad is not None and lr.sparse_values.grad.abs().sum() > 0
 
 
 def test_split_budget_keeps_parameter_count() -> None:

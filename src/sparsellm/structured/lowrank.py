@@ -20,6 +20,8 @@ Not done (said so): WeLore's fine-tuning of only the low-rank components.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -48,15 +50,31 @@ class LowRankLinear(nn.Module):
         y = (x @ self.a.T) @ self.b.T
         if self.sparse_values is not None:
             # a sparse matmul: gathering x[..., cols] would hold tokens × nnz values
-            s = torch.sparse_coo_tensor(
-                self.sparse_index,
-                self.sparse_values,
-                (self.out_features, self.in_features),
-                check_invariants=False,  # indices are our own top-k: unique and in range
-            )
             flat = x.reshape(-1, self.in_features)
-            y = y + torch.sparse.mm(s, flat.T).T.reshape(y.shape)
+            y = y + (self._sparse() @ flat.T).T.reshape(y.shape)
         return y + self.bias if self.bias is not None else y
+
+    def _sparse(self) -> torch.Tensor:
+        """S as a sparse tensor: COO while S trains (autograd reaches its values), else a
+        CSR copy made once per version of the values (CPU CSR × dense ran 6× faster than
+        COO on a 1536 × 576 matrix with 60k entries)."""
+        s = torch.sparse_coo_tensor(
+            self.sparse_index,
+            self.sparse_values,
+            (self.out_features, self.in_features),
+            check_invariants=False,  # indices are our own top-k: unique and in range
+        )
+        if torch.is_grad_enabled() and self.sparse_values.requires_grad:
+            return s
+        key = (self.sparse_values._version, self.sparse_values.data_ptr())
+        key += (self.sparse_index._version, self.sparse_index.data_ptr())
+        cached = self.__dict__.get("_csr")
+        if cached is None or cached[0] != key:
+            with warnings.catch_warnings():  # "sparse CSR support is in beta state"
+                warnings.simplefilter("ignore", UserWarning)
+                csr = s.detach().coalesce().to_sparse_csr()
+            self.__dict__["_csr"] = cached = (key, csr)  # not a buffer: never saved
+        return cached[1]
 
 
 def ranks_for_threshold(spectra: list[torch.Tensor], t: float) -> list[int]:
