@@ -176,6 +176,11 @@ def test_window_mask_check_accepts_only_the_plain_band() -> None:
     wider = band.clone()
     wider[30, 5] = True  # one extra key outside the band
     assert not is_window_mask(wider, 8, 40)
+    for hole, extra in (((30, 28), (30, 5)), ((3, 1), (3, 20))):  # same count, moved key
+        moved = band.clone()
+        moved[hole], moved[extra] = False, True
+        assert not is_window_mask(moved, 8, 40), f"hole at {hole}"
+    assert is_window_mask(band[:5, :5], 8, 5), "a window longer than the input: causal"
 
 
 def test_dense_tail_rows_equal_sdpa_and_other_rows_keep_the_pattern() -> None:

@@ -122,7 +122,7 @@ def block_sparse_attention(
         _merge(out[start:stop], lse[start:stop], o[:, 0], s[:, 0])
 
     if edge:
-        _edge_block(out, lse, qrows, kflat, vflat, base, qblock, edge, block, scale)
+        _edge_block(out, lse, qrows, kflat, vflat, base, nb, edge, block, scale)
 
     rest = earlier & (torch.arange(nb) < (qblock - band)[:, None])
     counts = rest.sum(-1)
@@ -158,31 +158,42 @@ def _edge_block(
     kflat: torch.Tensor,
     vflat: torch.Tensor,
     base: torch.Tensor,
-    qblock: torch.Tensor,
+    nb: int,
     edge: int,
     block: int,
     scale: float,
 ) -> None:
     """Merge the partially visible block `edge` blocks back (key c > query offset a) into
-    every row that has one. One block per row, so an explicit masked softmax is cheap; the
-    last query of a block sees none of it (lse −inf, weight 0 in the merge)."""
-    rows = torch.nonzero(qblock >= edge).flatten()
-    if rows.numel() == 0:
+    every row that has one: rows ``edge … nb-1`` of each (batch, head) group, whose edge
+    blocks are key blocks ``0 … nb-1-edge`` of the group's KV head, so queries, keys and
+    the running result are all strided views (no gather, no write-back). The fused kernel
+    takes the within-block mask; the last query of a block sees none of it (lse −inf,
+    weight 0 in the merge)."""
+    if nb <= edge:
         return
-    d = kflat.shape[-1]
-    ids = base[rows] + qblock[rows] - edge
-    k = kflat.view(-1, block, d).index_select(0, ids)
-    v = vflat.view(-1, block, d).index_select(0, ids)
-    q = qrows.index_select(0, rows)[:, 0]  # (n, rep·block, d)
-    offset = torch.arange(q.shape[1]) % block
-    hidden = torch.arange(block)[None, :] <= offset[:, None]  # (rep·block, block)
-    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).masked_fill_(hidden, float("-inf"))
-    s_lse = s.logsumexp(-1)
-    o = torch.matmul((s - s_lse.nan_to_num(neginf=0.0)[..., None]).exp_(), v)
-    got_o, got_s = out.index_select(0, rows), lse.index_select(0, rows)
-    _merge(got_o, got_s, o, s_lse)
-    out.index_copy_(0, rows, got_o)
-    lse.index_copy_(0, rows, got_s)
+    groups, m, d = out.shape[0] // nb, out.shape[1], out.shape[2]
+    kv_of_group = base[::nb] // nb  # flat KV head of each group's rows
+    kv = [t.view(-1, nb, block, d) for t in (kflat, vflat)]
+    if not torch.equal(kv_of_group, torch.arange(kv[0].shape[0])):
+        kv = [t.index_select(0, kv_of_group) for t in kv]  # query-head selections share
+    k, v = (t[:, : nb - edge] for t in kv)  # (groups, nb - edge, block, d)
+    q = qrows.view(groups, nb, m, d)[:, edge:]
+    offset = torch.arange(m) % block
+    hidden = torch.zeros(m, block).masked_fill_(
+        torch.arange(block)[None, :] <= offset[:, None], float("-inf")
+    )
+    if q.device.type == "cpu":
+        o, s = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=hidden.to(q.dtype), scale=scale
+        )
+    else:
+        s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale) + hidden
+        o = torch.matmul(torch.softmax(s, -1).nan_to_num_(0.0), v)
+        s = s.logsumexp(-1)
+    blind = offset == block - 1  # queries that see no key of the edge block
+    s[..., blind] = float("-inf")
+    o[..., blind, :] = 0.0
+    _merge(out.view(groups, nb, m, d)[:, edge:], lse.view(groups, nb, m)[:, edge:], o, s)
 
 
 def sliding_window_attention(

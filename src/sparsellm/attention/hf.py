@@ -155,9 +155,19 @@ def is_window_mask(mask: torch.Tensor | None, window: int, length: int) -> bool:
         return False
     w = min(window, length)
     per_matrix = w * (w + 1) // 2 + (length - w) * w
-    if int(mask.sum()) != per_matrix * (mask.numel() // (length * length)):
+    # count_nonzero reads the bools as they are (a plain sum widened an 8192² mask to
+    # int64 first: 0.45 s per sliding layer, a fifth of Gemma-3's whole sparse prefill)
+    if int(torch.count_nonzero(mask)) != per_matrix * (mask.numel() // (length * length)):
         return False
-    return all(bool(mask.diagonal(-o, -2, -1).all()) for o in range(w))
+    head = torch.ones(w - 1, w - 1, dtype=torch.bool).tril()
+    for x in mask.reshape(-1, length, length):  # a view for the usual (1, 1, L, L) mask
+        # rows w-1 … L-1: their w band keys, as one strided view (row r+1 starts one
+        # row and one column after row r); the first w-1 rows: a lower triangle
+        s0, s1 = x.stride()
+        band = x.as_strided((length - w + 1, w), (s0 + s1, s1), x.storage_offset() + (w - 1) * s0)
+        if not bool(band.all()) or not bool(x[: w - 1, : w - 1][head].all()):
+            return False
+    return True  # the band is all True and holds every True: nothing else is
 
 
 @dataclass
