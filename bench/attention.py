@@ -54,7 +54,7 @@ from sparsellm.attention.prefill import MInference
 from sparsellm.attention.search import calibrate_minference
 from sparsellm.attention.speckv import SpecKV, speckv_cache
 from sparsellm.data.corpora import resolve_corpus, token_windows
-from sparsellm.eval.longctx import answer_correct, make_samples
+from sparsellm.eval.longctx import TASKS, answer_correct, make_samples
 from sparsellm.eval.perplexity import perplexity
 from sparsellm.eval.speed import prefill_seconds
 from sparsellm.models.load import load_model
@@ -247,9 +247,14 @@ def main() -> None:
     ap.add_argument("--methods", default=";".join(PREFILL + KV), help="';'-separated specs")
     ap.add_argument("--lengths", default="2048,8192")
     ap.add_argument("--samples", type=int, default=5)
+    ap.add_argument(
+        "--tasks", default="passkey,needle", help="long-context tasks (comma-separated)"
+    )
     ap.add_argument("--speed-length", type=int, default=8192)
     ap.add_argument("--ppl-lengths", default="4096,8192")
-    ap.add_argument("--ppl-windows", type=int, default=2)
+    ap.add_argument(
+        "--ppl-windows", type=int, default=2, help="wiki windows per length (0: no perplexity)"
+    )
     ap.add_argument("--tail", type=int, default=128, help="decoded tokens per window (KV ppl)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--decode-steps", type=int, default=32)
@@ -270,6 +275,11 @@ def main() -> None:
     ap.add_argument(
         "--draft", default="wanda:0.5", help="SpecKV draft: METHOD:SPARSITY of a pruned copy"
     )
+    ap.add_argument(
+        "--skip-dense",
+        action="store_true",
+        help="no dense accuracy/perplexity rows (already measured by another run)",
+    )
     ap.add_argument("--out", default=str(HERE / "results" / "attention.json"))
     args = ap.parse_args()
     if args.speed_only and args.quality_only:
@@ -277,6 +287,10 @@ def main() -> None:
     torch.manual_seed(0)
     specs = [s for s in args.methods.split(";") if s.strip()]
     methods = {s: parse_attention(s) for s in specs}  # fail on a bad spec before loading
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = set(tasks) - set(TASKS)
+    if unknown:
+        ap.error(f"unknown task(s) {', '.join(sorted(unknown))}; valid: {', '.join(TASKS)}")
     model, tok = load_model(args.model)
     model.eval()
     calib = token_windows(tok, resolve_corpus("c4"), 1, args.calib_length)
@@ -291,13 +305,12 @@ def main() -> None:
         elif isinstance(method, SpecKV) and draft is None and not args.speed_only:
             draft = _draft(model, tok, args.draft)
     lengths = tuple(int(x) for x in args.lengths.split(","))
-    samples = [
-        s for task in ("passkey", "needle") for s in make_samples(tok, task, lengths, args.samples)
-    ]
+    samples = [s for task in tasks for s in make_samples(tok, task, lengths, args.samples)]
     wiki = resolve_corpus("wiki")
     windows = {
         int(n): token_windows(tok, wiki, args.ppl_windows, int(n))
         for n in args.ppl_lengths.split(",")
+        if args.ppl_windows > 0
     }
     with torch.no_grad():
         speed_ids = token_windows(tok, wiki, 1, args.speed_length)
@@ -305,7 +318,7 @@ def main() -> None:
         # the kernel timing's q/k/v: one full forward, only when a prefill method is timed
         qkv = _capture_qkv(model, speed_ids, args.kernel_layer) if timed_prefill else None
         dense: dict[str, Any] = {"accuracy": {}, "ppl": {}, "tail_ppl": {}}
-        if not args.speed_only:
+        if not args.speed_only and not args.skip_dense:
             dense = {
                 "accuracy": _accuracy(model, samples, None),
                 "ppl": {
@@ -360,7 +373,8 @@ def _write(out: str, results: dict) -> None:
 
 def _print(results: dict, lengths: tuple[int, ...]) -> None:
     dense = results["dense"]
-    cols = [f"{t}@{n}" for t in ("passkey", "needle") for n in lengths]
+    tasks = [t.strip() for t in results["args"]["tasks"].split(",") if t.strip()]
+    cols = [f"{t}@{n}" for t in tasks for n in lengths]
     head = [
         "method",
         "prefill speedup",
