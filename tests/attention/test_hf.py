@@ -201,6 +201,10 @@ def test_dense_tail_rows_equal_sdpa_and_other_rows_keep_the_pattern() -> None:
     torch.testing.assert_close(with_tail[:, :, 64:], dense[:, :, 64:], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(with_tail[:, :, :64], without[:, :, :64], atol=1e-6, rtol=1e-6)
     assert not torch.allclose(without[:, :, 64:], dense[:, :, 64:], atol=1e-3)
+    # tail 12 = tokens 78-89: block 4 is in the tail too, though 12 < one block
+    short = parse_attention("sink_window:sink=16,window=16,block=16,min_length=0,tail=12")
+    got = block_sparse_attention(q, k, v, prefill_mask(short, q, k, 0), 16)
+    torch.testing.assert_close(got, with_tail, atol=1e-6, rtol=1e-6)
 
 
 def test_tail_covering_the_prompt_reproduces_dense_logits() -> None:

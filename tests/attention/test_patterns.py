@@ -67,6 +67,16 @@ def test_expand_blocks_is_causal_token_mask() -> None:
     assert torch.equal(tok, ref)
 
 
+def test_tail_blocks_cover_the_last_tokens_counted_from_the_end() -> None:
+    # 90 tokens in blocks of 16: block 5 holds tokens 80-89, block 4 holds 64-79
+    assert P.tail_blocks(90, 0, 16) == 0
+    assert P.tail_blocks(90, 10, 16) == 1  # tokens 80-89: the partial last block
+    assert P.tail_blocks(90, 12, 16) == 2  # tokens 78-89 reach into block 4
+    assert P.tail_blocks(96, 16, 16) == 1  # a block multiple: exactly one block
+    assert P.tail_blocks(96, 17, 16) == 2
+    assert P.tail_blocks(90, 500, 16) == 6  # longer than the input: every block
+
+
 def test_dense_tail_makes_only_the_last_rows_dense() -> None:
     base = P.sink_window(5, 1, 1)  # sink block 0 + the diagonal
     got = P.dense_tail(base, 2)

@@ -104,8 +104,8 @@ def method_name(method: Any) -> str:
 def prefill_mask(method: Any, query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tensor:
     """The block mask a prefill method computes for one layer, with its ``tail`` query
     blocks made dense (`patterns.dense_tail`)."""
-    tail_blocks = P.n_blocks(getattr(method, "tail", 0), method.block)
-    return P.dense_tail(method.block_mask(query, key, layer), tail_blocks)
+    tail = P.tail_blocks(query.shape[2], getattr(method, "tail", 0), method.block)
+    return P.dense_tail(method.block_mask(query, key, layer), tail)
 
 
 def _sparse_forward(

@@ -128,6 +128,15 @@ def vertical_slash_blocks(
     return (out & causal_blocks(nb)) | torch.eye(nb, dtype=torch.bool)
 
 
+def tail_blocks(length: int, tail: int, block: int) -> int:
+    """Query blocks holding any of the last `tail` of `length` tokens. Counted from the
+    end, not as ``ceil(tail / block)``: when `length` is not a block multiple the last
+    block is partial, and a question `tail` tokens long may start one block earlier."""
+    if tail <= 0:
+        return 0
+    return n_blocks(length, block) - max(length - tail, 0) // block
+
+
 def dense_tail(mask: torch.Tensor, tail_blocks: int) -> torch.Tensor:
     """Star Attention's second phase on any pattern: the last `tail_blocks` query blocks (the
     question at the end of a long prompt, and the position whose logits start the answer)

@@ -14,8 +14,8 @@ selection, so the compute path gathers K/V once per group):
   vertical-slash with verticals/slashes chosen up to cumulative mass γ.
 
 Sizes are in tokens (converted to blocks, rounded up) so a spec reads like the papers.
-Every sparse method also takes ``tail`` (tokens, default 0): the last ``tail`` query tokens,
-rounded up to whole blocks, attend the whole prompt (`patterns.dense_tail`, applied by
+Every sparse method also takes ``tail`` (tokens, default 0): the query blocks holding the last
+``tail`` tokens (`patterns.tail_blocks`) attend the whole prompt (`patterns.dense_tail`, applied by
 `hf.prefill_mask`), so a question at the end of a long prompt reads all of it.
 """
 
