@@ -350,7 +350,7 @@ def main() -> None:
             results["methods"][spec] = entry
             _write(args.out, results)  # after every method: a long run keeps what it did
             print(f"done {spec}", flush=True)
-    _print(results, lengths)
+    _print(results, tasks, lengths)
     _write(args.out, results)
     print(f"wrote {args.out}")
 
@@ -371,9 +371,8 @@ def _write(out: str, results: dict) -> None:
     Path(out).write_text(json.dumps(results, indent=2))
 
 
-def _print(results: dict, lengths: tuple[int, ...]) -> None:
+def _print(results: dict, tasks: list[str], lengths: tuple[int, ...]) -> None:
     dense = results["dense"]
-    tasks = [t.strip() for t in results["args"]["tasks"].split(",") if t.strip()]
     cols = [f"{t}@{n}" for t in tasks for n in lengths]
     head = [
         "method",
