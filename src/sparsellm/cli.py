@@ -26,8 +26,8 @@ def _add_common(p: argparse.ArgumentParser, model_default: str | None) -> None:
         default=model_default,
         required=model_default is None,
         metavar="SRC",
-        help="'default' (bundled SmolLM2-135M), 'gemma3-270m' (optional chunk packages, "
-        "see README), a local HF directory, a .gguf file, or a Hugging Face Hub id"
+        help="'default' (bundled SmolLM2-135M), 'gemma3-270m' or 'qwen0.5b' (optional chunk "
+        "packages, see README), a local HF directory, a .gguf file, or a Hugging Face Hub id"
         + (f" (default: {model_default})" if model_default else ""),
     )
     p.add_argument(

