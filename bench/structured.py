@@ -72,6 +72,12 @@ def main() -> None:
     ap.add_argument("--no-heads", action="store_true", help="width methods: MLP channels only")
     ap.add_argument("--recover-steps", type=int, default=20)
     ap.add_argument("--recover-bf16", action="store_true", help="bf16 autocast in recovery")
+    ap.add_argument(
+        "--train-windows",
+        type=int,
+        default=0,
+        help="recovery text: this many c4 windows after the calibration ones (0: reuse those)",
+    )
     ap.add_argument("--calib-windows", type=int, default=32)
     ap.add_argument(
         "--calib-source",
@@ -97,6 +103,10 @@ def main() -> None:
     else:
         calib = sl.calibration(tok, "c4", args.calib_windows, args.seqlen)
         windows = sl.calibration(tok, "wiki", args.eval_windows, args.seqlen)
+    train = None
+    if args.train_windows > 0:
+        c4 = sl.calibration(tok, "c4", args.calib_windows + args.train_windows, args.seqlen)
+        train = c4[args.calib_windows :]
     results: dict[str, Any] = {
         "model": args.model,
         "settings": vars(args),
@@ -120,6 +130,7 @@ def main() -> None:
                 recover_steps=args.recover_steps,
                 prune_heads=not args.no_heads,
                 recover_bf16=args.recover_bf16,
+                train_ids=train,
             )
             r |= {"method": method, "ratio": ratio, "per_layer": per_layer}
             if tasks and (task_ratios is None or ratio in task_ratios):

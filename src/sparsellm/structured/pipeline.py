@@ -59,8 +59,13 @@ def shrink_and_evaluate(
     seed: int = 0,
     prune_heads: bool = True,
     recover_bf16: bool = False,
+    train_ids: torch.Tensor | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """(shrunk copy, result): perplexity/KL vs dense before and (optionally) after recovery."""
+    """(shrunk copy, result): perplexity/KL vs dense before and (optionally) after recovery.
+
+    Recovery trains on `train_ids` when given, else on the calibration windows: a few
+    steps barely repeat them, but a longer run should see text the pruning did not fit.
+    """
     torch.manual_seed(seed)
     student = copy.deepcopy(dense)
     result: dict[str, Any] = {
@@ -69,7 +74,12 @@ def shrink_and_evaluate(
     result["before"] = compare_models(dense, student, eval_ids, batch_size)
     if recover_steps > 0:
         result["recovery"] = recover(
-            student, dense, calib_ids, recover_steps, seed=seed, bf16=recover_bf16
+            student,
+            dense,
+            calib_ids if train_ids is None else train_ids,
+            recover_steps,
+            seed=seed,
+            bf16=recover_bf16,
         )
         result["after"] = compare_models(dense, student, eval_ids, batch_size)
     return student, result
