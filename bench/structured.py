@@ -97,16 +97,15 @@ def main() -> None:
     torch.manual_seed(0)
     tasks = resolve_tasks(args.tasks)
     dense, tok = sl.load_model(args.model)
+    # one read per corpus: c4 holds the calibration windows then the recovery ones
+    c4 = sl.calibration(tok, "c4", args.calib_windows + args.train_windows, args.seqlen)
+    train = c4[args.calib_windows :] if args.train_windows > 0 else None
     if args.calib_source == "wiki":
         wiki = sl.calibration(tok, "wiki", args.eval_windows + args.calib_windows, args.seqlen)
         windows, calib = wiki[: args.eval_windows], wiki[args.eval_windows :]
     else:
-        calib = sl.calibration(tok, "c4", args.calib_windows, args.seqlen)
+        calib = c4[: args.calib_windows]
         windows = sl.calibration(tok, "wiki", args.eval_windows, args.seqlen)
-    train = None
-    if args.train_windows > 0:
-        c4 = sl.calibration(tok, "c4", args.calib_windows + args.train_windows, args.seqlen)
-        train = c4[args.calib_windows :]
     results: dict[str, Any] = {
         "model": args.model,
         "settings": vars(args),
