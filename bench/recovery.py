@@ -94,7 +94,9 @@ def main() -> None:
             info = summary(distill(model, dense, train, cfg))
             merge_lora(model)
         elif variant == "maskllm":
-            mask_cfg = MaskLLMConfig(steps=args.mask_steps or steps, batch_size=bs)
+            mask_cfg = MaskLLMConfig(
+                steps=args.mask_steps or steps, batch_size=bs, max_seconds=budget
+            )
             log = learn_masks(model, dense, train, mask_cfg)
             info = {
                 "steps": len(log.losses),
@@ -103,7 +105,7 @@ def main() -> None:
             }
         elif variant == "prompt":
             evaluated = PromptedLM(model, 16)
-            info = train_prompt(evaluated, dense, train, args.steps)
+            info = train_prompt(evaluated, dense, train, steps, batch_size=bs, max_seconds=budget)
         else:
             raise SystemExit(f"unknown variant {variant}")
         if variant != "maskllm":  # MaskLLM may move the mask; it keeps N:M instead

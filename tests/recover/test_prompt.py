@@ -45,3 +45,10 @@ def test_training_lowers_kl_keeps_weights_and_round_trips(calib_ids, tmp_path):
     assert torch.equal(a, b)
     with pytest.raises(Exception, match="soft_prompt"):
         PromptedLM.attach(sparse, tmp_path / "nowhere")
+
+
+def test_time_budget_stops_after_the_first_step(calib_ids):
+    dense = tiny_model("llama")
+    prompted = PromptedLM(copy.deepcopy(dense), n_tokens=4)
+    out = train_prompt(prompted, dense, calib_ids, steps=30, batch_size=1, max_seconds=1e-9)
+    assert out["steps"] == 1

@@ -1,8 +1,10 @@
 import copy
 
+import pytest
 import torch
 
 from sparsellm.api import sparsify
+from sparsellm.errors import SparseLLMError
 from sparsellm.models.tiny import tiny_model
 from sparsellm.weights.maskllm import MaskLLMConfig, candidates, learn_masks, prior_logits
 
@@ -51,3 +53,19 @@ def test_masks_are_valid_nm_at_every_step_and_training_helps(calib_ids):
             assert ((p == 0).reshape(p.shape[0], -1, 4).sum(-1) == 2).all(), name
             assert ((p == 0) | (p == d)).all()  # kept weights are the dense values
             assert p.requires_grad
+
+
+def test_time_budget_stops_training_and_ends_the_annealing(calib_ids):
+    dense, model = _setup(calib_ids)
+    taus = []
+
+    def record(step, wrapped):
+        taus.append(wrapped[0].tau)
+
+    cfg = MaskLLMConfig(steps=50, tau_start=4.0, tau_end=0.05, max_seconds=1e-9)
+    log = learn_masks(model, dense, calib_ids, cfg, on_step=record)
+    # one step always runs; the budget is spent by then, so τ is already at its end value
+    assert len(log.losses) == 1
+    assert taus == [pytest.approx(0.05)]
+    with pytest.raises(SparseLLMError, match="max_seconds"):
+        MaskLLMConfig(max_seconds=0)

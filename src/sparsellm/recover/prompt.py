@@ -87,15 +87,22 @@ def train_prompt(
     lr: float = 1e-3,
     batch_size: int = 4,
     seed: int = 0,
+    max_seconds: float | None = None,
 ) -> dict[str, Any]:
-    """Fit the prompt by KL(teacher ‖ prompted student) per token; only the prompt trains."""
+    """Fit the prompt by KL(teacher ‖ prompted student) per token; only the prompt trains.
+
+    `max_seconds` stops training early once that much wall time is spent (at least one
+    step runs), so a benchmark can give every recovery variant the same budget.
+    """
     for p in prompted.model.parameters():
         p.requires_grad_(False)
     opt = torch.optim.Adam([prompted.prompt], lr=lr)
     gen = torch.Generator().manual_seed(seed)
     losses = []
     start = time.perf_counter()
-    for _ in tqdm(range(steps), desc="soft prompt", unit="step"):
+    for step in tqdm(range(steps), desc="soft prompt", unit="step"):
+        if max_seconds and step and time.perf_counter() - start >= max_seconds:
+            break
         ids = data[torch.randint(0, data.shape[0], (batch_size,), generator=gen)]
         with torch.no_grad():
             target = F.log_softmax(teacher(input_ids=ids, use_cache=False).logits.float(), -1)
@@ -111,7 +118,7 @@ def train_prompt(
         p.requires_grad_(True)
     k = max(len(losses) // 10, 1)
     return {
-        "steps": steps,
+        "steps": len(losses),
         "n_tokens": prompted.n_tokens,
         "first_loss": sum(losses[:k]) / k,
         "last_loss": sum(losses[-k:]) / k,

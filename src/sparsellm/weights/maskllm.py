@@ -90,6 +90,13 @@ class MaskLLMConfig:
     tau_end: float = 0.05
     prior: float = 3.0
     seed: int = 0
+    # wall-time budget: training stops once it is spent, and τ's annealing follows
+    # whichever of steps or time runs out first, so a budgeted run still ends cold
+    max_seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise SparseLLMError(f"max_seconds must be > 0, got {self.max_seconds}")
 
 
 @dataclass
@@ -161,7 +168,12 @@ def learn_masks(
     start = time.perf_counter()
     try:
         for step in tqdm(range(cfg.steps), desc="maskllm", unit="step"):
+            elapsed = time.perf_counter() - start
+            if cfg.max_seconds and step and elapsed >= cfg.max_seconds:
+                break
             frac = step / max(cfg.steps - 1, 1)
+            if cfg.max_seconds:
+                frac = min(max(frac, elapsed / cfg.max_seconds), 1.0)
             tau = cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** frac
             for w in wrapped:
                 w.tau = tau
