@@ -77,6 +77,17 @@ RECIPES: dict[str, tuple[str, list[dict]]] = {
     "sparsegpt-2:4+admm_update": ("2:4", [{"method": "sparsegpt", "pattern": "2:4"}, UPDATE]),
     "admm-owl-70": ("0.7", [{"method": "admm", "sparsity": 0.7, **OWL}]),
     "admm-evopress-70": ("0.7", [{"method": "admm", "sparsity": 0.7, **EVO}]),
+    "sparsegpt-evopress-70": (  # the same search with the cheaper pruner in its database
+        "0.7",
+        [
+            {
+                "method": "sparsegpt",
+                "sparsity": 0.7,
+                **EVO,
+                "evo_state": str(HERE / "results" / "evopress-sparsegpt-70.json"),
+            }
+        ],
+    ),
 }
 PEERS = {"0.5": ("unstructured", 0.5), "0.7": ("unstructured", 0.7), "2:4": ("2:4", 0.5)}
 
