@@ -9,7 +9,7 @@ seen, and checks that every pruned weight is still exactly zero, also after
 Writes bench/results/recovery.json (or --out).
 
     python bench/recovery.py [--variants distill,lora,maskllm,prompt] [--steps 200]
-        [--start admm] [--lr 3e-4] [--minutes 30] [--bf16]
+        [--start admm] [--lr 1e-3] [--minutes 30] [--bf16]
 """
 
 from __future__ import annotations
@@ -82,8 +82,9 @@ def main() -> None:
         model = copy.deepcopy(sparse)
         evaluated = model
         if variant == "distill":
+            # 1e-3, not the CLI's general 1e-4: on this model 30 min reached 48.49 vs 50.54
             cfg = DistillConfig(
-                steps=steps, batch_size=bs, lr=args.lr or 1e-4, max_seconds=budget, bf16=args.bf16
+                steps=steps, batch_size=bs, lr=args.lr or 1e-3, max_seconds=budget, bf16=args.bf16
             )
             info = summary(distill(model, dense, train, cfg))
         elif variant == "lora":
