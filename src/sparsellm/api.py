@@ -12,12 +12,14 @@ from typing import Any
 import torch
 
 from sparsellm.activation.io import load_activation_state
+from sparsellm.config import MethodConfig
 from sparsellm.data.corpora import resolve_corpus, token_windows
+from sparsellm.errors import SparseLLMError
 from sparsellm.eval.perplexity import perplexity
 from sparsellm.export.hf import read_manifest
 from sparsellm.export.hf import save as _save
 from sparsellm.models.load import LoadedModel, load_model
-from sparsellm.recipe import Step, parse_recipe
+from sparsellm.recipe import Recipe, parse_recipe
 from sparsellm.weights.apply import apply_step, check_finite
 
 __all__ = [
@@ -34,25 +36,28 @@ __all__ = [
 
 @dataclass
 class SparsifyReport:
-    """What `sparsify` did: resolved steps, per-layer sparsity and wall time."""
+    """What `sparsify` did: the resolved recipe, per-layer weight sparsity, per-step
+    details (a structured method's report, an activation method's thresholds) and time."""
 
-    steps: list[dict[str, Any]]
+    recipe: Recipe
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    details: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
     def sparsity(self) -> float:
-        """Measured sparsity over all pruned layers, weighted by their size."""
+        """Measured weight sparsity over all pruned layers, weighted by their size."""
         total = sum(v["numel"] for v in self.layers.values())
         zeros = sum(v["numel"] * v["sparsity"] for v in self.layers.values())
         return zeros / total if total else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "steps": self.steps,
+            "recipe": self.recipe.to_dict(),
             "prune_seconds": self.seconds,
             "measured_sparsity": self.sparsity,
             "layers": self.layers,
+            "details": self.details,
         }
 
 
@@ -71,15 +76,44 @@ def sparsify(
     batch_size: int = 8,
     calib_dtype: torch.dtype | None = None,
 ) -> SparsifyReport:
-    """Apply every step of `recipe` in order, in place; `calib` is (n, seqlen) token ids."""
-    steps: list[Step] = parse_recipe(recipe)
+    """Apply every step of `recipe` to `model` in place, in order; `calib` is (n, seqlen)
+    token ids.
+
+    `recipe` is anything `parse_recipe` reads: a `Recipe`, a list of configs / step
+    mappings / spec strings, or ``{steps: [...], attention: ...}``. Weight, structured and
+    activation steps are applied here; the recipe's attention methods act only inside
+    `attention(model, recipe)`. Each step sees the model the previous steps left (a
+    weight step's calibration runs through already-sparse blocks).
+    """
+    from sparsellm.registry import handler
+
+    recipe = parse_recipe(recipe)
     check_finite(model)
-    report = SparsifyReport(steps=[s.to_dict() for s in steps])
+    report = SparsifyReport(recipe=recipe)
     start = time.perf_counter()
     model.eval()
-    dense = _dense_snapshot(model) if any(_needs_dense(s) for s in steps[1:]) else None
-    for step in steps:
-        layers = apply_step(
+    needs_dense = any(s.family == "weights" and handler(s).needs_dense for s in recipe.steps[1:])
+    dense = _dense_snapshot(model) if needs_dense else None
+    for step in recipe.steps:
+        report.details.append(
+            _apply(model, step, calib, batch_size, calib_dtype, dense, report.layers)
+        )
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _apply(
+    model: torch.nn.Module,
+    step: MethodConfig,
+    calib: torch.Tensor | None,
+    batch_size: int,
+    calib_dtype: torch.dtype | None,
+    dense: dict[str, torch.Tensor] | None,
+    layers: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """Run one step through its family's framework; weight steps fill `layers`."""
+    if step.family == "weights":
+        done = apply_step(
             model,
             step,
             calib,
@@ -87,18 +121,20 @@ def sparsify(
             calib_dtype=calib_dtype,
             dense_weights=dense,
         )
-        for fqn, entry in layers.items():
+        for fqn, entry in done.items():
             entry["numel"] = model.get_submodule(fqn).weight.numel()
-            entry["method"] = step.method
-            report.layers[fqn] = entry
-    report.seconds = time.perf_counter() - start
-    return report
+            entry["method"] = step.name
+            layers[fqn] = entry
+        return {}
+    if step.family == "structured":
+        from sparsellm.structured import apply_structured
 
+        return apply_structured(model, step, calib, batch_size=min(batch_size, 4))
+    from sparsellm.activation.apply import sparsify_activations
 
-def _needs_dense(step: Step) -> bool:
-    from sparsellm.registry import lookup
-
-    return lookup(step.method)[1].needs_dense
+    if calib is None:
+        raise SparseLLMError(f"activation method {step.name!r} needs calibration data")
+    return sparsify_activations(model, calib, step, batch_size=min(batch_size, 4))
 
 
 def _dense_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:

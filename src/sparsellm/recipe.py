@@ -1,139 +1,127 @@
-"""Recipes: an ordered list of validated steps, read from YAML/JSON or Python dicts.
+"""Recipes: weight, structured and activation steps plus sparse attention, as one value.
 
-    - method: wanda
-      sparsity: 0.5
-      pattern: "2:4"
-      targets: ["re:.*mlp"]
-      ignore: ["lm_head"]
+A recipe is read from YAML/JSON, from Python lists/dicts, or built from configs; every
+spelling resolves to the same frozen `Recipe`::
 
-A file may also be a mapping with a ``steps:`` list and an optional ``attention:`` key
-that adds sparse attention on top of the weight sparsity::
+    steps:
+      - {method: wanda, sparsity: 0.5, targets: ["re:.*mlp"]}   # weights
+      - "teal:sparsity=0.4"                                      # activation (a spec string)
+    attention: {prefill: "sink_window:sink=64,window=1024", kv: snapkv}
 
-    steps: [{method: wanda, sparsity: 0.5}]
-    attention: "sink_window:sink=64,window=1024"     # or {prefill: SPEC, kv: SPEC}
-
-A bare spec goes to ``prefill`` or ``kv`` by the method's kind. The prefill method runs
-whenever the pruned model is evaluated; the KV-cache method acts only while decoding, so
-here it is validated and recorded; generation uses both with
-``sparse_attention(model, recipe.kv, prefill=recipe.prefill or None)``. Unknown keys are
-errors that list the valid keys, so typos never silently do nothing.
+A bare list is the ``steps``; a bare ``attention:`` spec goes to ``prefill`` or ``kv`` by
+its method's family. Steps run in order (`sparsellm.sparsify`); the prefill method runs
+whenever the model is evaluated inside `sparsellm.attention`, the KV method while it
+decodes. Unknown methods and keys are errors that list what is valid, so a typo never
+silently does nothing. `Recipe.to_dict()` is what manifests store, and
+`parse_recipe(recipe.to_dict()) == recipe`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from sparsellm.config import MethodConfig, from_spec, to_config
 from sparsellm.errors import SparseLLMError
-from sparsellm.registry import lookup
-from sparsellm.weights.base import WeightPruneConfig
+
+STEP_FAMILIES = ("weights", "structured", "activation")
+ATTENTION_FAMILIES = ("prefill", "kv")
 
 
 @dataclass(frozen=True)
-class Step:
-    """One resolved recipe step: the method name and its validated config."""
+class AttentionSpec:
+    """A recipe's ``attention:``: a sparse prefill method and/or a KV-cache method."""
 
-    method: str
-    config: WeightPruneConfig
+    prefill: MethodConfig | None = None
+    kv: MethodConfig | None = None
+
+    def __bool__(self) -> bool:
+        return self.prefill is not None or self.kv is not None
+
+    def to_dict(self) -> dict[str, dict[str, Any] | None]:
+        return {k: None if c is None else c.to_dict() for k, c in self.items()}
+
+    def items(self) -> list[tuple[str, MethodConfig | None]]:
+        return [("prefill", self.prefill), ("kv", self.kv)]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Ordered sparsification steps plus the attention methods to run the result with."""
+
+    steps: tuple[MethodConfig, ...] = ()
+    attention: AttentionSpec = AttentionSpec()
 
     def to_dict(self) -> dict[str, Any]:
-        d = {"method": self.method, **dataclasses.asdict(self.config)}
-        d["sparsity"] = self.config.target_sparsity
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        return {"steps": [s.to_dict() for s in self.steps], "attention": self.attention.to_dict()}
+
+    def of(self, family: str) -> list[MethodConfig]:
+        """The steps of one family, in order."""
+        return [s for s in self.steps if s.family == family]
 
 
-def parse_step(raw: dict[str, Any]) -> Step:
-    """Validate one step mapping."""
-    if not isinstance(raw, dict) or "method" not in raw:
-        raise SparseLLMError(f"a recipe step must be a mapping with a 'method' key, got {raw!r}")
-    raw = dict(raw)
-    method = raw.pop("method")
-    config_cls, _ = lookup(method)
-    valid = [f.name for f in dataclasses.fields(config_cls)]
-    unknown = sorted(set(raw) - set(valid))
-    if unknown:
+def parse_attention(raw: Any) -> AttentionSpec:
+    """A spec string (family decides prefill/kv), a ``{prefill, kv}`` mapping, or None."""
+    if raw is None:
+        return AttentionSpec()
+    if isinstance(raw, AttentionSpec):
+        return raw
+    if isinstance(raw, str | MethodConfig):
+        cfg = to_config(raw, ATTENTION_FAMILIES)
+        return AttentionSpec(**{cfg.family: cfg})
+    if not isinstance(raw, dict) or set(raw) - {"prefill", "kv"}:
         raise SparseLLMError(
-            f"unknown key(s) {', '.join(unknown)} for method {method!r}; valid: "
-            f"method, {', '.join(valid)}"
+            f"recipe attention must be a spec string or a mapping with keys prefill, kv; "
+            f"got {raw!r}"
         )
-    for key in ("targets", "ignore"):
-        if isinstance(raw.get(key), list):
-            raw[key] = tuple(raw[key])
-    try:
-        return Step(method=method, config=config_cls(**raw))
-    except TypeError as exc:
-        raise SparseLLMError(f"bad value in recipe step for {method!r}: {exc}") from None
+    return AttentionSpec(
+        **{k: None if v is None else to_config(v, k) for k, v in raw.items() if v is not None}
+    )
 
 
-@dataclass(frozen=True)
-class AttentionRecipe:
-    """A recipe's ``attention:`` key: specs ``NAME[:key=value,...]`` of a sparse prefill
-    method and/or a KV-cache method (empty = none)."""
-
-    prefill: str = ""
-    kv: str = ""
-
-    def to_dict(self) -> dict[str, str]:
-        return dataclasses.asdict(self)
-
-
-def _is_wrapped(raw: Any) -> bool:
-    return isinstance(raw, dict) and ("steps" in raw or "attention" in raw)
-
-
-def parse_recipe(raw: Any, allow_empty: bool = False) -> list[Step]:
-    """A list of step mappings (or ``{"steps": [...], "attention": ...}``, or a single step
-    mapping). `allow_empty` accepts a recipe without steps (attention only)."""
-    if _is_wrapped(raw):
+def parse_recipe(raw: Any) -> Recipe:
+    """Resolve any recipe spelling (see the module docstring) into a validated Recipe."""
+    if isinstance(raw, Recipe):
+        return raw
+    attention: Any = None
+    if isinstance(raw, dict) and ("steps" in raw or "attention" in raw):
         extra = set(raw) - {"steps", "attention"}
         if extra:
             raise SparseLLMError(f"unknown recipe key(s) {sorted(extra)}; valid: steps, attention")
-        raw = raw.get("steps", [])
-    if isinstance(raw, dict):
+        attention = raw.get("attention")
+        raw = raw.get("steps") or []
+    if isinstance(raw, dict | str | MethodConfig):
         raw = [raw]
-    if not isinstance(raw, list) or not (raw or allow_empty):
-        raise SparseLLMError("a recipe must be a non-empty list of steps")
-    return [s if isinstance(s, Step) else parse_step(s) for s in raw]
-
-
-def recipe_attention(raw: Any) -> AttentionRecipe | None:
-    """The validated ``attention:`` key of a raw recipe, or None when it has none."""
-    from sparsellm.attention.hf import KV_METHODS, parse_attention
-
-    spec = raw.get("attention") if _is_wrapped(raw) else None
-    if spec is None:
-        return None
-    if isinstance(spec, str):
-        kind = "kv" if isinstance(parse_attention(spec), tuple(KV_METHODS.values())) else "prefill"
-        spec = {kind: spec}
-    if not isinstance(spec, dict) or set(spec) - {"prefill", "kv"} or not spec:
-        raise SparseLLMError(
-            f"recipe attention must be a spec string or a mapping with keys prefill, kv; "
-            f"got {spec!r}"
-        )
-    for kind, text in spec.items():
-        is_kv = isinstance(parse_attention(str(text)), tuple(KV_METHODS.values()))
-        if is_kv != (kind == "kv"):
-            raise SparseLLMError(f"recipe attention {kind}: {text!r} is not a {kind} method")
-    return AttentionRecipe(**{k: str(v) for k, v in spec.items()})
+    if not isinstance(raw, list | tuple):
+        raise SparseLLMError(f"a recipe must be a list of steps, got {type(raw).__name__}")
+    recipe = Recipe(tuple(to_config(s, STEP_FAMILIES) for s in raw), parse_attention(attention))
+    if not recipe.steps and not recipe.attention:
+        raise SparseLLMError("a recipe needs at least one step or an attention method")
+    return recipe
 
 
 def read_recipe(path: str | Path) -> Any:
     """The raw (unvalidated) content of a YAML (or JSON, a YAML subset) recipe file."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SparseLLMError(f"recipe file {path} does not exist") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise SparseLLMError(f"recipe file {path} is not valid YAML: {exc}") from None
-    return raw
 
 
-def load_recipe(path: str | Path) -> list[Step]:
-    """Read and validate the steps of a recipe file."""
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file."""
     return parse_recipe(read_recipe(path))
+
+
+def spec_recipe(spec: str) -> Recipe:
+    """A one-step recipe from a spec string of any family (``"wanda:sparsity=0.5"``)."""
+    cfg = from_spec(spec)
+    if cfg.family in ATTENTION_FAMILIES:
+        return Recipe(attention=AttentionSpec(**{cfg.family: cfg}))
+    return Recipe((cfg,))

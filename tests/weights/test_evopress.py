@@ -34,13 +34,13 @@ def test_mutations_keep_each_size_groups_level_sum():
 
 
 def _search(model, calib_ids, **kw):
-    step = parse_recipe([{"method": "wanda", "sparsity": 0.5}])[0]
+    step = parse_recipe([{"method": "wanda", "sparsity": 0.5}]).steps[0]
     selected = select_targets(model, step)
     return evopress_layer_sparsity(
         model,
         selected,
         calib_ids,
-        Wanda(step.config),
+        Wanda(step),
         0.5,
         generations=kw.pop("gens", 4),
         offspring=3,

@@ -28,10 +28,12 @@ which makes ρ and λ scale-free and |W + U| there Wanda's score |W|·‖X_j‖.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from sparsellm.errors import SparseLLMError
+from sparsellm.registry import register
 from sparsellm.weights.base import Hessian, LayerContext, Stats, WeightPruneConfig, WeightPruner
 from sparsellm.weights.masks import Pattern, nm_mask, unstructured_mask
 
@@ -43,6 +45,8 @@ class ADMMConfig(WeightPruneConfig):
     """`iterations` ADMM steps, the first `mask_iterations` of which re-choose the mask
     (`admm` only); `rho` penalty and `dampening` λ, both relative to the normalised
     Hessian's unit diagonal."""
+
+    name: ClassVar[str] = "admm"
 
     iterations: int = 20
     mask_iterations: int = 15
@@ -129,6 +133,7 @@ def admm_prune(
     return ((w + u).masked_fill(pruned, 0.0) / d).contiguous()
 
 
+@register(ADMMConfig)
 class ADMM(WeightPruner):
     """Gradual mask selection plus ADMM weight update (the paper's ADMM-Grad)."""
 
@@ -157,6 +162,14 @@ class ADMM(WeightPruner):
         )
 
 
+@dataclass(frozen=True)
+class ADMMUpdateConfig(ADMMConfig):
+    """``admm_update``: ADMM's weight update alone, on the mask earlier steps left."""
+
+    name: ClassVar[str] = "admm_update"
+
+
+@register(ADMMUpdateConfig)
 class ADMMUpdate(ADMM):
     """Keep the current zeros (a previous step's mask); re-fit the kept weights to W₀.
 

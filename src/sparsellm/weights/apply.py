@@ -25,10 +25,9 @@ from sparsellm.models.adapters import (
     set_weight_matrix,
     weight_matrix,
 )
-from sparsellm.recipe import Step
-from sparsellm.registry import lookup
+from sparsellm.registry import handler
 from sparsellm.weights.allocation import owl_layer_sparsity
-from sparsellm.weights.base import LayerContext, Stats
+from sparsellm.weights.base import LayerContext, Stats, WeightPruneConfig
 from sparsellm.weights.evopress import evopress_layer_sparsity
 from sparsellm.weights.masks import check_nm_shape
 
@@ -44,9 +43,8 @@ def matches(name: str, patterns: tuple[str, ...]) -> bool:
     return False
 
 
-def select_targets(model: nn.Module, step: Step) -> list[dict[str, nn.Module]]:
+def select_targets(model: nn.Module, cfg: WeightPruneConfig) -> list[dict[str, nn.Module]]:
     """Per block, the linears (by fully qualified name) this step prunes."""
-    cfg = step.config
     prefix = blocks_prefix(model)
     selected = []
     for i, block in enumerate(get_blocks(model)):
@@ -61,7 +59,7 @@ def select_targets(model: nn.Module, step: Step) -> list[dict[str, nn.Module]]:
         selected.append(chosen)
     if not any(selected):
         raise SparseLLMError(
-            f"step {step.method!r}: targets {list(cfg.targets)} / ignore {list(cfg.ignore)} "
+            f"step {cfg.name!r}: targets {list(cfg.targets)} / ignore {list(cfg.ignore)} "
             "match no linear layer inside the transformer blocks"
         )
     return selected
@@ -106,7 +104,7 @@ class SharedInputStats:
 
 def apply_step(
     model: nn.Module,
-    step: Step,
+    cfg: WeightPruneConfig,
     calib: torch.Tensor | None = None,
     batch_size: int = 8,
     calib_dtype: torch.dtype | None = None,
@@ -117,14 +115,12 @@ def apply_step(
     `dense_weights` (fqn -> weight before the recipe) is handed to methods that grow
     weights back (`needs_dense`); without it they see the current weights.
     """
-    _, method_cls = lookup(step.method)
-    pruner = method_cls(step.config)
-    selected = select_targets(model, step)
-    pattern = step.config.parsed_pattern
+    pruner = handler(cfg)(cfg)
+    selected = select_targets(model, cfg)
+    pattern = cfg.parsed_pattern
     for chosen in selected:
         for fqn, module in chosen.items():
             check_nm_shape(pattern, weight_matrix(module).shape[1], fqn)
-    cfg = step.config
     budgets: dict[str, float] = {}
     if cfg.allocation == "owl":
         if calib is None:
@@ -143,7 +139,7 @@ def apply_step(
         if calib is None:
             raise SparseLLMError("allocation: evopress needs calibration data")
         if pruner.needs_gradients or pruner.needs_dense:
-            raise SparseLLMError(f"allocation: evopress cannot build levels with {step.method!r}")
+            raise SparseLLMError(f"allocation: evopress cannot build levels with {cfg.name!r}")
         budgets = evopress_layer_sparsity(
             model,
             selected,
@@ -161,7 +157,7 @@ def apply_step(
     grads: dict[str, torch.Tensor] = {}
     if pruner.needs_gradients:
         if calib is None:
-            raise SparseLLMError(f"method {step.method!r} needs calibration data")
+            raise SparseLLMError(f"method {cfg.name!r} needs calibration data")
         targets = {fqn: m for chosen in selected for fqn, m in chosen.items()}
         grads = gradient_l2(model, calib, targets, getattr(cfg, "grad_scale", 1.0))
     layers: dict[str, dict[str, Any]] = {}
@@ -184,7 +180,7 @@ def apply_step(
         return layers
 
     if calib is None:
-        raise SparseLLMError(f"method {step.method!r} needs calibration data")
+        raise SparseLLMError(f"method {cfg.name!r} needs calibration data")
     stats_cls = pruner.stats
 
     def process_block(i: int, block: nn.Module, forward: Any) -> None:
@@ -207,5 +203,5 @@ def apply_step(
             prune(fqn, module, collector.stats[fqn])
 
     batches = list(calib.split(batch_size))
-    run_sequential(model, batches, process_block, desc=f"{step.method}", dtype=calib_dtype)
+    run_sequential(model, batches, process_block, desc=f"{cfg.name}", dtype=calib_dtype)
     return layers

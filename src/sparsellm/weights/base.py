@@ -13,13 +13,14 @@ from typing import ClassVar
 
 import torch
 
+from sparsellm.config import MethodConfig
 from sparsellm.errors import SparseLLMError
 from sparsellm.weights.masks import Pattern, check_sparsity, make_mask, parse_pattern
 
 
 @dataclass(frozen=True)
-class WeightPruneConfig:
-    """Keys every weight-pruning recipe step accepts.
+class WeightPruneConfig(MethodConfig):
+    """Keys every weight-pruning recipe step accepts (family ``weights``).
 
     `allocation: owl` gives each block its own sparsity from its outlier ratio
     (see `sparsellm.weights.allocation`); `allocation: evopress` searches per-layer
@@ -32,6 +33,8 @@ class WeightPruneConfig:
     name or a trailing ``.name`` component (so ``"down_proj"`` selects every down_proj).
     Empty `targets` means every linear projection inside the transformer blocks.
     """
+
+    family: ClassVar[str] = "weights"
 
     sparsity: float | None = None
     pattern: str = "unstructured"

@@ -29,10 +29,12 @@ layer it starts from Wanda's mask at the step's sparsity.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from sparsellm.errors import SparseLLMError
+from sparsellm.registry import register
 from sparsellm.weights.base import (
     InputMoments,
     LayerContext,
@@ -46,6 +48,8 @@ from sparsellm.weights.masks import make_mask
 @dataclass(frozen=True)
 class DSnoTConfig(WeightPruneConfig):
     """`max_cycles` swaps per row at most; see the module docstring for the others."""
+
+    name: ClassVar[str] = "dsnot"
 
     max_cycles: int = 50
     update_threshold: float = 5e-5
@@ -154,6 +158,7 @@ def dsnot_refine(
     return w
 
 
+@register(DSnoTConfig)
 class DSnoT(WeightPruner):
     stats = InputMoments
     per = "row"

@@ -11,10 +11,12 @@ sequential activations. Masks compare within each output row, like Wanda.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from sparsellm.errors import SparseLLMError
+from sparsellm.registry import register
 from sparsellm.weights.base import LayerContext, RowNormSq, Stats, WeightPruneConfig, WeightPruner
 from sparsellm.weights.masks import make_mask
 
@@ -22,6 +24,8 @@ from sparsellm.weights.masks import make_mask
 @dataclass(frozen=True)
 class GBLMConfig(WeightPruneConfig):
     """`grad_scale` multiplies gradients before squaring (numerical range, as in GBLM)."""
+
+    name: ClassVar[str] = "gblm"
 
     grad_scale: float = 100.0
 
@@ -36,6 +40,7 @@ def gblm_score(weight: torch.Tensor, norm_sq: torch.Tensor, grad_l2: torch.Tenso
     return weight.abs() * (norm_sq.sqrt().unsqueeze(0) + grad_l2)
 
 
+@register(GBLMConfig)
 class GBLM(WeightPruner):
     stats = RowNormSq
     per = "row"

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
+from sparsellm.registry import register
 from sparsellm.weights.base import Stats, WeightPruneConfig, WeightPruner
 
 
@@ -13,7 +15,10 @@ from sparsellm.weights.base import Stats, WeightPruneConfig, WeightPruner
 class MagnitudeConfig(WeightPruneConfig):
     """Magnitude has no knobs beyond the common ones."""
 
+    name: ClassVar[str] = "magnitude"
 
+
+@register(MagnitudeConfig)
 class Magnitude(WeightPruner):
     stats = None
     per = "layer"  # one threshold per weight matrix

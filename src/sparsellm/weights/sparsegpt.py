@@ -14,10 +14,12 @@ whole block) or per group of M columns (N:M: the N lowest in each row), always o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from sparsellm.errors import SparseLLMError
+from sparsellm.registry import register
 from sparsellm.weights.base import Hessian, LayerContext, Stats, WeightPruneConfig, WeightPruner
 from sparsellm.weights.masks import lowest_k_mask
 
@@ -25,6 +27,8 @@ from sparsellm.weights.masks import lowest_k_mask
 @dataclass(frozen=True)
 class SparseGPTConfig(WeightPruneConfig):
     """`dampening`: fraction of mean(diag H) added to H's diagonal; `blocksize`: update width."""
+
+    name: ClassVar[str] = "sparsegpt"
 
     dampening: float = 0.01
     blocksize: int = 128
@@ -116,6 +120,7 @@ def sparsegpt_prune(
     return wt.t().contiguous()
 
 
+@register(SparseGPTConfig)
 class SparseGPT(WeightPruner):
     stats = Hessian
 

@@ -7,9 +7,11 @@ output row (not per layer) is what the paper found essential for LLMs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
+from sparsellm.registry import register
 from sparsellm.weights.base import RowNormSq, Stats, WeightPruneConfig, WeightPruner
 
 
@@ -17,7 +19,10 @@ from sparsellm.weights.base import RowNormSq, Stats, WeightPruneConfig, WeightPr
 class WandaConfig(WeightPruneConfig):
     """Wanda has no knobs beyond the common ones."""
 
+    name: ClassVar[str] = "wanda"
 
+
+@register(WandaConfig)
 class Wanda(WeightPruner):
     stats = RowNormSq
     per = "row"
