@@ -100,16 +100,23 @@ class Stats:
 
 
 class RowNormSq(Stats):
-    """Σ_t x_tj² per input channel j: Wanda's ‖X_j‖₂² (squared column norm of the inputs)."""
+    """Σ_t x_tj² per input channel j: Wanda's ‖X_j‖₂² (squared column norm of the inputs).
+
+    Summed per calibration window in fp32 and across windows in fp64 (`window_sums`), so
+    the value does not depend on how windows are batched."""
 
     def __init__(self, in_features: int) -> None:
         super().__init__(in_features)
-        self.value = torch.zeros(in_features, dtype=torch.float32)
+        self.sum = torch.zeros(in_features, dtype=torch.float64)
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, self.in_features).float()
-        self.value += x.square().sum(0)
-        self.tokens += x.shape[0]
+        windows = as_windows(x, self.in_features)
+        self.sum += windows.square().sum(1).double().sum(0)
+        self.tokens += windows.shape[0] * windows.shape[1]
+
+    @property
+    def value(self) -> torch.Tensor:
+        return self.sum.float()
 
 
 class InputMoments(Stats):
@@ -141,20 +148,36 @@ class InputMoments(Stats):
 
 
 class Hessian(Stats):
-    """XᵀX / tokens: the layer-wise reconstruction Hessian (up to the factor 2)."""
+    """XᵀX / tokens: the layer-wise reconstruction Hessian (up to the factor 2).
+
+    Reference math, not batch numerics: each calibration window's XᵢᵀXᵢ is an fp32 GEMM
+    over its own tokens, and the windows are summed in fp64. A single fp32 running sum
+    made the Hessian — and through SparseGPT's near-tied mask choices, perplexity — move
+    with the calibration batch size; with per-window partials the sum is the same for any
+    batching, and a full fp64 GEMM (twice the time) is not needed.
+    """
 
     def __init__(self, in_features: int) -> None:
         super().__init__(in_features)
-        self.sum = torch.zeros(in_features, in_features, dtype=torch.float32)
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float64)
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, self.in_features).float()
-        self.sum.addmm_(x.t(), x)
-        self.tokens += x.shape[0]
+        windows = as_windows(x, self.in_features)
+        for w in windows:  # one (d, d) fp32 partial at a time: no (batch, d, d) buffer
+            self.sum += (w.t() @ w).double()
+        self.tokens += windows.shape[0] * windows.shape[1]
 
     @property
     def value(self) -> torch.Tensor:
-        return self.sum / max(self.tokens, 1)
+        return (self.sum / max(self.tokens, 1)).float()
+
+
+def as_windows(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Inputs as fp32 (windows, tokens, features): a (batch, seq, d) activation keeps its
+    windows; anything flatter is one window."""
+    if x.dim() >= 3:
+        return x.reshape(-1, x.shape[-2], in_features).float()
+    return x.reshape(1, -1, in_features).float()
 
 
 @dataclass(frozen=True)
