@@ -10,8 +10,9 @@ passes over the calibration set (embeddings + blocks; no lm_head, which pruning 
 runs), since sequential pruning needs one pass to collect statistics and one to
 propagate the pruned outputs.
 
-Prints a table and writes JSON (default bench/results/vs_llmcompressor.json).
-Run it with nothing else on the machine: timings are ratios within one run.
+Prints a table and writes ``results/vs_llmcompressor-<model>.json`` (with command,
+commit, CPU flags and date; `bench/render_results.py` renders it). Run it with nothing
+else on the machine: timings are ratios within one run.
 
     python bench/vs_llmcompressor.py                      # creates bench/.venv-llmc once
     LLMC_PYTHON=/path/to/python python bench/vs_llmcompressor.py   # reuse a venv
@@ -30,9 +31,9 @@ import time
 from pathlib import Path
 
 import torch
+from provenance import write_result
 
 import sparsellm as sl
-from sparsellm.api import versions
 from sparsellm.eval.perplexity import perplexity
 from sparsellm.report.markdown import table
 
@@ -123,8 +124,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--methods", default="wanda,sparsegpt")
     ap.add_argument("--patterns", default="unstructured,2:4")
+    ap.add_argument(
+        "--dtypes", default="fp32,bf16", help="our calibration forward dtypes (fp32, bf16)"
+    )
     ap.add_argument("--skip-peer", action="store_true", help="only run sparsellm")
-    ap.add_argument("--out", default=str(HERE / "results" / "vs_llmcompressor.json"))
+    ap.add_argument("--name", default=None, help="result name (default vs_llmcompressor-MODEL)")
     args = ap.parse_args()
     torch.manual_seed(0)
 
@@ -143,16 +147,11 @@ def main() -> None:
         torch.save(windows, files["eval"])
         for method in args.methods.split(","):
             for pattern in args.patterns.split(","):
-                entry = {
-                    "method": method,
-                    "pattern": pattern,
-                    "ours_fp32": run_ours(
-                        model, calib, windows, method, pattern, None, args.batch_size
-                    ),
-                    "ours_bf16": run_ours(
-                        model, calib, windows, method, pattern, torch.bfloat16, args.batch_size
-                    ),
-                }
+                entry = {"method": method, "pattern": pattern}
+                for name in args.dtypes.split(","):
+                    entry[f"ours_{name}"] = run_ours(
+                        model, calib, windows, method, pattern, DTYPES[name], args.batch_size
+                    )
                 if python:
                     entry["llmcompressor"] = run_peer(
                         python,
@@ -187,42 +186,48 @@ def main() -> None:
         f"{args.nsamples}x{args.seqlen} c4 calib, {args.eval_windows}x{args.seqlen} wiki eval"
     )
     print(table(headers, rows))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "dense_ppl": dense_ppl,
-                "floor_seconds": floor,
-                "protocol": vars(args),
-                "versions": versions(),
-                "results": results,
-            },
-            indent=2,
-        )
-        + "\n"
+    flat = [dict(zip(headers, row, strict=True)) for row in rows]
+    for r in flat:
+        r["model"] = args.model
+    path = write_result(
+        args.name or f"vs_llmcompressor-{args.model}",
+        {
+            "rows": flat,
+            "dense_ppl": dense_ppl,
+            "floor_seconds": floor,
+            "protocol": vars(args),
+            "results": results,
+        },
     )
-    print(f"wrote {out}")
+    print(f"wrote {path}")
+
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def _row(e: dict, floor: float) -> list:
-    o32, o16, peer = e["ours_fp32"], e["ours_bf16"], e.get("llmcompressor")
+    """One table row; "n/a" where the peer or the bf16 run was skipped."""
     na = "n/a"
+    o32, o16, peer = e["ours_fp32"], e.get("ours_bf16"), e.get("llmcompressor")
+
+    def ratio(a: dict | None, b: dict | None, key: str) -> float | str:
+        return a[key] / b[key] if a and b else na
+
     return [
         e["method"],
         e["pattern"],
         o32["sparse_ppl"],
-        o16["sparse_ppl"],
+        o16["sparse_ppl"] if o16 else na,
         peer["sparse_ppl"] if peer else na,
         f"{o32['sparse_ppl'] / peer['sparse_ppl']:.4f}" if peer else na,
         o32["prune_seconds"],
-        o16["prune_seconds"],
+        o16["prune_seconds"] if o16 else na,
         peer["prune_seconds"] if peer else na,
         o32["prune_seconds"] / floor,
-        o16["prune_seconds"] / floor,
+        o16["prune_seconds"] / floor if o16 else na,
         peer["prune_seconds"] / floor if peer else na,
-        peer["prune_seconds"] / o32["prune_seconds"] if peer else na,
-        peer["prune_seconds"] / o16["prune_seconds"] if peer else na,
+        ratio(peer, o32, "prune_seconds"),
+        ratio(peer, o16, "prune_seconds"),
     ]
 
 
