@@ -5,6 +5,11 @@ The directory holds `config.json`, `model.safetensors`, the tokenizer and
 `AutoModelForCausalLM.from_pretrained(out)` works with zeros in place and every number
 can be traced back. The model is written to a temporary sibling directory and renamed
 into place, so an interrupted save never leaves a half-written model at `out`.
+
+Replacing an existing `out` deletes it, so `check_replaceable` guards every writer: only an
+empty directory or a previous sparsellm output may go, never `/`, the home directory, the
+current directory or one of its parents (a mistyped `--out ~ --overwrite` must not wipe
+a home directory).
 """
 
 from __future__ import annotations
@@ -24,13 +29,58 @@ from sparsellm.errors import SparseLLMError
 MANIFEST = "sparsellm_manifest.json"
 
 
+def _protected(path: Path) -> str | None:
+    """Why `path` (already resolved) must never be replaced, or None if it may be."""
+    if path == Path(path.anchor):
+        return "the filesystem root"
+    home = os.path.expanduser("~")
+    if home != "~" and path == Path(home).resolve():
+        return "the home directory"
+    cwd = Path.cwd().resolve()
+    if path == cwd:
+        return "the current directory"
+    if path in cwd.parents:
+        return "a parent of the current directory"
+    return None
+
+
+def check_replaceable(out: str | os.PathLike, markers: tuple[str, ...] = (MANIFEST,)) -> None:
+    """Raise unless the existing directory `out` may be deleted and replaced.
+
+    Allowed: an empty directory, or one holding one of `markers` (a file only sparsellm
+    writes, so the directory is a previous run). Refused whatever it holds: `/`, `$HOME`,
+    the current directory and its parents, symlinks resolved, since replacing those would
+    destroy the user's files or pull the working directory away from under the process.
+    """
+    out = Path(out)
+    resolved = out.resolve()
+    why = _protected(resolved)
+    if why is not None:
+        raise SparseLLMError(f"refusing to replace {out}: it is {why} (choose another --out)")
+    if not resolved.is_dir():
+        raise SparseLLMError(f"output {out} exists and is not a directory")
+    if any(resolved.iterdir()) and not any((resolved / m).is_file() for m in markers):
+        raise SparseLLMError(
+            f"refusing to replace {out}: it holds files but no {' or '.join(markers)}, "
+            "so it is not a sparsellm output (choose another --out)"
+        )
+
+
 def check_out_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Refuse an existing non-empty `out` unless `overwrite`; call before any long work."""
+    """Refuse an `out` that `save` could not replace; call before any long work.
+
+    An existing non-empty `out` needs `overwrite`; any existing `out` must also pass
+    `check_replaceable`, since `save` swaps the whole directory, even an empty one.
+    """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise SparseLLMError(f"output {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise SparseLLMError(f"output directory {out} exists and is not empty (use --overwrite)")
+    if out.is_dir():
+        if any(out.iterdir()) and not overwrite:
+            raise SparseLLMError(
+                f"output directory {out} exists and is not empty (use --overwrite)"
+            )
+        check_replaceable(out)
     return out
 
 
@@ -79,6 +129,7 @@ def save(
         for name, (tensors, metadata) in (extra_tensors or {}).items():
             save_file(tensors, str(tmp / name), metadata=metadata)
         if out.exists():
+            check_replaceable(out)  # again: `out` may have changed during the save
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, trash / "old")
             os.replace(tmp, out)
