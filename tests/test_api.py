@@ -60,9 +60,11 @@ def test_targets_and_ignore(calib_ids):
 
 def test_recipe_errors():
     model = tiny_model("llama")
-    with pytest.raises(SparseLLMError, match=r"unknown method 'nope'.*valid: .*magnitude.*sparsegpt.*wanda"):
+    with pytest.raises(
+        SparseLLMError, match=r"unknown method 'nope'.*valid: .*magnitude.*sparsegpt.*wanda"
+    ):
         sl.sparsify(model, [{"method": "nope"}])
-    with pytest.raises(SparseLLMError, match="unknown key.*sparsty.*valid: sparsity, pattern"):
+    with pytest.raises(SparseLLMError, match=r"unknown key.*sparsty.*valid: sparsity, pattern"):
         sl.sparsify(model, [{"method": "wanda", "sparsty": 0.5}])
     with pytest.raises(SparseLLMError, match=r"implies sparsity 0\.5"):
         sl.sparsify(model, [{"method": "wanda", "pattern": "2:4", "sparsity": 0.7}])
@@ -123,3 +125,42 @@ def test_wanda_matches_a_naive_full_model_reference(family, calib_ids):
                 w.masked_fill_(unstructured_mask(w.abs() * sq[n].sqrt(), 0.5, per="row"), 0.0)
     for (name, a), b in zip(ours.named_parameters(), ref.parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_saved_recipe_reproduces_weights_bit_for_bit(calib_ids, tmp_path):
+    """The recipe a report stores, written as JSON and parsed back, gives the same weights."""
+    import json
+
+    from sparsellm.recipe import parse_recipe
+
+    recipe = [
+        {"method": "wanda", "sparsity": 0.5, "targets": ["re:.*mlp"]},
+        "sparsegpt:sparsity=0.6,targets=[re:.*self_attn]",
+    ]
+    first = tiny_model("llama")
+    report = sl.sparsify(first, recipe, calib_ids)
+    stored = json.loads(json.dumps(report.recipe.to_dict()))
+    assert parse_recipe(stored) == report.recipe
+    second = tiny_model("llama")
+    sl.sparsify(second, stored, calib_ids)
+    for (name, a), (_, b) in zip(
+        first.state_dict().items(), second.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_one_step_three_spellings_are_one_config():
+    from sparsellm.config import from_dict, from_spec
+    from sparsellm.recipe import parse_recipe
+    from sparsellm.weights.wanda import WandaConfig
+
+    python = WandaConfig(sparsity=0.5, targets=("re:.*mlp",), ignore=("down_proj",))
+    spec = from_spec("wanda:sparsity=0.5,targets=[re:.*mlp],ignore=[down_proj]")
+    yaml_like = from_dict(
+        {"method": "wanda", "sparsity": 0.5, "targets": ["re:.*mlp"], "ignore": ["down_proj"]}
+    )
+    assert python == spec == yaml_like
+    assert from_spec(python.to_spec()) == python
+    assert parse_recipe([python]) == parse_recipe(
+        ["wanda:sparsity=0.5,targets=[re:.*mlp],ignore=[down_proj]"]
+    )
