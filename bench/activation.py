@@ -35,7 +35,9 @@ from sparsellm.activation.coreinfer import apply_coreinfer, split_perplexity, un
 from sparsellm.activation.io import STATE_FILE, activation_state, load_activation_state
 from sparsellm.activation.modules import measured_sparsity, reset_counts, unwrap_activations
 from sparsellm.activation.runtime import DecodeRuntime
+from sparsellm.activation.teal import TEALConfig
 from sparsellm.api import versions
+from sparsellm.config import from_dict
 from sparsellm.eval.kl import compare_models
 from sparsellm.eval.perplexity import perplexity
 from sparsellm.eval.speed import alternate_medians, decode_seconds
@@ -54,7 +56,9 @@ def load(name: str) -> tuple[Any, Any, dict[str, Any]]:
 
 
 def config(method: str, sparsity: float, max_tokens: int, head: bool = False) -> ActivationConfig:
-    return ActivationConfig(method=method, sparsity=sparsity, max_tokens=max_tokens, head=head)
+    """`method`'s config by registered name (R-Sparse at its default rank)."""
+    keys = {"method": method, "sparsity": sparsity, "max_tokens": max_tokens, "head": head}
+    return from_dict(keys, family="activation")
 
 
 def variants(args: argparse.Namespace) -> list[tuple[str, str, float, bool]]:
@@ -79,7 +83,7 @@ def sparsing_law_ppl_p(model: Any, calib: torch.Tensor, windows: torch.Tensor, p
     lo, hi, probes = 0.0, 0.9, []
     for _ in range(6):
         mid = (lo + hi) / 2
-        cfg = ActivationConfig(sparsity=mid, allocation="uniform", max_tokens=512)
+        cfg = TEALConfig(sparsity=mid, allocation="uniform", max_tokens=512)
         sparsify_activations(model, calib, cfg)
         ppl = perplexity(model, windows)["ppl"]
         unwrap_activations(model)
@@ -171,7 +175,7 @@ def calibrated(
     if load_activation_state(model, d) is not None:
         return None
     fit = sparsify_activations(model, calib, cfg)
-    tensors, meta = activation_state(model, dataclasses.asdict(cfg))
+    tensors, meta = activation_state(model, cfg)
     d.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(d / STATE_FILE), metadata=meta)
     return fit

@@ -24,7 +24,7 @@ def test_activate_saves_and_eval_reapplies(tiny_dir, text_file, tmp_path, capsys
     assert result["sparse_ppl"] > result["dense_ppl"]
     assert result["measured_sparsity"] == pytest.approx(0.5, abs=0.1)
     assert result["decode_speed"]["skipped_fraction"] > 0.3
-    assert not result["config"]["head"]
+    assert result["config"]["method"] == "wina" and not result["config"]["head"]
     assert (out / "activation_sparsity.safetensors").is_file()
     ev = ["eval", "--model", str(out), "--eval", str(text_file), "--seqlen", "64"]
     assert main([*ev, "--eval-windows", "2", "--json"]) == 0
@@ -34,10 +34,11 @@ def test_activate_saves_and_eval_reapplies(tiny_dir, text_file, tmp_path, capsys
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (("--method", "nope"), "unknown activation method"),
+        (("--method", "nope"), "unknown method 'nope'"),
         (("--sparsity", "0.99"), "activation sparsity must be in"),
         (("--nsamples", "0"), "--nsamples must be >= 1"),
         (("--method", "cats", "--head"), "head sparsity needs an input method"),
+        (("--method", "teal", "--rank", "8"), "unknown key(s) rank for method 'teal'"),
     ],
 )
 def test_activate_bad_input(tiny_dir, text_file, tmp_path, capsys, extra, message) -> None:

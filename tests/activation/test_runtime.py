@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from sparsellm.activation.apply import sparsify_activations
-from sparsellm.activation.base import ActivationConfig
 from sparsellm.activation.runtime import DecodeRuntime
+from sparsellm.activation.teal import TEALConfig
 from sparsellm.models.tiny import tiny_model
+from tests.activation.helpers import act_config
 
 
 def _prompt() -> torch.Tensor:
@@ -49,9 +50,7 @@ def test_sparse_decode_matches_wrapped_hf(
     method: str, native: bool, calib_ids: torch.Tensor
 ) -> None:
     model = tiny_model("qwen2").eval()
-    sparsify_activations(
-        model, calib_ids, ActivationConfig(method=method, sparsity=0.5, rank=4, max_tokens=256)
-    )
+    sparsify_activations(model, calib_ids, act_config(method, sparsity=0.5, max_tokens=256))
     ids = _prompt()
     ref = model(ids).logits  # the wrappers: masked dense matmuls
     rt = DecodeRuntime(model, max_len=32, native=native)
@@ -64,7 +63,7 @@ def test_sparse_decode_matches_wrapped_hf(
 
 def test_sparse_head_decode_matches_wrapped_hf(calib_ids: torch.Tensor) -> None:
     model = tiny_model("llama").eval()
-    cfg = ActivationConfig(sparsity=0.5, max_tokens=256, head=True)
+    cfg = TEALConfig(sparsity=0.5, max_tokens=256, head=True)
     sparsify_activations(model, calib_ids, cfg)
     ids = _prompt()
     ref = model(ids).logits
@@ -87,7 +86,7 @@ def test_either_dense_kernel_gives_the_dense_logits() -> None:
 
 def test_small_batch_decode_matches_single_rows(calib_ids: torch.Tensor) -> None:
     model = tiny_model("llama").eval()
-    sparsify_activations(model, calib_ids, ActivationConfig(sparsity=0.5, max_tokens=256))
+    sparsify_activations(model, calib_ids, TEALConfig(sparsity=0.5, max_tokens=256))
     ids = torch.randint(0, 256, (3, 10), generator=torch.Generator().manual_seed(4))
     rt = DecodeRuntime(model, max_len=32)
     batch = _stepwise(rt, ids, 4, sparse=True)
@@ -99,7 +98,7 @@ def test_verification_every_token_reproduces_dense_greedy(calib_ids: torch.Tenso
     model = tiny_model("llama").eval()
     ids = _prompt()
     dense = DecodeRuntime(model, max_len=64).generate(ids, 16, sparse=False)["tokens"]
-    sparsify_activations(model, calib_ids, ActivationConfig(sparsity=0.7, max_tokens=256))
+    sparsify_activations(model, calib_ids, TEALConfig(sparsity=0.7, max_tokens=256))
     rt = DecodeRuntime(model, max_len=64)
     plain = rt.generate(ids, 16, sparse=True)
     checked = rt.generate(ids, 16, sparse=True, verify_every=1)
@@ -135,7 +134,7 @@ def test_native_decode_step_equals_python_blocks(
     """The one-call Decoder (sparse_gemv.cpp) computes the Python blocks' function and
     counts the same skipped channels, dense and sparse, with GQA and (qwen2) biases."""
     model = tiny_model(family).eval()
-    sparsify_activations(model, calib_ids, ActivationConfig(method=method, sparsity=0.5))
+    sparsify_activations(model, calib_ids, act_config(method, sparsity=0.5))
     rt = DecodeRuntime(model, max_len=32)
     assert rt.fusable()
     for sparse in (False, True):
@@ -149,7 +148,7 @@ def test_native_decode_long_context_attention(calib_ids: torch.Tensor) -> None:
     """From 512 cached positions the Decoder's attention splits heads over threads;
     steps on both sides of that switch still equal the Python blocks (SDPA)."""
     model = tiny_model("llama").eval()
-    sparsify_activations(model, calib_ids, ActivationConfig(sparsity=0.5))
+    sparsify_activations(model, calib_ids, TEALConfig(sparsity=0.5))
     ids = torch.randint(0, 256, (2, 516), generator=torch.Generator().manual_seed(5))
     rt = DecodeRuntime(model, max_len=520)
     fused, python, _, _ = _fused_and_python(rt, ids, 508, sparse=True)

@@ -15,37 +15,31 @@ import torch
 from torch import nn
 
 from sparsellm.activation.base import ActivationConfig, ActivationMethod
-from sparsellm.activation.cats import CATS
 from sparsellm.activation.modules import ActSparseLinear, ThresholdedActivation, replace_module
-from sparsellm.activation.rsparse import RSparse
-from sparsellm.activation.teal import TEAL
 from sparsellm.activation.thresholds import (
     LEVELS,
     greedy_levels,
     quantile_threshold,
     relative_error,
 )
-from sparsellm.activation.wina import WINA
 from sparsellm.calib.sequential import run_sequential
+from sparsellm.config import MethodConfig
 from sparsellm.errors import SparseLLMError
 from sparsellm.models.adapters import get_layout
-
-METHODS: dict[str, type[ActivationMethod]] = {
-    "teal": TEAL,
-    "wina": WINA,
-    "rsparse": RSparse,
-    "cats": CATS,
-}
+from sparsellm.registry import handler
 
 
-def lookup(config: ActivationConfig) -> ActivationMethod:
-    """The method of `config`, checked against the options it supports (before any work)."""
-    if config.method not in METHODS:
-        valid = ", ".join(METHODS)
-        raise SparseLLMError(f"unknown activation method {config.method!r}; valid: {valid}")
-    method = METHODS[config.method]()
+def activation_method(config: MethodConfig) -> ActivationMethod:
+    """The registered method of `config`, checked against the options it supports.
+
+    Needs no model, so a caller can run it before loading one and fail fast on a bad
+    combination (`head` with a gate method) that the config alone cannot see.
+    """
+    if not isinstance(config, ActivationConfig):
+        raise SparseLLMError(f"{config.name!r} is a {config.family} method, not activation")
+    method = handler(config)(config)
     if config.head and method.target != "inputs":
-        raise SparseLLMError(f"head sparsity needs an input method, not {config.method!r}")
+        raise SparseLLMError(f"head sparsity needs an input method, not {config.name!r}")
     return method
 
 
@@ -98,7 +92,7 @@ def _fit_inputs(
         x = xs[group[0]]
         fused.append(w)
         scales.append(scale)
-        factors.append(method.low_rank(w, config.rank))
+        factors.append(method.low_rank(w))
         scores.append(x.abs() if scale is None else x.abs() * scale)
         costs.append(w.numel())
     if config.allocation == "uniform":
@@ -140,10 +134,12 @@ def sparsify_activations(
 ) -> dict[str, Any]:
     """Calibrate and wrap `model` in place; returns per-block levels and thresholds.
 
-    `calib` is (n, seqlen) token ids. Undo with `unwrap_activations`.
+    `calib` is (n, seqlen) token ids; `config` is any registered activation method's
+    config (`TEALConfig(0.5)`, or ``from_spec("wina:sparsity=0.5")``). Undo with
+    `unwrap_activations`.
     """
+    method = activation_method(config)
     layout = get_layout(model)
-    method = lookup(config)
     gen = torch.Generator().manual_seed(config.seed)
     batches = list(calib.split(batch_size))
     per_block: list[dict[str, Any]] = []
@@ -166,8 +162,8 @@ def sparsify_activations(
         per_block.append(_fit_inputs(block, layout.input_groups, xs, method, config))
 
     model.eval()
-    run_sequential(model, batches, process, desc=f"{config.method} thresholds")
-    out: dict[str, Any] = {"method": config.method, "sparsity": config.sparsity}
+    run_sequential(model, batches, process, desc=f"{config.name} thresholds")
+    out: dict[str, Any] = {"method": config.name, "sparsity": config.sparsity}
     if config.head:
         out["head"] = _fit_head(model, batches, method, config, gen)
     return {**out, "blocks": per_block}
@@ -191,5 +187,5 @@ def _fit_head(
     w = head.weight.detach().float()
     scale = method.channel_scale(w)
     thr = quantile_threshold(x.abs() if scale is None else x.abs() * scale, config.sparsity)
-    replace_module(model, name, ActSparseLinear(head, thr, scale, method.low_rank(w, config.rank)))
+    replace_module(model, name, ActSparseLinear(head, thr, scale, method.low_rank(w)))
     return {"level": config.sparsity, "threshold": thr}

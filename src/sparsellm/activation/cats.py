@@ -7,9 +7,21 @@ threshold per layer, the `sparsity`-quantile of |gate activation| on calibration
 
 from __future__ import annotations
 
-from sparsellm.activation.base import ActivationMethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+from sparsellm.activation.base import ActivationConfig, ActivationMethod
+from sparsellm.registry import register
 
 
+@dataclass(frozen=True)
+class CATSConfig(ActivationConfig):
+    """CATS: the family's keys; `allocation` is moot (one level for every gate) and
+    `head` is refused when applied (the head has no gate)."""
+
+    name: ClassVar[str] = "cats"
+
+
+@register(CATSConfig)
 class CATS(ActivationMethod):
-    name = "cats"
     target = "gate"

@@ -8,6 +8,10 @@ to a fixed, smaller dense MLP per prompt, so the runtime needs no per-token sele
 
 No calibration: the wrapper (`CoreActivation`) computes the core on the first forward
 after `reset_cores` (the prompt, run dense) and applies it to every later forward.
+That is why CoreInfer has no method config in `sparsellm.registry`: it is a per-prompt
+runtime predictor, not a calibrated step for `sparsify_activations`. Nothing is fitted
+or saved, and its quality is only meaningful under the prompt-then-decode protocol of
+`split_perplexity` (a plain forward would pick the core from the very tokens it scores).
 
 Deviation, measured: the paper ranks neurons by their (ReLU, so non-negative)
 activation. In a SwiGLU MLP we rank by |h| with h = act(gate(x)) · up(x), the input of

@@ -3,7 +3,9 @@
 The model itself is saved unwrapped (vanilla `transformers` loads it as the dense
 model); the wrappers' buffers go to one `activation_sparsity.safetensors` whose
 metadata says which module each entry wraps, so `sparsellm.load` re-applies them.
-Never a pickle.
+Never a pickle. The metadata also keeps the config (`ActivationConfig.to_dict()`, whose
+``method`` key names the method, as the files written before method configs did); it
+is returned as stored, not parsed, since only the tensors are needed to re-apply.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
 from torch import nn
 
+from sparsellm.activation.base import ActivationConfig
 from sparsellm.activation.modules import (
     ActSparseLinear,
     ThresholdedActivation,
@@ -29,11 +32,11 @@ from sparsellm.errors import SparseLLMError
 from sparsellm.export.hf import save
 
 STATE_FILE = "activation_sparsity.safetensors"
-_KINDS = {"linear": ActSparseLinear, "gate": ThresholdedActivation}
 
 
-def activation_state(model: nn.Module, config: dict[str, Any]) -> tuple[dict, dict[str, str]]:
-    """Tensors and safetensors metadata describing every wrapper in `model`."""
+def activation_state(model: nn.Module, config: ActivationConfig) -> tuple[dict, dict[str, str]]:
+    """Tensors and safetensors metadata describing every wrapper in `model` (calibrated
+    with `config`)."""
     tensors: dict[str, torch.Tensor] = {}
     kinds: dict[str, str] = {}
     for name, mod in wrapped_modules(model):
@@ -43,7 +46,7 @@ def activation_state(model: nn.Module, config: dict[str, Any]) -> tuple[dict, di
             tensors[f"{name}.{key}"] = buf.detach().contiguous().clone()
         if kind == "gate":
             tensors[f"{name}.weights_per_channel"] = torch.tensor(mod.weights_per_channel)
-    meta = {"format": "1", "modules": json.dumps(kinds), "config": json.dumps(config)}
+    meta = {"format": "1", "modules": json.dumps(kinds), "config": json.dumps(config.to_dict())}
     return tensors, meta
 
 
@@ -65,7 +68,7 @@ def save_with_activations(
     tokenizer: Any,
     out: str | Path,
     manifest: dict[str, Any],
-    config: dict[str, Any],
+    config: ActivationConfig,
     overwrite: bool = False,
 ) -> Path:
     """Atomically save the dense checkpoint plus the activation-sparsity state."""
@@ -75,7 +78,8 @@ def save_with_activations(
 
 
 def load_activation_state(model: nn.Module, path: str | Path) -> dict[str, Any] | None:
-    """Re-wrap `model` from `path`/activation_sparsity.safetensors; None if there is none."""
+    """Re-wrap `model` from `path`/activation_sparsity.safetensors; returns the stored
+    config mapping (``{"method": ..., ...}``), or None if there is no such file."""
     file = Path(path) / STATE_FILE
     if not file.is_file():
         return None

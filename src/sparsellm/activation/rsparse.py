@@ -8,14 +8,34 @@ is replaced by TEAL's greedy levels at a fixed rank.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
-from sparsellm.activation.base import ActivationMethod
+from sparsellm.activation.base import ActivationConfig, ActivationMethod
 from sparsellm.activation.thresholds import svd_factors
+from sparsellm.errors import SparseLLMError
+from sparsellm.registry import register
 
 
+@dataclass(frozen=True)
+class RSparseConfig(ActivationConfig):
+    """R-Sparse: the family's keys plus `rank`, the size of the low-rank path."""
+
+    name: ClassVar[str] = "rsparse"
+
+    rank: int = 32
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rank < 1:
+            raise SparseLLMError(f"rsparse: rank must be >= 1, got {self.rank}")
+
+
+@register(RSparseConfig)
 class RSparse(ActivationMethod):
-    name = "rsparse"
+    config: RSparseConfig
 
-    def low_rank(self, weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return svd_factors(weight, rank)
+    def low_rank(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return svd_factors(weight, self.config.rank)

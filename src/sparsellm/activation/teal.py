@@ -3,8 +3,20 @@ layer calibrated on activations, per-layer levels chosen greedily inside each bl
 
 from __future__ import annotations
 
-from sparsellm.activation.base import ActivationMethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+from sparsellm.activation.base import ActivationConfig, ActivationMethod
+from sparsellm.registry import register
 
 
+@dataclass(frozen=True)
+class TEALConfig(ActivationConfig):
+    """TEAL: the family's keys only (|x_i| needs nothing from the weights)."""
+
+    name: ClassVar[str] = "teal"
+
+
+@register(TEALConfig)
 class TEAL(ActivationMethod):
-    name = "teal"
+    """The base rule unchanged: score = |x_i|, no correction."""

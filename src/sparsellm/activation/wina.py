@@ -7,13 +7,25 @@ the norm of the fused column, so they skip the same channels.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
-from sparsellm.activation.base import ActivationMethod
+from sparsellm.activation.base import ActivationConfig, ActivationMethod
+from sparsellm.registry import register
 
 
+@dataclass(frozen=True)
+class WINAConfig(ActivationConfig):
+    """WINA: the family's keys only (the column norms come from the weights)."""
+
+    name: ClassVar[str] = "wina"
+
+
+@register(WINAConfig)
 class WINA(ActivationMethod):
-    name = "wina"
+    """Scale |x_i| by the fused column norm, its weight's share of the output."""
 
     def channel_scale(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.float().norm(dim=0)
