@@ -6,9 +6,9 @@ import torch
 from transformers import DynamicCache
 
 from sparsellm.attention.decode import cache_nbytes, cached_answer_correct, cached_tail_nll
-from sparsellm.attention.hf import sparse_attention
 from sparsellm.eval.longctx import Sample, answer_correct
 from sparsellm.eval.perplexity import window_nll
+from sparsellm.integrations.transformers import sparse_attention
 from sparsellm.models.tiny import tiny_model
 
 

@@ -6,13 +6,9 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from sparsellm.attention.double_sparsity import (
-    approx_top_tokens,
-    calibrate_double_sparsity,
-    channel_scores,
-)
-from sparsellm.attention.hf import sparse_attention
+from sparsellm.attention.double_sparsity import approx_top_tokens, channel_scores
 from sparsellm.errors import SparseLLMError
+from sparsellm.integrations.transformers import calibrate, sparse_attention
 from sparsellm.models.tiny import tiny_model
 from tests.attention.test_kv import _greedy, _ids
 
@@ -35,11 +31,11 @@ def test_all_channels_select_the_exact_top_tokens() -> None:
 def test_calibration_and_keep_all_generation() -> None:
     model = tiny_model("llama", 0)
     with (
-        pytest.raises(SparseLLMError, match="calibrated channels"),
+        pytest.raises(SparseLLMError, match="needs its calibrated table"),
         sparse_attention(model, "double_sparsity"),
     ):
         pass
-    method = calibrate_double_sparsity(model, _ids(48), None)
+    method = calibrate(model, _ids(48), "double_sparsity")
     cfg = model.config
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     assert len(method.label) == cfg.num_hidden_layers
@@ -51,7 +47,7 @@ def test_calibration_and_keep_all_generation() -> None:
     with sparse_attention(model, keep_all) as session:
         _, logits = _greedy(model, ids, 6, session.new_cache())
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
-    every = calibrate_double_sparsity(model, _ids(48), type(method)(budget=8, channels=head_dim))
+    every = calibrate(model, _ids(48), type(method)(budget=8, channels=head_dim))
     with sparse_attention(model, every) as session:
         cache = session.new_cache()
         _greedy(model, ids, 2, cache)

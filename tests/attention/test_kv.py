@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sparsellm.attention.cache import keep_tokens
 from sparsellm.attention.decode import cache_nbytes
-from sparsellm.attention.hf import sparse_attention
-from sparsellm.attention.kv import _keep_tokens
+from sparsellm.integrations.transformers import sparse_attention
 from sparsellm.models.tiny import tiny_model
 
 
@@ -90,7 +90,7 @@ def test_think_stores_fewer_key_channels() -> None:
 
 def test_keep_tokens_orders_sinks_top_and_tail() -> None:
     scores = torch.tensor([[[9.0, 0, 5, 1, 7, 0, 0, 3]]])
-    idx = _keep_tokens(scores, 8, n_top=2, sink=1, tail=2)
+    idx = keep_tokens(scores, 8, n_top=2, sink=1, tail=2)
     assert idx.tolist() == [[[0, 2, 4, 6, 7]]]
 
 
@@ -104,13 +104,14 @@ def test_use_cache_false_is_plain_dense() -> None:
 
 
 def test_quest_bounds_are_upper_bounds_and_select_the_best_page() -> None:
-    from sparsellm.attention.kv import CompressedLayer, Quest, _quest_tokens
+    from sparsellm.attention.cache import CompressedLayer
+    from sparsellm.attention.kv import Quest, quest_tokens
 
     g = torch.Generator().manual_seed(0)
     layer = CompressedLayer()
     layer.update(torch.randn(1, 1, 64, 8, generator=g), torch.randn(1, 1, 64, 8, generator=g))
     q = torch.randn(1, 2, 1, 8, generator=g)
-    idx = _quest_tokens(layer, q, Quest(budget=16, page=8))
+    idx = quest_tokens(layer, q, Quest(budget=16, page=8))
     scores = (q[0, :, 0] @ layer.keys[0, 0].T).sum(0)  # group-summed exact scores
     page_bound = (
         torch.maximum(
@@ -184,7 +185,7 @@ def test_sliding_window_model_keeps_its_window_layers_and_dense_generation(spec:
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicSlidingWindowLayer
 
-    from sparsellm.attention.kv import CompressedLayer
+    from sparsellm.attention.cache import CompressedLayer
 
     model = tiny_model("gemma3_text", 0)  # layer 0 sliding (window 16), layer 1 full
     ids = _ids(60)
@@ -212,19 +213,18 @@ def _cross_layer_session(model, spec: str, ids: torch.Tensor):
     calibrating or drafting first as the method needs."""
     import copy
 
-    from sparsellm.attention.double_sparsity import calibrate_double_sparsity
-    from sparsellm.attention.hf import parse_attention
-    from sparsellm.attention.speckv import speckv_cache
+    from sparsellm.config import from_spec
+    from sparsellm.integrations.transformers import calibrate, draft_cache
 
-    method = parse_attention(spec)
-    if spec.startswith("double_sparsity"):
-        method = calibrate_double_sparsity(model, _ids(48, 1), method)
+    method = from_spec(spec, family="kv")
+    if method.needs_calibration():
+        method = calibrate(model, _ids(48, 1), method)
     draft = copy.deepcopy(model)  # SpecKV's stand-in draft, copied outside any session
     session = sparse_attention(model, method)
 
     def cache(s):
-        if spec.startswith("speckv"):
-            return s.new_cache(speckv_cache(draft, ids, method))
+        if method.needs_draft():
+            return s.new_cache(draft_cache(draft, ids, method))
         return s.new_cache()
 
     return session, cache

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from sparsellm.attention import patterns as P
 from sparsellm.attention.anchor import Anchor, anchor_stripes
 from sparsellm.attention.blocksparse import block_sparse_attention, masked_dense_attention
-from sparsellm.attention.hf import sparse_attention
-from sparsellm.attention.moa import CANDIDATES, MoA, allocate, calibrate_moa, head_windows
+from sparsellm.attention.moa import CANDIDATES, MoA, allocate, head_windows
+from sparsellm.integrations.transformers import run_calibration, sparse_attention
 from sparsellm.models.tiny import tiny_model
 from tests.attention.test_kv import _ids
 
@@ -33,7 +33,9 @@ def test_allocate_spends_budget_where_recall_grows_most() -> None:
 
 def test_moa_search_respects_budget_and_full_spans_reproduce_dense() -> None:
     model = tiny_model("llama", 0)
-    method, recall = calibrate_moa(model, _ids(128), MoA(density=0.3, sink=8, block=8))
+    search = MoA(density=0.3, sink=8, block=8).calibration(128)
+    method = run_calibration(model, _ids(128), search)
+    recall = search.recall
     cfg = model.config
     assert recall.shape == (cfg.num_hidden_layers, cfg.num_key_value_heads, len(CANDIDATES))
     spans = torch.tensor(method.spans)

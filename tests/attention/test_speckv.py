@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from sparsellm.attention.hf import sparse_attention
-from sparsellm.attention.speckv import SpecKV, prompt_votes, speckv_cache
+from sparsellm.attention.speckv import SpecKV, prompt_votes
 from sparsellm.errors import SparseLLMError
+from sparsellm.integrations.transformers import draft_cache, sparse_attention
 from sparsellm.models.tiny import tiny_model
 from tests.attention.test_kv import _greedy, _ids
 
@@ -34,14 +34,14 @@ def test_keep_all_matches_dense_and_eviction_keeps_budget_and_sinks() -> None:
     _, ref_logits = _greedy(model, ids, 5, DynamicCache())
     keep_all = SpecKV(budget=100, lookahead=2)
     with sparse_attention(model, keep_all) as session:
-        _, logits = _greedy(model, ids, 5, session.new_cache(speckv_cache(draft, ids, keep_all)))
+        _, logits = _greedy(model, ids, 5, session.new_cache(draft_cache(draft, ids, keep_all)))
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
 
     method = SpecKV(budget=24, lookahead=3, window=8, sink=4)
     dense = DynamicCache()
     _greedy(model, ids, 0, dense)
     with sparse_attention(model, method) as session:
-        cache = session.new_cache(speckv_cache(draft, ids, method))
+        cache = session.new_cache(draft_cache(draft, ids, method))
         _greedy(model, ids, 3, cache)
     for i, layer in enumerate(cache.layers):
         assert layer.keys.shape[2] == 24 + 3  # the budget after prefill, plus decoded tokens
@@ -50,10 +50,10 @@ def test_keep_all_matches_dense_and_eviction_keeps_budget_and_sinks() -> None:
 
 
 def test_cache_without_scores_is_an_error() -> None:
-    from sparsellm.attention.kv import CompressedCache
+    from sparsellm.attention.cache import CompressedCache
 
     model = tiny_model("llama", 0)
     with sparse_attention(model, "speckv:budget=8") as session:
-        cache = session.new_cache(CompressedCache(SpecKV(budget=8)))
+        cache = session.new_cache(CompressedCache())
         with pytest.raises(SparseLLMError, match="draft"):
             model(_ids(20), past_key_values=cache, use_cache=True)

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import torch
 from transformers import DynamicCache
 
-from sparsellm.attention.hf import sparse_attention
 from sparsellm.attention.tidal import SELECTION, TidalDecode, select_positions
+from sparsellm.integrations.transformers import sparse_attention
 from sparsellm.models.tiny import tiny_model
 from tests.attention.test_kv import _greedy, _ids
 
@@ -22,17 +22,17 @@ def test_select_positions_sums_heads_and_sorts() -> None:
 def test_selection_layers_write_and_others_reuse() -> None:
     m = TidalDecode(budget=2, dense=1, reselect=3)
     layers = [SimpleNamespace(keys=torch.zeros(1, 2, 5, 4)) for _ in range(5)]
-    cache = SimpleNamespace(shared={}, layers=layers)
+    cache = SimpleNamespace(shared={}, layers=layers, sliding=[])
     probs = torch.tensor([[[0.0, 0.9, 0.0, 0.1, 0.0], [0.0, 0.8, 0.0, 0.0, 0.2]]])
-    m.observe(cache, 0, probs)  # a dense layer before the first selection layer: no effect
+    m.after_step(cache, 0, probs)  # a dense layer before the first selection layer: no effect
     assert SELECTION not in cache.shared
-    m.observe(cache, 1, probs)  # layer `dense` selects
+    m.after_step(cache, 1, probs)  # layer `dense` selects
     assert cache.shared[SELECTION].tolist() == [[1, 4]]
-    assert m.decode_tokens(cache, 1, None) is None  # selection layers attend everything
-    assert m.decode_tokens(cache, 2, None).tolist() == [[[1, 4], [1, 4]]]
-    m.observe(cache, 2, probs.flip(-1))  # a reuse layer never changes the selection
+    assert m.select(cache, 1, None) is None  # selection layers attend everything
+    assert m.select(cache, 2, None).tolist() == [[[1, 4], [1, 4]]]
+    m.after_step(cache, 2, probs.flip(-1))  # a reuse layer never changes the selection
     assert cache.shared[SELECTION].tolist() == [[1, 4]]
-    m.observe(cache, 3, probs.flip(-1))  # the re-selection layer does
+    m.after_step(cache, 3, probs.flip(-1))  # the re-selection layer does
     assert cache.shared[SELECTION].tolist() == [[0, 3]]
 
 

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from sparsellm.attention import patterns as P
-from sparsellm.attention.prefill import _pool
+from sparsellm.attention.prefill import pool
+from sparsellm.attention.protocols import PrefillConfig, attention_method
 
 
 def anchor_stripes(
@@ -38,9 +40,12 @@ def anchor_stripes(
     return causal & (scores >= anchor - theta)
 
 
+@attention_method
 @dataclass(frozen=True)
-class Anchor:
+class Anchor(PrefillConfig):
     """Stripes within `theta` (logit units) of the sink/local anchor, per KV group."""
+
+    name: ClassVar[str] = "anchor"
 
     theta: float = 8.0
     sink: int = 64
@@ -53,7 +58,7 @@ class Anchor:
         b, hq, length, d = query.shape
         hkv, bs = key.shape[1], self.block
         nb = P.n_blocks(length, bs)
-        qp = _pool(query, bs)  # (B, Hq, nb, D)
+        qp = pool(query, bs)  # (B, Hq, nb, D)
         k = key.repeat_interleave(hq // hkv, 1)
         scores = torch.matmul(qp, k.transpose(-1, -2)) * d**-0.5  # (B, Hq, nb, L)
         keep = anchor_stripes(scores, bs, self.sink, self.local, self.theta)

@@ -7,32 +7,38 @@ contributions ``|q_ic k_jc|`` over every query/key pair; queries summed over the
 group) and keep the top `channels`. While decoding, a *label cache* holds only those key
 channels; the approximate logits ``q_C · k_C`` rank every cached token, the `budget` best
 per KV head are chosen, and exact attention runs over them. Nothing is evicted; prefill
-is exact.
+is exact. The offline channel search is the method's `Calibration` (`ChannelSearch`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from sparsellm.attention import patterns as P
+from sparsellm.attention.cache import CompressedCache
+from sparsellm.attention.protocols import KVConfig, attention_method
 from sparsellm.errors import SparseLLMError
 from sparsellm.models.adapters import full_attention_layers, get_blocks
 
 
+@attention_method
 @dataclass(frozen=True)
-class DoubleSparsity:
+class DoubleSparsity(KVConfig):
     """Top-`budget` tokens per KV head by logits over `channels` calibrated channels
-    (`label[layer][kv_head]`, filled by `calibrate_double_sparsity`)."""
+    (`label[layer][kv_head]`, filled by calibration: `ChannelSearch`)."""
+
+    name: ClassVar[str] = "double_sparsity"
 
     budget: int = 2048
     channels: int = 16
     label: tuple[tuple[tuple[int, ...], ...], ...] = ()
 
-    def decode_tokens(self, cache: Any, layer_idx: int, query: torch.Tensor) -> torch.Tensor | None:
+    def select(
+        self, cache: CompressedCache, layer_idx: int, query: torch.Tensor
+    ) -> torch.Tensor | None:
         keys = cache.layers[layer_idx].keys
         b, hkv, length, d = keys.shape
         if length <= self.budget:
@@ -42,6 +48,12 @@ class DoubleSparsity:
         g = query.shape[1] // hkv
         q = query.reshape(b, hkv, g, d).gather(-1, chan[None, :, None, :].expand(b, -1, g, -1))
         return approx_top_tokens(q, labels, self.budget, d**-0.5)
+
+    def needs_calibration(self) -> bool:
+        return not self.label
+
+    def calibration(self, tokens: int) -> ChannelSearch:
+        return ChannelSearch(self)
 
 
 def approx_top_tokens(
@@ -55,7 +67,7 @@ def approx_top_tokens(
 
 
 def _label_cache(
-    cache: Any, layer_idx: int, keys: torch.Tensor, chan: torch.Tensor
+    cache: CompressedCache, layer_idx: int, keys: torch.Tensor, chan: torch.Tensor
 ) -> torch.Tensor:
     """The layer's label cache ``(B, Hkv, T, c)``: kept key channels, extended in place
     with the tokens added since the last step (the full keys are read once)."""
@@ -77,37 +89,29 @@ def channel_scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     return qn * key.abs().sum(2)
 
 
-@dataclass(frozen=True)
-class _Recorder:
-    """Prefill 'method' that records channel scores per layer and attends densely."""
+class ChannelSearch:
+    """Double Sparsity's `Calibration`: channel scores summed over the calibration text,
+    per layer; each KV head keeps its top ``channels``."""
 
-    scores: dict[int, torch.Tensor] = field(default_factory=dict)
-    block: int = 64
-    min_length: int = 0
+    def __init__(self, base: DoubleSparsity) -> None:
+        self.base = base
+        self.scores: dict[int, torch.Tensor] = {}  # layer -> (Hkv, D)
 
-    def block_mask(self, query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tensor:
+    def observe(self, layer: int, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
         self.scores[layer] = channel_scores(query, key).sum(0)
-        return P.causal_blocks(P.n_blocks(query.shape[2], self.block))
 
-
-@torch.no_grad()
-def calibrate_double_sparsity(
-    model: torch.nn.Module, ids: torch.Tensor, method: DoubleSparsity | None = None
-) -> DoubleSparsity:
-    """`method` with `label` filled from one forward over calibration `ids` (1, L)."""
-    from sparsellm.attention.hf import sparse_attention
-
-    base = method or DoubleSparsity()
-    rec = _Recorder()
-    with sparse_attention(model, rec):
-        model(input_ids=ids, use_cache=False, logits_to_keep=1)
-    # sliding-window layers (Gemma-3) keep their own window cache and need no labels
-    if sorted(rec.scores) != full_attention_layers(model):
-        raise SparseLLMError("calibration did not reach every full-attention layer")
-    label = tuple(
-        tuple(tuple(sorted(h.tolist())) for h in rec.scores[i].topk(base.channels, -1).indices)
-        if i in rec.scores
-        else ()
-        for i in range(len(get_blocks(model)))
-    )
-    return dataclasses.replace(base, label=label)
+    def result(self, model: torch.nn.Module) -> DoubleSparsity:
+        """The base config with `label` filled (sliding-window layers, which keep their own
+        window cache, need none)."""
+        if sorted(self.scores) != full_attention_layers(model):
+            raise SparseLLMError("calibration did not reach every full-attention layer")
+        label = tuple(
+            tuple(
+                tuple(sorted(h.tolist()))
+                for h in self.scores[i].topk(self.base.channels, -1).indices
+            )
+            if i in self.scores
+            else ()
+            for i in range(len(get_blocks(model)))
+        )
+        return dataclasses.replace(self.base, label=label)

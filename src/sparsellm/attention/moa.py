@@ -4,7 +4,8 @@ found by a search on calibration data under an average-span budget.
 Heads differ a lot in how far back they look, so one window for all wastes budget on
 local heads and starves long-range ones. Each (layer, KV head) gets an *elastic* span
 ``s × L`` (a fraction of the input length, so the plan transfers across lengths; plus the
-`sink` first tokens) chosen from `CANDIDATES`. The search (`calibrate_moa`) measures, for
+`sink` first tokens) chosen from `CANDIDATES`. The search (`SpanSearch`, MoA's
+`Calibration`) measures, for
 every head and candidate, the attention recall — the exact attention mass the pattern
 covers on sampled query rows of calibration text — and then solves the budgeted choice
 greedily: all heads start at the smallest span and the upgrade with the best recall gain
@@ -16,20 +17,26 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from sparsellm.attention import patterns as P
+from sparsellm.attention.prefill import probe_rows, rows_attention
+from sparsellm.attention.protocols import PrefillConfig, attention_method
 from sparsellm.errors import SparseLLMError
 from sparsellm.models.adapters import full_attention_layers, get_blocks
 
 CANDIDATES = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)  # span as a fraction of the length
 
 
+@attention_method
 @dataclass(frozen=True)
-class MoA:
+class MoA(PrefillConfig):
     """Sink plus a per-(layer, KV head) window of ``spans[layer][head] × L`` tokens."""
+
+    name: ClassVar[str] = "moa"
 
     density: float = 0.25
     sink: int = 64
@@ -40,6 +47,14 @@ class MoA:
 
     def block_mask(self, query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tensor:
         return head_windows(query.shape[2], self.block, self.sink, self.spans[layer])
+
+    def needs_calibration(self) -> bool:
+        return not self.spans
+
+    def calibration(self, tokens: int) -> SpanSearch:
+        if tokens < 4 * self.block:
+            raise SparseLLMError(f"MoA calibration needs >= {4 * self.block} tokens")
+        return SpanSearch(self)
 
 
 def head_windows(length: int, block: int, sink: int, spans: tuple[float, ...]) -> torch.Tensor:
@@ -72,55 +87,40 @@ def allocate(recall: torch.Tensor, costs: tuple[float, ...], density: float) -> 
         pick[best] = nxt[best]
 
 
-@dataclass(frozen=True)
-class _Probe:
-    """Prefill 'method' that measures each candidate span's recall, then attends densely."""
+class SpanSearch:
+    """MoA's `Calibration`: each candidate span's recall per (layer, KV head), then the
+    budgeted allocation; `recall` is ``(layers, Hkv, candidates)`` once `result` ran (one
+    row per full-attention layer)."""
 
-    base: MoA
-    recall: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (Hkv, cands)
-    block: int = 64
-    min_length: int = 0
+    def __init__(self, base: MoA) -> None:
+        self.base = base
+        self.by_layer: dict[int, torch.Tensor] = {}  # layer -> (Hkv, candidates)
+        self.recall: torch.Tensor | None = None
 
-    def block_mask(self, query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tensor:
-        from sparsellm.attention.search import _rows_attention, probe_rows
-
+    def observe(self, layer: int, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
         length, bs = query.shape[2], self.base.block
         rows = probe_rows(length)
-        attn = _rows_attention(query, key, rows)  # (B, Hkv, R, L)
+        attn = rows_attention(query, key, rows)  # (B, Hkv, R, L)
         got = []
         for s in CANDIDATES:
             mask = head_windows(length, bs, self.base.sink, (s,))[0, 0]
             tok = mask[rows // bs].repeat_interleave(bs, -1)[..., :length]
             got.append((attn * tok).sum(-1).mean((0, 2)))
-        self.recall[layer] = torch.stack(got, -1)
-        return P.causal_blocks(P.n_blocks(length, self.block))
+        self.by_layer[layer] = torch.stack(got, -1)
 
-
-@torch.no_grad()
-def calibrate_moa(
-    model: torch.nn.Module, ids: torch.Tensor, method: MoA | None = None
-) -> tuple[MoA, torch.Tensor]:
-    """`method` with `spans` chosen from one forward over calibration `ids` (1, L) under
-    its average-span budget, and the ``(layers, Hkv, candidates)`` recalls behind it (one
-    row per full-attention layer)."""
-    from sparsellm.attention.hf import sparse_attention
-
-    base = method or MoA()
-    if ids.shape[1] < 4 * base.block:
-        raise SparseLLMError(f"MoA calibration needs >= {4 * base.block} tokens")
-    probe = _Probe(base)
-    with sparse_attention(model, probe):
-        model(input_ids=ids, use_cache=False, logits_to_keep=1)
-    # sliding-window layers (Gemma-3) compute their own window under any method: the
-    # average-span budget is shared by the full-attention layers alone
-    layers = full_attention_layers(model)
-    if sorted(probe.recall) != layers:
-        raise SparseLLMError("calibration did not reach every full-attention layer")
-    recall = torch.stack([probe.recall[i] for i in layers])
-    pick = allocate(recall.flatten(0, 1), CANDIDATES, base.density).reshape(recall.shape[:2])
-    chosen = dict(zip(layers, pick.tolist(), strict=True))
-    spans = tuple(
-        tuple(CANDIDATES[j] for j in chosen[i]) if i in chosen else ()
-        for i in range(len(get_blocks(model)))
-    )
-    return dataclasses.replace(base, spans=spans), recall
+    def result(self, model: torch.nn.Module) -> MoA:
+        """The base config with `spans` chosen under its average-span budget. Sliding-window
+        layers (Gemma-3) compute their own window under any method: the budget is shared
+        by the full-attention layers alone."""
+        layers = full_attention_layers(model)
+        if sorted(self.by_layer) != layers:
+            raise SparseLLMError("calibration did not reach every full-attention layer")
+        recall = torch.stack([self.by_layer[i] for i in layers])
+        pick = allocate(recall.flatten(0, 1), CANDIDATES, self.base.density)
+        chosen = dict(zip(layers, pick.reshape(recall.shape[:2]).tolist(), strict=True))
+        spans = tuple(
+            tuple(CANDIDATES[j] for j in chosen[i]) if i in chosen else ()
+            for i in range(len(get_blocks(model)))
+        )
+        self.recall = recall
+        return dataclasses.replace(self.base, spans=spans)

@@ -16,26 +16,31 @@ selection, so the compute path gathers K/V once per group):
 Sizes are in tokens (converted to blocks, rounded up) so a spec reads like the papers.
 Every sparse method also takes ``tail`` (tokens, default 0): the query blocks holding the last
 ``tail`` tokens (`patterns.tail_blocks`) attend the whole prompt (`patterns.dense_tail`, applied by
-`hf.prefill_mask`), so a question at the end of a long prompt reads all of it.
+`PrefillConfig.prefill_mask`), so a question at the end of a long prompt reads all of it.
+
+Each method is a `PrefillConfig` registered under its `name`; the helpers here (pooling,
+last-rows attention, recall probes) are shared by the methods in their own files.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from sparsellm.attention import patterns as P
+from sparsellm.attention.protocols import PrefillConfig, attention_method
 
 
-def _group_sum(x: torch.Tensor, hkv: int) -> torch.Tensor:
+def group_sum(x: torch.Tensor, hkv: int) -> torch.Tensor:
     """Sum a (B, Hq, ...) tensor over each GQA group -> (B, Hkv, ...)."""
     b, hq = x.shape[:2]
     return x.reshape(b, hkv, hq // hkv, *x.shape[2:]).sum(2)
 
 
-def _pool(x: torch.Tensor, block: int) -> torch.Tensor:
+def pool(x: torch.Tensor, block: int) -> torch.Tensor:
     """Mean over each block of tokens: (B, H, L, D) -> (B, H, nb, D); the tail block is partial."""
     b, h, length, d = x.shape
     nb = P.n_blocks(length, block)
@@ -55,7 +60,7 @@ def _last_rows_attention(query: torch.Tensor, key: torch.Tensor, rows: int) -> t
     s = (q @ k.transpose(-1, -2)) * d**-0.5
     q_pos = torch.arange(length - rows, length)[:, None]
     s = s.masked_fill(torch.arange(length)[None, :] > q_pos, float("-inf"))
-    return _group_sum(torch.softmax(s, -1), key.shape[1])
+    return group_sum(torch.softmax(s, -1), key.shape[1])
 
 
 def _slash_sums(attn: torch.Tensor) -> torch.Tensor:
@@ -69,8 +74,8 @@ def _slash_sums(attn: torch.Tensor) -> torch.Tensor:
 
 def _pooled_block_probs(query: torch.Tensor, key: torch.Tensor, block: int) -> torch.Tensor:
     """Causal softmax over key blocks of pooled-query · pooled-key, per KV head."""
-    qp = _group_sum(_pool(query, block), key.shape[1]) / (query.shape[1] // key.shape[1])
-    kp = _pool(key, block)
+    qp = group_sum(pool(query, block), key.shape[1]) / (query.shape[1] // key.shape[1])
+    kp = pool(key, block)
     s = (qp @ kp.transpose(-1, -2)) * query.shape[-1] ** -0.5
     nb = s.shape[-1]
     return torch.softmax(s.masked_fill(~P.causal_blocks(nb), float("-inf")), -1)
@@ -83,22 +88,46 @@ def _top_up_to(scores: torch.Tensor, count: torch.Tensor, k: int) -> torch.Tenso
     return torch.where(keep, idx, idx[..., :1])
 
 
+def probe_rows(length: int) -> torch.Tensor:
+    """The query rows a recall probe reads: 64 at the end and 64 at 1/4, 1/2 and 3/4 of
+    the sequence, so a candidate is judged on near and far keys alike, at O(rows·L) cost."""
+    starts = sorted({length - 64, length // 4, length // 2, 3 * length // 4})
+    return torch.cat([torch.arange(s, min(s + 64, length)) for s in starts])
+
+
+def rows_attention(query: torch.Tensor, key: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Exact causal attention of query positions `rows` to all keys, averaged per KV head:
+    ``(B, Hkv, R, L)``, the reference a calibration's recall is measured against."""
+    groups = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(groups, 1)
+    s = (query[:, :, rows] @ k.transpose(-1, -2)) * query.shape[-1] ** -0.5
+    s = s.masked_fill(torch.arange(key.shape[2])[None, :] > rows[:, None], float("-inf"))
+    return group_sum(torch.softmax(s, -1), key.shape[1]) / groups
+
+
+@attention_method
 @dataclass(frozen=True)
-class Full:
+class Full(PrefillConfig):
     """Keep every causal block: the block path computing dense attention (tests, overhead)."""
+
+    name: ClassVar[str] = "full"
 
     block: int = 64
     min_length: int = 0
+    tail: int = 0  # accepted like every prefill method's; all blocks are kept anyway
 
     def block_mask(self, query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tensor:
         return P.causal_blocks(P.n_blocks(query.shape[2], self.block))
 
 
+@attention_method
 @dataclass(frozen=True)
-class SinkWindow:
+class SinkWindow(PrefillConfig):
     """StreamingLLM / LM-Infinite Λ-shape / MInference A-shape: first `sink` tokens plus the
     last `window`. LM-Infinite's distance limit (clamping RoPE distances beyond the
     pre-training length) is a no-op here: inputs never exceed the model's window."""
+
+    name: ClassVar[str] = "sink_window"
 
     sink: int = 64
     window: int = 1024
@@ -113,9 +142,12 @@ class SinkWindow:
         )
 
 
+@attention_method
 @dataclass(frozen=True)
-class Power:
+class Power(PrefillConfig):
     """PowerAttention: sinks, a local window and key blocks at power-of-two block distances."""
+
+    name: ClassVar[str] = "power"
 
     sink: int = 64
     window: int = 256
@@ -130,10 +162,13 @@ class Power:
         )
 
 
+@attention_method
 @dataclass(frozen=True)
-class BlockTopK:
+class BlockTopK(PrefillConfig):
     """MInference block-sparse: top `blocks` key blocks per query block by pooled scores,
     plus the sink block and the local window."""
+
+    name: ClassVar[str] = "block_topk"
 
     blocks: int = 16
     sink: int = 64
@@ -151,10 +186,13 @@ class BlockTopK:
         return P.topk_blocks(probs, self.blocks, always)
 
 
+@attention_method
 @dataclass(frozen=True)
-class VerticalSlash:
+class VerticalSlash(PrefillConfig):
     """MInference vertical-slash from the last `last_q` queries: `vertical` key columns and
     `slash` diagonals per KV head (sinks and the local diagonals are always kept)."""
+
+    name: ClassVar[str] = "vertical_slash"
 
     vertical: int = 1024
     slash: int = 1024
@@ -177,11 +215,14 @@ class VerticalSlash:
         return P.vertical_slash_blocks(length, self.block, v_idx, s_idx)
 
 
+@attention_method
 @dataclass(frozen=True)
-class FlexPrefill:
+class FlexPrefill(PrefillConfig):
     """FlexPrefill: per KV head, query-aware block selection when the pooled estimate is
     trustworthy (JS distance < `tau`), else vertical-slash; both keep blocks/lines up to
     cumulative attention mass `gamma`."""
+
+    name: ClassVar[str] = "flexprefill"
 
     gamma: float = 0.9
     tau: float = 0.1
@@ -215,43 +256,3 @@ class FlexPrefill:
             picks.append(_top_up_to(p, count, int(count.max())))
         vs = P.vertical_slash_blocks(length, bs, picks[0], picks[1])
         return torch.where((js < self.tau)[..., None, None], aware, vs)
-
-
-@dataclass(frozen=True)
-class MInference:
-    """MInference's per-head patterns: each (layer, KV head) uses A-shape, vertical-slash or
-    block top-k, as chosen offline by `sparsellm.attention.search.calibrate_minference`
-    (`choice[layer][kv_head]` indexes `MINFERENCE_CANDIDATES`)."""
-
-    choice: tuple[tuple[int, ...], ...] = ()
-    sink: int = 64
-    window: int = 1024
-    vertical: int = 1024
-    slash: int = 1024
-    blocks: int = 16
-    block: int = 64
-    min_length: int = 2048
-    tail: int = 0
-
-    def candidates(self) -> tuple[SinkWindow, VerticalSlash, BlockTopK]:
-        """The three patterns with this config's budgets (order = `MINFERENCE_CANDIDATES`)."""
-        common = {"block": self.block, "min_length": self.min_length, "sink": self.sink}
-        return (
-            SinkWindow(window=self.window, **common),
-            VerticalSlash(vertical=self.vertical, slash=self.slash, **common),
-            BlockTopK(blocks=self.blocks, **common),
-        )
-
-    def block_mask(self, query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tensor:
-        pick = torch.tensor(self.choice[layer])  # (Hkv,)
-        nb = P.n_blocks(query.shape[2], self.block)
-        shape = (query.shape[0], key.shape[1], nb, nb)
-        out = torch.zeros(shape, dtype=torch.bool)
-        for i, cand in enumerate(self.candidates()):
-            if bool((pick == i).any()):
-                m = cand.block_mask(query, key, layer).expand(shape)
-                out = torch.where((pick == i)[None, :, None, None], m, out)
-        return out
-
-
-MINFERENCE_CANDIDATES = ("a_shape", "vertical_slash", "block_topk")

@@ -10,27 +10,33 @@ max-pooled over `kernel` neighbours as in SnapKV) is that token's importance. Ri
 the target's exact prefill, each layer keeps the `sink` first and `window` last prompt
 tokens plus the most important others, `budget` in all.
 
-Make the cache with ``session.new_cache(speckv_cache(draft, prompt_ids, method))`` inside
-``sparse_attention(target, method)``; the scores travel in ``cache.shared``.
+The draft's reading is the method's `DraftScorer` (`DraftVotes`): make the cache with
+``session.new_cache(draft_cache(draft, prompt_ids, method))`` (both from
+`sparsellm.integrations.transformers`) inside ``sparse_attention(target, method)``; the
+scores travel in ``cache.shared``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from sparsellm.attention.cache import CompressedCache, keep_tokens, softmax_scores
+from sparsellm.attention.protocols import KVConfig, attention_method
 from sparsellm.errors import SparseLLMError
-from sparsellm.models.adapters import full_attention_layers
 
 SCORES = "speckv_scores"  # CompressedCache.shared key: {layer: (B, Hkv, T)}
 
 
+@attention_method
 @dataclass(frozen=True)
-class SpecKV:
+class SpecKV(KVConfig):
     """Keep `budget` prompt tokens per KV head, ranked by a draft's attention."""
+
+    name: ClassVar[str] = "speckv"
 
     budget: int = 2048
     lookahead: int = 16
@@ -38,12 +44,15 @@ class SpecKV:
     kernel: int = 7
     sink: int = 4
 
-    def after_prefill(self, cache: Any, layer_idx: int) -> None:
-        from sparsellm.attention.kv import _keep_tokens
-
+    def after_prefill(
+        self, cache: CompressedCache, layer_idx: int, query: torch.Tensor, scale: float
+    ) -> None:
         scores = cache.shared.get(SCORES)
         if scores is None:
-            raise SparseLLMError("speckv needs draft scores: make the cache with speckv_cache")
+            raise SparseLLMError(
+                "speckv needs draft scores: make the cache with 'draft_cache' "
+                "(sparsellm.integrations.transformers)"
+            )
         layer = cache.layers[layer_idx]
         length = layer.keys.shape[2]
         if length <= self.budget:
@@ -52,8 +61,14 @@ class SpecKV:
         if score is None or score.shape[-1] != length:
             raise SparseLLMError("speckv scores were computed for a different prompt or model")
         w = min(self.window, length)
-        keep = _keep_tokens(score, length, self.budget - w - self.sink, self.sink, w)
+        keep = keep_tokens(score, length, self.budget - w - self.sink, self.sink, w)
         layer.keep(keep)
+
+    def needs_draft(self) -> bool:
+        return True
+
+    def draft_scorer(self, prompt: int) -> DraftVotes:
+        return DraftVotes(self, prompt)
 
 
 def prompt_votes(
@@ -62,55 +77,33 @@ def prompt_votes(
     """``(B, Hkv, prompt)`` attention paid to the first `prompt` keys by the queries of this
     call that vote: the last `window` prompt positions and every position after the
     prompt (causal; query ``i`` sits at absolute position ``key_len - q_len + i``)."""
-    from sparsellm.attention.kv import _softmax_scores
-
     q_len, k_len = query.shape[2], key.shape[2]
     first = k_len - q_len  # absolute position of this call's first query
     start = max(first, prompt - window) - first  # first voting query of this call
     if start >= q_len:
         return torch.zeros(*key.shape[:2], prompt)
-    probs = _softmax_scores(query[:, :, start:], key, scale, first + start)
+    probs = softmax_scores(query[:, :, start:], key, scale, first + start)
     return probs.sum(2)[..., :prompt]
 
 
-@torch.no_grad()
-def draft_scores(
-    draft: torch.nn.Module, prompt_ids: torch.Tensor, method: SpecKV
-) -> dict[int, torch.Tensor]:
-    """Per full-attention layer, the ``(B, Hkv, T)`` importance of each prompt token from
-    the draft reading the prompt and generating ``method.lookahead`` tokens greedily."""
-    from transformers import DynamicCache
+class DraftVotes:
+    """SpecKV's `DraftScorer`: the votes of every draft query that reads the prompt's end
+    or follows it, per full-attention layer, max-pooled into the target's scores."""
 
-    from sparsellm.attention.hf import observing_attention
+    def __init__(self, method: SpecKV, prompt: int) -> None:
+        self.method = method
+        self.prompt = prompt
+        self.lookahead = method.lookahead
+        self.votes: dict[int, torch.Tensor] = {}  # layer -> (B, Hkv, prompt)
 
-    prompt = prompt_ids.shape[1]
-    votes: dict[int, torch.Tensor] = {}
-    # sliding-window layers (Gemma-3) keep their own window and are never compressed
-    full = set(full_attention_layers(draft))
+    def observe(self, layer: int, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
+        v = prompt_votes(query, key, scale, self.prompt, self.method.window)
+        self.votes[layer] = self.votes.get(layer, 0) + v
 
-    def observe(module: Any, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
-        if module.layer_idx in full:
-            v = prompt_votes(query, key, scale, prompt, method.window)
-            votes[module.layer_idx] = votes.get(module.layer_idx, 0) + v
-
-    cache = DynamicCache(config=draft.config)  # the draft's own layer kinds
-    with observing_attention(draft, observe):
-        ids = prompt_ids
-        for _ in range(method.lookahead + 1):  # the last generated token is read too
-            out = draft(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            ids = out.logits[:, -1:].argmax(-1)
-    pooled: dict[int, torch.Tensor] = {}
-    for i, v in votes.items():
-        p = F.max_pool1d(v.flatten(0, 1)[:, None], method.kernel, 1, method.kernel // 2)
-        pooled[i] = p.reshape(v.shape)
-    return pooled
-
-
-def speckv_cache(draft: torch.nn.Module, prompt_ids: torch.Tensor, method: SpecKV) -> Any:
-    """A compressing cache for the target's prefill of `prompt_ids`, carrying the draft's
-    scores (hand it to the target's session: ``session.new_cache(cache)``)."""
-    from sparsellm.attention.kv import CompressedCache
-
-    cache = CompressedCache(method, draft.config)  # same layer kinds as the target
-    cache.shared[SCORES] = draft_scores(draft, prompt_ids, method)
-    return cache
+    def fill(self, cache: CompressedCache) -> None:
+        kernel = self.method.kernel
+        pooled = {}
+        for i, v in self.votes.items():
+            p = F.max_pool1d(v.flatten(0, 1)[:, None], kernel, 1, kernel // 2)
+            pooled[i] = p.reshape(v.shape)
+        cache.shared[SCORES] = pooled

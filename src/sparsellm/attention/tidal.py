@@ -19,17 +19,23 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import ClassVar
 
 import torch
+
+from sparsellm.attention.cache import CompressedCache
+from sparsellm.attention.protocols import KVConfig, attention_method
 
 SELECTION = "tidal_selection"  # key in CompressedCache.shared: (B, budget) positions
 
 
+@attention_method
 @dataclass(frozen=True)
-class TidalDecode:
+class TidalDecode(KVConfig):
     """Full attention in layers ``< dense`` and in the selection layers ``dense`` and
     `reselect`; the other layers attend the latest selection's `budget` positions."""
+
+    name: ClassVar[str] = "tidal"
 
     budget: int = 2048
     dense: int = 2
@@ -47,17 +53,19 @@ class TidalDecode:
     def full_layer(self, layer_idx: int, sliding: Sequence[bool] = ()) -> bool:
         return layer_idx < self.dense or layer_idx in self.selection_layers(sliding)
 
-    def decode_tokens(self, cache: Any, layer_idx: int, query: torch.Tensor) -> torch.Tensor | None:
+    def select(
+        self, cache: CompressedCache, layer_idx: int, query: torch.Tensor
+    ) -> torch.Tensor | None:
         """The shared selection expanded to every KV head, or None (full attention)."""
         chosen = cache.shared.get(SELECTION)
-        if chosen is None or self.full_layer(layer_idx, getattr(cache, "sliding", ())):
+        if chosen is None or self.full_layer(layer_idx, cache.sliding):
             return None
         hkv = cache.layers[layer_idx].keys.shape[1]
         return chosen[:, None, :].expand(-1, hkv, -1)
 
-    def observe(self, cache: Any, layer_idx: int, probs: torch.Tensor) -> None:
+    def after_step(self, cache: CompressedCache, layer_idx: int, probs: torch.Tensor) -> None:
         """In a selection layer, replace the shared selection with this step's top tokens."""
-        if layer_idx not in self.selection_layers(getattr(cache, "sliding", ())):
+        if layer_idx not in self.selection_layers(cache.sliding):
             return
         if probs.shape[-1] <= self.budget:
             cache.shared.pop(SELECTION, None)  # everything fits: full attention everywhere

@@ -1,4 +1,5 @@
-"""Registration through transformers' AttentionInterface, on tiny random models."""
+"""sparsellm.integrations.transformers: registration through transformers' AttentionInterface,
+calibration and spec validation, on tiny random models."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import dataclasses
 import pytest
 import torch
 
-from sparsellm.attention.hf import parse_attention, sparse_attention
+from sparsellm.config import from_spec
 from sparsellm.errors import SparseLLMError
+from sparsellm.integrations import transformers as glue
+from sparsellm.integrations.transformers import run_calibration, sparse_attention
 from sparsellm.models.tiny import tiny_model
 
 
@@ -18,13 +21,11 @@ def _ids(length: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text"])
 def test_keep_everything_reproduces_dense_and_restores(family: str, monkeypatch) -> None:
-    from sparsellm.attention import hf
-
     calls, windows = [], []
-    real, real_window = hf.block_sparse_attention, hf.sliding_window_attention
-    monkeypatch.setattr(hf, "block_sparse_attention", lambda *a: calls.append(1) or real(*a))
+    real, real_window = glue.block_sparse_attention, glue.sliding_window_attention
+    monkeypatch.setattr(glue, "block_sparse_attention", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setattr(
-        hf, "sliding_window_attention", lambda *a: windows.append(1) or real_window(*a)
+        glue, "sliding_window_attention", lambda *a: windows.append(1) or real_window(*a)
     )
     model = tiny_model(family, 0)
     ids = _ids(100)
@@ -98,8 +99,9 @@ def test_short_inputs_fall_back_to_sdpa() -> None:
 @pytest.mark.parametrize(
     ("spec", "needle"),
     [
-        ("nope", "unknown attention method"),
-        ("sink_window:size=3", "valid keys: sink, window"),
+        ("nope", "unknown method 'nope'"),
+        ("wanda", "unknown method 'wanda' \\(prefill or kv\\)"),
+        ("sink_window:size=3", "valid: sink, window"),
         ("sink_window:window=abc", "window must be int"),
         ("sink_window:block=0", "block and page >= 1"),
         ("quest:page=0", "block and page >= 1"),
@@ -108,17 +110,18 @@ def test_short_inputs_fall_back_to_sdpa() -> None:
 )
 def test_bad_specs_are_clear_errors(spec: str, needle: str) -> None:
     with pytest.raises(SparseLLMError, match=needle):
-        parse_attention(spec)
+        from_spec(spec, family=("prefill", "kv"))
 
 
 def test_minference_calibration_picks_a_pattern_per_kv_head() -> None:
-    from sparsellm.attention.prefill import MInference
-    from sparsellm.attention.search import calibrate_minference
+    from sparsellm.attention.minference import MInference
 
     model = tiny_model("llama", 4)
     base = MInference(sink=16, window=16, vertical=8, slash=8, blocks=1, block=16, min_length=0)
     ids = _ids(320)
-    method, recall = calibrate_minference(model, ids, base)
+    search = base.calibration(ids.shape[1])
+    method = run_calibration(model, ids, search)
+    recall = search.recall
     assert len(method.choice) == 2 and all(len(c) == 2 for c in method.choice)
     assert recall[0].shape == (3, 2) and (recall[0] <= 1 + 1e-5).all()
     for layer, picks in enumerate(method.choice):
@@ -129,7 +132,7 @@ def test_minference_calibration_picks_a_pattern_per_kv_head() -> None:
             got = model(ids).logits
     assert torch.isfinite(got).all() and not torch.allclose(got, dense, atol=1e-4)
     with (
-        pytest.raises(SparseLLMError, match="calibrate_minference"),
+        pytest.raises(SparseLLMError, match="minference needs its calibrated table"),
         sparse_attention(model, "minference"),
     ):
         pass
@@ -139,19 +142,20 @@ def test_minference_calibration_picks_a_pattern_per_kv_head() -> None:
 def test_calibrated_methods_on_sliding_window_models(kind: str) -> None:
     """Gemma-3: calibration covers the full-attention layers only (the sliding ones keep
     their window under any method), and the calibrated method runs."""
-    from sparsellm.attention.moa import MoA, calibrate_moa
-    from sparsellm.attention.prefill import MInference
-    from sparsellm.attention.search import calibrate_minference
+    from sparsellm.attention.minference import MInference
+    from sparsellm.attention.moa import MoA
+    from sparsellm.integrations.transformers import calibrate
 
     model = tiny_model("gemma3_text", 0, layers=4)  # sliding, full, sliding, full
     ids = _ids(320)
     if kind == "minference":
         base = MInference(sink=16, window=16, vertical=8, slash=8, blocks=1, block=16)
-        method, _ = calibrate_minference(model, ids, base)
+        method = calibrate(model, ids, base)
         table = method.choice
     else:
-        method, recall = calibrate_moa(model, ids, MoA(density=0.3, sink=16, block=16))
-        assert recall.shape[0] == 2, "one row per full-attention layer"
+        search = MoA(density=0.3, sink=16, block=16).calibration(ids.shape[1])
+        method = run_calibration(model, ids, search)
+        assert search.recall.shape[0] == 2, "one row per full-attention layer"
         table = method.spans
     hkv = model.config.num_key_value_heads
     assert [len(t) for t in table] == [0, hkv, 0, hkv]  # per KV head of the full layers
@@ -163,7 +167,7 @@ def test_calibrated_methods_on_sliding_window_models(kind: str) -> None:
 
 
 def test_window_mask_check_accepts_only_the_plain_band() -> None:
-    from sparsellm.attention.hf import is_window_mask
+    from sparsellm.integrations.transformers import is_window_mask
 
     i = torch.arange(40)
     band = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - 8)
@@ -185,16 +189,15 @@ def test_window_mask_check_accepts_only_the_plain_band() -> None:
 
 def test_dense_tail_rows_equal_sdpa_and_other_rows_keep_the_pattern() -> None:
     from sparsellm.attention.blocksparse import block_sparse_attention
-    from sparsellm.attention.hf import prefill_mask
 
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 4, 90, 8, generator=g) for _ in range(3))
     k, v = k[:, :2], v[:, :2]  # GQA: 2 KV heads
-    plain = parse_attention("sink_window:sink=16,window=16,block=16,min_length=0")
-    tailed = parse_attention("sink_window:sink=16,window=16,block=16,min_length=0,tail=20")
+    plain = from_spec("sink_window:sink=16,window=16,block=16,min_length=0")
+    tailed = from_spec("sink_window:sink=16,window=16,block=16,min_length=0,tail=20")
     # 90 tokens = 6 blocks, the last one partial: tail 20 rounds up to the last 2 blocks
-    with_tail = block_sparse_attention(q, k, v, prefill_mask(tailed, q, k, 0), 16)
-    without = block_sparse_attention(q, k, v, prefill_mask(plain, q, k, 0), 16)
+    with_tail = block_sparse_attention(q, k, v, tailed.prefill_mask(q, k, 0), 16)
+    without = block_sparse_attention(q, k, v, plain.prefill_mask(q, k, 0), 16)
     dense = torch.nn.functional.scaled_dot_product_attention(
         q, k, v, is_causal=True, enable_gqa=True
     )
@@ -202,8 +205,8 @@ def test_dense_tail_rows_equal_sdpa_and_other_rows_keep_the_pattern() -> None:
     torch.testing.assert_close(with_tail[:, :, :64], without[:, :, :64], atol=1e-6, rtol=1e-6)
     assert not torch.allclose(without[:, :, 64:], dense[:, :, 64:], atol=1e-3)
     # tail 12 = tokens 78-89: block 4 is in the tail too, though 12 < one block
-    short = parse_attention("sink_window:sink=16,window=16,block=16,min_length=0,tail=12")
-    got = block_sparse_attention(q, k, v, prefill_mask(short, q, k, 0), 16)
+    short = from_spec("sink_window:sink=16,window=16,block=16,min_length=0,tail=12")
+    got = block_sparse_attention(q, k, v, short.prefill_mask(q, k, 0), 16)
     torch.testing.assert_close(got, with_tail, atol=1e-6, rtol=1e-6)
 
 
