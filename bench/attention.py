@@ -35,28 +35,19 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from sparsellm.api import sparsify
 from sparsellm.attention.blocksparse import block_sparse_attention
+from sparsellm.attention.cache import CompressedLayer
 from sparsellm.attention.decode import (
     cache_nbytes,
     cached_answer_correct,
     cached_tail_nll,
     decode_tokens_per_s,
 )
-from sparsellm.attention.double_sparsity import DoubleSparsity, calibrate_double_sparsity
-from sparsellm.attention.hf import (
-    KV_METHODS,
-    parse_attention,
-    prefill_mask,
-    sparse_attention,
-)
-from sparsellm.attention.kv import CompressedLayer
-from sparsellm.attention.moa import MoA, calibrate_moa
-from sparsellm.attention.prefill import MInference
-from sparsellm.attention.search import calibrate_minference
-from sparsellm.attention.speckv import SpecKV, speckv_cache
+from sparsellm.config import from_spec
 from sparsellm.data.corpora import resolve_corpus, token_windows
 from sparsellm.eval.longctx import TASKS, answer_correct, make_samples
 from sparsellm.eval.perplexity import perplexity
 from sparsellm.eval.speed import prefill_seconds
+from sparsellm.integrations.transformers import calibrate, draft_cache, sparse_attention
 from sparsellm.models.load import load_model
 from sparsellm.report.markdown import table
 
@@ -85,13 +76,13 @@ KV = [
 
 
 def _is_kv(method: Any) -> bool:
-    return isinstance(method, tuple(KV_METHODS.values()))
+    return method.family == "kv"
 
 
 def _cache_maker(session: Any, method: Any, draft: Any) -> Any:
     """``make(prompt_ids)`` -> a fresh session cache (SpecKV: scored by the draft first)."""
-    if isinstance(method, SpecKV):
-        return lambda ids: session.new_cache(speckv_cache(draft, ids, method))
+    if method.needs_draft():
+        return lambda ids: session.new_cache(draft_cache(draft, ids, method))
     return lambda ids: session.new_cache()
 
 
@@ -207,7 +198,7 @@ def _kernel_time(method: Any, qkv: dict[str, torch.Tensor], layer: int) -> dict:
 
     def sparse() -> float:
         s = time.perf_counter()
-        mask = prefill_mask(method, q, k, layer)
+        mask = method.prefill_mask(q, k, layer)
         est.append(time.perf_counter() - s)
         block_sparse_attention(q, k, v, mask, method.block)
         return time.perf_counter() - s
@@ -286,7 +277,8 @@ def main() -> None:
         ap.error("--speed-only and --quality-only exclude each other")
     torch.manual_seed(0)
     specs = [s for s in args.methods.split(";") if s.strip()]
-    methods = {s: parse_attention(s) for s in specs}  # fail on a bad spec before loading
+    # fail on a bad spec before loading
+    methods = {s: from_spec(s, family=("prefill", "kv")) for s in specs}
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = set(tasks) - set(TASKS)
     if unknown:
@@ -296,13 +288,9 @@ def main() -> None:
     calib = token_windows(tok, resolve_corpus("c4"), 1, args.calib_length)
     draft = None
     for spec, method in methods.items():  # calibrate once, outside every timing
-        if isinstance(method, MInference) and not method.choice:
-            methods[spec], _ = calibrate_minference(model, calib, method)
-        elif isinstance(method, MoA) and not method.spans:
-            methods[spec], _ = calibrate_moa(model, calib, method)
-        elif isinstance(method, DoubleSparsity) and not method.label:
-            methods[spec] = calibrate_double_sparsity(model, calib, method)
-        elif isinstance(method, SpecKV) and draft is None and not args.speed_only:
+        if method.needs_calibration():
+            methods[spec] = calibrate(model, calib, method)
+        elif _is_kv(method) and method.needs_draft() and draft is None and not args.speed_only:
             draft = _draft(model, tok, args.draft)
     lengths = tuple(int(x) for x in args.lengths.split(","))
     samples = [s for task in tasks for s in make_samples(tok, task, lengths, args.samples)]
@@ -336,7 +324,7 @@ def main() -> None:
             if not args.speed_only:
                 entry["accuracy"] = _accuracy(model, samples, method, draft, sizes)
                 entry["ppl"] = _ppl(model, windows, method, args.tail, draft)
-            if _is_kv(method) and (args.quality_only or isinstance(method, SpecKV)):
+            if _is_kv(method) and (args.quality_only or method.needs_draft()):
                 if sizes:  # bytes of the caches that answered the longest prompts
                     stored, full = sizes[-1]
                     entry.update(kv_bytes=stored, dense_kv_bytes=full, kv_ratio=full / stored)
