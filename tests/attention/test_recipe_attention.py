@@ -9,8 +9,9 @@ import json
 import pytest
 
 from sparsellm.cli import main
+from sparsellm.config import from_spec
 from sparsellm.errors import SparseLLMError
-from sparsellm.recipe import AttentionRecipe, parse_recipe, recipe_attention
+from sparsellm.recipe import AttentionSpec, parse_recipe
 
 WINDOW = "sink_window:sink=16,window=16,block=16,min_length=32"  # sparse at 64 tokens
 KEEP_ALL = "sink_window:sink=16,window=64,block=16,min_length=32"  # covers every block
@@ -18,29 +19,30 @@ KEEP_ALL = "sink_window:sink=16,window=64,block=16,min_length=32"  # covers ever
 
 def test_bare_spec_goes_to_its_kind_and_steps_still_parse() -> None:
     raw = {"steps": [{"method": "magnitude", "sparsity": 0.5}], "attention": WINDOW}
-    assert recipe_attention(raw) == AttentionRecipe(prefill=WINDOW)
-    assert recipe_attention({"attention": "snapkv:budget=64"}) == AttentionRecipe(
-        kv="snapkv:budget=64"
-    )
+    assert parse_recipe(raw).attention == AttentionSpec(prefill=from_spec(WINDOW))
+    snap = from_spec("snapkv:budget=64")
+    assert parse_recipe({"attention": "snapkv:budget=64"}).attention == AttentionSpec(kv=snap)
     both = {"attention": {"prefill": WINDOW, "kv": "quest:budget=64"}}
-    assert recipe_attention(both) == AttentionRecipe(prefill=WINDOW, kv="quest:budget=64")
-    assert [s.method for s in parse_recipe(raw)] == ["magnitude"]
-    assert parse_recipe({"attention": WINDOW}, allow_empty=True) == []
-    assert recipe_attention([{"method": "magnitude"}]) is None
+    assert parse_recipe(both).attention == AttentionSpec(
+        prefill=from_spec(WINDOW), kv=from_spec("quest:budget=64")
+    )
+    assert [s.name for s in parse_recipe(raw).steps] == ["magnitude"]
+    assert parse_recipe({"attention": WINDOW}).steps == ()
+    assert not parse_recipe([{"method": "magnitude"}]).attention
 
 
 @pytest.mark.parametrize(
     ("attention", "message"),
     [
-        ({"prefill": "snapkv:budget=64"}, "is not a prefill method"),
-        ({"kv": WINDOW}, "is not a kv method"),
+        ({"prefill": "snapkv:budget=64"}, "unknown method 'snapkv' \\(prefill\\)"),
+        ({"kv": WINDOW}, "unknown method 'sink_window' \\(kv\\)"),
         ({"decode": WINDOW}, "keys prefill, kv"),
-        ("bogus", "unknown attention method"),
+        ("bogus", "unknown method 'bogus'"),
     ],
 )
 def test_bad_attention_key_is_an_error(attention, message) -> None:
     with pytest.raises(SparseLLMError, match=message):
-        recipe_attention({"steps": [{"method": "magnitude"}], "attention": attention})
+        parse_recipe({"steps": [{"method": "magnitude"}], "attention": attention})
     with pytest.raises(SparseLLMError, match="valid: steps, attention"):
         parse_recipe({"steps": [{"method": "magnitude"}], "attentoin": WINDOW})
 
