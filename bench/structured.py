@@ -26,11 +26,12 @@ from typing import Any
 import torch
 
 import sparsellm as sl
+from sparsellm.config import spec_keys
 from sparsellm.eval.speed import compare_speed
 from sparsellm.eval.suite import resolve_tasks, run_tasks
 from sparsellm.export.hf import write_json_atomic
+from sparsellm.registry import config_class, names
 from sparsellm.report.markdown import table
-from sparsellm.structured import METHODS
 from sparsellm.structured.pipeline import shrink_and_evaluate
 
 HERE = Path(__file__).resolve().parent
@@ -44,6 +45,18 @@ def _mean_acc(tasks: dict[str, Any] | None) -> float | None:
 def _ratio_set(text: str) -> set[float] | None:
     """Ratios from a comma list; None (= every ratio) for an empty one."""
     return {float(x) for x in text.split(",")} if text else None
+
+
+def _step(method: str, ratio: float, per_layer: bool, no_heads: bool) -> dict[str, Any]:
+    """The recipe step of one point: the width-only flags go to the methods that have them
+    (depth, SliceGPT and WeLore have neither), so one command sweeps every method."""
+    keys = spec_keys(config_class(method, "structured"))
+    step: dict[str, Any] = {"method": method, "ratio": ratio}
+    if per_layer and "per_layer" in keys:
+        step["per_layer"] = True
+    if no_heads and "prune_heads" in keys:
+        step["prune_heads"] = False
+    return step
 
 
 def _row(r: dict[str, Any]) -> list[Any]:
@@ -66,7 +79,7 @@ def _row(r: dict[str, Any]) -> list[Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(names("structured")))
     ap.add_argument("--ratios", default="0.1,0.2,0.25,0.3")
     ap.add_argument("--per-layer", action="store_true", help="per-block budgets (width only)")
     ap.add_argument("--no-heads", action="store_true", help="width methods: MLP channels only")
@@ -118,16 +131,14 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     for method in args.methods.split(","):
         for ratio in (float(x) for x in args.ratios.split(",")):
-            per_layer = args.per_layer and method not in ("depth", "depth-ppl")
+            step = _step(method, ratio, args.per_layer, args.no_heads)
+            per_layer = step.get("per_layer", False)
             model, r = shrink_and_evaluate(
                 dense,
-                method,
-                ratio,
+                step,
                 calib,
                 windows,
-                per_layer=per_layer,
                 recover_steps=args.recover_steps,
-                prune_heads=not args.no_heads,
                 recover_bf16=args.recover_bf16,
                 train_ids=train,
             )

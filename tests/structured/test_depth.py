@@ -6,7 +6,7 @@ import torch
 
 from sparsellm.models.adapters import get_blocks
 from sparsellm.models.tiny import tiny_model
-from sparsellm.structured import shrink
+from sparsellm.structured import apply_structured
 from sparsellm.structured.depth import blocks_to_drop, loss_deltas
 
 
@@ -18,13 +18,13 @@ def test_blocks_to_drop_lowest_scores() -> None:
 def test_ratio_zero_keeps_logits(calib_ids: torch.Tensor) -> None:
     model = tiny_model("llama")
     ref = model(calib_ids).logits
-    shrink(model, "depth", 0.0, calib_ids)
+    apply_structured(model, "depth:ratio=0", calib_ids)
     assert torch.equal(model(calib_ids).logits, ref)
 
 
 def test_drop_renumbers_and_matches_manual_removal(calib_ids: torch.Tensor) -> None:
     model = tiny_model("qwen2")
-    report = shrink(model, "depth", 0.5, calib_ids)
+    report = apply_structured(model, "depth:ratio=0.5", calib_ids)
     (gone,) = report["dropped_blocks"]
     assert model.config.num_hidden_layers == 1 and len(model.config.layer_types) == 1
     assert [b.self_attn.layer_idx for b in get_blocks(model)] == [0]

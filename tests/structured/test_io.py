@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 import sparsellm
 from sparsellm.models.adapters import get_blocks
 from sparsellm.models.tiny import tiny_model
-from sparsellm.structured import shrink
+from sparsellm.structured import apply_structured
 from sparsellm.structured.common import head_dim
 from sparsellm.structured.io import SHAPES_KEY
 
@@ -43,7 +43,7 @@ def test_uniform_reloads_with_vanilla_transformers(
     model = tiny_model("qwen2")
     model.config.tie_word_embeddings = True
     model.tie_weights()
-    shrink(model, method, 0.3, calib_ids)
+    apply_structured(model, {"method": method, "ratio": 0.3}, calib_ids)
     _check_config_matches(model)
     model.save_pretrained(tmp_path)
     again = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
@@ -53,7 +53,7 @@ def test_uniform_reloads_with_vanilla_transformers(
 
 def test_per_layer_reloads_only_with_sparsellm(calib_ids: torch.Tensor, tmp_path: Path) -> None:
     model = tiny_model("llama")
-    shrink(model, "taylor", 0.3, calib_ids, per_layer=True)
+    apply_structured(model, "taylor:ratio=0.3,per_layer=true", calib_ids)
     assert getattr(model.config, SHAPES_KEY)
     _check_config_matches(model)
     model.save_pretrained(tmp_path)

@@ -8,8 +8,10 @@ import torch
 
 import sparsellm
 from sparsellm.models.tiny import tiny_model
-from sparsellm.structured import shrink
+from sparsellm.structured import apply_structured
 from sparsellm.structured.lowrank import (
+    WeLoreConfig,
+    WeLoreSparseConfig,
     allocate_ranks,
     factorise,
     ranks_for_threshold,
@@ -41,9 +43,9 @@ def test_full_rank_factors_are_exact() -> None:
 def test_welore_shrinks_and_reloads(calib_ids: torch.Tensor, tmp_path: Path) -> None:
     model = tiny_model("llama")
     ref = model(calib_ids).logits
-    assert shrink(model, "welore", 0.0)["measured_ratio"] == 0
+    assert apply_structured(model, WeLoreConfig(ratio=0.0))["measured_ratio"] == 0
     assert torch.equal(model(calib_ids).logits, ref)
-    report = shrink(model, "welore", 0.3)
+    report = apply_structured(model, WeLoreConfig(ratio=0.3))  # reads no data
     assert 0.2 < report["measured_ratio"] < 0.4 and report["ranks"]
     model.save_pretrained(tmp_path)
     again = sparsellm.load(tmp_path).model
@@ -95,7 +97,7 @@ def test_split_budget_keeps_parameter_count() -> None:
 
 def test_welore_sparse_shrinks_and_reloads(calib_ids: torch.Tensor, tmp_path: Path) -> None:
     model = tiny_model("llama")
-    report = shrink(model, "welore-sparse", 0.3)
+    report = apply_structured(model, WeLoreSparseConfig(ratio=0.3))
     assert 0.2 < report["measured_ratio"] < 0.4
     assert any(nnz > 0 for _, nnz in report["ranks"].values())
     out = model(calib_ids).logits

@@ -25,7 +25,7 @@ def test_recovery_trains_on_train_ids_when_given(
     train = calib_ids.flip(0) if separate else None
     dense = tiny_model("llama")
     _, r = pipeline.shrink_and_evaluate(
-        dense, "depth", 0.5, calib_ids, calib_ids, recover_steps=1, train_ids=train
+        dense, "depth:ratio=0.5", calib_ids, calib_ids, recover_steps=1, train_ids=train
     )
     assert "after" in r and len(seen) == 1
     assert seen[0] is (train if separate else calib_ids)

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import sparsellm as sl
-from sparsellm.structured import shrink
+from sparsellm.structured import apply_structured
 
 pytestmark = pytest.mark.real
 
@@ -20,9 +20,9 @@ def test_default_model_rotation_exact_and_width_reloads(tmp_path: Path) -> None:
     ids = sl.calibration(tok, "c4", 2, 64)
     ref = model(ids).logits
     sliced = copy.deepcopy(model)
-    shrink(sliced, "slicegpt", 0.0, ids)
+    apply_structured(sliced, "slicegpt:ratio=0", ids)
     assert torch.allclose(sliced(ids).logits, ref, atol=1e-3, rtol=1e-4)
-    report = shrink(model, "obs", 0.25, ids)
+    report = apply_structured(model, "obs:ratio=0.25", ids)
     assert report["uniform"] and 0.24 < report["measured_ratio"] < 0.26
     assert model.config.num_key_value_heads == 2 and model.config.num_attention_heads == 6
     model.save_pretrained(tmp_path)

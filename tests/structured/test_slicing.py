@@ -11,9 +11,15 @@ import torch
 import sparsellm
 from sparsellm.models.adapters import BlockLayout
 from sparsellm.models.tiny import tiny_model
-from sparsellm.structured import shrink
+from sparsellm.structured import apply_structured
 from sparsellm.structured.pipeline import recover
-from sparsellm.structured.slicing import fold_norms, pca_basis, slice_model, width_for_ratio
+from sparsellm.structured.slicing import (
+    SliceGPTConfig,
+    fold_norms,
+    pca_basis,
+    slice_model,
+    width_for_ratio,
+)
 
 
 def test_pca_basis_orders_by_variance() -> None:
@@ -122,7 +128,7 @@ def test_slicegpt_shrinks_and_reloads(
 
 def test_shrink_slicegpt_reports_ratio(calib_ids: torch.Tensor) -> None:
     model = tiny_model("llama")
-    report = shrink(model, "slicegpt", 0.25, calib_ids)
+    report = apply_structured(model, SliceGPTConfig(ratio=0.25), calib_ids)
     assert 0.15 < report["measured_ratio"] < 0.35  # d' moves in steps of 8 here
     assert model.config.hidden_size == report["hidden_size"] < 64
 

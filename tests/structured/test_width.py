@@ -8,7 +8,7 @@ import torch
 from sparsellm.errors import SparseLLMError
 from sparsellm.models.adapters import BlockLayout, get_blocks
 from sparsellm.models.tiny import tiny_model
-from sparsellm.structured import shrink
+from sparsellm.structured import apply_structured
 from sparsellm.structured.width import (
     activation_scores,
     damped_inverse,
@@ -70,7 +70,7 @@ def test_damped_inverse_identity() -> None:
 def test_ratio_zero_keeps_logits(method: str, calib_ids: torch.Tensor) -> None:
     model = tiny_model("llama")
     ref = model(calib_ids).logits
-    report = shrink(model, method, 0.0, calib_ids)
+    report = apply_structured(model, {"method": method, "ratio": 0.0}, calib_ids)
     assert report["measured_ratio"] == 0
     assert torch.equal(model(calib_ids).logits, ref)
 
@@ -79,7 +79,7 @@ def test_ratio_zero_keeps_logits(method: str, calib_ids: torch.Tensor) -> None:
 @pytest.mark.parametrize("method", ["taylor", "obs"])
 def test_gqa_groups_consistent(family: str, method: str, calib_ids: torch.Tensor) -> None:
     model = tiny_model(family)
-    report = shrink(model, method, 0.3, calib_ids)
+    report = apply_structured(model, {"method": method, "ratio": 0.3}, calib_ids)
     cfg = model.config
     assert report["uniform"] and 0.25 < report["measured_ratio"] < 0.35
     assert cfg.num_key_value_heads == 1 and cfg.num_attention_heads == 2 and cfg.head_dim == 16
@@ -109,7 +109,7 @@ def test_head_removal_keeps_the_group_pairing() -> None:
 
 def test_per_layer_widths_differ(calib_ids: torch.Tensor) -> None:
     model = tiny_model("llama")
-    report = shrink(model, "activation", 0.3, calib_ids, per_layer=True)
+    report = apply_structured(model, "activation:ratio=0.3,per_layer=true", calib_ids)
     assert not report["uniform"]
     assert len(model.config.sparsellm_layer_shapes) == 2
     assert torch.isfinite(model(calib_ids).logits).all()
@@ -117,13 +117,13 @@ def test_per_layer_widths_differ(calib_ids: torch.Tensor) -> None:
 
 def test_bad_inputs(calib_ids: torch.Tensor) -> None:
     with pytest.raises(SparseLLMError, match="ratio"):
-        shrink(tiny_model("llama"), "taylor", 1.0, calib_ids)
-    with pytest.raises(SparseLLMError, match="unknown structured method"):
-        shrink(tiny_model("llama"), "nope", 0.2, calib_ids)
+        apply_structured(tiny_model("llama"), "taylor:ratio=1.0", calib_ids)
+    with pytest.raises(SparseLLMError, match="unknown method 'nope'"):
+        apply_structured(tiny_model("llama"), {"method": "nope", "ratio": 0.2}, calib_ids)
     with pytest.raises(SparseLLMError, match="does not support 'gpt2'"):
-        shrink(tiny_model("gpt2"), "taylor", 0.2, calib_ids)
+        apply_structured(tiny_model("gpt2"), "taylor", calib_ids)
     with pytest.raises(SparseLLMError, match="calibration"):
-        shrink(tiny_model("llama"), "obs", 0.2, None)
+        apply_structured(tiny_model("llama"), "obs", None)
 
 
 def test_spectral_keeps_a_super_weight_channel(calib_ids: torch.Tensor) -> None:
@@ -139,7 +139,7 @@ def test_spectral_keeps_a_super_weight_channel(calib_ids: torch.Tensor) -> None:
         mlp.up_proj.weight[5] = 0
         down[:, 5] = 0
         down[3, 5] = spike
-    shrink(model, "spectral", 0.3, calib_ids)
+    apply_structured(model, "spectral:ratio=0.3", calib_ids)
     kept = get_blocks(model)[0].mlp.down_proj.weight
     assert kept.shape[1] < down.shape[1]  # channels were removed...
     assert torch.isclose(kept.abs().max(), spike)  # ...but not that one

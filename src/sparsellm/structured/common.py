@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sparsellm.models.adapters import BlockLayout, get_blocks
+from sparsellm.models.adapters import BlockLayout, block_layout, get_blocks
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,12 @@ def block_shape(block: nn.Module, layout: BlockLayout, hd: int) -> BlockShape:
     q = block.get_submodule(layout.q).weight.shape[0] // hd
     kv = block.get_submodule(layout.k).weight.shape[0] // hd
     return BlockShape(q, kv, block.get_submodule(layout.up).weight.shape[0])
+
+
+def layer_shapes(model: nn.Module) -> list[BlockShape]:
+    """Current widths of every block, read from the weights."""
+    layout, hd = block_layout(model), head_dim(model.config)
+    return [block_shape(b, layout, hd) for b in get_blocks(model)]
 
 
 def block_param_count(model: nn.Module) -> int:

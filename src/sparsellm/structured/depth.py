@@ -6,15 +6,39 @@ calibration loss when that block alone is skipped (``ppl``, Minitron's perplexit
 criterion; one forward per block). The `n` lowest-scoring blocks are removed, the rest
 renumbered (`layer_idx` is the KV-cache slot) and the config shrunk, so the result is a
 plain HF model with fewer layers.
+
+``depth`` scores by angular distance, ``depth-ppl`` by loss rise: two configs with the
+one key `ratio` (of the blocks, which are equal in size), one handler.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from sparsellm.models.adapters import block_layout, get_adapter, get_blocks
+from sparsellm.registry import register
+from sparsellm.structured.base import StructuredConfig
 from sparsellm.structured.common import block_distances
+
+
+@dataclass(frozen=True)
+class DepthConfig(StructuredConfig):
+    """Drop round(ratio·blocks) blocks, the ones whose output turns their input least."""
+
+    name: ClassVar[str] = "depth"
+    score: ClassVar[str] = "angular"
+
+
+@dataclass(frozen=True)
+class DepthPPLConfig(DepthConfig):
+    """Drop the blocks whose removal alone raises the calibration loss least."""
+
+    name: ClassVar[str] = "depth-ppl"
+    score: ClassVar[str] = "ppl"
 
 
 class _Skip(nn.Module):
@@ -92,3 +116,12 @@ def prune_depth(
     drop = blocks_to_drop(scores, ratio)
     drop_blocks(model, drop)
     return drop.tolist()
+
+
+@register(DepthConfig)
+@register(DepthPPLConfig)
+def shrink_depth(
+    model: nn.Module, config: DepthConfig, calib_ids: torch.Tensor | None, batch_size: int
+) -> dict[str, Any]:
+    """Depth handler: the indices of the dropped blocks (in the dense numbering)."""
+    return {"dropped_blocks": prune_depth(model, config.ratio, calib_ids, config.score, batch_size)}

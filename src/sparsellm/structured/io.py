@@ -32,8 +32,8 @@ from sparsellm.models.adapters import BlockLayout, block_layout, blocks_prefix, 
 from sparsellm.models.load import LoadedModel
 from sparsellm.structured.common import (
     BlockShape,
-    block_shape,
     head_dim,
+    layer_shapes,
     resize_block,
     set_module,
 )
@@ -42,12 +42,6 @@ from sparsellm.structured.slicing import SlicedBlock, resize_norm
 
 SHAPES_KEY = "sparsellm_layer_shapes"
 SLICING_KEY = "sparsellm_slicing"
-
-
-def layer_shapes(model: nn.Module) -> list[BlockShape]:
-    """Current widths of every block, read from the weights."""
-    layout, hd = block_layout(model), head_dim(model.config)
-    return [block_shape(b, layout, hd) for b in get_blocks(model)]
 
 
 def write_shapes(model: nn.Module, hd: int) -> bool:

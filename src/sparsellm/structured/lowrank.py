@@ -21,14 +21,50 @@ Not done (said so): WeLore's fine-tuning of only the low-rank components.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from sparsellm.errors import SparseLLMError
 from sparsellm.models.adapters import block_linears, get_blocks
+from sparsellm.registry import register
+from sparsellm.structured.base import StructuredConfig
 from sparsellm.structured.common import set_module
 
 RANKS_KEY = "sparsellm_low_rank"
+
+
+@dataclass(frozen=True)
+class WeLoreConfig(StructuredConfig):
+    """WeLore ranks; `sparse_share` of each factorised matrix's budget goes to a sparse
+    residual instead (0: plain low rank). Reads no data."""
+
+    name: ClassVar[str] = "welore"
+    plain_blocks: ClassVar[bool] = False
+
+    sparse_share: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.sparse_share < 1.0:
+            raise SparseLLMError(
+                f"{self.name}: sparse_share must be in [0, 1), got {self.sparse_share}"
+            )
+
+    @property
+    def needs_data(self) -> bool:
+        return False
+
+
+@dataclass(frozen=True)
+class WeLoreSparseConfig(WeLoreConfig):
+    """WeLore with a quarter of each low-rank budget moved to a sparse residual."""
+
+    name: ClassVar[str] = "welore-sparse"
+
+    sparse_share: float = 0.25
 
 
 class LowRankLinear(nn.Module):
@@ -200,3 +236,12 @@ def rebuild(model: nn.Module, ranks: dict[str, int | list[int]]) -> None:
         lin = blocks[int(i)].get_submodule(rel)
         new = LowRankLinear(lin.in_features, lin.out_features, r, lin.bias is not None, nnz)
         set_module(blocks[int(i)], rel, new.to(lin.weight.dtype))
+
+
+@register(WeLoreConfig)
+@register(WeLoreSparseConfig)
+def shrink_low_rank(
+    model: nn.Module, config: WeLoreConfig, calib_ids: torch.Tensor | None, batch_size: int
+) -> dict[str, Any]:
+    """Low-rank handler: {"ranks": {block.linear: [rank, nnz]}} of the factorised matrices."""
+    return {"ranks": low_rank(model, config.ratio, config.sparse_share)}

@@ -15,10 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparsellm.config import MethodConfig
 from sparsellm.eval.kl import compare_models
 from sparsellm.models.adapters import get_blocks
 from sparsellm.recover.distill import DistillConfig, distill, summary
-from sparsellm.structured import shrink
+from sparsellm.structured.base import apply_structured
 
 
 def recover(
@@ -49,28 +50,25 @@ def recover(
 
 def shrink_and_evaluate(
     dense: nn.Module,
-    method: str,
-    ratio: float,
+    config: MethodConfig | dict[str, Any] | str,
     calib_ids: torch.Tensor,
     eval_ids: torch.Tensor,
-    per_layer: bool = False,
     recover_steps: int = 0,
     batch_size: int = 4,
     seed: int = 0,
-    prune_heads: bool = True,
     recover_bf16: bool = False,
     train_ids: torch.Tensor | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """(shrunk copy, result): perplexity/KL vs dense before and (optionally) after recovery.
+
+    `config` is any spelling `apply_structured` takes (config, mapping, spec string).
 
     Recovery trains on `train_ids` when given, else on the calibration windows: a few
     steps barely repeat them, but a longer run should see text the pruning did not fit.
     """
     torch.manual_seed(seed)
     student = copy.deepcopy(dense)
-    result: dict[str, Any] = {
-        "shrink": shrink(student, method, ratio, calib_ids, per_layer, batch_size, prune_heads)
-    }
+    result: dict[str, Any] = {"shrink": apply_structured(student, config, calib_ids, batch_size)}
     result["before"] = compare_models(dense, student, eval_ids, batch_size)
     if recover_steps > 0:
         result["recovery"] = recover(

@@ -28,14 +28,25 @@ later bases absorb the errors of earlier slicing.
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from sparsellm.calib.sequential import capture_block_inputs
 from sparsellm.models.adapters import BlockLayout, block_layout, get_blocks
+from sparsellm.registry import register
+from sparsellm.structured.base import StructuredConfig
 from sparsellm.structured.common import head_dim, set_module
+
+
+@dataclass(frozen=True)
+class SliceGPTConfig(StructuredConfig):
+    """`ratio` of the blocks' parameters, counting the two d'×d' shortcuts per block."""
+
+    name: ClassVar[str] = "slicegpt"
+    plain_blocks: ClassVar[bool] = False
 
 
 class SlicedBlock(nn.Module):
@@ -242,3 +253,17 @@ def slice_model(
         "fraction": fraction,
     }
     return keep
+
+
+@register(SliceGPTConfig)
+def shrink_slicegpt(
+    model: nn.Module, config: SliceGPTConfig, calib_ids: torch.Tensor | None, batch_size: int
+) -> dict[str, Any]:
+    """SliceGPT handler: the width d' whose sliced blocks hold about (1 − ratio) of the
+    dense blocks' parameters; ratio 0 = the rotation alone (exact)."""
+    d = model.config.hidden_size
+    per_dim = per_dim_params(get_blocks(model)[0], block_layout(model))
+    multiple = width_multiple(model.config)
+    keep = width_for_ratio(per_dim, d, config.ratio, multiple) if config.ratio > 0 else d
+    slice_model(model, calib_ids, 1 - keep / d, batch_size)
+    return {"hidden_size": keep, "slicing_fraction": 1 - keep / d}

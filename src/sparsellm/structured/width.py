@@ -15,11 +15,17 @@ Three scorers, each giving per block one score per GQA group and one per MLP cha
 
 ``spectral`` (see `spectral.py`) reads no data.
 ``activation`` and ``obs`` calibrate sequentially (block i+1 sees pruned block i).
+
+The four share one handler and the keys of `WidthConfig`; `per_layer` gives each block
+its own budget from its angular distance (CFSP's coarse step; reads calibration data,
+even for ``spectral``) instead of one uniform ratio.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -27,8 +33,12 @@ from torch import nn
 from sparsellm.calib.hooks import input_hooks
 from sparsellm.calib.sequential import run_sequential
 from sparsellm.models.adapters import BlockLayout, block_layout, get_blocks
+from sparsellm.registry import register
+from sparsellm.structured.base import StructuredConfig
 from sparsellm.structured.common import (
     BlockShape,
+    block_budgets,
+    block_distances,
     block_shape,
     expand,
     head_dim,
@@ -38,9 +48,43 @@ from sparsellm.structured.common import (
     prune_heads,
     prune_mlp,
 )
+from sparsellm.structured.io import write_shapes
 from sparsellm.structured.spectral import spectral_scores
 
 Scores = tuple[torch.Tensor, torch.Tensor]  # (per GQA group, per MLP channel)
+
+
+@dataclass(frozen=True)
+class WidthConfig(StructuredConfig):
+    """Keys of every width method: `per_layer` budgets, and `prune_heads` (False removes
+    MLP channels only). The method name is the scorer."""
+
+    per_layer: bool = False
+    prune_heads: bool = True
+
+
+@dataclass(frozen=True)
+class TaylorConfig(WidthConfig):
+    name: ClassVar[str] = "taylor"
+
+
+@dataclass(frozen=True)
+class ActivationConfig(WidthConfig):
+    name: ClassVar[str] = "activation"
+
+
+@dataclass(frozen=True)
+class ObsConfig(WidthConfig):
+    name: ClassVar[str] = "obs"
+
+
+@dataclass(frozen=True)
+class SpectralConfig(WidthConfig):
+    name: ClassVar[str] = "spectral"
+
+    @property
+    def needs_data(self) -> bool:
+        return self.per_layer  # the scores read weights only; per-layer budgets read data
 
 
 # ---- pure math -------------------------------------------------------------------------
@@ -156,7 +200,7 @@ def prune_width(
     model: nn.Module,
     scorer: str,
     ratios: list[float],
-    calib_ids: torch.Tensor,
+    calib_ids: torch.Tensor | None,
     batch_size: int = 4,
     prune_heads_too: bool = True,
     damp: float = 0.01,
@@ -219,3 +263,22 @@ def prune_width(
         _prune_block(block, layout, hd, ratios[i], scores, prune_heads_too, refit)
 
     run_sequential(model, list(calib_ids.split(batch_size)), process, desc=f"width/{scorer}")
+
+
+@register(TaylorConfig)
+@register(ActivationConfig)
+@register(ObsConfig)
+@register(SpectralConfig)
+def shrink_width(
+    model: nn.Module, config: WidthConfig, calib_ids: torch.Tensor | None, batch_size: int
+) -> dict[str, Any]:
+    """Width handler: per-block ratios, prune, then make the config describe the widths."""
+    n = len(get_blocks(model))
+    if config.per_layer:
+        distances = block_distances(model, calib_ids, batch_size)
+        ratios = block_budgets(distances, config.ratio).tolist()
+    else:
+        ratios = [config.ratio] * n
+    hd = head_dim(model.config)
+    prune_width(model, config.name, ratios, calib_ids, batch_size, config.prune_heads)
+    return {"uniform": write_shapes(model, hd), "block_ratios": ratios}
