@@ -34,11 +34,10 @@ def test_activate_saves_and_eval_reapplies(tiny_dir, text_file, tmp_path, capsys
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (("--method", "nope"), "unknown method 'nope'"),
+        (("--method", "nope"), "unknown activation method 'nope'"),
         (("--sparsity", "0.99"), "activation sparsity must be in"),
         (("--nsamples", "0"), "--nsamples must be >= 1"),
         (("--method", "cats", "--head"), "head sparsity needs an input method"),
-        (("--method", "teal", "--rank", "8"), "unknown key(s) rank for method 'teal'"),
     ],
 )
 def test_activate_bad_input(tiny_dir, text_file, tmp_path, capsys, extra, message) -> None:
