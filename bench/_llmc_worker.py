@@ -61,8 +61,8 @@ def main() -> None:
     ap.add_argument("--save-weights", help="torch.save the pruned block linears' weights here")
     args = ap.parse_args()
 
-    calib: torch.Tensor = torch.load(args.calib).long()
-    evalw: torch.Tensor = torch.load(args.eval).long()
+    calib: torch.Tensor = torch.load(args.calib, weights_only=True).long()
+    evalw: torch.Tensor = torch.load(args.eval, weights_only=True).long()
     nsamples, seqlen = calib.shape
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)  # oneshot wants a processor

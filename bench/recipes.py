@@ -170,7 +170,7 @@ def main() -> None:
                 )
                 if weights:
                     model = copy.deepcopy(dense)
-                    state = torch.load(weights)
+                    state = torch.load(weights, weights_only=True)
                     missing = set(state) - set(model.state_dict())
                     assert not missing, f"peer weights not in our model: {sorted(missing)[:3]}"
                     model.load_state_dict(state, strict=False)
