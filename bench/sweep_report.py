@@ -90,7 +90,7 @@ def main() -> None:
         table(
             ["point", "sparsity", "ppl", "KL", "top-1", "prune s"],
             [
-                [r["run"], r["sparsity"], r["sparse_ppl"], r["kl"], r["top1"], r["prune_seconds"]]
+                [r["run"], r["sparsity"], r["sparse_ppl"], r["kl"], r["top1"], r["seconds"]]
                 for r in rows
             ],
         )

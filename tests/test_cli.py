@@ -1,12 +1,11 @@
 """CLI behaviour on a tiny on-disk model: end to end, and clear errors on bad input."""
 
-import json
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from sparsellm.cli import main
+from sparsellm.result import Result
 from tests.cli import cli_args, last_json
 
 
@@ -19,20 +18,18 @@ def test_prune_end_to_end_json(tiny_dir, text_file, tmp_path, capsys, method):
     out = tmp_path / "sparse"
     code = main(_args(tiny_dir, text_file, out, "--method", method, "--pattern", "2:4", "--json"))
     assert code == 0
-    result = last_json(capsys)
-    for key in (
-        "method",
-        "pattern",
-        "target_sparsity",
-        "measured_sparsity",
-        "prune_seconds",
-        "dense_ppl",
-        "sparse_ppl",
-    ):
-        assert key in result
-    assert result["method"] == method and result["pattern"] == "2:4"
-    assert result["measured_sparsity"] == pytest.approx(0.5)
-    assert result["sparse_ppl"] > 0 and result["dense_ppl"] > 0
+    printed = last_json(capsys)
+    result = Result.from_dict(printed)
+    assert result == Result.read(out)  # --json prints the Result saved as the manifest
+    assert result.kind == "prune" and result.method == method
+    assert result.recipe["steps"][0]["pattern"] == "2:4"
+    assert result.sparsity["target"] == 0.5 == pytest.approx(result.measured_sparsity)
+    assert result.metric("after", "ppl") > 0 and result.metric("before", "ppl") > 0
+    assert result.metric("comparison", "kl") > 0 and result.timings["sparsify_s"] > 0
+    assert result.provenance["calib"]["nsamples"] == 4
+    # the flat keys of older versions stay as aliases
+    assert printed["sparse_ppl"] == result.metric("after", "ppl")
+    assert printed["measured_sparsity"] == result.measured_sparsity
     model = AutoModelForCausalLM.from_pretrained(out)
     assert (model.model.layers[0].mlp.down_proj.weight == 0).float().mean() == 0.5
     assert (out / "report.md").read_text().count("model.layers.") == 14
@@ -54,9 +51,23 @@ def test_prune_end_to_end_json(tiny_dir, text_file, tmp_path, capsys, method):
         )
         == 0
     )
-    again = last_json(capsys)
-    assert again["ppl"] == pytest.approx(result["sparse_ppl"], rel=1e-6)
-    assert again["block_linear_sparsity"] == pytest.approx(0.5)
+    again = Result.from_dict(last_json(capsys))
+    assert again.kind == "eval"
+    assert again.metric("after", "ppl") == pytest.approx(result.metric("after", "ppl"), rel=1e-6)
+    assert again.measured_sparsity == pytest.approx(0.5)
+    assert again.details["block_linear_sparsity"] == pytest.approx(0.5)
+
+
+def test_method_spec_and_flag_conflict(tiny_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "o"
+    args = _args(tiny_dir, text_file, out, "--method", "wanda:sparsity=0.3", "--json")
+    assert main(args) == 0
+    result = Result.from_dict(last_json(capsys))
+    assert result.recipe["steps"][0]["sparsity"] == 0.3
+    assert result.measured_sparsity == pytest.approx(0.3, abs=0.01)
+    bad = _args(tiny_dir, text_file, tmp_path / "x", "--method", "wanda:sparsity=0.3")
+    assert main([*bad, "--sparsity", "0.5"]) == 2
+    assert "given both in --method" in capsys.readouterr().err
 
 
 def test_recipe_file(tiny_dir, text_file, tmp_path, capsys):
@@ -66,9 +77,9 @@ def test_recipe_file(tiny_dir, text_file, tmp_path, capsys):
         "- method: magnitude\n  pattern: '4:8'\n  targets: ['re:.*self_attn']\n"
     )
     assert main(_args(tiny_dir, text_file, tmp_path / "o", "--recipe", str(recipe), "--json")) == 0
-    result = last_json(capsys)
-    assert result["method"] == "wanda+magnitude"
-    layers = result["layers"]
+    result = Result.from_dict(last_json(capsys))
+    assert result.method == "wanda+magnitude"
+    layers = result.sparsity["layers"]
     assert layers["model.layers.0.mlp.up_proj"]["sparsity"] == pytest.approx(0.3, abs=0.01)
     assert layers["model.layers.1.self_attn.q_proj"]["sparsity"] == pytest.approx(0.5)
 
@@ -80,7 +91,8 @@ def test_recipe_file(tiny_dir, text_file, tmp_path, capsys):
         (["--sparsity", "-0.2"], "sparsity must be in [0, 1)"),
         (["--pattern", "4:4"], "1 <= N < M"),
         (["--pattern", "2:3"], "divide the input dimension"),
-        (["--method", "obc"], "unknown method 'obc'; valid: magnitude, wanda, sparsegpt"),
+        (["--method", "obc"], "unknown method 'obc' (weights); valid: admm, "),
+        (["--method", "wanda:damp=0.1"], "unknown key(s) damp for method 'wanda'"),
         (["--nsamples", "1000"], "need 64000"),
         (["--calib", "no-such-corpus"], "neither a bundled name"),
         (["--seqlen", "100000"], "exceeds the model's context window"),
@@ -121,6 +133,12 @@ def test_existing_out_dir_needs_overwrite(tiny_dir, text_file, tmp_path, capsys)
     (out / "x").write_text("keep")
     assert main(_args(tiny_dir, text_file, out)) == 2
     assert "--overwrite" in capsys.readouterr().err
+    # --overwrite replaces only a previous sparsellm output (one holding its Result)
+    assert main(_args(tiny_dir, text_file, out, "--overwrite", "--method", "magnitude")) == 2
+    assert "not a sparsellm output" in capsys.readouterr().err
+    (out / "x").unlink()
+    assert main(_args(tiny_dir, text_file, out, "--method", "magnitude")) == 0
+    (out / "x").write_text("stale")
     assert main(_args(tiny_dir, text_file, out, "--overwrite", "--method", "magnitude")) == 0
     assert not (out / "x").exists()
 
@@ -159,16 +177,17 @@ def test_prune_with_tasks_kl_and_speed(tiny_dir, text_file, tmp_path, capsys):
         "--json",
     )
     assert main(args) == 0
-    result = last_json(capsys)
-    assert result["kl"] > 0 and 0 <= result["top1_agreement"] <= 1
-    for side in ("dense", "sparse"):
-        tasks = result["zeroshot"][side]
+    result = Result.from_dict(last_json(capsys))
+    assert result.metric("comparison", "kl") > 0
+    assert 0 <= result.metric("comparison", "top1_agreement") <= 1
+    for side in ("before", "after"):
+        tasks = result.metric(side, "tasks")
         assert set(tasks) == {"arc_easy", "piqa", "naturalqs_open", "passkey"}
         assert tasks["piqa"]["docs"] == 3 and tasks["naturalqs_open"]["bpb"] > 0
         assert set(tasks["passkey"]["by_length"]) == {"300", "400"}
-    assert set(result["speed"]["prefill"]) == {"16", "32"}
-    saved = json.loads((out / "report.json").read_text())
-    memory = saved["speed"]["memory"]  # each model in its own process, after the save
+    assert set(result.details["speed"]["prefill"]) == {"16", "32"}
+    saved = Result.read(out)
+    memory = saved.details["speed"]["memory"]  # each model in its own process, after the save
     for side in ("dense", "sparse"):
         assert memory[side]["peak_rss_bytes"] >= memory[side]["after_load_rss_bytes"] > 0
         assert memory[side]["checkpoint_bytes"] > 0
@@ -211,12 +230,13 @@ def test_eval_harness_equals_our_scorer_on_the_same_requests(tiny_dir, text_file
         "sparsellm_piqa,sparsellm_lambada",
     ]
     assert main(args) == 0
-    result = last_json(capsys)
+    result = Result.from_dict(last_json(capsys))
+    ours_all, harness = result.metric("after", "tasks"), result.details["harness"]
     for task in ("piqa", "lambada"):
-        ours, theirs = result["zeroshot"][task], result["harness"][f"sparsellm_{task}"]
+        ours, theirs = ours_all[task], harness[f"sparsellm_{task}"]
         assert theirs["docs"] == ours["docs"] == 4
         assert theirs["acc"] == ours["acc"]
-    assert result["harness"]["sparsellm_piqa"]["acc_norm"] == result["zeroshot"]["piqa"]["acc_norm"]
+    assert harness["sparsellm_piqa"]["acc_norm"] == ours_all["piqa"]["acc_norm"]
 
 
 def test_eval_harness_unknown_task_is_a_clear_error(tiny_dir, text_file, capsys):
@@ -277,14 +297,22 @@ def test_recover_keeps_zeros_and_records_before_after(tiny_dir, text_file, tmp_p
         "--json",
     ]
     assert main(args) == 0
-    result = last_json(capsys)
-    assert result["training"]["steps"] == 4 and result["after"]["kl"] >= 0
+    result = Result.from_dict(last_json(capsys))
+    assert result.kind == "recover" and result.method == "wanda"  # the student's recipe
+    assert result.details["training"]["steps"] == 4 and result.metric("comparison", "kl") >= 0
+    # before = the pruned student, after = the recovered model (both against the teacher)
+    ev = ["eval", "--model", str(sparse), "--eval", str(text_file), "--seqlen", "64"]
+    assert main([*ev, "--eval-windows", "2", "--json"]) == 0
+    pruned = Result.from_dict(last_json(capsys)).metric("after", "ppl")
+    assert result.metric("before", "ppl") == pytest.approx(pruned, rel=1e-6)
+    assert result.metric("after", "ppl") != pytest.approx(pruned, rel=1e-6)
+    assert result.details["teacher"]["ppl"] > 0
     before = AutoModelForCausalLM.from_pretrained(sparse)
     after = AutoModelForCausalLM.from_pretrained(out)
     for (name, p), q in zip(before.named_parameters(), after.parameters(), strict=True):
         if "layers" in name and p.dim() == 2:
             assert (q[p == 0] == 0).all(), name
-    assert json.loads((out / "sparsellm_manifest.json").read_text())["recovery"]["training"]
+    assert Result.read(out) == result
 
 
 def test_recover_learn_masks_keeps_nm(tiny_dir, text_file, tmp_path, capsys):
@@ -304,8 +332,8 @@ def test_recover_learn_masks_keeps_nm(tiny_dir, text_file, tmp_path, capsys):
         "--json",
     ]
     assert main(args) == 0
-    result = last_json(capsys)
-    assert result["maskllm"]["steps"] == 5 and result["training"] is None
+    result = Result.from_dict(last_json(capsys))
+    assert result.details["maskllm"]["steps"] == 5 and result.details["training"] is None
     model = AutoModelForCausalLM.from_pretrained(out)
     for name, p in model.named_parameters():
         if ".layers." in name and p.dim() == 2:
@@ -330,8 +358,9 @@ def test_recover_soft_prompt_is_saved_and_used_by_eval(tiny_dir, text_file, tmp_
         "--json",
     ]
     assert main(args) == 0
-    result = last_json(capsys)
-    assert result["soft_prompt"]["n_tokens"] == 4 and (out / "soft_prompt.safetensors").is_file()
+    result = Result.from_dict(last_json(capsys))
+    assert result.details["soft_prompt"]["n_tokens"] == 4
+    assert (out / "soft_prompt.safetensors").is_file()
     ev = [
         "eval",
         "--model",
@@ -345,6 +374,8 @@ def test_recover_soft_prompt_is_saved_and_used_by_eval(tiny_dir, text_file, tmp_
         "--json",
     ]
     assert main(ev) == 0
-    evaluated = last_json(capsys)
-    assert evaluated["soft_prompt"] is True
-    assert evaluated["ppl"] == pytest.approx(result["after"]["sparse_ppl"], rel=1e-5)
+    evaluated = Result.from_dict(last_json(capsys))
+    assert evaluated.details["soft_prompt"] is True
+    assert evaluated.metric("after", "ppl") == pytest.approx(
+        result.metric("after", "ppl"), rel=1e-5
+    )

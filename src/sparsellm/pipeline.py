@@ -1,19 +1,25 @@
-"""Prune-then-evaluate under one pinned protocol, shared by `prune`/`run` and `sweep`.
+"""Sparsify-then-evaluate under one pinned protocol, shared by the CLI commands and `sweep`.
 
 The protocol (data, window counts, tasks, seed, calibration dtype) is a value, so a
-sweep can store it, compare it on resume, and hand it to remote workers; every result
-dict carries it, so a number never travels without the settings that produced it.
+sweep can store it, compare it on resume, and hand it to remote workers; its field
+defaults are the CLI's defaults too (`sparsellm.cli.common` reads them from here), so
+they live in one place. Every run ends as a `sparsellm.result.Result`; the helpers here
+fill its common parts (quality, provenance) the same way for every command, so runs of
+different kinds line up side by side in `sparsellm report`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from sparsellm.eval.longctx import DEFAULT_LENGTHS
+from sparsellm.result import Result
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -105,70 +111,43 @@ def run_tasks(model: torch.nn.Module, tok: Any, protocol: Protocol) -> dict[str,
     )
 
 
-def prune_and_evaluate(
-    model: torch.nn.Module,
-    dense: torch.nn.Module | None,
-    prep: Prepared,
-    steps: Any,
-    protocol: Protocol,
-    dense_tasks: dict[str, Any] | None = None,
-    attention: Any = None,
+def weight_sparsity(model: torch.nn.Module) -> float:
+    """Fraction of zeros over every block linear's weight (what any pruning left)."""
+    from sparsellm.models.adapters import block_linears, get_blocks, weight_matrix
+
+    weights = [weight_matrix(m) for b in get_blocks(model) for m in block_linears(b).values()]
+    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+
+
+def quality(
+    compared: dict[str, Any] | None = None,
+    before_tasks: dict[str, Any] | None = None,
+    after_tasks: dict[str, Any] | None = None,
+    after_ppl: float | None = None,
 ) -> dict[str, Any]:
-    """Prune `model` in place with `steps`, evaluate it (beside `dense` when given).
+    """`Result.quality` from `eval.kl.compare_models` output (or a lone `after_ppl`)."""
+    before: dict[str, Any] = {}
+    after: dict[str, Any] = {}
+    comparison: dict[str, Any] = {}
+    if compared is not None:
+        before["ppl"], after["ppl"] = compared["dense_ppl"], compared["sparse_ppl"]
+        comparison = {k: compared[k] for k in ("kl", "top1_agreement", "tokens")}
+    elif after_ppl is not None:
+        after["ppl"] = after_ppl
+    if before_tasks:
+        before["tasks"] = before_tasks
+    if after_tasks:
+        after["tasks"] = after_tasks
+    return {"before": before, "after": after, "comparison": comparison}
 
-    `dense_tasks` reuses dense task results across a sweep (they do not change).
-    `attention` (a recipe's `AttentionRecipe`) runs the pruned model's evaluation with
-    its sparse prefill method; the dense reference keeps SDPA.
-    """
-    import contextlib
 
-    from sparsellm.api import sparsify, versions
-    from sparsellm.eval.kl import compare_models
-    from sparsellm.eval.perplexity import perplexity
+def provenance(prep: Prepared, protocol: Protocol, **extra: Any) -> dict[str, Any]:
+    """Model, data (with hashes), window counts, seed and versions behind a run's numbers."""
+    from sparsellm.api import versions
 
-    seed_everything(protocol.seed)
-    tok = prep.loaded.tokenizer
-    report = sparsify(
-        model,
-        steps,
-        prep.calib_ids,
-        batch_size=protocol.batch_size,
-        calib_dtype=DTYPES[protocol.calib_dtype],
-    )
-    quality: dict[str, Any] = {"dense_ppl": None, "kl": None, "top1_agreement": None}
-    zeroshot: dict[str, Any] = {}
-    if protocol.tasks and dense is not None:
-        zeroshot["dense"] = dense_tasks or run_tasks(dense, tok, protocol)
-    sparse_attn = contextlib.nullcontext()
-    if attention is not None and attention.prefill:
-        from sparsellm.attention.hf import parse_attention, prepared_attention
-
-        sparse_attn = prepared_attention(model, tok, parse_attention(attention.prefill))
-    with sparse_attn:
-        if dense is not None:
-            quality.update(compare_models(dense, model, prep.eval_ids))
-        else:
-            quality["sparse_ppl"] = perplexity(model, prep.eval_ids, desc="sparse perplexity")[
-                "ppl"
-            ]
-        if protocol.tasks:
-            zeroshot["sparse"] = run_tasks(model, tok, protocol)
     p = protocol
     return {
-        "method": "+".join(s["method"] for s in report.steps),
-        "pattern": "+".join(s["pattern"] for s in report.steps),
-        "target_sparsity": report.steps[-1]["sparsity"],
-        "measured_sparsity": report.sparsity,
-        "prune_seconds": report.seconds,
-        "dense_ppl": quality["dense_ppl"],
-        "sparse_ppl": quality["sparse_ppl"],
-        "kl": quality["kl"],
-        "top1_agreement": quality["top1_agreement"],
-        "zeroshot": zeroshot,
-        "speed": None,
-        "model": prep.loaded.info,
-        "recipe": report.steps,
-        "attention": attention.to_dict() if attention is not None else None,
+        "model": {k: v for k, v in prep.loaded.info.items() if k != "manifest"},
         "calib": {
             "data": prep.corpora["calib"].describe(),
             "nsamples": p.nsamples,
@@ -185,5 +164,110 @@ def prune_and_evaluate(
         "protocol": p.to_dict(),
         "seed": p.seed,
         "versions": versions(),
-        "layers": report.layers,
+        **extra,
     }
+
+
+def prune_and_evaluate(
+    model: torch.nn.Module,
+    dense: torch.nn.Module | None,
+    prep: Prepared,
+    recipe: Any,
+    protocol: Protocol,
+    dense_tasks: dict[str, Any] | None = None,
+    *,
+    kind: str = "prune",
+) -> Result:
+    """Sparsify `model` in place with `recipe`, evaluate it (beside `dense` when given).
+
+    `dense_tasks` reuses dense task results across a sweep (they do not change). The
+    recipe's prefill attention method runs the sparse model's evaluation; the dense
+    reference keeps SDPA. The KV method acts only while decoding, so it is only recorded.
+    """
+    from sparsellm.api import sparsify
+    from sparsellm.eval.kl import compare_models
+    from sparsellm.eval.perplexity import perplexity
+    from sparsellm.recipe import AttentionSpec, Recipe
+
+    seed_everything(protocol.seed)
+    tok = prep.loaded.tokenizer
+    report = sparsify(
+        model,
+        recipe,
+        prep.calib_ids,
+        batch_size=protocol.batch_size,
+        calib_dtype=DTYPES[protocol.calib_dtype],
+    )
+    recipe = report.recipe
+    before_tasks = None
+    if protocol.tasks and dense is not None:
+        before_tasks = dense_tasks or run_tasks(dense, tok, protocol)
+    sparse_attention: Any = contextlib.nullcontext()
+    if recipe.attention.prefill is not None:
+        from sparsellm.api import attention
+
+        prefill = Recipe(attention=AttentionSpec(prefill=recipe.attention.prefill))
+        sparse_attention = attention(model, prefill, tok)
+    start = time.perf_counter()
+    compared, after_ppl, after_tasks = None, None, None
+    with sparse_attention:
+        if dense is not None:
+            compared = compare_models(dense, model, prep.eval_ids)
+        else:
+            after_ppl = perplexity(model, prep.eval_ids, desc="sparse perplexity")["ppl"]
+        if protocol.tasks:
+            after_tasks = run_tasks(model, tok, protocol)
+    weights = recipe.of("weights")
+    details: dict[str, Any] = {}
+    if any(report.details):
+        details["steps"] = report.details
+    return Result(
+        kind=kind,
+        recipe=recipe.to_dict(),
+        quality=quality(compared, before_tasks, after_tasks, after_ppl),
+        sparsity={
+            "target": weights[-1].target_sparsity if weights else None,
+            "measured": report.sparsity,
+            "layers": report.layers,
+        },
+        timings={"sparsify_s": report.seconds, "evaluate_s": time.perf_counter() - start},
+        provenance=provenance(prep, protocol),
+        details=details,
+    )
+
+
+def flat_view(result: Result) -> dict[str, Any]:
+    """The Result's dict plus the flat keys sparsellm printed before Result existed.
+
+    ``--json`` output and ``report.json`` carry these aliases (``dense_ppl``,
+    ``sparse_ppl``, ``kl``, ``measured_sparsity``, ... and every ``details`` key at the
+    top) so scripts written against the old per-command shapes keep working; new code
+    should read the Result's own keys (``quality``, ``sparsity``, ``details``).
+    """
+    q = result.quality
+    before, after = q.get("before") or {}, q.get("after") or {}
+    steps = result.recipe.get("steps") or []
+    provenance_ = result.provenance
+    if result.kind == "eval":
+        zeroshot = after.get("tasks")
+    else:
+        zeroshot = {k: v for k, v in (("dense", before), ("sparse", after)) if v.get("tasks")}
+        zeroshot = {k: v["tasks"] for k, v in zeroshot.items()}
+    flat = {
+        "method": result.method,
+        "pattern": "+".join(s["pattern"] for s in steps if "pattern" in s) or None,
+        "target_sparsity": result.sparsity.get("target"),
+        "measured_sparsity": result.sparsity.get("measured"),
+        "layers": result.sparsity.get("layers"),
+        "prune_seconds": result.timings.get("sparsify_s"),
+        "dense_ppl": before.get("ppl"),
+        "sparse_ppl": after.get("ppl"),
+        "ppl": after.get("ppl"),
+        "kl": result.metric("comparison", "kl"),
+        "top1_agreement": result.metric("comparison", "top1_agreement"),
+        "zeroshot": zeroshot or None,
+        "before": before,
+        "after": after,
+        **{k: provenance_[k] for k in ("model", "calib", "eval", "seed") if k in provenance_},
+    }
+    return {**flat, **result.details, **result.to_dict()}

@@ -18,6 +18,11 @@ loaded once and restored from a dense copy before each point); ``ray`` submits o
 task per point to a Ray cluster (``ray.init(address)``; without an address a local
 cluster is started), each worker loading the model itself and returning its result to
 the driver, which writes it — so workers need the model source but not the sweep dir.
+With ``save_models`` a worker saves its model to a local temporary directory and
+returns the files' bytes, which the driver writes into the point: the sweep directory
+need not be on a filesystem every node shares, and the driver stays the only writer,
+so points keep appearing atomically and resume works as with ``local``. Each point
+reserves as many CPUs as the smallest node has, so it fits on any node.
 """
 
 from __future__ import annotations
@@ -34,8 +39,16 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from sparsellm.errors import SparseLLMError
-from sparsellm.export.hf import MANIFEST, write_json_atomic
-from sparsellm.pipeline import Prepared, Protocol, prepare, prune_and_evaluate, run_tasks
+from sparsellm.export.hf import MANIFEST, check_replaceable, write_json_atomic
+from sparsellm.pipeline import (
+    Prepared,
+    Protocol,
+    flat_view,
+    prepare,
+    prune_and_evaluate,
+    run_tasks,
+)
+from sparsellm.result import Result
 from sparsellm.weights.masks import parse_pattern
 
 SWEEP_FILE = "sweep.json"
@@ -64,12 +77,11 @@ class Point:
 
 def grid(methods: list[str], sparsities: list[float], patterns: list[str]) -> list[Point]:
     """All points, validated; N:M patterns re-derived per sparsity and deduplicated."""
-    from sparsellm.registry import METHODS
+    from sparsellm.registry import config_class
     from sparsellm.weights.masks import check_sparsity
 
     for m in methods:
-        if m not in METHODS:
-            raise SparseLLMError(f"unknown method {m!r}; valid: {', '.join(METHODS)}")
+        config_class(m, "weights")  # unknown names: an error listing the valid ones
     for s in sparsities:
         check_sparsity(s)
     points: list[Point] = []
@@ -90,16 +102,29 @@ def grid(methods: list[str], sparsities: list[float], patterns: list[str]) -> li
     return points
 
 
-def _write_point(out: Path, point: Point, result: dict[str, Any], model: Any = None) -> None:
-    """Write a finished point into points/<name> atomically (temp dir + rename)."""
+def _write_point(
+    out: Path,
+    point: Point,
+    result: Result,
+    model: Any = None,
+    files: dict[str, bytes] | None = None,
+) -> None:
+    """Write a finished point into points/<name> atomically (temp dir + rename).
+
+    The weights come as a `model` to save (local) or as the `files` a worker's
+    `save_pretrained` wrote (Ray), by path relative to the point directory.
+    """
     final = out / "points" / point.name
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{point.name}.tmp-", dir=final.parent))
     try:
         if model is not None:
             model.save_pretrained(tmp)
-        write_json_atomic(tmp / MANIFEST, result)
-        write_json_atomic(tmp / "report.json", result)
+        for name, data in (files or {}).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_bytes(data)
+        result.write(tmp / MANIFEST)
+        write_json_atomic(tmp / "report.json", flat_view(result))
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -134,6 +159,7 @@ def open_sweep(
     elif out.exists() and any(out.iterdir()):
         if not overwrite:
             raise SparseLLMError(f"{out} exists, is not empty and is not a sweep (use --overwrite)")
+        check_replaceable(out, (SWEEP_FILE, MANIFEST))
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(file, settings)
@@ -157,19 +183,45 @@ def run_local(
     dense_tasks = run_tasks(dense, prep.loaded.tokenizer, protocol) if protocol.tasks else None
     for point in tqdm(todo, desc="sweep", unit="point"):
         model.load_state_dict(dense.state_dict())  # the dense copy is never modified
-        result = prune_and_evaluate(model, dense, prep, point.recipe(), protocol, dense_tasks)
-        result["sweep_point"] = point.name
+        result = prune_and_evaluate(
+            model, dense, prep, point.recipe(), protocol, dense_tasks, kind="sweep-point"
+        )
+        result.details["sweep_point"] = point.name
         _write_point(out, point, result, model if save_models else None)
 
 
-def _ray_point(source: str, protocol: dict[str, Any], point: Point) -> dict[str, Any]:
-    """One point in a Ray worker (loads its own model; returns the result dict)."""
+def _ray_point(
+    source: str, protocol: dict[str, Any], point: Point, save_model: bool
+) -> tuple[Result, dict[str, bytes] | None]:
+    """One point in a Ray worker: its Result and, if `save_model`, the model's files.
+
+    The model is saved on the worker's own disk and sent back as bytes (see the module
+    docstring for why the driver, not the worker, writes into the sweep directory).
+    """
     proto = Protocol.from_dict(protocol)
     prep = prepare(source, proto)
-    dense = copy.deepcopy(prep.loaded.model)
-    result = prune_and_evaluate(prep.loaded.model, dense, prep, point.recipe(), proto)
-    result["sweep_point"] = point.name
-    return result
+    model = prep.loaded.model
+    dense = copy.deepcopy(model)
+    result = prune_and_evaluate(model, dense, prep, point.recipe(), proto, kind="sweep-point")
+    result.details["sweep_point"] = point.name
+    if not save_model:
+        return result, None
+    with tempfile.TemporaryDirectory(prefix="sparsellm-point-") as tmp:
+        model.save_pretrained(tmp)
+        root = Path(tmp)
+        files = {str(f.relative_to(root)): f.read_bytes() for f in root.rglob("*") if f.is_file()}
+    return result, files
+
+
+def default_cpus_per_point(nodes: list[dict[str, Any]]) -> float:
+    """CPUs a point reserves by default: the smallest alive node's count (1 if unknown).
+
+    A point runs in one process, so it must fit on one node: asking for the cluster's
+    total (more than any node has) would leave every task pending forever. Nodes
+    without CPUs (e.g. a head started with ``--num-cpus 0``) run no points.
+    """
+    cpus = [float(n.get("Resources", {}).get("CPU", 0)) for n in nodes if n.get("Alive")]
+    return min((c for c in cpus if c > 0), default=1.0)
 
 
 def run_ray(
@@ -179,8 +231,12 @@ def run_ray(
     todo: list[Point],
     address: str | None = None,
     cpus_per_point: float | None = None,
+    save_models: bool = False,
 ) -> None:
-    """Run `todo` as Ray tasks; results are written here as they finish (resumable)."""
+    """Run `todo` as Ray tasks; results are written here as they finish (resumable).
+
+    `cpus_per_point` defaults to `default_cpus_per_point` of the cluster's nodes.
+    """
     if not todo:
         return
     try:
@@ -191,19 +247,19 @@ def run_ray(
     if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     try:
-        cpus = cpus_per_point or max(1.0, float(ray.available_resources().get("CPU", 1)))
+        cpus = cpus_per_point or default_cpus_per_point(ray.nodes())
         task = ray.remote(num_cpus=cpus)(_ray_point)
-        pending = {task.remote(source, protocol.to_dict(), p): p for p in todo}
+        pending = {task.remote(source, protocol.to_dict(), p, save_models): p for p in todo}
         with tqdm(total=len(pending), desc="sweep (ray)", unit="point") as bar:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 point = pending.pop(done[0])
                 try:
-                    result = ray.get(done[0])
+                    result, files = ray.get(done[0])
                 except ray.exceptions.RayTaskError as exc:
                     cause = exc.cause if hasattr(exc, "cause") else exc
                     raise SparseLLMError(f"sweep point {point.name} failed: {cause}") from None
-                _write_point(out, point, result)
+                _write_point(out, point, result, files=files)
                 bar.update()
     finally:
         if started:

@@ -1,8 +1,10 @@
-"""Render a prune run's result as a terminal table and a Markdown report."""
+"""Render a Result as terminal tables and a Markdown report (any kind of run)."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from sparsellm.result import Result
 
 
 def fmt(v: Any) -> str:
@@ -72,54 +74,93 @@ def speed_table(speed: dict[str, Any]) -> str:
     return table(["case", "dense", "sparse", "speedup or size ratio"], rows)
 
 
-def comparison_table(result: dict[str, Any]) -> str:
-    """Dense vs sparse summary rows."""
-    dense, sparse = result.get("dense_ppl"), result.get("sparse_ppl")
+# what "before" / "after" / "sparsity" mean for each kind of Result
+SIDES = {
+    "recover": ("before recovery", "recovered"),
+    "shrink": ("dense", "shrunk"),
+    "eval": ("", "model"),
+}
+SPARSITY_LABEL = {
+    "shrink": "block parameters removed",
+    "activate": "weight reads skipped (eval windows)",
+}
+
+
+def quality_table(result: Result) -> str:
+    """Before vs after: perplexity, KL and top-1 to the dense model, sparsity, time."""
+    before_label, after_label = SIDES.get(result.kind, ("dense", "sparse"))
+    before, after = result.metric("before", "ppl"), result.metric("after", "ppl")
+    corpus = ((result.provenance.get("eval") or {}).get("data") or {}).get("name", "?")
+    seconds = sum(result.timings.values()) if result.timings else None
     rows = [
         [
-            "perplexity (" + result["eval"]["data"]["name"] + ")",
-            dense,
-            sparse,
-            f"{(sparse / dense - 1) * 100:+.2f}%" if dense and sparse else "n/a",
+            f"perplexity ({corpus})",
+            before,
+            after,
+            f"{(after / before - 1) * 100:+.2f}%" if before and after else "n/a",
         ],
-        ["KL(dense ‖ sparse) per token", 0.0, result.get("kl"), ""],
-        ["top-1 agreement with dense", 1.0, result.get("top1_agreement"), ""],
-        ["sparsity (pruned layers)", 0.0, result["measured_sparsity"], ""],
-        ["prune seconds", "", result["prune_seconds"], ""],
+        ["KL(dense ‖ after) per token", "", result.metric("comparison", "kl"), ""],
+        ["top-1 agreement with dense", "", result.metric("comparison", "top1_agreement"), ""],
+        [
+            SPARSITY_LABEL.get(result.kind, "sparsity (pruned layers)"),
+            "",
+            result.measured_sparsity,
+            "",
+        ],
+        ["seconds (" + ", ".join(result.timings) + ")", "", seconds, ""],
     ]
-    return table(["metric", "dense", "sparse", "change"], rows)
+    return table(["metric", before_label, after_label, "change"], rows)
 
 
-def _zeroshot_section(zeroshot: dict[str, Any] | None) -> list[str]:
-    if not zeroshot:
+def tasks_section(result: Result) -> list[str]:
+    """The task table (changed model, its reference beside when measured), or nothing."""
+    after = result.metric("after", "tasks")
+    if not after:
         return []
-    return ["## Tasks\n" + zeroshot_table(zeroshot["sparse"], zeroshot.get("dense"))]
+    return ["## Tasks\n" + zeroshot_table(after, result.metric("before", "tasks"))]
 
 
 def _windows(part: dict[str, Any], count_key: str) -> str:
     return f"{part['data']['name']}: first {part[count_key]} windows × {part['seqlen']} tokens"
 
 
-def markdown_report(result: dict[str, Any]) -> str:
-    """The report.md written next to the saved model."""
-    steps = "\n".join(f"- `{s}`" for s in result["recipe"])
+def protocol_rows(result: Result) -> list[list[Any]]:
+    """The provenance a reader needs to reproduce the numbers, as table rows."""
+    p = result.provenance
+    rows: list[list[Any]] = []
+    if p.get("calib"):
+        rows.append(["calibration", _windows(p["calib"], "nsamples")])
+        rows.append(["calibration dtype", p["calib"].get("dtype")])
+    if p.get("eval"):
+        rows.append(["evaluation", _windows(p["eval"], "windows")])
+    rows.append(["seed", p.get("seed")])
+    return rows + [[k, v] for k, v in (p.get("versions") or {}).items()]
+
+
+def markdown_report(result: Result) -> str:
+    """The report.md written next to a saved model."""
+    import json
+
+    steps = result.recipe.get("steps") or []
+    attention = {k: v for k, v in (result.recipe.get("attention") or {}).items() if v}
+    recipe = [f"- `{json.dumps(s)}`" for s in steps]
+    recipe += [f"- attention {k}: `{json.dumps(v)}`" for k, v in attention.items()]
     layer_rows = [
-        [name, v["method"], v["target"], v["sparsity"]] for name, v in result["layers"].items()
+        [name, v["method"], v["target"], v["sparsity"]]
+        for name, v in (result.sparsity.get("layers") or {}).items()
     ]
-    protocol = [
-        ["calibration", _windows(result["calib"], "nsamples")],
-        ["evaluation", _windows(result["eval"], "windows")],
-        ["calibration dtype", result["calib"]["dtype"]],
-        ["seed", result["seed"]],
-        *[[k, v] for k, v in result["versions"].items()],
-    ]
+    model = (result.provenance.get("model") or {}).get("source", "?")
+    speed = result.details.get("speed")
     sections = [
-        f"# sparsellm report: {result['model']['source']}",
-        comparison_table(result),
-        *_zeroshot_section(result.get("zeroshot")),
-        *(["## Speed\n" + speed_table(result["speed"])] if result.get("speed") else []),
-        "## Recipe\n" + steps,
-        "## Protocol\n" + table(["what", "value"], protocol),
-        "## Per-layer sparsity\n" + table(["layer", "method", "target", "measured"], layer_rows),
+        f"# sparsellm {result.kind}: {model}",
+        quality_table(result),
+        *tasks_section(result),
+        *(["## Speed\n" + speed_table(speed)] if speed else []),
+        "## Recipe\n" + ("\n".join(recipe) or "(none)"),
+        "## Protocol\n" + table(["what", "value"], protocol_rows(result)),
     ]
+    if layer_rows:
+        sections.append(
+            "## Per-layer sparsity\n" + table(["layer", "method", "target", "measured"], layer_rows)
+        )
     return "\n\n".join(sections) + "\n"

@@ -27,7 +27,7 @@ def _png(fig: Any) -> bytes:
 
 def layer_sparsity_png(run: Run) -> bytes:
     """Measured sparsity of every pruned layer, in model order, coloured by layer kind."""
-    layers = run.result.get("layers") or {}
+    layers = run.layers
     names = list(layers)
     kinds = [n.rsplit(".", 1)[-1] for n in names]
     palette = {k: f"C{i}" for i, k in enumerate(dict.fromkeys(kinds))}
@@ -58,10 +58,13 @@ def layer_sparsity_png(run: Run) -> bytes:
 
 
 def curves(runs: list[Run]) -> dict[tuple[str, str], list[dict[str, Any]]]:
-    """Summary rows grouped by (method, pattern family), sorted by sparsity."""
+    """Summary rows grouped by (method, family), sorted by sparsity (runs without a
+    perplexity of the changed model, e.g. a failed measurement, are left out)."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
-        groups[(run.method, run.family)].append(summary(run))
+        row = summary(run)
+        if row["sparse_ppl"] is not None:
+            groups[(run.method, run.family)].append(row)
     return {k: sorted(v, key=lambda r: r["sparsity"]) for k, v in sorted(groups.items())}
 
 
@@ -85,7 +88,7 @@ def quality_png(runs: list[Run]) -> bytes:
     fig = _figure(10.0, 4.2)
     ax_ppl, ax_kl = fig.subplots(1, 2)
     found = knees(runs)
-    dense = next((summary(r)["dense_ppl"] for r in runs if r.result.get("dense_ppl")), None)
+    dense = next((d for d in (summary(r)["dense_ppl"] for r in runs) if d), None)
     for i, (key, rows) in enumerate(curves(runs).items()):
         label, colour = f"{key[0]} {key[1]}", f"C{i}"
         xs = [r["sparsity"] for r in rows]
@@ -126,14 +129,14 @@ def quality_png(runs: list[Run]) -> bytes:
 def pareto_points(runs: list[Run]) -> tuple[str, str, list[tuple[float, float, str]]]:
     """(x label, y label, points) for the accuracy/latency plot.
 
-    x is decode latency (ms/token) when speed was measured, else non-zero parameters
-    in pruned layers (a stand-in: without a sparse kernel fewer weights do not mean
-    less time); y is the mean task accuracy when tasks ran, else perplexity.
+    x is decode latency (ms/token) when speed was measured, else the kept share 1 -
+    sparsity (a stand-in: without a sparse kernel fewer weights do not mean less time);
+    y is the mean task accuracy when tasks ran, else perplexity.
     """
-    rows = [summary(r) for r in runs]
+    rows = [row for row in map(summary, runs) if row["sparse_ppl"] is not None]
     timed = all(r["decode_tok_s"] for r in rows)
     tasks = all(r["task_avg"] is not None for r in rows)
-    xlabel = "decode ms/token (batch 1)" if timed else "non-zero fraction of pruned weights"
+    xlabel = "decode ms/token (batch 1)" if timed else "1 - sparsity (kept share)"
     ylabel = "mean task accuracy" if tasks else "perplexity"
     pts = [
         (

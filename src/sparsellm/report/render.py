@@ -2,7 +2,8 @@
 
 Every number on the page sits next to where it came from: each run's provenance
 (model and its hash, recipe, calibration/evaluation files with hashes, seeds, versions)
-is listed, and the full manifest is one click away in the HTML.
+is listed, and the full Result is one click away in the HTML. Runs of every kind (prune,
+shrink, activate, recover, eval, sweep points) share one summary table.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from sparsellm.export.hf import write_text_atomic
-from sparsellm.report.markdown import fmt, table, zeroshot_table
+from sparsellm.report.markdown import fmt, table, tasks_section
 from sparsellm.report.plots import knees, layer_sparsity_png, pareto_png, quality_png
 from sparsellm.report.runs import Run, summary
 
 SUMMARY_COLUMNS = [
     ("run", "run"),
+    ("kind", "kind"),
     ("method", "method"),
     ("pattern", "pattern"),
     ("sparsity", "sparsity"),
@@ -31,8 +33,13 @@ SUMMARY_COLUMNS = [
     ("task_avg_dense", "dense task avg"),
     ("task_avg", "task avg"),
     ("decode_speedup", "decode speedup"),
-    ("prune_seconds", "prune s"),
+    ("seconds", "seconds"),
 ]
+SUMMARY_NOTE = (
+    "dense ppl is the dense reference (the teacher for recover); sparse ppl, KL and top-1 "
+    "are of the changed model. sparsity: zero weights in pruned layers; for shrink the "
+    "share of block parameters removed, for activate the share of weight reads skipped."
+)
 MAX_LAYER_PLOTS = 6
 
 
@@ -52,29 +59,34 @@ def summary_rows(runs: list[Run]) -> list[list[Any]]:
 
 
 def provenance(run: Run) -> list[list[Any]]:
-    """The manifest fields a reader needs to reproduce the run's numbers."""
+    """The Result fields a reader needs to reproduce the run's numbers."""
     r = run.result
-    model = r.get("model") or {}
+    p = r.provenance
+    model = p.get("model") or {}
     rows: list[list[Any]] = [
+        ["kind", r.kind],
         ["model", model.get("source")],
         ["model hash", model.get("gguf_sha256") or model.get("sha256") or model.get("path")],
-        ["recipe", json.dumps(r.get("recipe"))],
+        ["recipe", json.dumps(r.recipe)],
     ]
-    for part in ("calib", "eval"):
-        info = r.get(part) or {}
+    for part in ("calib", "eval", "data"):
+        info = p.get(part) or {}
+        if not info:
+            continue
         data = info.get("data") or {}
         count = info.get("nsamples", info.get("windows"))
         rows.append([f"{part} data", f"{data.get('name')} sha256 {data.get('sha256')}"])
         rows.append([f"{part} windows", f"{count} × {info.get('seqlen')}"])
-    rows.append(["seed", r.get("seed")])
-    rows += [[k, v] for k, v in (r.get("versions") or {}).items()]
+    rows.append(["seed", p.get("seed")])
+    rows += [[k, v] for k, v in (p.get("versions") or {}).items()]
     return rows
 
 
 def _layer_runs(runs: list[Run]) -> list[Run]:
-    """Per-layer charts for the sparsest run of each method × pattern family (capped)."""
+    """Per-layer charts for the sparsest run of each method × pattern family (capped);
+    only runs that pruned weights have per-layer sparsity."""
     best: dict[tuple[str, str], Run] = {}
-    for run in runs:
+    for run in (r for r in runs if r.layers):
         key = (run.method, run.family)
         if key not in best or run.sparsity > best[key].sparsity:
             best[key] = run
@@ -99,16 +111,15 @@ def plots(runs: list[Run]) -> dict[str, bytes]:
 def markdown(runs: list[Run], images: dict[str, bytes], title: str) -> str:
     parts = [
         f"# {title}",
-        "## Summary\n" + table([h for _, h in SUMMARY_COLUMNS], summary_rows(runs)),
+        "## Summary\n"
+        + table([h for _, h in SUMMARY_COLUMNS], summary_rows(runs))
+        + f"\n\n{SUMMARY_NOTE}",
         "## Essential sparsity (knee of log-perplexity vs sparsity)\n"
         + table(["method", "pattern", "knee sparsity"], _knee_rows(runs)),
         "## Plots\n" + "\n".join(f"![{name}](plots/{name})" for name in images),
     ]
     for run in runs:
-        zs = run.result.get("zeroshot") or {}
-        section = [f"## Run {run.name}"]
-        if zs.get("sparse"):
-            section.append(zeroshot_table(zs["sparse"], zs.get("dense")))
+        section = [f"## Run {run.name}", *tasks_section(run.result)]
         section.append(table(["provenance", "value"], provenance(run)))
         parts.append("\n\n".join(section))
     return "\n\n".join(parts) + "\n"
@@ -149,6 +160,7 @@ def html_page(runs: list[Run], images: dict[str, bytes], title: str) -> str:
         f"<h1>{html.escape(title)}</h1>",
         "<h2>Summary</h2>",
         _html_table([h for _, h in SUMMARY_COLUMNS], summary_rows(runs)),
+        f"<p>{html.escape(SUMMARY_NOTE)}</p>",
         "<h2>Essential sparsity</h2><p>Knee of log(ppl / dense ppl) against sparsity "
         "(Kneedle): the last sparsity before quality drops fast.</p>",
         _html_table(["method", "pattern", "knee sparsity"], _knee_rows(runs)),
@@ -156,11 +168,10 @@ def html_page(runs: list[Run], images: dict[str, bytes], title: str) -> str:
     ]
     for run in runs:
         body.append(f"<h2>Run {html.escape(run.name)}</h2>")
-        zs = run.result.get("zeroshot") or {}
-        if zs.get("sparse"):
-            body.append(_md_table_to_html(zeroshot_table(zs["sparse"], zs.get("dense"))))
+        for md in tasks_section(run.result):
+            body.append("<h3>Tasks</h3>" + _md_table_to_html(md))
         body.append(_html_table(["provenance", "value"], provenance(run)))
-        manifest = json.dumps(run.result, indent=1, default=str)
+        manifest = json.dumps(run.result.to_dict(), indent=1, default=str)
         body.append(
             f"<details><summary>full manifest</summary><pre>{html.escape(manifest)}</pre></details>"
         )
