@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import time
@@ -24,6 +25,7 @@ from sparsellm.weights.apply import apply_step, check_finite
 
 __all__ = [
     "SparsifyReport",
+    "attention",
     "calibration",
     "evaluate",
     "load",
@@ -147,6 +149,46 @@ def _dense_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         for i, block in enumerate(get_blocks(model))
         for rel, m in block_linears(block).items()
     }
+
+
+def attention(
+    model: torch.nn.Module,
+    recipe: Any,
+    tokenizer: Any = None,
+    *,
+    calib: str = "c4",
+    seqlen: int = 4096,
+) -> contextlib.AbstractContextManager[Any]:
+    """Context manager running `model` with a recipe's sparse attention (or one spec).
+
+    `recipe` is a `Recipe`, a recipe mapping, an ``attention:`` value (``{prefill, kv}``)
+    or a spec string. Inside the block the prefill method computes every long prefill,
+    and a KV method compresses caches made by the yielded session's ``new_cache()``.
+    Methods with calibrated tables (MInference, MoA, Double Sparsity) are calibrated
+    first on one window of `calib` (`seqlen` tokens, capped by the model's window), which
+    needs `tokenizer`. The model's own attention is restored on exit, even on error.
+    """
+    from sparsellm.integrations.transformers import calibrate, sparse_attention
+    from sparsellm.models.adapters import context_window
+    from sparsellm.recipe import parse_attention
+
+    if (
+        isinstance(recipe, dict) and "steps" not in recipe and "attention" not in recipe
+    ) or isinstance(recipe, str | MethodConfig):
+        spec = parse_attention(recipe)
+    else:
+        spec = parse_recipe(recipe).attention
+    if not spec:
+        return contextlib.nullcontext()
+    methods = []
+    for cfg in (spec.kv or spec.prefill, spec.prefill if spec.kv else None):
+        if cfg is not None and cfg.needs_calibration():
+            if tokenizer is None:
+                raise SparseLLMError(f"{cfg.name} calibrates on text first: pass a tokenizer")
+            n = min(seqlen, context_window(model) or seqlen)
+            cfg = calibrate(model, token_windows(tokenizer, resolve_corpus(calib), 1, n), cfg)
+        methods.append(cfg)
+    return sparse_attention(model, methods[0], prefill=methods[1])
 
 
 def evaluate(

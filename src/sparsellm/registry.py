@@ -97,3 +97,8 @@ def handler(config: MethodConfig) -> Any:
         if cls in _HANDLERS:
             return _HANDLERS[cls]
     raise SparseLLMError(f"no handler is registered for {type(config).__qualname__}")
+
+
+def config_classes(family: str | tuple[str, ...] | None = None) -> list[type[MethodConfig]]:
+    """Every registered config class (of `family`), ordered by method name."""
+    return [_CONFIGS[n] for n in names(family)]
