@@ -4,7 +4,8 @@ import torch
 from sparsellm.api import sparsify
 from sparsellm.calib.gradients import gradient_l2
 from sparsellm.models.tiny import tiny_model
-from sparsellm.weights.gblm import gblm_score
+from sparsellm.weights.base import LayerContext, RowNormSq
+from sparsellm.weights.gblm import GBLM, GBLMConfig, gblm_score
 
 
 def test_score_by_hand():
@@ -16,10 +17,30 @@ def test_score_by_hand():
     assert torch.allclose(gblm_score(w, norm_sq, grad), expected)
 
 
+def test_gradient_term_changes_the_mask_by_hand():
+    # GBLM's rule (reference code, lib/prune.py): |W|·‖X_j‖ + |W|·G, lowest half per row.
+    weight = torch.tensor([[1.0, 0.5, 2.0, -1.0]])
+    stats = RowNormSq(4)
+    stats.update(torch.tensor([[2.0, 1.0, 0.4, 3.0]]))  # one token: ‖X_j‖² = 4, 1, .16, 9
+    grad = torch.tensor([[0.0, 4.0, 0.0, 0.0]])
+    pruner = GBLM(GBLMConfig(sparsity=0.5))
+    # Wanda alone, |W|·‖X_j‖ = [2, .5, .8, 3]: columns 1 and 2 go
+    wanda = pruner.prune(weight, stats, LayerContext(grad=torch.zeros_like(grad)))
+    assert torch.equal(wanda, torch.tensor([[1.0, 0.0, 0.0, -1.0]]))
+    # with G: [1·(2+0), .5·(1+4), 2·(.4+0), 1·(3+0)] = [2, 2.5, .8, 3]: columns 2 and 0 go
+    gblm = pruner.prune(weight, stats, LayerContext(grad=grad))
+    assert torch.equal(gblm, torch.tensor([[0.0, 0.5, 0.0, -1.0]]))
+
+
 def test_gradient_norms_match_per_sample_autograd(calib_ids):
     model = tiny_model("llama")
     down = model.model.layers[0].mlp.down_proj
+    frozen = model.model.embed_tokens.weight
+    frozen.requires_grad_(False)
     out = gradient_l2(model, calib_ids[:3], {"d": down}, scale=100.0)
+    assert all(p.grad is None for p in model.parameters())  # no gradient memory left behind
+    frozen_after = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen_after == ["model.embed_tokens.weight"]  # every flag restored
     manual = torch.zeros_like(down.weight)
     for ids in calib_ids[:3].split(1):
         model.zero_grad()
@@ -27,8 +48,6 @@ def test_gradient_norms_match_per_sample_autograd(calib_ids):
         manual += (100 * down.weight.grad).square()
     model.zero_grad()
     assert torch.allclose(out["d"], manual.sqrt(), rtol=1e-5, atol=1e-6)
-    assert all(p.requires_grad for p in model.parameters())  # flags restored
-    assert all(p.grad is None for p in tiny_model("llama").parameters())
 
 
 def test_gblm_reduces_to_wanda_without_gradient_term(calib_ids):
