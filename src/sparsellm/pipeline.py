@@ -184,10 +184,9 @@ def prune_and_evaluate(
     recipe's prefill attention method runs the sparse model's evaluation; the dense
     reference keeps SDPA. The KV method acts only while decoding, so it is only recorded.
     """
-    from sparsellm.api import sparsify
+    from sparsellm.api import attention, sparsify
     from sparsellm.eval.kl import compare_models
     from sparsellm.eval.perplexity import perplexity
-    from sparsellm.recipe import AttentionSpec, Recipe
 
     seed_everything(protocol.seed)
     tok = prep.loaded.tokenizer
@@ -204,10 +203,7 @@ def prune_and_evaluate(
         before_tasks = dense_tasks or run_tasks(dense, tok, protocol)
     sparse_attention: Any = contextlib.nullcontext()
     if recipe.attention.prefill is not None:
-        from sparsellm.api import attention
-
-        prefill = Recipe(attention=AttentionSpec(prefill=recipe.attention.prefill))
-        sparse_attention = attention(model, prefill, tok)
+        sparse_attention = attention(model, recipe.attention.prefill, tok)
     start = time.perf_counter()
     compared, after_ppl, after_tasks = None, None, None
     with sparse_attention:
@@ -268,6 +264,14 @@ def flat_view(result: Result) -> dict[str, Any]:
         "zeroshot": zeroshot or None,
         "before": before,
         "after": after,
+        "attention": {k: _spec(v) for k, v in (result.recipe.get("attention") or {}).items()},
         **{k: provenance_[k] for k in ("model", "calib", "eval", "seed") if k in provenance_},
     }
     return {**flat, **result.details, **result.to_dict()}
+
+
+def _spec(step: dict[str, Any] | None) -> str:
+    """A recipe step's spec string ("" for none), as the flat ``attention`` key held it."""
+    from sparsellm.config import from_dict
+
+    return from_dict(step).to_spec() if step else ""

@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> Result:
     from sparsellm.api import versions
     from sparsellm.export.hf import check_out_dir
     from sparsellm.pipeline import check_window, quality, weight_sparsity
-    from sparsellm.recipe import AttentionSpec, Recipe
+    from sparsellm.recipe import Recipe
     from sparsellm.recover.prompt import PROMPT_FILE, PromptedLM
     from sparsellm.report.markdown import table, zeroshot_table
 
@@ -122,9 +122,9 @@ def run(args: argparse.Namespace) -> Result:
     prefill = recipe.attention.prefill if recipe is not None else None
     sparse_attention: Any = contextlib.nullcontext()
     if prefill is not None:
-        from sparsellm.api import attention
+        from sparsellm.api import attention  # `sl.attention` is shadowed by the subpackage
 
-        sparse_attention = attention(model, Recipe(attention=AttentionSpec(prefill)), tok)
+        sparse_attention = attention(model, prefill, tok)
     start = time.perf_counter()
     with sparse_attention:
         ev = sl.evaluate(model, tok, args.eval, args.eval_windows, args.seqlen, args.batch_size)
