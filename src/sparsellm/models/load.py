@@ -97,7 +97,7 @@ class ChunkedModel:
     chunks: tuple[tuple[str, str], ...]  # (package, chunk file under its data/)
 
 
-# Named optional models (DATA.md). Gemma-3-270m base retrieves a passkey from long prompts
+# Named optional models (docs/data.md). Gemma-3-270m base retrieves a passkey from long prompts
 # where the default model cannot, so the long-context benches use it; Qwen2.5-Coder-0.5B
 # is a wider model (d=896, GQA 14/2) for checks that the default model cannot settle.
 CHUNKED_MODELS = {
