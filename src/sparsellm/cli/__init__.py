@@ -29,7 +29,7 @@ import logging
 import sys
 from typing import Any
 
-COMMANDS = ("run", "prune", "eval", "sweep", "recover", "activate", "report", "shrink")
+COMMANDS = ("run", "prune", "shrink", "activate", "eval", "recover", "sweep", "report")
 
 
 def _module(command: str) -> Any:
