@@ -29,19 +29,23 @@ import torch
 from safetensors.torch import save_file
 
 import sparsellm as sl
-from sparsellm.activation.apply import sparsify_activations
-from sparsellm.activation.base import ActivationConfig
-from sparsellm.activation.coreinfer import apply_coreinfer, split_perplexity, unwrap_coreinfer
-from sparsellm.activation.io import STATE_FILE, activation_state, load_activation_state
-from sparsellm.activation.modules import measured_sparsity, reset_counts, unwrap_activations
-from sparsellm.activation.runtime import DecodeRuntime
-from sparsellm.activation.teal import TEALConfig
 from sparsellm.api import versions
 from sparsellm.config import from_dict
 from sparsellm.eval.kl import compare_models
 from sparsellm.eval.perplexity import perplexity
 from sparsellm.eval.speed import alternate_medians, decode_seconds
 from sparsellm.eval.suite import resolve_tasks, run_tasks
+from sparsellm.methods.activation.apply import sparsify_activations
+from sparsellm.methods.activation.base import ActivationConfig
+from sparsellm.methods.activation.coreinfer import (
+    apply_coreinfer,
+    split_perplexity,
+    unwrap_coreinfer,
+)
+from sparsellm.methods.activation.io import STATE_FILE, activation_state, load_activation_state
+from sparsellm.methods.activation.modules import measured_sparsity, reset_counts, unwrap_activations
+from sparsellm.methods.activation.runtime import DecodeRuntime
+from sparsellm.methods.activation.teal import TEALConfig
 from sparsellm.report.markdown import table
 
 HERE = Path(__file__).resolve().parent

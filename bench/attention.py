@@ -34,20 +34,20 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from sparsellm.api import sparsify
-from sparsellm.attention.blocksparse import block_sparse_attention
-from sparsellm.attention.cache import CompressedLayer
-from sparsellm.attention.decode import (
-    cache_nbytes,
-    cached_answer_correct,
-    cached_tail_nll,
-    decode_tokens_per_s,
-)
 from sparsellm.config import from_spec
 from sparsellm.data.corpora import resolve_corpus, token_windows
 from sparsellm.eval.longctx import TASKS, answer_correct, make_samples
 from sparsellm.eval.perplexity import perplexity
 from sparsellm.eval.speed import prefill_seconds
 from sparsellm.integrations.transformers import calibrate, draft_cache, sparse_attention
+from sparsellm.methods.attention.blocksparse import block_sparse_attention
+from sparsellm.methods.attention.cache import CompressedLayer
+from sparsellm.methods.attention.decode import (
+    cache_nbytes,
+    cached_answer_correct,
+    cached_tail_nll,
+    decode_tokens_per_s,
+)
 from sparsellm.models.load import load_model
 from sparsellm.report.markdown import table
 

@@ -24,12 +24,12 @@ import torch
 import sparsellm as sl
 from sparsellm.eval.kl import compare_models
 from sparsellm.export.hf import write_json_atomic
+from sparsellm.methods.weights.maskllm import MaskLLMConfig, learn_masks
 from sparsellm.recover.distill import DistillConfig, distill, summary
 from sparsellm.recover.lora import add_lora, merge_lora
 from sparsellm.recover.masks import pruned_weights
 from sparsellm.recover.prompt import PromptedLM, train_prompt
 from sparsellm.report.markdown import table
-from sparsellm.weights.maskllm import MaskLLMConfig, learn_masks
 
 HERE = Path(__file__).resolve().parent
 

@@ -30,9 +30,9 @@ from sparsellm.config import spec_keys
 from sparsellm.eval.speed import compare_speed
 from sparsellm.eval.suite import resolve_tasks, run_tasks
 from sparsellm.export.hf import write_json_atomic
+from sparsellm.recover.structured import shrink_and_evaluate
 from sparsellm.registry import config_class, names
 from sparsellm.report.markdown import table
-from sparsellm.structured.pipeline import shrink_and_evaluate
 
 HERE = Path(__file__).resolve().parent
 

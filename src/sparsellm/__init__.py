@@ -25,9 +25,9 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """Method config classes (``WandaConfig``...), found in the registry on first use, so
-    importing sparsellm does not import every method module."""
-    if name.endswith("Config"):
+    """Method config classes (``WandaConfig``, ``SnapKV``...), found in the registry on
+    first use, so importing sparsellm does not import every method module."""
+    if name[:1].isupper():
         from sparsellm.registry import config_classes
 
         for cls in config_classes():

@@ -12,16 +12,17 @@ from typing import Any
 
 import torch
 
-from sparsellm.activation.io import load_activation_state
 from sparsellm.config import MethodConfig
 from sparsellm.data.corpora import resolve_corpus, token_windows
 from sparsellm.errors import SparseLLMError
 from sparsellm.eval.perplexity import perplexity
 from sparsellm.export.hf import read_manifest
 from sparsellm.export.hf import save as _save
+from sparsellm.methods.activation.io import load_activation_state
+from sparsellm.methods.weights.apply import apply_step, check_finite
 from sparsellm.models.load import LoadedModel, load_model
 from sparsellm.recipe import Recipe, parse_recipe
-from sparsellm.weights.apply import apply_step, check_finite
+from sparsellm.result import Result
 
 __all__ = [
     "SparsifyReport",
@@ -129,10 +130,10 @@ def _apply(
             layers[fqn] = entry
         return {}
     if step.family == "structured":
-        from sparsellm.structured import apply_structured
+        from sparsellm.methods.structured import apply_structured
 
         return apply_structured(model, step, calib, batch_size=min(batch_size, 4))
-    from sparsellm.activation.apply import sparsify_activations
+    from sparsellm.methods.activation.apply import sparsify_activations
 
     if calib is None:
         raise SparseLLMError(f"activation method {step.name!r} needs calibration data")
@@ -212,14 +213,40 @@ def save(
     model: torch.nn.Module,
     tokenizer: Any,
     out: str | os.PathLike,
-    manifest: dict[str, Any] | None = None,
+    manifest: Result | dict[str, Any] | None = None,
     overwrite: bool = False,
     extra_files: dict[str, str] | None = None,
 ) -> Path:
-    """Atomically save a plain HF checkpoint plus `sparsellm_manifest.json`."""
-    manifest = dict(manifest or {})
-    manifest.setdefault("versions", versions())
-    return _save(model, tokenizer, out, manifest, overwrite=overwrite, extra_files=extra_files)
+    """Atomically save a plain HF checkpoint plus `sparsellm_manifest.json`.
+
+    A model with calibrated activation sparsity is saved unwrapped (plain `transformers`
+    loads the dense weights) with its thresholds beside it, which `load` re-applies; the
+    activation config comes from the manifest's recipe. A `Result` is stored as it is
+    (its provenance already holds the versions); a plain dict gains a ``versions`` key.
+    """
+    from sparsellm.methods.activation.io import save_with_activations
+    from sparsellm.methods.activation.modules import wrapped_modules
+
+    if isinstance(manifest, Result):
+        manifest = manifest.to_dict()
+    else:
+        manifest = dict(manifest or {})
+        manifest.setdefault("versions", versions())
+    if next(wrapped_modules(model), None) is None:
+        return _save(model, tokenizer, out, manifest, overwrite, extra_files=extra_files)
+    steps = [s for s in parse_recipe_steps(manifest) if s.family == "activation"]
+    if not steps:
+        raise SparseLLMError(
+            "the model has activation sparsity but the manifest's recipe has no activation "
+            "step: pass the Result (or a manifest with its 'recipe') of the run"
+        )
+    return save_with_activations(model, tokenizer, out, manifest, steps[-1], overwrite, extra_files)
+
+
+def parse_recipe_steps(manifest: dict[str, Any]) -> tuple[MethodConfig, ...]:
+    """The steps of a manifest's stored recipe (none when it has no recipe)."""
+    raw = manifest.get("recipe")
+    return parse_recipe(raw).steps if raw else ()
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LoadedModel:
@@ -229,8 +256,8 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LoadedM
     `transformers` loads the same directory as the plain dense model). Directories with
     per-layer widths (structured pruning) are rebuilt block by block.
     """
-    from sparsellm.structured.io import has_layer_shapes
-    from sparsellm.structured.io import load as load_structured
+    from sparsellm.methods.structured.io import has_layer_shapes
+    from sparsellm.methods.structured.io import load as load_structured
 
     loaded = load_structured(path, dtype) if has_layer_shapes(path) else load_model(path, dtype)
     loaded.info["manifest"] = read_manifest(path)

@@ -10,7 +10,7 @@ spelling resolves to the same frozen `Recipe`::
 
 A bare list is the ``steps``; a bare ``attention:`` spec goes to ``prefill`` or ``kv`` by
 its method's family. Steps run in order (`sparsellm.sparsify`); the prefill method runs
-whenever the model is evaluated inside `sparsellm.attention`, the KV method while it
+whenever the model is evaluated inside `sparsellm.methods.attention`, the KV method while it
 decodes. Unknown methods and keys are errors that list what is valid, so a typo never
 silently does nothing. `Recipe.to_dict()` is what manifests store, and
 `parse_recipe(recipe.to_dict()) == recipe`.

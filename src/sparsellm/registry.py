@@ -18,10 +18,10 @@ from sparsellm.errors import SparseLLMError
 
 # the packages whose modules may declare methods (searched once, on first lookup)
 METHOD_PACKAGES = (
-    "sparsellm.weights",
-    "sparsellm.structured",
-    "sparsellm.activation",
-    "sparsellm.attention",
+    "sparsellm.methods.weights",
+    "sparsellm.methods.structured",
+    "sparsellm.methods.activation",
+    "sparsellm.methods.attention",
 )
 
 _HANDLERS: dict[type[MethodConfig], Any] = {}

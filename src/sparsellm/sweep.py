@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from sparsellm.errors import SparseLLMError
 from sparsellm.export.hf import MANIFEST, check_replaceable, write_json_atomic
+from sparsellm.methods.weights.masks import parse_pattern
 from sparsellm.pipeline import (
     Prepared,
     Protocol,
@@ -49,7 +50,6 @@ from sparsellm.pipeline import (
     run_tasks,
 )
 from sparsellm.result import Result
-from sparsellm.weights.masks import parse_pattern
 
 SWEEP_FILE = "sweep.json"
 
@@ -77,8 +77,8 @@ class Point:
 
 def grid(methods: list[str], sparsities: list[float], patterns: list[str]) -> list[Point]:
     """All points, validated; N:M patterns re-derived per sparsity and deduplicated."""
+    from sparsellm.methods.weights.masks import check_sparsity
     from sparsellm.registry import config_class
-    from sparsellm.weights.masks import check_sparsity
 
     for m in methods:
         config_class(m, "weights")  # unknown names: an error listing the valid ones

@@ -3,7 +3,7 @@
 The saved directory is the plain dense checkpoint plus ``activation_sparsity.safetensors``
 (vanilla transformers loads it dense; `sparsellm eval` / `sparsellm.load` re-apply the
 thresholds) and the Result. Calibration flags are the method config's own keys, so
-their defaults live on the config (`sparsellm.activation.base.ActivationConfig`).
+their defaults live on the config (`sparsellm.methods.activation.base.ActivationConfig`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from sparsellm.result import Result
 
 
 def add_parser(sub: Any) -> None:
-    from sparsellm.activation.base import ActivationConfig
+    from sparsellm.methods.activation.base import ActivationConfig
 
     d = ActivationConfig()
     p = sub.add_parser(
@@ -79,8 +79,8 @@ def add_parser(sub: Any) -> None:
 
 def config(args: argparse.Namespace) -> Any:
     """The activation config of --method and the flags, checked before any model loads."""
-    from sparsellm.activation.apply import activation_method
     from sparsellm.config import split_spec
+    from sparsellm.methods.activation.apply import activation_method
     from sparsellm.registry import names
 
     name, _ = split_spec(args.method)
@@ -104,12 +104,12 @@ def config(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> Result:
     import sparsellm as sl
-    from sparsellm.activation.io import save_with_activations
-    from sparsellm.activation.modules import measured_sparsity, reset_counts
     from sparsellm.api import versions
     from sparsellm.data.corpora import resolve_corpus, token_windows
     from sparsellm.eval.kl import compare_models
     from sparsellm.export.hf import check_out_dir
+    from sparsellm.methods.activation.io import save_with_activations
+    from sparsellm.methods.activation.modules import measured_sparsity, reset_counts
     from sparsellm.models.adapters import get_layout
     from sparsellm.pipeline import check_window, quality, seed_everything
     from sparsellm.recipe import Recipe
@@ -187,9 +187,9 @@ def _decode_speed(
     """Batch-1 decode tok/s of our runtime, dense and sparse alternated, medians + ratio."""
     import torch
 
-    from sparsellm.activation.runtime import DecodeRuntime
     from sparsellm.data.corpora import resolve_corpus, token_windows
     from sparsellm.eval.speed import alternate_medians
+    from sparsellm.methods.activation.runtime import DecodeRuntime
 
     prompt = token_windows(tok, resolve_corpus("wiki"), 1, 32)
     max_len = 32 + new_tokens

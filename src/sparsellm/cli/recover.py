@@ -85,13 +85,13 @@ def run(args: argparse.Namespace) -> Result:
     from sparsellm.data.corpora import resolve_corpus, token_windows
     from sparsellm.eval.kl import compare_models
     from sparsellm.export.hf import check_out_dir
+    from sparsellm.methods.weights.maskllm import MaskLLMConfig, learn_masks
+    from sparsellm.methods.weights.masks import parse_pattern
     from sparsellm.pipeline import check_window, quality, seed_everything, weight_sparsity
     from sparsellm.recover.distill import DistillConfig, distill, summary
     from sparsellm.recover.lora import add_lora, merge_lora
     from sparsellm.recover.prompt import PromptedLM, train_prompt
     from sparsellm.report.markdown import quality_table
-    from sparsellm.weights.maskllm import MaskLLMConfig, learn_masks
-    from sparsellm.weights.masks import parse_pattern
 
     common.check_counts(args)
     cfg = DistillConfig(

@@ -70,8 +70,8 @@ def run(args: argparse.Namespace) -> Result:
     from sparsellm.export.hf import check_out_dir
     from sparsellm.pipeline import prepare, provenance, quality, run_tasks
     from sparsellm.recipe import Recipe
+    from sparsellm.recover.structured import recover
     from sparsellm.report.markdown import quality_table, table
-    from sparsellm.structured.pipeline import recover
 
     common.check_counts(args)
     if args.calib_dtype != "fp32":

@@ -32,9 +32,12 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from sparsellm.attention.blocksparse import block_sparse_attention, sliding_window_attention
-from sparsellm.attention.cache import CompressedCache, CompressedLayer
-from sparsellm.attention.protocols import (
+from sparsellm.config import to_config
+from sparsellm.data.corpora import resolve_corpus, token_windows
+from sparsellm.errors import SparseLLMError
+from sparsellm.methods.attention.blocksparse import block_sparse_attention, sliding_window_attention
+from sparsellm.methods.attention.cache import CompressedCache, CompressedLayer
+from sparsellm.methods.attention.protocols import (
     ATTENTION_FAMILIES,
     AttentionConfig,
     AttentionObserver,
@@ -42,9 +45,6 @@ from sparsellm.attention.protocols import (
     KVConfig,
     PrefillConfig,
 )
-from sparsellm.config import to_config
-from sparsellm.data.corpora import resolve_corpus, token_windows
-from sparsellm.errors import SparseLLMError
 from sparsellm.models.adapters import context_window, full_attention_layers
 
 AttentionMethod = AttentionConfig | dict[str, Any] | str  # a config, a recipe mapping, a spec

@@ -1,0 +1,344 @@
+"""A lean CPU decode runtime for llama-style models, dense or activation-sparse.
+
+Why a runtime of our own: HF `generate` spends ~15% of a decode step outside the
+matmuls and calls `F.linear` per projection, whose M=1 path is slower than the
+column-gather kernel even with every column kept on narrow matrices (see `kernels`),
+but faster on wide ones. To report a speedup that is about skipping, not about a
+better dense kernel, the runtime runs the same code for dense and sparse: fused
+projections (q|k|v and gate|up share one input and one channel selection), a static
+KV cache, and per projection the column kernel over the columns that pass the layer's
+threshold (sparse) or, for dense calls, whichever of the column kernel and `F.linear`
+was faster for that weight shape when the runtime was built (`pick_dense_kernels`).
+
+Decode steps of the common case (SiLU-gated MLP, TEAL/WINA thresholds, batch <= 8) run
+as one call into the native extension's `Decoder`, which walks every block in C++ with
+the same kernels and choices; the Python blocks below remain the definition and serve
+prompts, verification passes, CATS, R-Sparse and CoreInfer. Why: the Python loop costs
+~6 ms of ~32 ms per token on the default model outside the projections (norms, RoPE,
+cache writes, reshapes, residual adds), paid equally by dense and sparse.
+
+It reads the model: weights through the adapter layout, thresholds / WINA scales /
+R-Sparse factors / CATS gate thresholds from the wrappers of
+`sparsellm.methods.activation.modules`. The HF model is not modified. Prompt tokens (prefill,
+and Sirius' verification passes) run as batched masked matmuls with the same masks as
+the wrappers, so runtime and HF reference compute the same function. The per-call units
+(`Proj`, `GatedMLP`, `pick_dense_kernels`) are in `sparsellm.methods.activation.projections`;
+this module walks the blocks, keeps the KV cache and generates.
+
+Costs to know: the runtime keeps a transposed copy of every block weight and the LM
+head (~the model's size again). Batches must be unpadded (equal prompt lengths).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsellm.methods.activation.coreinfer import CoreActivation
+from sparsellm.methods.activation.kernels import native_kernel
+from sparsellm.methods.activation.modules import ActSparseLinear, ThresholdedActivation
+from sparsellm.methods.activation.projections import EMPTY, GatedMLP, Proj, pick_dense_kernels
+from sparsellm.models.adapters import get_blocks, get_layout
+
+
+@dataclass
+class Norm:
+    """RMSNorm as one fused op (HF's module spends six ops per call on it)."""
+
+    weight: torch.Tensor
+    eps: float
+
+    @classmethod
+    def of(cls, module: nn.Module) -> Norm:
+        eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
+        return cls(module.weight.detach(), float(eps))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+@dataclass
+class Layer:
+    attn_norm: Norm
+    mlp_norm: Norm
+    qkv: Proj
+    o: Proj
+    mlp: GatedMLP
+    k_cache: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    v_cache: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+
+
+def _is_silu(act: nn.Module) -> bool:
+    """Whether `act` computes SiLU (the Decoder hard-codes it). Checked on values, since
+    transformers wraps SiLU in classes of its own that change between versions."""
+    probe = torch.linspace(-8, 8, 65)
+    with torch.no_grad():
+        return torch.allclose(act(probe), F.silu(probe), rtol=1e-6, atol=1e-7)
+
+
+def _block(layer: Layer) -> list[Proj]:
+    """A block's four projections in the Decoder's order."""
+    return [layer.qkv, layer.o, layer.mlp.gate, layer.mlp.down]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """x·cos + rotate_half(x)·sin in three ops: rotate_half(x) = roll(x, d/2) with the sign
+    of the first half folded into `sin_signed` (see `DecodeRuntime._rope`)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
+
+
+class DecodeRuntime:
+    """Greedy generation with our kernels; `sparse=False` gives the dense baseline."""
+
+    def __init__(self, model: nn.Module, max_len: int = 2048, native: bool = True) -> None:
+        layout = get_layout(model)
+        cfg = model.config
+        self.model = model
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.max_len = max_len
+        self.embed = model.get_submodule(layout.embed)
+        self.final_norm = Norm.of(model.get_submodule(layout.final_norm))
+        self.rotary = model.get_submodule(layout.rotary)
+        self.lm_head = Proj.fuse([model.get_output_embeddings()])  # sparse with `head`
+        self.layers = [self._layer(block, layout) for block in get_blocks(model)]
+        self.native = native_kernel() if native else None
+        for proj in self._all_projs():
+            proj.native = self.native
+        pick_dense_kernels(self._all_projs())
+        self.cos, self.sin = self._rope()
+        self._decoder: Any = None  # the native whole-step decoder, built by `reset`
+        self._counts = torch.zeros(4 * len(self.layers), 2, dtype=torch.int64)
+
+    def fusable(self) -> bool:
+        """Whether decode steps can run as one native call (`sparse_gemv.cpp`'s Decoder):
+        the extension is built and every block is a SiLU-gated MLP with at most a
+        (scaled) threshold per projection; CATS, R-Sparse and CoreInfer use the Python
+        path."""
+        if self.native is None or not hasattr(self.native, "Decoder"):
+            return False
+        for layer in self.layers:
+            mlp = layer.mlp
+            if mlp.gate_threshold > 0 or mlp.core is not None or not _is_silu(mlp.act):
+                return False
+            if any(p.rule is not None and p.rule.lr_b is not None for p in _block(layer)):
+                return False
+        return True
+
+    def _build_decoder(self) -> Any:
+        """Hand the block weights, rules and current dense-kernel choices to the Decoder."""
+        tensors: list[torch.Tensor] = []
+        thresholds: list[float] = []
+        torch_dense: list[bool] = []
+        eps: list[float] = []
+        for layer in self.layers:
+            tensors += [layer.attn_norm.weight, layer.mlp_norm.weight]
+            eps += [layer.attn_norm.eps, layer.mlp_norm.eps]
+            for p in _block(layer):
+                cm = p.cm
+                tensors += [
+                    cm.table.view(cm.in_features, cm.out_features),
+                    p.weight,
+                    EMPTY if p.bias is None else p.bias.detach(),
+                    EMPTY if p.rule is None or p.rule.scale is None else p.rule.scale,
+                ]
+                thresholds.append(0.0 if p.rule is None else p.rule.threshold)
+                torch_dense.append(p.torch_dense)
+        norm = self.final_norm
+        return self.native.Decoder(
+            tensors,
+            thresholds,
+            torch_dense,
+            eps,
+            self.n_heads,
+            self.n_kv,
+            self.head_dim,
+            norm.weight,
+            norm.eps,
+        )
+
+    def _fold_counts(self) -> None:
+        """Move the Decoder's kept / seen channel counts into the projections' counters."""
+        counts = self._counts.tolist()
+        projs = [p for layer in self.layers for p in _block(layer)]
+        for proj, (kept, seen) in zip(projs, counts, strict=True):
+            proj.kept += kept * proj.cm.out_features
+            proj.seen += seen * proj.cm.out_features
+        self._counts.zero_()
+
+    def _layer(self, block: nn.Module, layout: Any) -> Layer:
+        qkv_names, o_names, gu_names, down_names = layout.input_groups
+        act = block.get_submodule(layout.gate_act)
+        gate_thr = float(act.threshold) if isinstance(act, ThresholdedActivation) else 0.0
+        base_act = act.base_layer if isinstance(act, ThresholdedActivation) else act
+        gate_up = [block.get_submodule(n) for n in gu_names]
+        up = gate_up[1].base_layer if isinstance(gate_up[1], ActSparseLinear) else gate_up[1]
+        down_mod = block.get_submodule(down_names[0])
+        core = down_mod if isinstance(down_mod, CoreActivation) else None
+        down = Proj.fuse([down_mod.base_layer if core is not None else down_mod])
+        # CATS: the gate alone runs dense, up rows and down columns are gathered
+        gate = Proj.fuse(gate_up[:1] if gate_thr > 0 else gate_up)
+        up_bias = None if up.bias is None else up.bias.detach()
+        mlp = GatedMLP(gate, up.weight.detach(), up_bias, down, base_act, gate_thr, core)
+        return Layer(
+            attn_norm=Norm.of(block.get_submodule(layout.attn_norm)),
+            mlp_norm=Norm.of(block.get_submodule(layout.mlp_norm)),
+            qkv=Proj.fuse([block.get_submodule(n) for n in qkv_names]),
+            o=Proj.fuse([block.get_submodule(o_names[0])]),
+            mlp=mlp,
+        )
+
+    def _rope(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sign-folded sin tables for every position, from the model's own rotary
+        module (so any rope scaling it applies is kept), shaped (1, 1, max_len, d)."""
+        x = torch.zeros(1, 1, self.head_dim)
+        cos, sin = self.rotary(x, torch.arange(self.max_len)[None])
+        half = self.head_dim // 2
+        sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+        return cos[:, None], sin[:, None]
+
+    def reset(self, batch: int) -> None:
+        shape = (batch, self.n_kv, self.max_len, self.head_dim)
+        for layer in self.layers:
+            layer.k_cache = torch.zeros(shape)
+            layer.v_cache = torch.zeros(shape)
+        for proj in self.projections():
+            proj.kept = proj.seen = 0
+        for layer in self.layers:
+            layer.mlp.core_mlp = None  # CoreInfer: a new prompt picks a new core
+        self._counts.zero_()
+        # rebuilt per prompt: cheap, and it picks up changed dense-kernel choices
+        self._decoder = self._build_decoder() if self.fusable() else None
+        if self._decoder is not None:
+            self._decoder.set_caches([c for ly in self.layers for c in (ly.k_cache, ly.v_cache)])
+
+    def _all_projs(self) -> list[Proj]:
+        out = [self.lm_head]
+        for layer in self.layers:
+            out += _block(layer)
+        return out
+
+    def projections(self) -> list[Any]:
+        out: list[Any] = [self.lm_head]
+        for layer in self.layers:
+            out += [*_block(layer), layer.mlp]
+        return out
+
+    def _blocks(self, x: torch.Tensor, pos: int, sparse: bool) -> torch.Tensor:
+        """The blocks in Python: prompts, verification passes, and models the native
+        Decoder does not cover."""
+        b, n, _ = x.shape
+        cos, sin = self.cos[:, :, pos : pos + n], self.sin[:, :, pos : pos + n]
+        mask = None
+        if n > 1:
+            mask = torch.ones(n, pos + n, dtype=torch.bool).tril(pos)
+        hq, hk, d = self.n_heads, self.n_kv, self.head_dim
+        for layer in self.layers:
+            h = layer.attn_norm(x).reshape(b * n, -1)
+            qkv = layer.qkv(h, sparse).view(b, n, hq + 2 * hk, d).transpose(1, 2)
+            qk, v = qkv.split([hq + hk, hk], dim=1)
+            q, k = _rotate(qk, cos, sin).split([hq, hk], dim=1)
+            layer.k_cache[:, :, pos : pos + n] = k
+            layer.v_cache[:, :, pos : pos + n] = v
+            att = F.scaled_dot_product_attention(
+                q,
+                layer.k_cache[:, :, : pos + n],
+                layer.v_cache[:, :, : pos + n],
+                attn_mask=mask,
+                enable_gqa=hq != hk,
+            )
+            att = att.transpose(1, 2).reshape(b * n, hq * d)
+            x = x + layer.o(att, sparse).view(b, n, -1)
+            h = layer.mlp_norm(x).reshape(b * n, -1)
+            x = x + layer.mlp(h, sparse).view(b, n, -1)
+        return x
+
+    @torch.no_grad()
+    def forward(
+        self, ids: torch.Tensor, pos: int, sparse: bool, last_only: bool = False
+    ) -> torch.Tensor:
+        """Logits (b, L, vocab) for `ids` (b, L) placed at positions pos..pos+L-1.
+
+        `last_only` computes the LM head for the last position only (prefill).
+        """
+        b, n = ids.shape
+        if pos + n > self.max_len:
+            raise ValueError(f"sequence of {pos + n} tokens exceeds max_len={self.max_len}")
+        x = self.embed(ids)
+        if n == 1 and b <= 8 and self._decoder is not None:  # a decode step: one native call
+            cos_row, sin_row = self.cos[0, 0, pos], self.sin[0, 0, pos]
+            # the step ends with the final norm applied
+            h = self._decoder.step(x.view(b, -1), pos, sparse, cos_row, sin_row, self._counts)
+            return self.lm_head(h, sparse).view(b, 1, -1)
+        x = self._blocks(x, pos, sparse)
+        if last_only:
+            x, n = x[:, -1:], 1
+        h = self.final_norm(x).reshape(b * n, -1)
+        return self.lm_head(h, sparse).view(b, n, -1)
+
+    @torch.no_grad()
+    def generate(
+        self, ids: torch.Tensor, new_tokens: int, sparse: bool = True, verify_every: int = 0
+    ) -> dict[str, Any]:
+        """Greedy decode of `new_tokens` tokens after `ids` (b, P).
+
+        `verify_every=k` (> 0, sparse only) is Sirius-style correction: after every k
+        sparse tokens the dense model re-reads them in one pass (rewriting their KV
+        entries), and generation resumes from the first token where dense and sparse
+        disagree, with the dense token; the prompt is then read densely as well, so with
+        k = 1 the output is exactly dense greedy. Returns the tokens, timings and the
+        correction rate (rollbacks per verified token).
+        """
+        b, p = ids.shape
+        self.reset(b)
+        t0 = time.perf_counter()
+        # with verification the prompt is read densely too, so every token is checked
+        logits = self.forward(ids, 0, sparse and not verify_every, last_only=True)
+        prefill_s = time.perf_counter() - t0
+        out = [logits[:, -1].argmax(-1)]
+        pos = p
+        corrected = verified = 0
+        t1 = time.perf_counter()
+        draft_start = len(out) - 1  # index in `out` of the first unverified token
+        while len(out) < new_tokens:
+            logits = self.forward(out[-1][:, None], pos, sparse)
+            out.append(logits[:, -1].argmax(-1))
+            pos += 1
+            if sparse and verify_every and len(out) - 1 - draft_start >= verify_every:
+                block = torch.stack(out[draft_start:-1], dim=1)  # tokens already fed
+                start = pos - block.shape[1]
+                dense = self.forward(block, start, sparse=False).argmax(-1)
+                proposed = torch.stack(out[draft_start + 1 :], dim=1)
+                same = (dense == proposed).all(0)
+                n_ok = int(same.long().cumprod(0).sum())
+                verified += proposed.shape[1]
+                if n_ok < proposed.shape[1]:
+                    corrected += 1
+                    out = [*out[: draft_start + 1 + n_ok], dense[:, n_ok]]
+                    pos = start + n_ok + 1
+                draft_start = len(out) - 1
+        decode_s = time.perf_counter() - t1
+        tokens = torch.cat([ids, torch.stack(out[:new_tokens], dim=1)], dim=1)
+        return {
+            "tokens": tokens,
+            "prefill_s": prefill_s,
+            "decode_s": decode_s,
+            "decode_tok_s": (new_tokens - 1) * b / decode_s if decode_s > 0 else float("inf"),
+            "corrections": corrected,
+            "verified_tokens": verified,
+            "correction_rate": corrected / verified if verified else None,  # None: not verified
+            "skipped_fraction": self.skipped_fraction(),
+        }
+
+    def skipped_fraction(self) -> float | None:
+        """Share of the thresholded projections' weight reads skipped in decode steps."""
+        self._fold_counts()
+        kept = sum(p.kept for p in self.projections())
+        seen = sum(p.seen for p in self.projections())
+        return None if seen == 0 else 1.0 - kept / seen

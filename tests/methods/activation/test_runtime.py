@@ -1,0 +1,155 @@
+"""The decode runtime computes the same function as the HF model (dense and sparse)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsellm.methods.activation.apply import sparsify_activations
+from sparsellm.methods.activation.runtime import DecodeRuntime
+from sparsellm.methods.activation.teal import TEALConfig
+from sparsellm.models.tiny import tiny_model
+from tests.activation.helpers import act_config
+
+
+def _prompt() -> torch.Tensor:
+    return torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(3))
+
+
+def _stepwise(
+    rt: DecodeRuntime, ids: torch.Tensor, split: int, sparse: bool, native: bool = True
+) -> torch.Tensor:
+    """Prefill ids[:, :split], then feed the rest one token at a time (the decode path);
+    `native=False` forces the Python blocks where the native Decoder would run."""
+    rt.reset(ids.shape[0])
+    if not native:
+        rt._decoder = None
+    rt.forward(ids[:, :split], 0, sparse)
+    steps = [rt.forward(ids[:, i : i + 1], i, sparse) for i in range(split, ids.shape[1])]
+    return torch.cat(steps, dim=1)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_dense_runtime_matches_hf(family: str) -> None:
+    model = tiny_model(family).eval()
+    ids = _prompt()
+    ref = model(ids).logits
+    rt = DecodeRuntime(model, max_len=32)
+    rt.reset(1)
+    torch.testing.assert_close(rt.forward(ids, 0, sparse=False), ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(_stepwise(rt, ids, 5, False), ref[:, 5:], rtol=1e-4, atol=1e-5)
+    hf = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0
+    )
+    assert torch.equal(rt.generate(ids, 8, sparse=False)["tokens"], hf)
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("method", ["teal", "wina", "rsparse", "cats"])
+def test_sparse_decode_matches_wrapped_hf(
+    method: str, native: bool, calib_ids: torch.Tensor
+) -> None:
+    model = tiny_model("qwen2").eval()
+    sparsify_activations(model, calib_ids, act_config(method, sparsity=0.5, max_tokens=256))
+    ids = _prompt()
+    ref = model(ids).logits  # the wrappers: masked dense matmuls
+    rt = DecodeRuntime(model, max_len=32, native=native)
+    # the one-call native Decoder covers thresholds only; the rest runs the Python blocks
+    assert rt.fusable() == (native and method in ("teal", "wina"))
+    got = _stepwise(rt, ids, 5, sparse=True)  # the kernel, one token at a time
+    torch.testing.assert_close(got, ref[:, 5:], rtol=1e-4, atol=1e-5)
+    assert rt.skipped_fraction() > 0.2
+
+
+def test_sparse_head_decode_matches_wrapped_hf(calib_ids: torch.Tensor) -> None:
+    model = tiny_model("llama").eval()
+    cfg = TEALConfig(sparsity=0.5, max_tokens=256, head=True)
+    sparsify_activations(model, calib_ids, cfg)
+    ids = _prompt()
+    ref = model(ids).logits
+    rt = DecodeRuntime(model, max_len=32)
+    torch.testing.assert_close(_stepwise(rt, ids, 5, True), ref[:, 5:], rtol=1e-4, atol=1e-5)
+    assert rt.lm_head.kept < rt.lm_head.seen  # the head skipped columns too
+
+
+def test_either_dense_kernel_gives_the_dense_logits() -> None:
+    model = tiny_model("qwen2").eval()
+    ids = _prompt()
+    ref = model(ids).logits
+    rt = DecodeRuntime(model, max_len=32)
+    for use_torch in (False, True):
+        for proj in rt._all_projs():
+            proj.torch_dense = use_torch
+        got = _stepwise(rt, ids, 5, sparse=False)
+        torch.testing.assert_close(got, ref[:, 5:], rtol=1e-4, atol=1e-5)
+
+
+def test_small_batch_decode_matches_single_rows(calib_ids: torch.Tensor) -> None:
+    model = tiny_model("llama").eval()
+    sparsify_activations(model, calib_ids, TEALConfig(sparsity=0.5, max_tokens=256))
+    ids = torch.randint(0, 256, (3, 10), generator=torch.Generator().manual_seed(4))
+    rt = DecodeRuntime(model, max_len=32)
+    batch = _stepwise(rt, ids, 4, sparse=True)
+    rows = torch.cat([_stepwise(rt, ids[i : i + 1], 4, sparse=True) for i in range(3)])
+    torch.testing.assert_close(batch, rows, rtol=1e-4, atol=1e-5)
+
+
+def test_verification_every_token_reproduces_dense_greedy(calib_ids: torch.Tensor) -> None:
+    model = tiny_model("llama").eval()
+    ids = _prompt()
+    dense = DecodeRuntime(model, max_len=64).generate(ids, 16, sparse=False)["tokens"]
+    sparsify_activations(model, calib_ids, TEALConfig(sparsity=0.7, max_tokens=256))
+    rt = DecodeRuntime(model, max_len=64)
+    plain = rt.generate(ids, 16, sparse=True)
+    checked = rt.generate(ids, 16, sparse=True, verify_every=1)
+    assert not torch.equal(plain["tokens"], dense)  # 70% sparsity changes the greedy text
+    assert plain["correction_rate"] is None  # nothing verified: no rate, not a rate of 0
+    # every sparse token is checked by a dense pass before the next one is drafted
+    assert torch.equal(checked["tokens"], dense)
+    assert checked["verified_tokens"] >= 14 and 0 < checked["correction_rate"] <= 1
+
+
+def test_too_long_is_an_error() -> None:
+    rt = DecodeRuntime(tiny_model("llama").eval(), max_len=8)
+    with pytest.raises(ValueError, match="max_len"):
+        rt.generate(_prompt(), 4, sparse=False)
+
+
+def _fused_and_python(
+    rt: DecodeRuntime, ids: torch.Tensor, split: int, sparse: bool
+) -> tuple[torch.Tensor, torch.Tensor, float | None, float | None]:
+    """Decode ids[:, split:] after a prefill, once through the native Decoder and once
+    through the Python blocks: both logits and both skipped fractions."""
+    fused = _stepwise(rt, ids, split, sparse)
+    assert rt._decoder is not None
+    fused_skip = rt.skipped_fraction()
+    python = _stepwise(rt, ids, split, sparse, native=False)
+    return fused, python, fused_skip, rt.skipped_fraction()
+
+
+@pytest.mark.parametrize(("family", "method"), [("llama", "teal"), ("qwen2", "wina")])
+def test_native_decode_step_equals_python_blocks(
+    family: str, method: str, calib_ids: torch.Tensor
+) -> None:
+    """The one-call Decoder (sparse_gemv.cpp) computes the Python blocks' function and
+    counts the same skipped channels, dense and sparse, with GQA and (qwen2) biases."""
+    model = tiny_model(family).eval()
+    sparsify_activations(model, calib_ids, act_config(method, sparsity=0.5))
+    rt = DecodeRuntime(model, max_len=32)
+    assert rt.fusable()
+    for sparse in (False, True):
+        fused, python, fused_skip, python_skip = _fused_and_python(rt, _prompt(), 5, sparse)
+        torch.testing.assert_close(fused, python, rtol=1e-5, atol=1e-5)
+        assert python_skip == fused_skip
+        assert (fused_skip is None) == (not sparse)
+
+
+def test_native_decode_long_context_attention(calib_ids: torch.Tensor) -> None:
+    """From 512 cached positions the Decoder's attention splits heads over threads;
+    steps on both sides of that switch still equal the Python blocks (SDPA)."""
+    model = tiny_model("llama").eval()
+    sparsify_activations(model, calib_ids, TEALConfig(sparsity=0.5))
+    ids = torch.randint(0, 256, (2, 516), generator=torch.Generator().manual_seed(5))
+    rt = DecodeRuntime(model, max_len=520)
+    fused, python, _, _ = _fused_and_python(rt, ids, 508, sparse=True)
+    torch.testing.assert_close(fused, python, rtol=1e-5, atol=1e-5)
