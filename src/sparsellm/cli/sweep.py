@@ -72,7 +72,8 @@ def add_parser(sub: Any) -> None:
         type=float,
         default=None,
         metavar="N",
-        help="CPUs each Ray point reserves (default: all of the cluster's)",
+        help="CPUs each Ray point reserves (default: the smallest node's CPU count, so a "
+        "point fits on any node)",
     )
     p.add_argument(
         "--save-models",
@@ -103,7 +104,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     todo = open_sweep(out, args.model, protocol, points, args.overwrite)
     print(f"sweep {out}: {len(points)} points, {len(points) - len(todo)} already done")
     if args.executor == "ray":
-        run_ray(out, args.model, protocol, todo, args.ray_address, args.ray_cpus_per_point)
+        run_ray(
+            out,
+            args.model,
+            protocol,
+            todo,
+            args.ray_address,
+            args.ray_cpus_per_point,
+            args.save_models,
+        )
     else:
         run_local(out, args.model, protocol, todo, args.save_models)
     runs = load_runs([out])

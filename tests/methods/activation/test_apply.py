@@ -32,7 +32,7 @@ from sparsellm.methods.activation.teal import TEAL, TEALConfig
 from sparsellm.methods.activation.thresholds import quantile_threshold
 from sparsellm.methods.activation.wina import WINA, WINAConfig
 from sparsellm.models.tiny import tiny_model
-from tests.activation.helpers import act_config
+from tests.methods.activation.helpers import act_config
 
 METHODS = ["teal", "wina", "rsparse", "cats"]
 

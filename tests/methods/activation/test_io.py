@@ -22,7 +22,7 @@ from sparsellm.methods.activation.io import (
 )
 from sparsellm.methods.activation.teal import TEALConfig
 from sparsellm.models.tiny import byte_tokenizer, tiny_model
-from tests.activation.helpers import act_config
+from tests.methods.activation.helpers import act_config
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from sparsellm.methods.activation.apply import sparsify_activations
 from sparsellm.methods.activation.runtime import DecodeRuntime
 from sparsellm.methods.activation.teal import TEALConfig
 from sparsellm.models.tiny import tiny_model
-from tests.activation.helpers import act_config
+from tests.methods.activation.helpers import act_config
 
 
 def _prompt() -> torch.Tensor:

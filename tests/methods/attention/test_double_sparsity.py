@@ -10,7 +10,7 @@ from sparsellm.errors import SparseLLMError
 from sparsellm.integrations.transformers import calibrate, sparse_attention
 from sparsellm.methods.attention.double_sparsity import approx_top_tokens, channel_scores
 from sparsellm.models.tiny import tiny_model
-from tests.attention.test_kv import _greedy, _ids
+from tests.methods.attention.test_kv import _greedy, _ids
 
 
 def test_channel_scores_are_l1_products_group_summed() -> None:

@@ -11,7 +11,7 @@ from sparsellm.methods.attention.anchor import Anchor, anchor_stripes
 from sparsellm.methods.attention.blocksparse import block_sparse_attention, masked_dense_attention
 from sparsellm.methods.attention.moa import CANDIDATES, MoA, allocate, head_windows
 from sparsellm.models.tiny import tiny_model
-from tests.attention.test_kv import _ids
+from tests.methods.attention.test_kv import _ids
 
 
 def test_head_windows_match_per_head_sink_window() -> None:

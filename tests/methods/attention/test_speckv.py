@@ -12,7 +12,7 @@ from sparsellm.errors import SparseLLMError
 from sparsellm.integrations.transformers import draft_cache, sparse_attention
 from sparsellm.methods.attention.speckv import SpecKV, prompt_votes
 from sparsellm.models.tiny import tiny_model
-from tests.attention.test_kv import _greedy, _ids
+from tests.methods.attention.test_kv import _greedy, _ids
 
 
 def test_prompt_votes_of_uniform_attention() -> None:

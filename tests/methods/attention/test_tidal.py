@@ -10,7 +10,7 @@ from transformers import DynamicCache
 from sparsellm.integrations.transformers import sparse_attention
 from sparsellm.methods.attention.tidal import SELECTION, TidalDecode, select_positions
 from sparsellm.models.tiny import tiny_model
-from tests.attention.test_kv import _greedy, _ids
+from tests.methods.attention.test_kv import _greedy, _ids
 
 
 def test_select_positions_sums_heads_and_sorts() -> None:

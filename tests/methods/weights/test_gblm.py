@@ -59,3 +59,24 @@ def test_gblm_reduces_to_wanda_without_gradient_term(calib_ids):
     c = tiny_model("llama")
     sparsify(c, [{"method": "gblm", "sparsity": 0.5}], calib_ids)
     assert any(not torch.equal(x, y) for x, y in zip(a.parameters(), c.parameters(), strict=True))
+
+
+def test_activation_term_is_averaged_over_calibration_sequences():
+    """As in the reference code, ‖X_j‖² is Σ x² / (number of sequences): two identical
+    sequences give the same mask as one, where a plain sum would double the Wanda term
+    against the gradient term and change the mask."""
+    weight = torch.tensor([[1.0, 0.5, 2.0, -1.0]])
+    grad = torch.tensor([[0.0, 4.0, 0.0, 0.0]])
+    one, two = RowNormSq(4), RowNormSq(4)
+    x = torch.tensor([[[2.0, 1.0, 0.4, 3.0]]])
+    one.update(x)
+    two.update(torch.cat([x, x]))  # two sequences of one token each
+    assert torch.equal(two.per_window, one.per_window)
+    pruner = GBLM(GBLMConfig(sparsity=0.5))
+    ctx = LayerContext(grad=grad)
+    assert torch.equal(pruner.prune(weight, two, ctx), pruner.prune(weight, one, ctx))
+    # averaged: [2, .5·(1+4), 2·.4, 3] = [2, 2.5, .8, 3] keeps columns 1 and 3; the plain
+    # sum (8, 2, .32, 18) would score [2.83, 2.71, 1.13, 4.24] and keep columns 0 and 3
+    assert pruner.prune(weight, two, ctx)[0].nonzero().flatten().tolist() == [1, 3]
+    plain = gblm_score(weight, two.value, grad)
+    assert plain.argsort(dim=1)[0, 2:].tolist() == [0, 3]

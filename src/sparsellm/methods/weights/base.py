@@ -108,15 +108,22 @@ class RowNormSq(Stats):
     def __init__(self, in_features: int) -> None:
         super().__init__(in_features)
         self.sum = torch.zeros(in_features, dtype=torch.float64)
+        self.windows = 0
 
     def update(self, x: torch.Tensor) -> None:
         windows = as_windows(x, self.in_features)
         self.sum += windows.square().sum(1).double().sum(0)
         self.tokens += windows.shape[0] * windows.shape[1]
+        self.windows += windows.shape[0]
 
     @property
     def value(self) -> torch.Tensor:
         return self.sum.float()
+
+    @property
+    def per_window(self) -> torch.Tensor:
+        """Σ x² divided by the number of calibration windows (GBLM's scale, see gblm.py)."""
+        return (self.sum / max(self.windows, 1)).float()
 
 
 class InputMoments(Stats):

@@ -6,6 +6,11 @@ G is the ℓ2 norm over calibration samples of the scaled (s = 100, as in the pa
 code) per-sample gradient of the LM loss on the dense model, computed once before the
 sequential pass (`sparsellm.calib.gradients`); the Wanda term uses the usual
 sequential activations. Masks compare within each output row, like Wanda.
+
+The two terms are added, so their relative scale matters: as in the reference code,
+‖X_j‖² is the sum over tokens divided by the number of calibration sequences (Wanda's
+running mean over samples), not the plain sum, which would weigh the activation term
+√N times more (about 11× at 128 sequences).
 """
 
 from __future__ import annotations
@@ -59,6 +64,6 @@ class GBLM(WeightPruner):
         cfg = self.config
         target = self.sparsity(ctx)
         mask = make_mask(
-            gblm_score(weight, stats.value, ctx.grad), target, cfg.parsed_pattern, "row"
+            gblm_score(weight, stats.per_window, ctx.grad), target, cfg.parsed_pattern, "row"
         )
         return weight.masked_fill(mask, 0.0)
