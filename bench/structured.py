@@ -5,8 +5,10 @@ wiki windows disjoint from the evaluation ones with `--calib-source wiki`),
 report wiki perplexity, KL and top-1 to dense, then the same after `--recover-steps`
 distillation steps (0 skips recovery); optional zero-shot `--tasks` and `--speed`
 (prefill 512/2048 and decode 128 tokens, side by side with dense, as ratios). Prints a
-Markdown table and writes bench/results/structured.json after every point, so an
-interrupted run keeps what it finished. Timed numbers need an idle machine.
+Markdown table and writes bench/results/structured.json (scratch) after every point, so
+an interrupted run keeps what it finished; at the end the table goes to
+`results/structured-<model>.json` (command, commit, CPU flags, date). Timed numbers need
+an idle machine.
 
     python bench/structured.py [--methods taylor,obs,depth] [--ratios 0.1,0.2,0.25,0.3]
         [--model qwen0.5b] [--calib-source wiki] [--recover-steps 20]
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from provenance import write_result
 
 import sparsellm as sl
 from sparsellm.config import spec_keys
@@ -106,6 +109,7 @@ def main() -> None:
     ap.add_argument("--speed", action="store_true")
     ap.add_argument("--speed-ratios", default="", help="speed only at these ratios")
     ap.add_argument("--out", default=str(HERE / "results" / "structured.json"))
+    ap.add_argument("--name", default=None, help="result name (default structured-MODEL)")
     args = ap.parse_args()
     torch.manual_seed(0)
     tasks = resolve_tasks(args.tasks)
@@ -155,8 +159,14 @@ def main() -> None:
     print(f"\ndense wiki ppl {dense_ppl}  (zero-shot mean acc {dense_acc})")
     headers = ["method", "ratio", "removed", "ppl", "KL", "ppl + KD", "0-shot acc"]
     headers += ["prefill 512 x", "prefill 2048 x", "decode x"]
-    print(table(headers, [_row(r) for r in results["runs"]]))
-    print(f"wrote {out}")
+    rows = [_row(r) for r in results["runs"]]
+    print(table(headers, rows))
+    flat = [dict(zip(headers, row, strict=True)) for row in rows]
+    path = write_result(
+        args.name or f"structured-{args.model}",
+        {"rows": flat, "dense_ppl": dense_ppl, "dense_zeroshot_acc": dense_acc, "full": results},
+    )
+    print(f"wrote {out} and {path}")
 
 
 if __name__ == "__main__":
