@@ -128,6 +128,9 @@ def main() -> None:
         "--dtypes", default="fp32,bf16", help="our calibration forward dtypes (fp32, bf16)"
     )
     ap.add_argument("--skip-peer", action="store_true", help="only run sparsellm")
+    ap.add_argument(
+        "--skip-floor", action="store_true", help="skip timing the two plain forward passes"
+    )
     ap.add_argument("--name", default=None, help="result name (default vs_llmcompressor-MODEL)")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -136,7 +139,7 @@ def main() -> None:
     model, tok = loaded.model, loaded.tokenizer
     calib = sl.calibration(tok, "c4", args.nsamples, args.seqlen)
     windows = sl.calibration(tok, "wiki", args.eval_windows, args.seqlen)
-    floor = floor_seconds(model, calib, args.batch_size)
+    floor = None if args.skip_floor else floor_seconds(model, calib, args.batch_size)
     dense_ppl = perplexity(model, windows, desc="dense")["ppl"]
     python = None if args.skip_peer else llmc_python()
 
@@ -182,7 +185,7 @@ def main() -> None:
         "speedup bf16",
     ]
     print(
-        f"dense ppl {dense_ppl:.4f}; floor (2 plain fp32 passes) {floor:.1f}s; "
+        f"dense ppl {dense_ppl:.4f}; floor (2 plain fp32 passes) {floor or float('nan'):.1f}s; "
         f"{args.nsamples}x{args.seqlen} c4 calib, {args.eval_windows}x{args.seqlen} wiki eval"
     )
     print(table(headers, rows))
@@ -205,7 +208,7 @@ def main() -> None:
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
-def _row(e: dict, floor: float) -> list:
+def _row(e: dict, floor: float | None) -> list:
     """One table row; "n/a" where the peer or the bf16 run was skipped."""
     na = "n/a"
     o32, o16, peer = e["ours_fp32"], e.get("ours_bf16"), e.get("llmcompressor")
@@ -223,9 +226,9 @@ def _row(e: dict, floor: float) -> list:
         o32["prune_seconds"],
         o16["prune_seconds"] if o16 else na,
         peer["prune_seconds"] if peer else na,
-        o32["prune_seconds"] / floor,
-        o16["prune_seconds"] / floor if o16 else na,
-        peer["prune_seconds"] / floor if peer else na,
+        o32["prune_seconds"] / floor if floor else na,
+        o16["prune_seconds"] / floor if o16 and floor else na,
+        peer["prune_seconds"] / floor if peer and floor else na,
         ratio(peer, o32, "prune_seconds"),
         ratio(peer, o16, "prune_seconds"),
     ]
