@@ -18,17 +18,17 @@ are kept and rendered below the table.
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
 import platform
 import re
 import shlex
 import subprocess
 import sys
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from sparsellm.export.hf import write_json_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "results"
@@ -89,16 +89,7 @@ def write_result(
     out_dir = RESULTS_DIR if out_dir is None else Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
-    text = json.dumps(record, indent=2, default=str) + "\n"
-    # a reader (or a crash mid-write) never sees half a file: write beside it, then rename
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json_atomic(path, record)  # a reader never sees half a file
     return path
 
 
