@@ -141,6 +141,17 @@ def quality(
     return {"before": before, "after": after, "comparison": comparison}
 
 
+def eval_record(corpus: Any, windows: int, seqlen: int, tasks: Any, limit: int) -> dict[str, Any]:
+    """What an evaluation read: the corpus (path, sha256), window counts and tasks."""
+    return {
+        "data": corpus.describe(),
+        "windows": windows,
+        "seqlen": seqlen,
+        "tasks": list(tasks),
+        "limit": limit,
+    }
+
+
 def provenance(prep: Prepared, protocol: Protocol, **extra: Any) -> dict[str, Any]:
     """Model, data (with hashes), window counts, seed and versions behind a run's numbers."""
     from sparsellm.api import versions
@@ -154,13 +165,7 @@ def provenance(prep: Prepared, protocol: Protocol, **extra: Any) -> dict[str, An
             "seqlen": p.seqlen,
             "dtype": p.calib_dtype,
         },
-        "eval": {
-            "data": prep.corpora["eval"].describe(),
-            "windows": p.eval_windows,
-            "seqlen": p.seqlen,
-            "tasks": list(p.tasks),
-            "limit": p.limit,
-        },
+        "eval": eval_record(prep.corpora["eval"], p.eval_windows, p.seqlen, p.tasks, p.limit),
         "protocol": p.to_dict(),
         "seed": p.seed,
         "versions": versions(),

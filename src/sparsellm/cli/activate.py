@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> Result:
     from sparsellm.methods.activation.io import save_with_activations
     from sparsellm.methods.activation.modules import measured_sparsity, reset_counts
     from sparsellm.models.adapters import get_layout
-    from sparsellm.pipeline import check_window, quality, seed_everything
+    from sparsellm.pipeline import check_window, eval_record, quality, seed_everything
     from sparsellm.recipe import Recipe
     from sparsellm.report.markdown import quality_table, table
 
@@ -157,13 +157,7 @@ def run(args: argparse.Namespace) -> Result:
                 "nsamples": cfg.nsamples,
                 "seqlen": cfg.seqlen,
             },
-            "eval": {
-                "data": eval_corpus.describe(),
-                "windows": args.eval_windows,
-                "seqlen": args.seqlen,
-                "tasks": list(names),
-                "limit": args.limit,
-            },
+            "eval": eval_record(eval_corpus, args.eval_windows, args.seqlen, names, args.limit),
             "seed": cfg.seed,
             "versions": versions(),
             **({"out": str(out)} if out is not None else {}),

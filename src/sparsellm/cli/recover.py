@@ -87,7 +87,13 @@ def run(args: argparse.Namespace) -> Result:
     from sparsellm.export.hf import check_out_dir
     from sparsellm.methods.weights.maskllm import MaskLLMConfig, learn_masks
     from sparsellm.methods.weights.masks import parse_pattern
-    from sparsellm.pipeline import check_window, quality, seed_everything, weight_sparsity
+    from sparsellm.pipeline import (
+        check_window,
+        eval_record,
+        quality,
+        seed_everything,
+        weight_sparsity,
+    )
     from sparsellm.recover.distill import DistillConfig, distill, summary
     from sparsellm.recover.lora import add_lora, merge_lora
     from sparsellm.recover.prompt import PromptedLM, train_prompt
@@ -177,13 +183,7 @@ def run(args: argparse.Namespace) -> Result:
                 "nsamples": args.nsamples,
                 "seqlen": args.seqlen,
             },
-            "eval": {
-                "data": eval_corpus.describe(),
-                "windows": args.eval_windows,
-                "seqlen": args.seqlen,
-                "tasks": list(names),
-                "limit": args.limit,
-            },
+            "eval": eval_record(eval_corpus, args.eval_windows, args.seqlen, names, args.limit),
             "seed": args.seed,
             "versions": versions(),
             "out": str(out),
