@@ -216,3 +216,29 @@ def test_save_load_keeps_weight_and_activation_sparsity(calib_ids, tmp_path):
     assert torch.equal(_logits(loaded, ids), expected)
     with pytest.raises(SparseLLMError, match="no activation step"):
         sl.save(model, byte_tokenizer(), tmp_path / "bad", {})
+
+
+def test_composed_recipe_same_from_cli_and_python(tiny_dir, text_file, tmp_path):
+    """`sparsellm prune --recipe` of the composed recipe saves a model whose logits (inside
+    the recipe's attention) equal those of `sl.sparsify` on the same model and windows."""
+    import yaml
+
+    from sparsellm.cli import main
+    from tests.cli import cli_args
+
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(COMPOSED_YAML)
+    out = tmp_path / "cli-run"
+    assert main(cli_args("prune", tiny_dir, text_file, "--recipe", str(recipe_file), out=out)) == 0
+    saved = sl.load(out).model
+
+    loaded = sl.load_model(str(tiny_dir))
+    calib = sl.calibration(loaded.tokenizer, str(text_file), nsamples=4, seqlen=64)
+    recipe = yaml.safe_load(COMPOSED_YAML)
+    sl.sparsify(loaded.model, recipe, calib)
+    ids = torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(3))
+    logits = []
+    for model in (saved, loaded.model):
+        with sl.attention(model, recipe):
+            logits.append(_logits(model, ids))
+    assert torch.equal(*logits)
