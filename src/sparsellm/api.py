@@ -181,15 +181,19 @@ def attention(
         spec = parse_recipe(recipe).attention
     if not spec:
         return contextlib.nullcontext()
-    methods = []
-    for cfg in (spec.kv or spec.prefill, spec.prefill if spec.kv else None):
-        if cfg is not None and cfg.needs_calibration():
-            if tokenizer is None:
-                raise SparseLLMError(f"{cfg.name} calibrates on text first: pass a tokenizer")
-            n = min(seqlen, context_window(model) or seqlen)
-            cfg = calibrate(model, token_windows(tokenizer, resolve_corpus(calib), 1, n), cfg)
-        methods.append(cfg)
-    return sparse_attention(model, methods[0], prefill=methods[1])
+
+    def ready(cfg: MethodConfig | None) -> MethodConfig | None:
+        """`cfg`, calibrated first if it has a calibrated table to fill."""
+        if cfg is None or not cfg.needs_calibration():
+            return cfg
+        if tokenizer is None:
+            raise SparseLLMError(f"{cfg.name} calibrates on text first: pass a tokenizer")
+        n = min(seqlen, context_window(model) or seqlen)
+        return calibrate(model, token_windows(tokenizer, resolve_corpus(calib), 1, n), cfg)
+
+    if spec.kv is None:
+        return sparse_attention(model, ready(spec.prefill))
+    return sparse_attention(model, ready(spec.kv), prefill=ready(spec.prefill))
 
 
 def evaluate(

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from sparsellm.config import MethodConfig, from_spec, to_config
+from sparsellm.config import MethodConfig, to_config
 from sparsellm.errors import SparseLLMError
 
 STEP_FAMILIES = ("weights", "structured", "activation")
@@ -117,11 +117,3 @@ def read_recipe(path: str | Path) -> Any:
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file."""
     return parse_recipe(read_recipe(path))
-
-
-def spec_recipe(spec: str) -> Recipe:
-    """A one-step recipe from a spec string of any family (``"wanda:sparsity=0.5"``)."""
-    cfg = from_spec(spec)
-    if cfg.family in ATTENTION_FAMILIES:
-        return Recipe(attention=AttentionSpec(**{cfg.family: cfg}))
-    return Recipe((cfg,))

@@ -33,7 +33,6 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from sparsellm.config import to_config
-from sparsellm.data.corpora import resolve_corpus, token_windows
 from sparsellm.errors import SparseLLMError
 from sparsellm.methods.attention.blocksparse import block_sparse_attention, sliding_window_attention
 from sparsellm.methods.attention.cache import CompressedCache, CompressedLayer
@@ -45,7 +44,7 @@ from sparsellm.methods.attention.protocols import (
     KVConfig,
     PrefillConfig,
 )
-from sparsellm.models.adapters import context_window, full_attention_layers
+from sparsellm.models.adapters import full_attention_layers
 
 AttentionMethod = AttentionConfig | dict[str, Any] | str  # a config, a recipe mapping, a spec
 
@@ -355,26 +354,3 @@ def draft_cache(
     cache = CompressedCache(draft.config)  # same layer kinds as the target
     scorer.fill(cache)
     return cache
-
-
-def prepared_attention(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    method: AttentionMethod,
-    calib: str = "c4",
-    seqlen: int = 4096,
-) -> contextlib.AbstractContextManager[AttentionSession]:
-    """`sparse_attention` for a prefill method, calibrating it first when it needs it
-    (MInference's per-head patterns, MoA's per-head spans) on one window of `calib`:
-    `seqlen` tokens, or the model's window if shorter. KV methods are refused: a single
-    forward (perplexity, scored answers) never decodes from a cache."""
-    method = attention_config(method)
-    if method.family == "kv":
-        raise SparseLLMError(
-            "KV-cache methods act only while decoding; measure them with bench/attention.py"
-        )
-    if method.needs_calibration():
-        seqlen = min(seqlen, context_window(model) or seqlen)
-        ids = token_windows(tokenizer, resolve_corpus(calib), 1, seqlen)
-        method = calibrate(model, ids, method)
-    return sparse_attention(model, method)
