@@ -183,7 +183,7 @@ def _decode_speed(
 
     from sparsellm.data.corpora import resolve_corpus, token_windows
     from sparsellm.eval.speed import alternate_medians
-    from sparsellm.methods.activation.runtime import DecodeRuntime
+    from sparsellm.runtime.decode import DecodeRuntime
 
     prompt = token_windows(tok, resolve_corpus("wiki"), 1, 32)
     max_len = 32 + new_tokens

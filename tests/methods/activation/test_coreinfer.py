@@ -12,7 +12,7 @@ from sparsellm.methods.activation.coreinfer import (
     split_perplexity,
     unwrap_coreinfer,
 )
-from sparsellm.methods.activation.runtime import DecodeRuntime
+from sparsellm.runtime.decode import DecodeRuntime
 from sparsellm.models.tiny import tiny_model
 
 

@@ -6,7 +6,7 @@ originals back. A threshold of 0 means "off": the wrapper then calls the base mo
 directly, so sparsity 0 gives bit-identical logits.
 
 These wrappers define the *semantics* (what is skipped); they still run dense matmuls
-on zeroed inputs. Speed comes from `sparsellm.methods.activation.runtime`, which reads the same
+on zeroed inputs. Speed comes from `sparsellm.runtime.decode`, which reads the same
 buffers and skips the columns for real.
 """
 

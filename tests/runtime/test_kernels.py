@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsellm.methods.activation.kernels import (
+from sparsellm.export.formats import KINDS, pack, unpack
+from sparsellm.runtime.kernels import (
     ColumnMajor,
     dense_matvec,
     gather_matvec,
     masked_linear_reference,
+    native_weight,
     pick_chunks,
     select_channels,
 )
@@ -62,30 +67,64 @@ def test_pick_chunks_divides() -> None:
     assert 3072 % pick_chunks(3072) == 0
 
 
+@pytest.fixture(params=["avx2", "portable"])
+def ext(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """The native extension with one ISA's kernels (AVX2 skipped on CPUs without it)."""
+    from sparsellm.runtime.kernels import native_kernel
+
+    mod = native_kernel()
+    if mod is None:
+        pytest.skip("no C++ compiler here: the pure-torch path is tested above")
+    try:
+        mod.set_isa(request.param)
+    except RuntimeError:
+        pytest.skip(f"this CPU has no {request.param}")
+    yield mod
+    mod.set_isa("auto")
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(
     ("seed", "b", "n_in", "n_out"),
     # narrow outputs (threads split the kept rows, some ranges > one 32-row task) and
-    # wide ones (threads split the output columns: out >= 2048 per thread)
-    [(0, 1, 24, 40), (1, 2, 300, 340), (2, 3, 517, 96), (3, 1, 70, 9000), (4, 3, 33, 4999)],
+    # wide ones (threads split the output columns: out >= 2048 per thread), with and
+    # without a tail past the last multiple of 8 / 16
+    [(0, 1, 24, 48), (1, 2, 300, 340), (2, 3, 517, 96), (3, 1, 70, 9000), (4, 3, 33, 4999)],
 )
-def test_native_kernel_equals_masked_reference(seed: int, b: int, n_in: int, n_out: int) -> None:
-    from sparsellm.methods.activation.kernels import native_kernel
-
-    ext = native_kernel()
-    if ext is None:
-        pytest.skip("no C++ compiler here: the pure-torch path is tested above")
+def test_native_kernel_equals_masked_reference(
+    ext: Any, kind: str, seed: int, b: int, n_in: int, n_out: int
+) -> None:
+    """Every format on every ISA path computes the masked product of the weight it stores."""
+    if (kind.startswith("sparse-") or kind == "int4") and n_out % 16:
+        pytest.skip("bitmask and int4 kinds need out % 16 == 0")
     g = torch.Generator().manual_seed(seed)
     w, bias = torch.randn(n_out, n_in, generator=g), torch.randn(n_out, generator=g)
+    w[torch.rand(n_out, n_in, generator=g) < 0.5] = 0  # pruned weights
     x, scale = torch.randn(b, n_in, generator=g), torch.rand(n_in, generator=g)
-    wt = w.t().contiguous()
+    p = pack(w, kind, group=32)
+    nw = native_weight(ext, p)
+    ref_w = unpack(p)
     # fp32 sums of n_in unit-variance products, added in a different order than BLAS:
     # rounding grows like sqrt(n_in) (2e-5 seen at n_in=517 on an EPYC); a wrong or
-    # missed column would be off by O(1)
+    # missed weight would be off by O(1)
     tol = {"rtol": 1e-5, "atol": 5e-6 * n_in**0.5}
-    y, kept = ext.sparse_gemv(x, wt, scale, 0.4, bias)
+    y, kept = ext.gemv(x, nw, scale, 0.4, bias)
     keep = x.abs() * scale > 0.4
-    torch.testing.assert_close(y, masked_linear_reference(x, w, keep, bias), **tol)
+    torch.testing.assert_close(y, masked_linear_reference(x, ref_w, keep, bias), **tol)
     assert kept == int(keep.sum())
-    y, kept = ext.sparse_gemv(x, wt, torch.empty(0), -1.0, torch.empty(0))  # dense
-    torch.testing.assert_close(y, F.linear(x, w), **tol)
+    y, kept = ext.gemv(x, nw, torch.empty(0), -1.0, torch.empty(0))  # dense
+    torch.testing.assert_close(y, F.linear(x, ref_w), **tol)
     assert kept == b * n_in
+    torch.testing.assert_close(ext.dequantize(nw), ref_w.t(), rtol=0, atol=0)
+
+
+def test_native_weight_rejects_mismatched_parts() -> None:
+    from sparsellm.runtime.kernels import native_kernel
+
+    mod = native_kernel()
+    if mod is None:
+        pytest.skip("no C++ compiler here")
+    p = pack(torch.randn(32, 16), "int8")
+    p.values = p.values[:8]  # truncated
+    with pytest.raises(RuntimeError, match="shape"):
+        native_weight(mod, p)

@@ -22,7 +22,7 @@ R-Sparse factors / CATS gate thresholds from the wrappers of
 `sparsellm.methods.activation.modules`. The HF model is not modified. Prompt tokens (prefill,
 and Sirius' verification passes) run as batched masked matmuls with the same masks as
 the wrappers, so runtime and HF reference compute the same function. The per-call units
-(`Proj`, `GatedMLP`, `pick_dense_kernels`) are in `sparsellm.methods.activation.projections`;
+(`Proj`, `GatedMLP`, `pick_dense_kernels`) are in `sparsellm.runtime.projections`;
 this module walks the blocks, keeps the KV cache and generates.
 
 Costs to know: the runtime keeps a transposed copy of every block weight and the LM
@@ -39,11 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsellm.errors import SparseLLMError
+from sparsellm.export.formats import Packed, choose_kind, concat, embed_rows
 from sparsellm.methods.activation.coreinfer import CoreActivation
-from sparsellm.methods.activation.kernels import native_kernel
 from sparsellm.methods.activation.modules import ActSparseLinear, ThresholdedActivation
-from sparsellm.methods.activation.projections import EMPTY, GatedMLP, Proj, pick_dense_kernels
 from sparsellm.models.adapters import get_blocks, get_layout
+from sparsellm.runtime.kernels import native_kernel
+from sparsellm.runtime.projections import EMPTY, GatedMLP, Proj, pick_dense_kernels
 
 
 @dataclass
@@ -95,7 +97,17 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> tor
 class DecodeRuntime:
     """Greedy generation with our kernels; `sparse=False` gives the dense baseline."""
 
-    def __init__(self, model: nn.Module, max_len: int = 2048, native: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        max_len: int = 2048,
+        native: bool = True,
+        fmt: str = "fp32",
+        packed: dict[str, Packed] | None = None,
+    ) -> None:
+        """`fmt` packs the model's block linears and LM head in that format (see
+        `export.formats.choose_kind`); `packed` instead supplies them as stored in a
+        compressed checkpoint, by module name ("lm_head" for the head)."""
         layout = get_layout(model)
         cfg = model.config
         self.model = model
@@ -106,11 +118,25 @@ class DecodeRuntime:
         self.embed = model.get_submodule(layout.embed)
         self.final_norm = Norm.of(model.get_submodule(layout.final_norm))
         self.rotary = model.get_submodule(layout.rotary)
-        self.lm_head = Proj.fuse([model.get_output_embeddings()])  # sparse with `head`
+        self.fmt = fmt
+        self._packed = packed
+        self._names = {id(m): n for n, m in model.named_modules()}
+        head = model.get_output_embeddings()
+        if packed is not None and "lm_head" in packed:
+            self.lm_head = Proj.fuse([head], packed=packed["lm_head"])
+        else:
+            kind = choose_kind(fmt, head.weight, head=True)
+            self.lm_head = Proj.fuse([head], kind=kind)  # sparse with `head`
+        # a tied head doubles as the embedding: read its rows instead of a second copy
+        tied = head.weight is self.embed.weight
+        self.embed_packed = (
+            self.lm_head.packed if tied and self.lm_head.packed.kind != "fp32" else None
+        )
         self.layers = [self._layer(block, layout) for block in get_blocks(model)]
+        self._names = {}
         self.native = native_kernel() if native else None
         for proj in self._all_projs():
-            proj.native = self.native
+            proj.bind(self.native)
         pick_dense_kernels(self._all_projs())
         self.cos, self.sin = self._rope()
         self._decoder: Any = None  # the native whole-step decoder, built by `reset`
@@ -137,22 +163,24 @@ class DecodeRuntime:
         thresholds: list[float] = []
         torch_dense: list[bool] = []
         eps: list[float] = []
+        weights: list[Any] = []
         for layer in self.layers:
             tensors += [layer.attn_norm.weight, layer.mlp_norm.weight]
             eps += [layer.attn_norm.eps, layer.mlp_norm.eps]
             for p in _block(layer):
-                cm = p.cm
+                use_torch = p.torch_dense and p.weight_fp32 is not None
                 tensors += [
-                    cm.table.view(cm.in_features, cm.out_features),
-                    p.weight,
+                    p.weight_fp32 if use_torch else EMPTY,
                     EMPTY if p.bias is None else p.bias.detach(),
                     EMPTY if p.rule is None or p.rule.scale is None else p.rule.scale,
                 ]
+                weights.append(p.native_w)
                 thresholds.append(0.0 if p.rule is None else p.rule.threshold)
-                torch_dense.append(p.torch_dense)
+                torch_dense.append(use_torch)
         norm = self.final_norm
         return self.native.Decoder(
             tensors,
+            weights,
             thresholds,
             torch_dense,
             eps,
@@ -168,8 +196,8 @@ class DecodeRuntime:
         counts = self._counts.tolist()
         projs = [p for layer in self.layers for p in _block(layer)]
         for proj, (kept, seen) in zip(projs, counts, strict=True):
-            proj.kept += kept * proj.cm.out_features
-            proj.seen += seen * proj.cm.out_features
+            proj.kept += kept * proj.out_features
+            proj.seen += seen * proj.out_features
         self._counts.zero_()
 
     def _layer(self, block: nn.Module, layout: Any) -> Layer:
@@ -181,18 +209,32 @@ class DecodeRuntime:
         up = gate_up[1].base_layer if isinstance(gate_up[1], ActSparseLinear) else gate_up[1]
         down_mod = block.get_submodule(down_names[0])
         core = down_mod if isinstance(down_mod, CoreActivation) else None
-        down = Proj.fuse([down_mod.base_layer if core is not None else down_mod])
+        if (gate_thr > 0 or core is not None) and (self.fmt != "fp32" or self._packed):
+            raise SparseLLMError("CATS and CoreInfer run on fp32 weights only (--format hf)")
+        down = self._proj([down_mod.base_layer if core is not None else down_mod])
         # CATS: the gate alone runs dense, up rows and down columns are gathered
-        gate = Proj.fuse(gate_up[:1] if gate_thr > 0 else gate_up)
+        gate = self._proj(gate_up[:1] if gate_thr > 0 else gate_up)
         up_bias = None if up.bias is None else up.bias.detach()
-        mlp = GatedMLP(gate, up.weight.detach(), up_bias, down, base_act, gate_thr, core)
+        up_w = up.weight.detach() if gate_thr > 0 else None
+        mlp = GatedMLP(gate, up_w, up_bias, down, base_act, gate_thr, core)
         return Layer(
             attn_norm=Norm.of(block.get_submodule(layout.attn_norm)),
             mlp_norm=Norm.of(block.get_submodule(layout.mlp_norm)),
-            qkv=Proj.fuse([block.get_submodule(n) for n in qkv_names]),
-            o=Proj.fuse([block.get_submodule(o_names[0])]),
+            qkv=self._proj([block.get_submodule(n) for n in qkv_names]),
+            o=self._proj([block.get_submodule(o_names[0])]),
             mlp=mlp,
         )
+
+    def _proj(self, modules: list[nn.Module]) -> Proj:
+        """One fused projection, packed as `fmt` or taken from the checkpoint's packs."""
+        if self._packed is None:
+            return Proj.fuse(modules, kind=self.fmt)
+        bases = [m.base_layer if isinstance(m, ActSparseLinear) else m for m in modules]
+        try:
+            parts = [self._packed[self._names[id(b)]] for b in bases]
+        except KeyError as exc:
+            raise SparseLLMError(f"the checkpoint has no packed weight for {exc}") from None
+        return Proj.fuse(modules, packed=concat(parts))
 
     def _rope(self) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sign-folded sin tables for every position, from the model's own rotary
@@ -270,7 +312,7 @@ class DecodeRuntime:
         b, n = ids.shape
         if pos + n > self.max_len:
             raise ValueError(f"sequence of {pos + n} tokens exceeds max_len={self.max_len}")
-        x = self.embed(ids)
+        x = self.embed(ids) if self.embed_packed is None else embed_rows(self.embed_packed, ids)
         if n == 1 and b <= 8 and self._decoder is not None:  # a decode step: one native call
             cos_row, sin_row = self.cos[0, 0, pos], self.sin[0, 0, pos]
             # the step ends with the final norm applied

@@ -1,6 +1,6 @@
 """The runtime's compute units: one fused projection with its skipping rule, and the MLP.
 
-Split from `sparsellm.methods.activation.runtime` (which walks the model, keeps the KV cache and
+Split from `sparsellm.runtime.decode` (which walks the model, keeps the KV cache and
 generates) because these are the pieces that decide, per call, which weight columns are
 read: a `Proj` holds a weight in both layouts and a `Rule` read from the wrappers of
 `sparsellm.methods.activation.modules`; `GatedMLP` adds CATS' gate threshold and CoreInfer's fixed
@@ -11,21 +11,25 @@ extension's fused call), several at once through masked matmuls.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsellm.export.formats import Packed, choose_kind, pack, unpack
 from sparsellm.methods.activation.coreinfer import CoreActivation, core_neurons
-from sparsellm.methods.activation.kernels import (
+from sparsellm.methods.activation.modules import ActSparseLinear, keep_channels
+from sparsellm.runtime.kernels import (
+    EMPTY,
     ColumnMajor,
     dense_matvec,
     gather_matvec,
+    native_weight,
+    pick_chunks,
     select_channels,
 )
-from sparsellm.methods.activation.modules import ActSparseLinear, keep_channels
 
 
 @dataclass
@@ -43,27 +47,60 @@ class Rule:
 
 @dataclass
 class Proj:
-    """One fused projection: the weight in both layouts and its skipping rule."""
+    """One fused projection: its packed weight (any format of `export.formats`) and its
+    skipping rule. fp32 projections also keep the model's own (out, in) tensor, which
+    `F.linear` reads when it is the faster dense kernel for the shape."""
 
-    weight: torch.Tensor  # (out, in), shared with the model (no copy)
+    packed: Packed  # Wᵀ in its storage format
     bias: torch.Tensor | None
-    cm: ColumnMajor
     rule: Rule | None
-    native: Any = None  # the compiled sparse_gemv extension, when available
+    weight_fp32: torch.Tensor | None = None  # (out, in), shared with the model (no copy)
+    native: Any = None  # the compiled runtime extension, when available
     torch_dense: bool = False  # dense calls use F.linear (faster for this shape, measured)
     kept: int = 0
     seen: int = 0
+    native_w: Any = field(default=None, repr=False)
+    cm: ColumnMajor | None = field(default=None, repr=False)  # fp32 without the extension
+
+    def __post_init__(self) -> None:
+        if self.packed.kind == "fp32":
+            out, inp = self.packed.shape
+            c = pick_chunks(out)
+            table = self.packed.values.view(inp * c, out // c)
+            self.cm = ColumnMajor(table, inp, out, c, self.bias)
+
+    @property
+    def out_features(self) -> int:
+        return self.packed.shape[0]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The (out, in) fp32 weight: the model's tensor, or dequantized now ("load
+        sparse, compute dense": prompts run as matmuls over it, then it is dropped)."""
+        if self.weight_fp32 is not None:
+            return self.weight_fp32
+        if self.native_w is not None:
+            return self.native.dequantize(self.native_w).t()
+        return unpack(self.packed)
+
+    def bind(self, native: Any) -> None:
+        """Use the compiled extension (or None for pure torch)."""
+        self.native = native
+        self.native_w = None if native is None else native_weight(native, self.packed)
 
     @classmethod
     def dense(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Proj:
-        """A projection with no skipping rule (copies `weight` into the kernel layout)."""
-        return cls(weight, bias, ColumnMajor.from_weight(weight, bias), None)
+        """An fp32 projection with no skipping rule (copies `weight` into the kernel layout)."""
+        return cls(pack(weight, "fp32"), bias, None, weight)
 
     @classmethod
-    def fuse(cls, modules: list[nn.Module]) -> Proj:
+    def fuse(
+        cls, modules: list[nn.Module], kind: str = "fp32", packed: Packed | None = None
+    ) -> Proj:
+        """Projections that share an input, concatenated along the output (q|k|v,
+        gate|up), packed as `kind` unless `packed` (already fused, from a checkpoint) is
+        given; the skipping rule comes from the first module's ActSparseLinear wrapper."""
         bases = [m.base_layer if isinstance(m, ActSparseLinear) else m for m in modules]
-        w = torch.cat([b.weight.detach() for b in bases]) if len(bases) > 1 else bases[0].weight
-        w = w.detach()
         biases = [b.bias for b in bases]
         bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
         rule = None
@@ -75,17 +112,25 @@ class Proj:
                 lr_b = first.lr_b
             scale = first.col_norm if first.col_norm.numel() else None
             rule = Rule(float(first.threshold), scale, lr_a, lr_b)
-        return cls(w, bias, ColumnMajor.from_weight(w, bias), rule)
+        if packed is not None:
+            return cls(packed, bias, rule)
+        w = torch.cat([b.weight.detach() for b in bases]) if len(bases) > 1 else bases[0].weight
+        w = w.detach()
+        if kind == "fp32":
+            return cls(pack(w, "fp32"), bias, rule, w)
+        return cls(pack(w, choose_kind(kind, w)), bias, rule)
 
     def __call__(self, x: torch.Tensor, sparse: bool) -> torch.Tensor:
         """x is (tokens, in). One token per row: the kernel; several: batched matmuls."""
         rule = self.rule if sparse else None
-        if rule is None and self.torch_dense:
-            return F.linear(x, self.weight, self.bias)
+        if rule is None and self.torch_dense and self.weight_fp32 is not None:
+            return F.linear(x, self.weight_fp32, self.bias)
         if self.native is not None and x.shape[0] <= 8:
             return self._native(x, rule)
         keep = None if rule is None else rule.keep(x)
-        if x.shape[0] > 8:  # prompt / verification pass: compute-bound, masked matmul
+        if x.shape[0] > 8 or self.cm is None:
+            # prompt / verification pass (compute-bound, masked matmul), or a packed
+            # format without the extension (dequantized: correct, slow)
             y = F.linear(x if keep is None else x * keep, self.weight, self.bias)
         elif keep is None:
             y = dense_matvec(x, self.cm)
@@ -100,22 +145,18 @@ class Proj:
         return y
 
     def _native(self, x: torch.Tensor, rule: Rule | None) -> torch.Tensor:
-        """One fused call: threshold, select, skip columns (see kernels.native_kernel)."""
-        cm, none = self.cm, EMPTY
-        wt = cm.table.view(cm.in_features, cm.out_features)
+        """One fused call: threshold, select, skip rows (see kernels.native_kernel)."""
+        none = EMPTY
         bias = none if self.bias is None else self.bias
         if rule is None:
-            return self.native.sparse_gemv(x, wt, none, -1.0, bias)[0]
+            return self.native.gemv(x, self.native_w, none, -1.0, bias)[0]
         scale = none if rule.scale is None else rule.scale
-        y, kept = self.native.sparse_gemv(x, wt, scale, rule.threshold, bias)
-        self.kept += kept * cm.out_features
-        self.seen += x.numel() * cm.out_features
+        y, kept = self.native.gemv(x, self.native_w, scale, rule.threshold, bias)
+        self.kept += kept * self.out_features
+        self.seen += x.numel() * self.out_features
         if rule.lr_b is not None:
             y = y + F.linear(F.linear(x * ~rule.keep(x), rule.lr_b), rule.lr_a)
         return y
-
-
-EMPTY = torch.empty(0)  # "no tensor" for the native calls
 
 
 def pick_dense_kernels(projs: list[Proj], rounds: int = 3) -> None:
@@ -129,7 +170,8 @@ def pick_dense_kernels(projs: list[Proj], rounds: int = 3) -> None:
     """
     by_shape: dict[tuple[int, ...], list[Proj]] = {}
     for proj in projs:
-        by_shape.setdefault(tuple(proj.weight.shape), []).append(proj)
+        if proj.weight_fp32 is not None:  # only fp32 has an F.linear alternative
+            by_shape.setdefault(tuple(proj.weight_fp32.shape), []).append(proj)
     for shape, group in by_shape.items():
         x = torch.randn(1, shape[1])
         best = {True: float("inf"), False: float("inf")}
@@ -150,7 +192,7 @@ class GatedMLP:
     """SwiGLU MLP; with a CATS threshold the up rows / down columns of cut gates are skipped."""
 
     gate: Proj
-    up_weight: torch.Tensor  # (inter, hidden) natural layout: rows are gathered
+    up_weight: torch.Tensor | None  # (inter, hidden), rows gathered by CATS (fp32 only)
     up_bias: torch.Tensor | None
     down: Proj
     act: nn.Module
@@ -162,7 +204,7 @@ class GatedMLP:
 
     def _core_call(self, x: torch.Tensor) -> torch.Tensor:
         """CoreInfer: the prompt runs dense and picks the core; later tokens use only it."""
-        inter = self.up_weight.shape[0]
+        inter = self.gate.out_features // 2
         if self.core_mlp is not None:
             gu = self.core_mlp[0](x, False)
             k = gu.shape[1] // 2
@@ -181,7 +223,7 @@ class GatedMLP:
             Proj.dense(self.down.weight[:, idx].contiguous(), self.down.bias),
         )
         for proj in self.core_mlp:
-            proj.native = self.gate.native
+            proj.bind(self.gate.native)
         return self.down(h, False)
 
     def __call__(self, x: torch.Tensor, sparse: bool) -> torch.Tensor:
@@ -189,7 +231,7 @@ class GatedMLP:
             return self._core_call(x)
         if self.gate_threshold <= 0:
             gu = self.gate(x, sparse)  # fused gate|up
-            inter = self.up_weight.shape[0]
+            inter = self.gate.out_features // 2
             return self.down(self.act(gu[:, :inter]) * gu[:, inter:], sparse)
         a = self.act(self.gate(x, sparse))
         if not sparse:

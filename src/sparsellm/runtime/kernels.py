@@ -17,10 +17,12 @@ kept 355 us (so it is also our dense decode path), 184 us at 50% skipped.
 That path still costs ~9 ATen ops per projection (abs, gt, nonzero, gather, index
 arithmetic, embedding_bag), and at ~4 us of dispatch each the overhead ate most of the
 saving on the default model. `native_kernel()` therefore compiles a small C++ extension
-(`csrc/sparse_gemv.cpp`: threshold, select and column-skipping GEMV in one call, split
-over output columns) the first time it is needed, with the machine's compiler, into the
-sparsellm cache. Without a compiler it warns once and the pure-torch path is used;
-`SPARSELLM_NATIVE=0` forces that path.
+(`csrc/runtime.cpp`: threshold, select and row-skipping GEMV over any packed weight
+format in one call) the first time it is needed, with the machine's compiler, into the
+sparsellm cache. It is compiled for plain x86-64 and picks its AVX2+FMA kernels at run
+time when the CPU has them; `SPARSELLM_ISA=portable` forces the scalar kernels. Without a
+compiler it warns once and the pure-torch path is used; `SPARSELLM_NATIVE=0` forces that
+path.
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from sparsellm.export.formats import KINDS, Packed
+
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).parent / "csrc" / "sparse_gemv.cpp"
+SOURCE = Path(__file__).parent / "csrc" / "runtime.cpp"
 
 
 def masked_linear_reference(
@@ -141,22 +145,18 @@ def select_channels(x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, 
     return idx, x * keep
 
 
-def _cpu_tag() -> str:
-    """Build-directory tag: the kernel is compiled with -march=native for this CPU."""
-    try:
-        flags = next(
-            (ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")),
-            "",
-        )
-    except OSError:
-        flags = ""
-    text = flags + SOURCE.read_text() + torch.__version__
+def _build_tag() -> str:
+    """Build-directory tag: the source and the torch it is built against (the binary is
+    portable across CPUs; the ISA is chosen at run time)."""
+    text = SOURCE.read_text() + torch.__version__
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 @functools.cache
 def native_kernel() -> Any | None:
-    """The compiled `sparse_gemv` extension, or None (one warning) when it cannot build."""
+    """The compiled runtime extension, or None (one warning) when it cannot build.
+
+    Its kernels follow `SPARSELLM_ISA` (auto, avx2, portable; default auto)."""
     if os.environ.get("SPARSELLM_NATIVE", "1") == "0":
         return None
     from sparsellm.models.load import cache_root
@@ -164,12 +164,12 @@ def native_kernel() -> Any | None:
     try:
         from torch.utils.cpp_extension import load
 
-        build = cache_root() / "kernels" / _cpu_tag()
+        build = cache_root() / "kernels" / _build_tag()
         build.mkdir(parents=True, exist_ok=True)
-        return load(
-            name="sparsellm_sparse_gemv",
+        ext = load(
+            name="sparsellm_runtime",
             sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_cflags=["-O3", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(build),
             verbose=False,
@@ -178,3 +178,26 @@ def native_kernel() -> Any | None:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         log.warning("sparsellm: native decode kernel unavailable (%s); using pure torch", first)
         return None
+    ext.set_isa(os.environ.get("SPARSELLM_ISA", "auto"))
+    return ext
+
+
+KIND_CODES = {kind: code for code, kind in enumerate(KINDS)}
+
+
+def native_weight(ext: Any, p: Packed) -> Any:
+    """The extension's PackedWeight over `p`'s tensors (shared, not copied)."""
+    out, inp = p.shape
+    return ext.PackedWeight(
+        KIND_CODES[p.kind],
+        out,
+        inp,
+        p.group,
+        p.values,
+        EMPTY if p.scale is None else p.scale,
+        EMPTY if p.mask is None else p.mask,
+        EMPTY if p.offsets is None else p.offsets,
+    )
+
+
+EMPTY = torch.empty(0)  # "no tensor" for the native calls

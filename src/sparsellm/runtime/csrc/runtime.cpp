@@ -1,0 +1,717 @@
+// CPU decode runtime for every weight format (our own code).
+//
+// y[r, :] = sum over input channels i with |x[r, i]| * act_scale[i] > threshold of
+//           x[r, i] * W^T[i, :]   (+ bias)
+//
+// W^T (in, out) is stored in one of the formats of sparsellm/export/formats.py (fp32,
+// bf16, int8 per output channel, int4 group-wise, or a bitmask per W^T row with packed
+// bf16 / int8 / int4 values). A skipped input channel is one row never read; a pruned
+// weight is a zero bit never expanded into a multiply. Kernels exist twice: an AVX2+FMA
+// path chosen at run time when the CPU has it, and a portable scalar path (forced with
+// set_isa("portable"); the tests compare both against the dense reference). The file is
+// compiled without -march so one build runs on any x86-64 CPU.
+// Work is split over output columns when they are wide, else over the kept rows.
+// `Decoder` runs a whole decode step through every block in one call (see there).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define SPARSELLM_X86 1
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+// Kinds, in the order of formats.KINDS.
+enum Kind : int64_t { kF32 = 0, kBF16 = 1, kI8 = 2, kI4 = 3, kSBF16 = 4, kSI8 = 5, kSI4 = 6 };
+// Outputs per sparse offset chunk (formats.CHUNK); also the column split's unit.
+constexpr int64_t kChunk = 2048;
+// Output slices narrower than this per thread are split over kept rows instead.
+constexpr int64_t kOutSplit = 2048;
+
+bool g_avx2 = false;  // set by set_isa (auto-detected at import)
+
+bool cpu_has_avx2() {
+#if SPARSELLM_X86
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+// A packed W^T, pointers into tensors owned by a PackedWeight.
+struct Weight {
+  int64_t kind = kF32, in = 0, out = 0, group = 0, n_chunks = 0;
+  const void* values = nullptr;
+  const float* scale = nullptr;
+  const uint8_t* mask = nullptr;
+  const int64_t* offsets = nullptr;
+};
+
+inline bool sparse_kind(int64_t k) { return k >= kSBF16; }
+inline bool row_scaled(int64_t k) { return k == kI8 || k == kSI8; }  // scale[o] at the end
+
+inline float bf16_to_f32(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Start of row i's packed values for the chunk holding output o0 (a chunk boundary or 0).
+inline int64_t sparse_start(const Weight& w, int64_t i, int64_t o0) {
+  return w.offsets[i * w.n_chunks + o0 / kChunk];
+}
+
+// ---------------------------------------------------------------- portable kernels
+// acc[o] += v * value(W^T[i, o]) for the kept rows j0..j1 and outputs [o0, o1); int8
+// kinds accumulate unscaled (scale[o] applied by `gemv_into`), int4 kinds apply their group
+// scale per row.
+void rows_portable(const Weight& w, float* acc, const int64_t* ip, const float* vp, int64_t j0,
+                   int64_t j1, int64_t o0, int64_t o1) {
+  const int64_t out = w.out;
+  for (int64_t j = j0; j < j1; ++j) {
+    const int64_t i = ip[j];
+    const float v = vp[j];
+    switch (w.kind) {
+      case kF32: {
+        const float* r = static_cast<const float*>(w.values) + i * out;
+        for (int64_t o = o0; o < o1; ++o) acc[o] += v * r[o];
+        break;
+      }
+      case kBF16: {
+        const uint16_t* r = static_cast<const uint16_t*>(w.values) + i * out;
+        for (int64_t o = o0; o < o1; ++o) acc[o] += v * bf16_to_f32(r[o]);
+        break;
+      }
+      case kI8: {
+        const int8_t* r = static_cast<const int8_t*>(w.values) + i * out;
+        for (int64_t o = o0; o < o1; ++o) acc[o] += v * static_cast<float>(r[o]);
+        break;
+      }
+      case kI4: {
+        const uint8_t* r = static_cast<const uint8_t*>(w.values) + i * (out / 2);
+        const float* s = w.scale + (i / w.group) * out;
+        for (int64_t o = o0; o < o1; ++o) {
+          const uint8_t byte = r[(o / 16) * 8 + (o % 8)];
+          const int q = ((o % 16) < 8 ? (byte & 15) : (byte >> 4)) - 8;
+          acc[o] += v * s[o] * static_cast<float>(q);
+        }
+        break;
+      }
+      default: {  // bitmask kinds: per mask byte, one packed value per set bit
+        const uint8_t* m = w.mask + i * (out / 8);
+        int64_t p = sparse_start(w, i, o0);
+        const float* s = w.kind == kSI4 ? w.scale + (i / w.group) * out : nullptr;
+        for (int64_t o = o0; o < o1; o += 8) {
+          for (unsigned mb = m[o / 8]; mb; mb &= mb - 1, ++p) {
+            const int64_t at = o + __builtin_ctz(mb);
+            float val;
+            if (w.kind == kSBF16) {
+              val = bf16_to_f32(static_cast<const uint16_t*>(w.values)[p]);
+            } else if (w.kind == kSI8) {
+              val = static_cast<float>(static_cast<const int8_t*>(w.values)[p]);
+            } else {
+              const uint8_t byte = static_cast<const uint8_t*>(w.values)[p / 2];
+              val = static_cast<float>(((p % 2) ? (byte >> 4) : (byte & 15)) - 8) * s[at];
+            }
+            acc[at] += v * val;
+          }
+        }
+      }
+    }
+  }
+}
+
+#if SPARSELLM_X86
+// ---------------------------------------------------------------- AVX2 + FMA kernels
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+// vpshufb controls that expand a mask byte's packed values into 8 fp32-ready lanes:
+// for int8, value r of the group goes to byte 3 of its lane (the lane reads v << 24, so
+// cvt gives v * 2^24, undone by scaling x); for bf16, bytes 2r, 2r+1 go to bytes 2-3 (the
+// lane's bits are then exactly the fp32 value). 0x80 zeroes a byte.
+alignas(32) uint8_t g_lut_i8[256][32];
+alignas(32) uint8_t g_lut_bf16[256][32];
+
+void build_luts() {
+  for (int m = 0; m < 256; ++m) {
+    std::memset(g_lut_i8[m], 0x80, 32);
+    std::memset(g_lut_bf16[m], 0x80, 32);
+    int r = 0;
+    for (int lane = 0; lane < 8; ++lane) {
+      if (!((m >> lane) & 1)) continue;
+      const int base = 4 * lane;  // byte of the lane in the 256-bit vector (both halves
+                                  // hold the same 16 source bytes, so indices are 0..15)
+      g_lut_i8[m][base + 3] = static_cast<uint8_t>(r);
+      g_lut_bf16[m][base + 2] = static_cast<uint8_t>(2 * r);
+      g_lut_bf16[m][base + 3] = static_cast<uint8_t>(2 * r + 1);
+      ++r;
+    }
+  }
+}
+
+inline __m256 load8_f32(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8_bf16(const uint16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256 load8_i8(const int8_t* p) {
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+}
+
+// Dense kinds, four rows at a time so acc is loaded and stored once per four weight rows.
+template <class T, class Load>
+void dense_rows_avx2(const T* values, int64_t out, float* acc, const int64_t* ip,
+                     const float* vp, int64_t j0, int64_t j1, int64_t o0, int64_t o1,
+                     Load load) {
+  int64_t j = j0;
+  const int64_t o8 = o0 + (o1 - o0) / 8 * 8;
+  for (; j + 4 <= j1; j += 4) {
+    const T* r0 = values + ip[j] * out;
+    const T* r1 = values + ip[j + 1] * out;
+    const T* r2 = values + ip[j + 2] * out;
+    const T* r3 = values + ip[j + 3] * out;
+    const __m256 v0 = _mm256_set1_ps(vp[j]), v1 = _mm256_set1_ps(vp[j + 1]);
+    const __m256 v2 = _mm256_set1_ps(vp[j + 2]), v3 = _mm256_set1_ps(vp[j + 3]);
+    for (int64_t o = o0; o < o8; o += 8) {
+      __m256 a = _mm256_loadu_ps(acc + o);
+      __m256 b = _mm256_mul_ps(v1, load(r1 + o));
+      a = _mm256_fmadd_ps(v0, load(r0 + o), a);
+      b = _mm256_fmadd_ps(v3, load(r3 + o), b);
+      a = _mm256_fmadd_ps(v2, load(r2 + o), a);
+      _mm256_storeu_ps(acc + o, _mm256_add_ps(a, b));
+    }
+  }
+  // leftover rows (columns past the last multiple of 8 are left to the portable kernel)
+  for (; j < j1; ++j) {
+    const T* r = values + ip[j] * out;
+    const __m256 v = _mm256_set1_ps(vp[j]);
+    for (int64_t o = o0; o < o8; o += 8)
+      _mm256_storeu_ps(acc + o, _mm256_fmadd_ps(v, load(r + o), _mm256_loadu_ps(acc + o)));
+  }
+}
+
+void i4_rows_avx2(const Weight& w, float* acc, const int64_t* ip, const float* vp, int64_t j0,
+                  int64_t j1, int64_t o0, int64_t o1) {
+  const int64_t out = w.out;
+  const __m256i low = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
+  for (int64_t j = j0; j < j1; ++j) {
+    const int64_t i = ip[j];
+    const uint8_t* r = static_cast<const uint8_t*>(w.values) + i * (out / 2);
+    const float* s = w.scale + (i / w.group) * out;
+    const __m256 v = _mm256_set1_ps(vp[j]);
+    for (int64_t o = o0; o < o1; o += 16) {
+      const __m256i u = _mm256_cvtepu8_epi32(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(r + o / 2)));
+      const __m256 lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(u, low), eight));
+      const __m256 hi = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(u, 4), eight));
+      const __m256 s0 = _mm256_mul_ps(v, _mm256_loadu_ps(s + o));
+      const __m256 s1 = _mm256_mul_ps(v, _mm256_loadu_ps(s + o + 8));
+      _mm256_storeu_ps(acc + o, _mm256_fmadd_ps(s0, lo, _mm256_loadu_ps(acc + o)));
+      _mm256_storeu_ps(acc + o + 8, _mm256_fmadd_ps(s1, hi, _mm256_loadu_ps(acc + o + 8)));
+    }
+  }
+}
+
+// Bitmask kinds with byte-sized (int8) or 2-byte (bf16) values: per 8 outputs, one mask
+// byte picks a vpshufb control that places the next popcount(mask) packed values in
+// their lanes; no branch on the mask (an empty byte expands to zeros).
+template <bool kBf16>
+void sparse_rows_avx2(const Weight& w, float* acc, const int64_t* ip, const float* vp,
+                      int64_t j0, int64_t j1, int64_t o0, int64_t o1) {
+  const int64_t out = w.out;
+  constexpr int64_t kSize = kBf16 ? 2 : 1;
+  const float unit = kBf16 ? 1.0f : 1.0f / 16777216.0f;  // int8 lanes hold v * 2^24
+  const auto* lut = kBf16 ? g_lut_bf16 : g_lut_i8;
+  for (int64_t j = j0; j < j1; ++j) {
+    const int64_t i = ip[j];
+    const uint8_t* m = w.mask + i * (out / 8);
+    const uint8_t* p =
+        static_cast<const uint8_t*>(w.values) + sparse_start(w, i, o0) * kSize;
+    const __m256 v = _mm256_set1_ps(vp[j] * unit);
+    for (int64_t o = o0; o < o1; o += 8) {
+      const unsigned mb = m[o / 8];
+      const __m256i src =
+          _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      const __m256i e = _mm256_shuffle_epi8(
+          src, _mm256_load_si256(reinterpret_cast<const __m256i*>(lut[mb])));
+      const __m256 f = kBf16 ? _mm256_castsi256_ps(e) : _mm256_cvtepi32_ps(e);
+      _mm256_storeu_ps(acc + o, _mm256_fmadd_ps(v, f, _mm256_loadu_ps(acc + o)));
+      p += kSize * __builtin_popcount(mb);
+    }
+  }
+}
+
+void rows_avx2(const Weight& w, float* acc, const int64_t* ip, const float* vp, int64_t j0,
+               int64_t j1, int64_t o0, int64_t o1) {
+  switch (w.kind) {
+    case kF32:
+      dense_rows_avx2(static_cast<const float*>(w.values), w.out, acc, ip, vp, j0, j1, o0, o1,
+                      [](const float* p) { return load8_f32(p); });
+      break;
+    case kBF16:
+      dense_rows_avx2(static_cast<const uint16_t*>(w.values), w.out, acc, ip, vp, j0, j1, o0,
+                      o1, [](const uint16_t* p) { return load8_bf16(p); });
+      break;
+    case kI8:
+      dense_rows_avx2(static_cast<const int8_t*>(w.values), w.out, acc, ip, vp, j0, j1, o0, o1,
+                      [](const int8_t* p) { return load8_i8(p); });
+      break;
+    case kI4:
+      i4_rows_avx2(w, acc, ip, vp, j0, j1, o0, o1);
+      break;
+    case kSBF16:
+      sparse_rows_avx2<true>(w, acc, ip, vp, j0, j1, o0, o1);
+      break;
+    case kSI8:
+      sparse_rows_avx2<false>(w, acc, ip, vp, j0, j1, o0, o1);
+      break;
+    default:  // sparse int4: nibble-packed values have no byte-aligned vpshufb expansion
+      rows_portable(w, acc, ip, vp, j0, j1, o0, o1);
+  }
+}
+
+#pragma GCC pop_options
+#endif  // SPARSELLM_X86
+
+void rows(const Weight& w, float* acc, const int64_t* ip, const float* vp, int64_t j0,
+          int64_t j1, int64_t o0, int64_t o1) {
+#if SPARSELLM_X86
+  if (g_avx2) {
+    // dense AVX2 loops stop at the last multiple of 8; finish the tail portably
+    rows_avx2(w, acc, ip, vp, j0, j1, o0, o1);
+    const int64_t o8 = o0 + (o1 - o0) / 8 * 8;
+    if (o8 < o1 && !sparse_kind(w.kind) && w.kind != kI4)
+      rows_portable(w, acc, ip, vp, j0, j1, o8, o1);
+    return;
+  }
+#endif
+  rows_portable(w, acc, ip, vp, j0, j1, o0, o1);
+}
+
+// Reusable buffers of one caller (the Decoder keeps one; a plain call makes its own):
+// the decode step then allocates nothing per projection.
+struct Scratch {
+  std::vector<int64_t> idx;
+  std::vector<float> val;
+  std::vector<int64_t> start;
+  std::vector<float> part;
+};
+
+// The shared GEMV: x (b, in) row-major, w packed W^T (in, out). thr < 0 keeps every
+// channel. Writes y (b, out) with bias added; returns the number of kept (row, channel)
+// pairs.
+int64_t gemv_into(const float* xp, int64_t b, const Weight& w, const float* sp, float thr,
+                  const float* bias, float* yp, Scratch& s) {
+  const int64_t in = w.in, out = w.out;
+  s.idx.resize(static_cast<size_t>(b * in));
+  s.val.resize(static_cast<size_t>(b * in));
+  s.start.assign(static_cast<size_t>(b + 1), 0);
+  int64_t n = 0;
+  for (int64_t r = 0; r < b; ++r) {
+    const float* xr = xp + r * in;
+    for (int64_t i = 0; i < in; ++i) {
+      const float v = xr[i];
+      if (std::fabs(v) * (sp ? sp[i] : 1.0f) > thr) {
+        s.idx[n] = i;
+        s.val[n++] = v;
+      }
+    }
+    s.start[r + 1] = n;
+  }
+  std::fill_n(yp, b * out, 0.0f);
+  const int64_t* ip = s.idx.data();
+  const float* vp = s.val.data();
+  const int64_t* st = s.start.data();
+  const int nt = at::get_num_threads();
+  if (out >= kOutSplit * nt) {
+    // Wide output: each thread owns chunks of y (the sparse offsets' unit), no reduction.
+    const int64_t n_chunks = (out + kChunk - 1) / kChunk;
+    at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+      const int64_t o0 = c0 * kChunk, o1 = std::min(out, c1 * kChunk);
+      for (int64_t r = 0; r < b; ++r) rows(w, yp + r * out, ip, vp, st[r], st[r + 1], o0, o1);
+    });
+  } else {
+    // Narrow output (e.g. down_proj, 576 wide): threads split the kept rows, each into
+    // its own full-width partial sum, added at the end (out floats per thread: a few KB).
+    s.part.assign(static_cast<size_t>(nt) * b * out, 0.0f);
+    float* part = s.part.data();
+    for (int64_t r = 0; r < b; ++r) {
+      at::parallel_for(st[r], st[r + 1], 32, [&](int64_t j0, int64_t j1) {
+        float* acc = part + (static_cast<int64_t>(at::get_thread_num()) * b + r) * out;
+        rows(w, acc, ip, vp, j0, j1, 0, out);
+      });
+    }
+    for (int t = 0; t < nt; ++t)
+      for (int64_t k = 0; k < b * out; ++k) yp[k] += part[static_cast<size_t>(t) * b * out + k];
+  }
+  for (int64_t r = 0; r < b; ++r) {
+    float* yr = yp + r * out;
+    if (row_scaled(w.kind))
+      for (int64_t o = 0; o < out; ++o) yr[o] *= w.scale[o];
+    if (bias)
+      for (int64_t o = 0; o < out; ++o) yr[o] += bias[o];
+  }
+  return n;
+}
+
+// y = x * rsqrt(mean(x^2) + eps) * w, row by row (fp32, as HF's RMSNorm computes it).
+void rms_norm(const float* xp, int64_t b, int64_t n, const float* wp, double eps, float* yp) {
+  for (int64_t r = 0; r < b; ++r) {
+    const float* xr = xp + r * n;
+    float ss = 0.0f;
+    for (int64_t i = 0; i < n; ++i) ss += xr[i] * xr[i];
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(n) + static_cast<float>(eps));
+    for (int64_t i = 0; i < n; ++i) yp[r * n + i] = wp[i] * (xr[i] * inv);
+  }
+}
+
+}  // namespace
+
+// A packed W^T and the tensors it points into (kept alive here). Built by
+// sparsellm.runtime.kernels.native_weight from a formats.Packed, which has already been
+// validated; the checks below guard against misuse from Python.
+struct PackedWeight {
+  torch::Tensor values, scale, mask, offsets;
+  Weight w;
+
+  PackedWeight(int64_t kind, int64_t out, int64_t in, int64_t group, torch::Tensor values_,
+               torch::Tensor scale_, torch::Tensor mask_, torch::Tensor offsets_)
+      : values(values_.contiguous()), scale(scale_.contiguous()), mask(mask_.contiguous()),
+        offsets(offsets_.contiguous()) {
+    TORCH_CHECK(kind >= kF32 && kind <= kSI4, "unknown kind ", kind);
+    TORCH_CHECK(out > 0 && in > 0, "empty weight");
+    w.kind = kind;
+    w.in = in;
+    w.out = out;
+    w.group = group;
+    w.values = values.data_ptr();
+    if (kind == kI8 || kind == kSI8 || kind == kI4 || kind == kSI4) {
+      TORCH_CHECK(scale.scalar_type() == torch::kFloat, "fp32 scales expected");
+      w.scale = scale.data_ptr<float>();
+    }
+    if (kind == kI4 || kind == kSI4) TORCH_CHECK(group > 0, "int4 needs a group");
+    if (sparse_kind(kind)) {
+      TORCH_CHECK(out % 16 == 0, "sparse kinds need out % 16 == 0");
+      TORCH_CHECK(mask.scalar_type() == torch::kByte && mask.numel() == in * (out / 8),
+                  "mask (in, out / 8) uint8 expected");
+      TORCH_CHECK(offsets.scalar_type() == torch::kLong && offsets.dim() == 2 &&
+                      offsets.size(0) == in && offsets.size(1) == (out + kChunk - 1) / kChunk,
+                  "offsets (in, chunks) int64 expected");
+      w.mask = mask.data_ptr<uint8_t>();
+      w.offsets = offsets.data_ptr<int64_t>();
+      w.n_chunks = offsets.size(1);
+    } else {
+      const int64_t per_row = kind == kF32 ? 4 * out : kind == kBF16 ? 2 * out
+                              : kind == kI8 ? out : out / 2;
+      TORCH_CHECK(values.numel() * values.element_size() == in * per_row,
+                  "values do not match the weight's shape");
+    }
+  }
+};
+
+float* ptr_or_null(const torch::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
+
+// y (b, out) = x (b, in) W^T with inputs below the threshold skipped; (y, kept pairs).
+std::tuple<torch::Tensor, int64_t> gemv(const torch::Tensor& x, const PackedWeight& pw,
+                                        const torch::Tensor& act_scale, double threshold,
+                                        const torch::Tensor& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat, "x (b, in) fp32 expected");
+  TORCH_CHECK(x.size(1) == pw.w.in, "x has ", x.size(1), " inputs, the weight ", pw.w.in);
+  const auto xc = x.contiguous();
+  const int64_t b = xc.size(0);
+  auto y = torch::empty({b, pw.w.out}, xc.options());
+  Scratch s;
+  const int64_t kept = gemv_into(xc.data_ptr<float>(), b, pw.w, ptr_or_null(act_scale),
+                                 static_cast<float>(threshold), ptr_or_null(bias),
+                                 y.data_ptr<float>(), s);
+  return {y, kept};
+}
+
+// W^T (in, out) in fp32: every row through the same kernels with x = 1 (prompts run as
+// matmuls over this, "load sparse, compute dense"; the tensor lives for one call).
+torch::Tensor dequantize(const PackedWeight& pw) {
+  const Weight& w = pw.w;
+  auto t = torch::zeros({w.in, w.out}, torch::TensorOptions().dtype(torch::kFloat));
+  float* tp = t.data_ptr<float>();
+  at::parallel_for(0, w.in, 16, [&](int64_t i0, int64_t i1) {
+    const float one = 1.0f;
+    for (int64_t i = i0; i < i1; ++i) {
+      float* row = tp + i * w.out;
+      rows(w, row, &i, &one, 0, 1, 0, w.out);
+      if (row_scaled(w.kind))
+        for (int64_t o = 0; o < w.out; ++o) row[o] *= w.scale[o];
+    }
+  });
+  return t;
+}
+
+// "auto" (AVX2+FMA when the CPU has it), "avx2" or "portable"; returns the ISA in use.
+std::string set_isa(const std::string& isa) {
+  if (isa == "portable") g_avx2 = false;
+  else if (isa == "auto" || isa == "avx2") {
+    g_avx2 = cpu_has_avx2();
+    TORCH_CHECK(g_avx2 || isa == "auto", "this CPU has no AVX2+FMA");
+  } else TORCH_CHECK(false, "unknown ISA '", isa, "' (auto, avx2, portable)");
+  return g_avx2 ? "avx2" : "portable";
+}
+
+// One decode step (one new token per row) through every block of a llama-style model in
+// a single call. Why: per token the Python runtime issues ~25 small ATen ops per layer
+// around the four projections (norms, RoPE, cache writes, reshapes, SiLU, residuals), at
+// ~5-10 us of Python + dispatch each: ~20% of a 135M model's decode step, paid equally
+// by dense and sparse, so it dilutes the speedup of skipping. Here they are plain loops
+// over buffers the Decoder owns, attention and the final norm included, so a step
+// allocates no tensors but its output (attention keeps a score row and an accumulator
+// per call). Measured on the default model (every channel
+// skipped, so only this overhead is left): 2.3 ms a step when it still called ATen's
+// SDPA and allocated its intermediates (perf: SDPA's GEMV, malloc and autograd view
+// bookkeeping), 1.1 ms now, against ~11 ms for a 50%-sparse step. Supports what the
+// runtime's fast path needs: SiLU-gated MLP, TEAL/WINA thresholds (optionally scaled),
+// biases, GQA; everything else (CATS, R-Sparse, CoreInfer) stays on the Python path.
+class Decoder {
+ public:
+  // Per layer, `tensors` holds 14 entries: attn_norm, mlp_norm, then for qkv, o, gate|up
+  // and down: w (out, in) fp32 for ATen's dense path (empty unless used), bias, act_scale
+  // (empty tensors when absent); `weights` the 4 packed projections per layer.
+  // `thresholds` has 4 per layer (<= 0: no rule), `torch_dense` 4 per layer (dense calls
+  // use at::linear), `eps` 2 per layer. `final_norm` (with `final_eps`) is applied to
+  // the step's output.
+  Decoder(std::vector<torch::Tensor> tensors, std::vector<PackedWeight> weights,
+          std::vector<double> thresholds, std::vector<bool> torch_dense,
+          std::vector<double> eps, int64_t hq, int64_t hk, int64_t d,
+          torch::Tensor final_norm, double final_eps)
+      : t_(std::move(tensors)), pw_(std::move(weights)), thr_(std::move(thresholds)),
+        td_(std::move(torch_dense)), eps_(std::move(eps)),
+        final_norm_(std::move(final_norm)), final_eps_(final_eps), hq_(hq), hk_(hk), d_(d) {
+    TORCH_CHECK(t_.size() % kPerLayer == 0, "14 tensors per layer expected");
+    layers_ = static_cast<int64_t>(t_.size()) / kPerLayer;
+    TORCH_CHECK(static_cast<int64_t>(pw_.size()) == 4 * layers_ &&
+                    static_cast<int64_t>(thr_.size()) == 4 * layers_ &&
+                    static_cast<int64_t>(td_.size()) == 4 * layers_ &&
+                    static_cast<int64_t>(eps_.size()) == 2 * layers_,
+                "per-layer lists disagree");
+    TORCH_CHECK(hk_ > 0 && hq_ % hk_ == 0, "query heads must be a multiple of kv heads");
+    for (const auto& w : t_)
+      TORCH_CHECK(!w.numel() || (w.is_contiguous() && w.scalar_type() == torch::kFloat),
+                  "contiguous fp32 tensors expected");
+    for (int64_t k = 0; k < 4 * layers_; ++k)
+      TORCH_CHECK(!td_[k] || t_[(k / 4) * kPerLayer + 2 + 3 * (k % 4)].numel(),
+                  "torch_dense needs the fp32 weight");
+  }
+
+  void set_caches(std::vector<torch::Tensor> caches) {
+    TORCH_CHECK(static_cast<int64_t>(caches.size()) == 2 * layers_, "2 caches per layer");
+    for (const auto& c : caches) TORCH_CHECK(c.is_contiguous(), "contiguous caches expected");
+    caches_ = std::move(caches);
+  }
+
+  // x (b, hidden) at position pos; cos, sin (d) are that position's rows (sin sign-folded,
+  // see DecodeRuntime._rope). counts (4 * layers, 2) int64 gets kept / seen channels of
+  // the thresholded projections added. Returns the final-normed hidden state after the
+  // last block.
+  torch::Tensor step(torch::Tensor x, int64_t pos, bool sparse, const torch::Tensor& cos,
+                     const torch::Tensor& sin, torch::Tensor counts) {
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat, "x (b, hidden) fp32");
+    TORCH_CHECK(static_cast<int64_t>(caches_.size()) == 2 * layers_, "set_caches first");
+    TORCH_CHECK(pos >= 0 && pos < caches_[0].size(2), "position beyond the cache");
+    x = x.contiguous().clone();
+    const int64_t b = x.size(0), hid = x.size(1);
+    float* xp = x.data_ptr<float>();
+    int64_t* cnt = counts.data_ptr<int64_t>();
+    const auto cos_c = cos.contiguous(), sin_c = sin.contiguous();  // alive for the step
+    const float* c = cos_c.data_ptr<float>();
+    const float* sn = sin_c.data_ptr<float>();
+    for (int64_t l = 0; l < layers_; ++l) {
+      const torch::Tensor* t = t_.data() + l * kPerLayer;
+      rms_norm(xp, b, hid, t[0].data_ptr<float>(), eps_[2 * l], buf(h_, b * hid));
+      const int64_t nqkv = (hq_ + 2 * hk_) * d_;
+      float* qkv = buf(qkv_, b * nqkv);
+      proj(l, 0, h_.data(), b, hid, qkv, sparse, cnt);
+      rope_and_cache(qkv, b, l, pos, c, sn);
+      float* att = buf(att_, b * hq_ * d_);
+      attend(qkv, b, l, pos, att);
+      float* y = buf(y_, b * hid);
+      proj(l, 1, att, b, hq_ * d_, y, sparse, cnt);
+      for (int64_t i = 0; i < b * hid; ++i) xp[i] += y[i];
+      rms_norm(xp, b, hid, t[1].data_ptr<float>(), eps_[2 * l + 1], h_.data());
+      const int64_t inter = pw_[4 * l + 3].w.in;  // down's input width
+      float* gu = buf(gu_, b * 2 * inter);
+      proj(l, 2, h_.data(), b, hid, gu, sparse, cnt);  // (b, 2 inter): gate | up
+      float* a = buf(a_, b * inter);
+      for (int64_t r = 0; r < b; ++r)
+        for (int64_t i = 0; i < inter; ++i) {
+          const float g = gu[r * 2 * inter + i];
+          a[r * inter + i] = g / (1.0f + std::exp(-g)) * gu[r * 2 * inter + inter + i];
+        }
+      proj(l, 3, a, b, inter, y, sparse, cnt);
+      for (int64_t i = 0; i < b * hid; ++i) xp[i] += y[i];
+    }
+    auto out = torch::empty_like(x);
+    rms_norm(xp, b, hid, final_norm_.data_ptr<float>(), final_eps_, out.data_ptr<float>());
+    return out;
+  }
+
+ private:
+  static constexpr int64_t kPerLayer = 14;
+  // Cache lengths from which attention splits its heads over threads (below, waking the
+  // other thread costs about what it saves).
+  static constexpr int64_t kParallelAttention = 512;
+
+  // Size a reusable buffer (grows once, then stays) and return its data.
+  static float* buf(std::vector<float>& v, int64_t n) {
+    if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
+    return v.data();
+  }
+
+  // y (b, out) = projection p of layer l applied to h (b, in).
+  void proj(int64_t l, int p, const float* h, int64_t b, int64_t in, float* y, bool sparse,
+            int64_t* cnt) {
+    const torch::Tensor* t = t_.data() + l * kPerLayer + 2 + 3 * p;  // w, bias, act_scale
+    const int64_t k = 4 * l + p;
+    const Weight& w = pw_[k].w;
+    const float* bias = ptr_or_null(t[1]);
+    const double thr = thr_[k];
+    if (sparse && thr > 0) {
+      cnt[2 * k] += gemv_into(h, b, w, ptr_or_null(t[2]), static_cast<float>(thr), bias, y,
+                              scratch_);
+      cnt[2 * k + 1] += b * in;
+      return;
+    }
+    if (td_[k]) {  // measured faster for this shape: ATen's GEMV, written into y
+      const auto opt = torch::TensorOptions().dtype(torch::kFloat);
+      auto hin = torch::from_blob(const_cast<float*>(h), {b, in}, opt);
+      auto yt = torch::from_blob(y, {b, w.out}, opt);
+      if (bias) at::addmm_out(yt, t[1], hin, t[0].t());
+      else at::mm_out(yt, hin, t[0].t());
+      return;
+    }
+    gemv_into(h, b, w, nullptr, -1.0f, bias, y, scratch_);
+  }
+
+  // Rotate q and k heads in place (x cos + rotate_half(x) sin) and write k, v at pos.
+  void rope_and_cache(float* p, int64_t b, int64_t l, int64_t pos, const float* c,
+                      const float* s) {
+    const int64_t heads = hq_ + 2 * hk_, half = d_ / 2;
+    float* tmp = buf(tmp_, d_);
+    auto& kc = caches_[2 * l];
+    auto& vc = caches_[2 * l + 1];
+    const int64_t max_len = kc.size(2);
+    float* kp = kc.data_ptr<float>();
+    float* vp = vc.data_ptr<float>();
+    for (int64_t r = 0; r < b; ++r) {
+      float* row = p + r * heads * d_;
+      for (int64_t hd = 0; hd < hq_ + hk_; ++hd) {
+        float* e = row + hd * d_;
+        std::copy_n(e, d_, tmp);
+        for (int64_t i = 0; i < d_; ++i) {
+          const float rolled = i < half ? tmp[i + half] : tmp[i - half];
+          e[i] = tmp[i] * c[i] + rolled * s[i];
+        }
+      }
+      for (int64_t g = 0; g < hk_; ++g) {
+        const int64_t at_pos = ((r * hk_ + g) * max_len + pos) * d_;
+        std::copy_n(row + (hq_ + g) * d_, d_, kp + at_pos);
+        std::copy_n(row + (hq_ + hk_ + g) * d_, d_, vp + at_pos);
+      }
+    }
+  }
+
+  // att (b, hq * d): softmax(q k^T / sqrt(d)) v for each query head over cache positions
+  // 0..pos, query head h reading kv head h / (hq / hk) (GQA, as HF's repeat_kv). Short
+  // contexts run on this thread; long ones split the query heads over threads.
+  void attend(const float* qkv, int64_t b, int64_t l, int64_t pos, float* att) {
+    const int64_t d = d_;
+    const int64_t heads = hq_ + 2 * hk_, n = pos + 1, grp = hq_ / hk_;
+    const int64_t max_len = caches_[2 * l].size(2);
+    const float* kp = caches_[2 * l].data_ptr<float>();
+    const float* vp = caches_[2 * l + 1].data_ptr<float>();
+    const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+    constexpr int kLanes = 16;  // fixed-width partial sums vectorise without -ffast-math
+    auto body = [&](int64_t u0, int64_t u1) {
+      std::vector<float> sc(static_cast<size_t>(n));
+      std::vector<float> acc(static_cast<size_t>(d));
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t r = u / hq_, h = u % hq_, g = h / grp;
+        const float* q = qkv + r * heads * d + h * d;
+        const float* K = kp + (r * hk_ + g) * max_len * d;
+        const float* V = vp + (r * hk_ + g) * max_len * d;
+        float m = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < n; ++j) {
+          const float* kj = K + j * d;
+          float lanes[kLanes] = {};
+          int64_t i = 0;
+          for (; i + kLanes <= d; i += kLanes)
+            for (int k = 0; k < kLanes; ++k) lanes[k] += q[i + k] * kj[i + k];
+          float dot = 0.0f;
+          for (; i < d; ++i) dot += q[i] * kj[i];
+          for (int k = 0; k < kLanes; ++k) dot += lanes[k];
+          sc[j] = dot * scale;
+          m = std::max(m, sc[j]);
+        }
+        float sum = 0.0f;
+        for (int64_t j = 0; j < n; ++j) {
+          sc[j] = std::exp(sc[j] - m);
+          sum += sc[j];
+        }
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t j = 0; j < n; ++j) {
+          const float w = sc[j];
+          const float* vj = V + j * d;
+          for (int64_t i = 0; i < d; ++i) acc[i] += w * vj[i];
+        }
+        float* o = att + (r * hq_ + h) * d;
+        const float inv = 1.0f / sum;
+        for (int64_t i = 0; i < d; ++i) o[i] = acc[i] * inv;
+      }
+    };
+    const int64_t units = b * hq_;
+    if (n < kParallelAttention) body(0, units);
+    else at::parallel_for(0, units, 1, body);
+  }
+
+  std::vector<torch::Tensor> t_;
+  std::vector<PackedWeight> pw_;
+  std::vector<double> thr_;
+  std::vector<bool> td_;
+  std::vector<double> eps_;
+  torch::Tensor final_norm_;
+  double final_eps_;
+  std::vector<torch::Tensor> caches_;
+  int64_t hq_, hk_, d_, layers_ = 0;
+  Scratch scratch_;
+  std::vector<float> h_, qkv_, att_, y_, gu_, a_, tmp_;
+};
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+#if SPARSELLM_X86
+  build_luts();
+#endif
+  g_avx2 = cpu_has_avx2();
+  py::class_<PackedWeight>(m, "PackedWeight")
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, torch::Tensor, torch::Tensor,
+                    torch::Tensor, torch::Tensor>());
+  m.def("gemv", &gemv, "thresholded input-skipping GEMV over a packed weight (CPU)");
+  m.def("dequantize", &dequantize, "a packed weight as W^T (in, out) fp32");
+  m.def("set_isa", &set_isa, "choose the kernels: auto, avx2 or portable");
+  py::class_<Decoder>(m, "Decoder")
+      .def(py::init<std::vector<torch::Tensor>, std::vector<PackedWeight>,
+                    std::vector<double>, std::vector<bool>, std::vector<double>, int64_t,
+                    int64_t, int64_t, torch::Tensor, double>())
+      .def("set_caches", &Decoder::set_caches)
+      .def("step", &Decoder::step);
+}
