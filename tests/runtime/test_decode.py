@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from sparsellm.methods.activation.apply import sparsify_activations
-from sparsellm.runtime.decode import DecodeRuntime
 from sparsellm.methods.activation.teal import TEALConfig
 from sparsellm.models.tiny import tiny_model
+from sparsellm.runtime.decode import DecodeRuntime
 from tests.methods.activation.helpers import act_config
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsellm.export.formats import KINDS, pack, unpack
+from sparsellm.formats import KINDS, pack, unpack
 from sparsellm.runtime.kernels import (
     ColumnMajor,
     dense_matvec,

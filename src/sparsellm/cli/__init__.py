@@ -11,6 +11,8 @@ Commands (one module each, in this package):
 - ``eval``     perplexity / tasks of any model, optionally with sparse attention
 - ``sweep``    a methods × sparsities × patterns grid, resumable, local or on Ray
 - ``report``   render run and sweep directories of any kind side by side
+- ``export``   a compressed (sparse / quantized) checkpoint, or a GGUF for llama.cpp
+- ``generate`` text from any model on the CPU decode runtime, streamed
 
 Every command that evaluates a model builds one `sparsellm.result.Result` and writes it
 as the run's ``sparsellm_manifest.json``; ``report`` reads nothing else. ``--json``
@@ -29,7 +31,18 @@ import logging
 import sys
 from typing import Any
 
-COMMANDS = ("run", "prune", "shrink", "activate", "eval", "recover", "sweep", "report")
+COMMANDS = (
+    "run",
+    "prune",
+    "shrink",
+    "activate",
+    "eval",
+    "recover",
+    "sweep",
+    "report",
+    "export",
+    "generate",
+)
 
 
 def _module(command: str) -> Any:

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -116,10 +117,8 @@ def save(
     safetensors inside the same temporary directory, so they appear with the model or
     not at all.
     """
-    out = check_out_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -128,6 +127,18 @@ def save(
             (tmp / name).write_text(text, encoding="utf-8")
         for name, (tensors, metadata) in (extra_tensors or {}).items():
             save_file(tensors, str(tmp / name), metadata=metadata)
+
+    return write_dir_atomic(out, overwrite, fill)
+
+
+def write_dir_atomic(out: str | os.PathLike, overwrite: bool, fill: Callable[[Path], None]) -> Path:
+    """Let `fill` write a temporary sibling of `out`, then swap it in: `out` appears
+    complete or not at all, and a failure leaves the previous `out` untouched."""
+    out = check_out_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        fill(tmp)
         if out.exists():
             check_replaceable(out)  # again: `out` may have changed during the save
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))

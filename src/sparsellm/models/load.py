@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sparsellm.errors import SparseLLMError
 from sparsellm.models.adapters import get_adapter
+from sparsellm.models.compressed import compressed_format, load_compressed
 from sparsellm.models.gguf_tokenizer import gguf_spm_tokenizer, needs_spm_rebuild
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ class LoadedModel:
     model: Any
     tokenizer: Any
     info: dict[str, Any] = field(default_factory=dict)
+    # packed weights of a compressed checkpoint (`sparsellm export`), for the runtime
+    packed: dict[str, Any] | None = None
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.model, self.tokenizer))
@@ -241,9 +244,15 @@ def load_model(
         info["gguf_sha256"] = file_sha256(Path(where))
         where = convert_gguf(Path(where))
     info["path"] = str(where)
+    fmt = compressed_format(where) if kind == "dir" else None
+    packed = None
+    if fmt is not None:  # written by `sparsellm export`: packed weights, dequantized here
+        model, packed = load_compressed(where, dtype)
+        info["format"] = fmt
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+        if fmt is None:
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
     except Exception as exc:  # corrupt weights, missing files, no network for hub ids, ...
         hint = " (the Hub needs network access)" if kind == "hub" else ""
         raise SparseLLMError(
@@ -252,4 +261,4 @@ def load_model(
     get_adapter(model)  # fail early on unsupported architectures
     info["model_type"] = model.config.model_type
     info["parameters"] = sum(p.numel() for p in model.parameters())
-    return LoadedModel(model=model.eval(), tokenizer=tokenizer, info=info)
+    return LoadedModel(model=model.eval(), tokenizer=tokenizer, info=info, packed=packed)

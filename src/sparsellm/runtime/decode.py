@@ -32,6 +32,7 @@ head (~the model's size again). Batches must be unpadded (equal prompt lengths).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsellm.errors import SparseLLMError
-from sparsellm.export.formats import Packed, choose_kind, concat, embed_rows
+from sparsellm.formats import Packed, choose_kind, concat, embed_rows
 from sparsellm.methods.activation.coreinfer import CoreActivation
 from sparsellm.methods.activation.modules import ActSparseLinear, ThresholdedActivation
 from sparsellm.models.adapters import get_blocks, get_layout
@@ -106,8 +107,8 @@ class DecodeRuntime:
         packed: dict[str, Packed] | None = None,
     ) -> None:
         """`fmt` packs the model's block linears and LM head in that format (see
-        `export.formats.choose_kind`); `packed` instead supplies them as stored in a
-        compressed checkpoint, by module name ("lm_head" for the head)."""
+        `sparsellm.formats.choose_kind`); `packed` instead supplies them as stored in a
+        compressed checkpoint, by module name."""
         layout = get_layout(model)
         cfg = model.config
         self.model = model
@@ -122,16 +123,17 @@ class DecodeRuntime:
         self._packed = packed
         self._names = {id(m): n for n, m in model.named_modules()}
         head = model.get_output_embeddings()
-        if packed is not None and "lm_head" in packed:
-            self.lm_head = Proj.fuse([head], packed=packed["lm_head"])
+        if packed is not None and self._names[id(head)] in packed:
+            self.lm_head = Proj.fuse([head], packed=packed[self._names[id(head)]])
         else:
             kind = choose_kind(fmt, head.weight, head=True)
             self.lm_head = Proj.fuse([head], kind=kind)  # sparse with `head`
         # a tied head doubles as the embedding: read its rows instead of a second copy
-        tied = head.weight is self.embed.weight
-        self.embed_packed = (
-            self.lm_head.packed if tied and self.lm_head.packed.kind != "fp32" else None
-        )
+        self.embed_packed: Packed | None = None
+        if head.weight is self.embed.weight and self.lm_head.packed.kind != "fp32":
+            self.embed_packed = self.lm_head.packed
+        elif packed is not None and self._names[id(self.embed)] in packed:
+            self.embed_packed = packed[self._names[id(self.embed)]]
         self.layers = [self._layer(block, layout) for block in get_blocks(model)]
         self._names = {}
         self.native = native_kernel() if native else None
@@ -377,6 +379,63 @@ class DecodeRuntime:
             "correction_rate": corrected / verified if verified else None,  # None: not verified
             "skipped_fraction": self.skipped_fraction(),
         }
+
+    @torch.no_grad()
+    def stream(
+        self,
+        ids: torch.Tensor,
+        max_new_tokens: int,
+        pick: Callable[[torch.Tensor], int] | None = None,
+        stop: frozenset[int] = frozenset(),
+        sparse: bool = True,
+        timings: dict[str, float] | None = None,
+    ) -> Iterator[int]:
+        """Yield up to `max_new_tokens` tokens after the prompt `ids` (1, P), one at a
+        time, as they are decoded; `pick` maps last-position logits (vocab,) to a token
+        (default greedy). Stops after a token in `stop`. `timings` (if given) receives
+        prefill_s and decode_s (time spent in the model, not in the consumer)."""
+        pick = pick or (lambda logits: int(logits.argmax()))
+        times = timings if timings is not None else {}
+        times["prefill_s"] = times["decode_s"] = 0.0
+        if ids.shape[1] + max_new_tokens > self.max_len:
+            raise ValueError(
+                f"{ids.shape[1]} prompt + {max_new_tokens} new tokens exceed max_len={self.max_len}"
+            )
+        self.reset(1)
+        t0 = time.perf_counter()
+        logits = self.forward(ids, 0, sparse, last_only=True)
+        times["prefill_s"] = time.perf_counter() - t0
+        pos = ids.shape[1]
+        for i in range(max_new_tokens):
+            token = pick(logits[0, -1])
+            yield token
+            if token in stop or i == max_new_tokens - 1:
+                return
+            t1 = time.perf_counter()
+            logits = self.forward(torch.tensor([[token]]), pos, sparse)
+            times["decode_s"] += time.perf_counter() - t1
+            pos += 1
+
+    def weight_bytes(self) -> int:
+        """Bytes of packed weights a decode step reads (block projections and LM head)."""
+        return sum(p.packed.nbytes for p in self._all_projs())
+
+    def release_model_weights(self) -> None:
+        """Drop the model's block-linear and head weights once the runtime holds packed
+        copies of all of them (the model is then only good for this runtime; embedding,
+        norms and rotary stay), so RAM holds the packed bytes, not fp32 ones too.
+        fp32 projections share the model's tensors, so nothing is freed for them."""
+        if any(p.packed.kind == "fp32" for p in self._all_projs()):
+            return
+        empty = nn.Parameter(torch.empty(0), requires_grad=False)
+        for block in get_blocks(self.model):
+            for module in block.modules():
+                if isinstance(module, nn.Linear):
+                    module.weight = empty
+        head = self.model.get_output_embeddings()
+        if self.embed.weight is head.weight and self.embed_packed is not None:
+            self.embed.weight = empty
+        head.weight = empty
 
     def skipped_fraction(self) -> float | None:
         """Share of the thresholded projections' weight reads skipped in decode steps."""

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sparsellm.export.formats import KINDS, Packed
+from sparsellm.formats import KINDS, Packed
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "runtime.cpp"

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsellm.export.formats import Packed, choose_kind, pack, unpack
+from sparsellm.formats import Packed, choose_kind, pack, unpack
 from sparsellm.methods.activation.coreinfer import CoreActivation, core_neurons
 from sparsellm.methods.activation.modules import ActSparseLinear, keep_channels
 from sparsellm.runtime.kernels import (
@@ -47,7 +47,7 @@ class Rule:
 
 @dataclass
 class Proj:
-    """One fused projection: its packed weight (any format of `export.formats`) and its
+    """One fused projection: its packed weight (any format of `sparsellm.formats`) and its
     skipping rule. fp32 projections also keep the model's own (out, in) tensor, which
     `F.linear` reads when it is the faster dense kernel for the shape."""
 

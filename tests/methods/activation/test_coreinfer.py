@@ -12,8 +12,8 @@ from sparsellm.methods.activation.coreinfer import (
     split_perplexity,
     unwrap_coreinfer,
 )
-from sparsellm.runtime.decode import DecodeRuntime
 from sparsellm.models.tiny import tiny_model
+from sparsellm.runtime.decode import DecodeRuntime
 
 
 def test_core_neurons_hand_checked() -> None:

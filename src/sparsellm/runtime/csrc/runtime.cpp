@@ -3,7 +3,7 @@
 // y[r, :] = sum over input channels i with |x[r, i]| * act_scale[i] > threshold of
 //           x[r, i] * W^T[i, :]   (+ bias)
 //
-// W^T (in, out) is stored in one of the formats of sparsellm/export/formats.py (fp32,
+// W^T (in, out) is stored in one of the formats of sparsellm/formats.py (fp32,
 // bf16, int8 per output channel, int4 group-wise, or a bitmask per W^T row with packed
 // bf16 / int8 / int4 values). A skipped input channel is one row never read; a pruned
 // weight is a zero bit never expanded into a multiply. Kernels exist twice: an AVX2+FMA

@@ -263,7 +263,7 @@ def pack(weight: torch.Tensor, kind: str, group: int = DEFAULT_GROUP) -> Packed:
 
 def unpack(p: Packed) -> torch.Tensor:
     """The fp32 (out, in) weight that `p` stores (dequantized)."""
-    out, inp = p.shape
+    inp = p.shape[1]
     base = base_kind(p.kind)
     if p.kind.startswith("sparse-"):
         t = _grid(p)[0].float()  # zeros where nothing is kept
