@@ -47,9 +47,9 @@ from sparsellm.methods.activation.coreinfer import (
 )
 from sparsellm.methods.activation.io import STATE_FILE, activation_state, load_activation_state
 from sparsellm.methods.activation.modules import measured_sparsity, reset_counts, unwrap_activations
-from sparsellm.methods.activation.runtime import DecodeRuntime
 from sparsellm.methods.activation.teal import TEALConfig
 from sparsellm.report.markdown import table
+from sparsellm.runtime.decode import DecodeRuntime
 
 HERE = Path(__file__).resolve().parent
 RUN_STATS = ("skipped_fraction", "correction_rate")  # per speed row, None where not measured
