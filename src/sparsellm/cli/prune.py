@@ -21,8 +21,13 @@ from sparsellm.result import Result
 DEFAULT_METHOD = "sparsegpt"
 
 
-def add_flags(p: argparse.ArgumentParser, model_default: str | None, out_required: bool) -> None:
-    """The flags of `prune` (and `run`, which differs only in these two defaults)."""
+EXPORTS = ("hf", "bf16", "int8", "int4", "sparse-bf16", "sparse-int8", "sparse-int4")
+
+
+def add_flags(
+    p: argparse.ArgumentParser, model_default: str | None, out_required: bool, export: str = "hf"
+) -> None:
+    """The flags of `prune` (and `run`, which differs only in these defaults)."""
     from sparsellm.registry import names
 
     common.add_model_and_eval(p, model_default)
@@ -58,6 +63,16 @@ def add_flags(p: argparse.ArgumentParser, model_default: str | None, out_require
     common.add_out(p, out_required, "" if out_required else "sparsellm-runs/<timestamp>")
     common.add_speed(p, "512,2048,8192")
     p.add_argument(
+        "--export",
+        default=export,
+        choices=EXPORTS,
+        metavar="FMT",
+        help="how to save the pruned model: hf (plain transformers, fp32) or a compressed "
+        "format (see `sparsellm export`); a compressed one is then re-evaluated from disk and "
+        "its decode speed, size and RAM are compared with the dense model's "
+        f"(default: {export})",
+    )
+    p.add_argument(
         "--no-dense-eval",
         action="store_true",
         help="skip the dense model's evaluation (no before perplexity, KL or top-1)",
@@ -90,6 +105,7 @@ def recipe(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace, kind: str = "prune") -> Result:
     import sparsellm as sl
     from sparsellm.eval.speed import compare_speed
+    from sparsellm.export.compressed import write_compressed
     from sparsellm.export.hf import check_out_dir
     from sparsellm.pipeline import prepare, prune_and_evaluate
     from sparsellm.report.markdown import quality_table, speed_table, tasks_section
@@ -111,8 +127,14 @@ def run(args: argparse.Namespace, kind: str = "prune") -> Result:
     result.provenance["out"] = str(out)
     if args.speed:
         result.details["speed"] = compare_speed(dense, model, lengths)
-    del dense
-    sl.save(model, tok, out, manifest=result.to_dict(), overwrite=args.overwrite)
+    if args.export == "hf":
+        del dense
+        sl.save(model, tok, out, manifest=result.to_dict(), overwrite=args.overwrite)
+    else:
+        _check_exportable(model)
+        write_compressed(model, tok, out, args.export, result.to_dict(), overwrite=args.overwrite)
+        result.details["export"] = deployed(dense, prep, out, args.export, result)
+        del dense
     if args.speed:  # per-model memory needs the saved checkpoint
         result.details["speed"]["memory"] = _memory(prep.loaded.info["path"], out, lengths)
     write(result, out)
@@ -121,6 +143,8 @@ def run(args: argparse.Namespace, kind: str = "prune") -> Result:
         print(section)
     if args.speed:
         print(speed_table(result.details["speed"]))
+    if "export" in result.details:
+        print(deployed_table(result.details["export"]))
     print(f"saved sparse model and report to {out}")
     return result
 
@@ -146,3 +170,76 @@ def _memory(dense_path: str, sparse_path: Path, lengths: tuple[int, ...]) -> dic
     for name, path in (("dense", dense_path), ("sparse", sparse_path)):
         out[name] = {"checkpoint_bytes": checkpoint_bytes(path), **measure_peak_rss(path, length)}
     return out
+
+
+def _check_exportable(model: Any) -> None:
+    from sparsellm.methods.activation.modules import wrapped_modules
+
+    if next(wrapped_modules(model), None) is not None:
+        raise SparseLLMError(
+            "a recipe with activation steps saves with --export hf; then "
+            "`sparsellm export DIR --format FMT` packs it with its thresholds"
+        )
+
+
+def deployed(dense: Any, prep: Any, out: Path, fmt: str, result: Result) -> dict[str, Any]:
+    """Dense vs exported, as a user meets them: size on disk, weights in RAM, decode tok/s
+    (HF generate and our runtime on the dense model, our runtime on the export, alternated)
+    and perplexity of the export reloaded from disk on the run's evaluation windows."""
+    import torch
+
+    import sparsellm as sl
+    from sparsellm.eval.perplexity import perplexity
+    from sparsellm.eval.speed import alternate_medians, decode_seconds, parameter_bytes
+    from sparsellm.export.compressed import dir_bytes
+    from sparsellm.runtime.decode import DecodeRuntime
+
+    reloaded = sl.load(out)
+    ppl = perplexity(reloaded.model, prep.eval_ids)["ppl"]
+    dense_dir = prep.loaded.info.get("path")
+    dense_bytes = parameter_bytes(dense)["bytes"] if dense is not None else None
+    rows: dict[str, dict[str, Any]] = {
+        "dense fp32, transformers": {
+            "disk_bytes": dir_bytes(dense_dir) if dense_dir else None,
+            "ram_bytes": dense_bytes,
+            "ppl": result.metric("before", "ppl"),
+        },
+        "dense fp32, sparsellm runtime": {"ram_bytes": None, "ppl": result.metric("before", "ppl")},
+        f"pruned {fmt}, sparsellm runtime": {"disk_bytes": dir_bytes(out), "ppl": ppl},
+    }
+    packed_rt = DecodeRuntime(reloaded.model, max_len=256, packed=reloaded.packed)
+    runtimes = {f"pruned {fmt}, sparsellm runtime": packed_rt}
+    jobs: dict[str, Any] = {}
+    new = 64
+    ids = torch.randint(0, reloaded.model.config.vocab_size, (1, 16))
+    if dense is None:
+        rows = {k: v for k, v in rows.items() if not k.startswith("dense")}
+    else:
+        runtimes["dense fp32, sparsellm runtime"] = DecodeRuntime(dense, max_len=256)
+        # the new - 1 decode steps: generating `new` tokens minus generating one (prefill)
+        jobs["dense fp32, transformers"] = lambda: (
+            decode_seconds(dense, new) - decode_seconds(dense, 1)
+        )
+    for name, rt in runtimes.items():
+        jobs[name] = lambda rt=rt: rt.generate(ids, new, sparse=True)["decode_s"]
+    for name, s in alternate_medians(jobs, repeats=2).items():
+        rows[name]["decode_tok_s"] = (new - 1) / s
+    for name, rt in runtimes.items():
+        rows[name]["ram_bytes"] = rt.resident_bytes()
+    return {"format": fmt, "rows": rows, "new_tokens": new, "threads": torch.get_num_threads()}
+
+
+def deployed_table(summary: dict[str, Any]) -> str:
+    """The newcomer's table: one column per way of running the model."""
+    from sparsellm.report.markdown import table
+
+    rows = summary["rows"]
+    mb = lambda b: None if b is None else f"{b / 1e6:.0f} MB"  # noqa: E731
+    tok = lambda r: None if r.get("decode_tok_s") is None else f"{r['decode_tok_s']:.1f}"  # noqa: E731
+    lines = [
+        ["size on disk", *(mb(r.get("disk_bytes")) for r in rows.values())],
+        ["weights in RAM", *(mb(r.get("ram_bytes")) for r in rows.values())],
+        [f"decode tok/s (batch 1, {summary['threads']} threads)", *(tok(r) for r in rows.values())],
+        ["perplexity", *(r.get("ppl") for r in rows.values())],
+    ]
+    return table(["", *rows], lines)

@@ -1,4 +1,9 @@
-"""A lean CPU decode runtime for llama-style models, dense or activation-sparse.
+"""A lean CPU decode runtime for llama-style models, any weight format, dense or
+activation-sparse.
+
+Long module: one class owns the decode state (packed projections, KV cache, the native
+Decoder, kept/seen counters) and every path that touches it (prompt blocks, decode steps,
+generation, streaming, weight accounting); split, each piece would reach into the others.
 
 Why a runtime of our own: HF `generate` spends ~15% of a decode step outside the
 matmuls and calls `F.linear` per projection, whose M=1 path is slower than the
@@ -419,6 +424,19 @@ class DecodeRuntime:
     def weight_bytes(self) -> int:
         """Bytes of packed weights a decode step reads (block projections and LM head)."""
         return sum(p.packed.nbytes for p in self._all_projs())
+
+    def resident_bytes(self) -> int:
+        """Bytes of weights this runtime keeps for decoding: its packed projections, the
+        model tensors fp32 projections share, the embedding (unless read from the packed
+        head) and the norms."""
+        total = self.weight_bytes()
+        total += sum(
+            p.weight_fp32.numel() * 4 for p in self._all_projs() if p.weight_fp32 is not None
+        )
+        if self.embed_packed is None:
+            total += self.embed.weight.numel() * self.embed.weight.element_size()
+        norms = [self.final_norm, *(n for ly in self.layers for n in (ly.attn_norm, ly.mlp_norm))]
+        return total + sum(n.weight.numel() * n.weight.element_size() for n in norms)
 
     def release_model_weights(self) -> None:
         """Drop the model's block-linear and head weights once the runtime holds packed
