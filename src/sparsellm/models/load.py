@@ -218,6 +218,9 @@ def resolve_source(source: str | os.PathLike) -> tuple[str, Path | str]:
     path = Path(text).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:  # e.g. `sparsellm export --format gguf-q8_0` output
+                return "gguf", ggufs[0]
             raise SparseLLMError(f"{path} is not a Hugging Face model directory (no config.json)")
         return "dir", path
     if path.is_file():
