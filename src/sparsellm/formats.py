@@ -228,7 +228,7 @@ def pack(weight: torch.Tensor, kind: str, group: int = DEFAULT_GROUP) -> Packed:
     if weight.dim() != 2:
         raise SparseLLMError(f"only 2-D weights pack, not shape {tuple(weight.shape)}")
     w = weight.detach().float().cpu()
-    out, inp = w.shape
+    out = w.shape[0]
     base = base_kind(kind)
     scale = None
     g = group if base == "int4" else 0
@@ -242,23 +242,12 @@ def pack(weight: torch.Tensor, kind: str, group: int = DEFAULT_GROUP) -> Packed:
         t = w.t().contiguous().to(torch.bfloat16)
     else:
         t = w.t().contiguous()
-    if not kind.startswith("sparse-"):
-        values = _nibbles_dense(t) if base == "int4" else t
-        p = Packed(kind, (out, inp), values, scale, group=g)
-        p.validate()
-        return p
-    if out % 16:
-        raise SparseLLMError(f"{kind} needs out % 16 == 0, not {out}")
-    keep = w.t() != 0
-    kept = t[keep]
-    if base == "int4":
-        values = torch.cat([_nibble_stream(kept), torch.zeros(PAD, dtype=torch.uint8)])
-    else:
-        pad = PAD // 2 if base == "bf16" else PAD
-        values = torch.cat([kept, torch.zeros(pad, dtype=kept.dtype)])
-    p = Packed(kind, (out, inp), values, scale, _pack_bits(keep), _offsets(keep), g)
-    p.validate()
-    return p
+    keep = None
+    if kind.startswith("sparse-"):
+        if out % 16:
+            raise SparseLLMError(f"{kind} needs out % 16 == 0, not {out}")
+        keep = w.t() != 0
+    return _from_grid(kind, t, keep, scale, g)
 
 
 def unpack(p: Packed) -> torch.Tensor:
