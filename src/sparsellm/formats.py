@@ -43,6 +43,11 @@ DEFAULT_GROUP = 128
 _VALUE_BYTES = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}
 
 
+def _pad(base: str) -> int:
+    """Zero values appended after packed sparse values: PAD bytes' worth."""
+    return PAD // 2 if base == "bf16" else PAD
+
+
 def base_kind(kind: str) -> str:
     """The value type of a kind: 'sparse-int8' -> 'int8'."""
     return kind.removeprefix("sparse-")
@@ -133,8 +138,7 @@ class Packed:
         need("offsets", self.offsets, torch.int64, (inp, -(-out // CHUNK)))
         nnz = int(_popcount(self.mask).sum())
         stored = nnz if base != "int4" else (nnz + 1) // 2
-        pad = PAD // 2 if base == "bf16" else PAD
-        need("values", self.values, vdtype, (stored + pad,))
+        need("values", self.values, vdtype, (stored + _pad(base),))
         if not torch.equal(self.offsets, _offsets(_unpack_bits(self.mask, out))):
             raise SparseLLMError(f"{self.kind} weight {out}x{inp}: offsets disagree with the mask")
 
@@ -291,10 +295,9 @@ def _from_grid(kind: str, grid: torch.Tensor, keep: torch.Tensor | None,
     else:
         kept = grid[keep]
         if base == "int4":
-            values = torch.cat([_nibble_stream(kept), torch.zeros(PAD, dtype=torch.uint8)])
+            values = torch.cat([_nibble_stream(kept), torch.zeros(_pad(base), dtype=torch.uint8)])
         else:
-            pad = PAD // 2 if base == "bf16" else PAD
-            values = torch.cat([kept, torch.zeros(pad, dtype=kept.dtype)])
+            values = torch.cat([kept, torch.zeros(_pad(base), dtype=kept.dtype)])
         p = Packed(kind, (out, inp), values, scale, _pack_bits(keep), _offsets(keep), group)
     p.validate()
     return p
@@ -329,10 +332,6 @@ def embed_rows(p: Packed, ids: torch.Tensor) -> torch.Tensor:
     if p.scale is not None:
         rows = rows * p.scale[flat, None]
     return rows.view(*ids.shape, -1)
-
-
-def dense_bytes_per_param(kind: str) -> float:
-    return _VALUE_BYTES[base_kind(kind)]
 
 
 def choose_kind(fmt: str, weight: torch.Tensor, *, head: bool = False) -> str:

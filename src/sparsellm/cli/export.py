@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         write_compressed,
     )
     from sparsellm.export.gguf import write_gguf_q8_0
-    from sparsellm.export.hf import check_out_dir, write_dir_atomic, write_json_atomic
+    from sparsellm.export.hf import MANIFEST, check_out_dir, write_dir_atomic, write_json_atomic
     from sparsellm.methods.activation.io import unwrapped
     from sparsellm.models.load import resolve_source
 
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     kind, where = resolve_source(args.source)
     source_dir = where if kind == "dir" else None
     start = time.perf_counter()
-    loaded = sl.load(args.source) if kind == "dir" else sl.load_model(args.source)
+    loaded = sl.load(args.source)
     model, tok = loaded.model, loaded.tokenizer
     manifest = dict(loaded.info.get("manifest") or {})
     template = _template(args, manifest) if args.format == "gguf-q8_0" else None
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
             def fill(tmp: Path) -> None:
                 write_gguf_q8_0(model, template, tmp / "model-q8_0.gguf")
-                write_json_atomic(tmp / "sparsellm_manifest.json", manifest)
+                write_json_atomic(tmp / MANIFEST, manifest)
 
             out = write_dir_atomic(args.out, args.overwrite, fill)
             bpp = 34 / 32  # Q8_0: 32 int8 + one fp16 scale per block
@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             reload_src = str(out)
     quantized_ppl = None
     if not args.no_eval:
-        again = sl.load(reload_src) if args.format != "gguf-q8_0" else sl.load_model(reload_src)
+        again = sl.load(reload_src)
         quantized_ppl = _ppl(again.model, again.tokenizer, args)
     summary.update(
         bytes_on_disk=dir_bytes(out),
@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         source_ppl=source_ppl,
         seconds=time.perf_counter() - start,
     )
-    write_json_atomic(Path(out) / "sparsellm_manifest.json", manifest)
+    write_json_atomic(Path(out) / MANIFEST, manifest)
     if not args.json:
         ratio = summary["bytes_on_disk"] / summary["dense_fp32_bytes"]
         mb = summary["bytes_on_disk"] / 1e6

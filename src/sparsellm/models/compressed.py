@@ -63,14 +63,20 @@ def read_packed(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[
         index = json.loads(meta[PACKED_META])
     except (KeyError, json.JSONDecodeError):
         raise SparseLLMError(f"{file} has no valid '{PACKED_META}' index") from None
+    parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in index}
+    plain: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():  # NAME.weight.PART belongs to packed weight NAME
+        name, _, part = key.rpartition(".weight.")
+        if name in parts:
+            parts[name][part] = t
+        else:
+            plain[key] = t
     packed: dict[str, Packed] = {}
     for name, layout in index.items():
-        prefix = f"{name}.weight."
-        parts = {k[len(prefix) :]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
         if not isinstance(layout, dict) or layout.get("kind") not in KINDS:
             raise SparseLLMError(f"{file}: bad layout for {name}: {layout!r}")
-        packed[name] = Packed.from_parts(layout, parts)
-    return tensors, packed
+        packed[name] = Packed.from_parts(layout, parts[name])
+    return plain, packed
 
 
 def load_compressed(path: str | os.PathLike, dtype: torch.dtype) -> tuple[Any, dict[str, Packed]]:
