@@ -153,3 +153,15 @@ def test_export_refuses_bad_input(tiny_dir: Path, tmp_path: Path, capsys) -> Non
     code = main(["export", str(tiny_dir), "--format", "gguf-q8_0", "--out",
                  str(tmp_path / "g"), "--no-eval"])  # fmt: skip
     assert code == 2 and "gguf" in capsys.readouterr().err
+
+
+def test_export_refuses_a_shrunk_model(tiny_dir: Path, tmp_path: Path, capsys) -> None:
+    """Per-layer widths live in config.json keys the compressed loader does not read."""
+    cfg = json.loads((tiny_dir / "config.json").read_text())
+    from sparsellm.methods.structured.io import SHAPES_KEY
+
+    cfg[SHAPES_KEY] = []
+    (tiny_dir / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "never"
+    code = main(["export", str(tiny_dir), "--format", "int8", "--out", str(out), "--no-eval"])
+    assert code == 2 and "shrunk" in capsys.readouterr().err and not out.exists()

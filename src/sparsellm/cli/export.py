@@ -107,6 +107,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from sparsellm.export.gguf import write_gguf_q8_0
     from sparsellm.export.hf import MANIFEST, check_out_dir, write_dir_atomic, write_json_atomic
     from sparsellm.methods.activation.io import unwrapped
+    from sparsellm.methods.structured.io import has_layer_shapes
     from sparsellm.models.load import resolve_source
 
     if args.group < 1 or args.eval_windows < 1 or args.seqlen < 2:
@@ -114,6 +115,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     check_out_dir(args.out, args.overwrite)
     kind, where = resolve_source(args.source)
     source_dir = where if kind == "dir" else None
+    if source_dir is not None and args.format != "hf" and has_layer_shapes(source_dir):
+        raise SparseLLMError(
+            f"{args.source} has per-layer shapes (a shrunk model): only --format hf keeps them"
+        )
     start = time.perf_counter()
     loaded = sl.load(args.source)
     model, tok = loaded.model, loaded.tokenizer
