@@ -72,18 +72,6 @@ def test_sparse_head_decode_matches_wrapped_hf(calib_ids: torch.Tensor) -> None:
     assert rt.lm_head.kept < rt.lm_head.seen  # the head skipped columns too
 
 
-def test_either_dense_kernel_gives_the_dense_logits() -> None:
-    model = tiny_model("qwen2").eval()
-    ids = _prompt()
-    ref = model(ids).logits
-    rt = DecodeRuntime(model, max_len=32)
-    for use_torch in (False, True):
-        for proj in rt._all_projs():
-            proj.torch_dense = use_torch
-        got = _stepwise(rt, ids, 5, sparse=False)
-        torch.testing.assert_close(got, ref[:, 5:], rtol=1e-4, atol=1e-5)
-
-
 def test_small_batch_decode_matches_single_rows(calib_ids: torch.Tensor) -> None:
     model = tiny_model("llama").eval()
     sparsify_activations(model, calib_ids, TEALConfig(sparsity=0.5, max_tokens=256))
@@ -153,3 +141,68 @@ def test_native_decode_long_context_attention(calib_ids: torch.Tensor) -> None:
     rt = DecodeRuntime(model, max_len=520)
     fused, python, _, _ = _fused_and_python(rt, ids, 508, sparse=True)
     torch.testing.assert_close(fused, python, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "int8", "sparse-bf16"])
+def test_rows_of_one_pass_get_the_bits_of_lone_steps(fmt: str) -> None:
+    """A verification pass (k tokens of one sequence in one `step`) and a batch of
+    sequences at different lengths give each token exactly the logits of a lone decode
+    step: what makes greedy speculative decoding token-identical to plain decoding."""
+    model = tiny_model("qwen2").eval()
+    ids = torch.randint(0, 256, (1, 14), generator=torch.Generator().manual_seed(5))
+    rt = DecodeRuntime(model, max_len=32, fmt=fmt)
+    lone = _stepwise(rt, ids, 6, sparse=False)[0]  # logits of tokens 6..13, one at a time
+    rt.reset(3)
+    rt.forward(ids[:, :6], 0, False, seq=0)
+    slots = torch.arange(6, 14)
+    chain = rt.step(ids[0, 6:], torch.zeros(8, dtype=torch.int64), slots, slots, False)
+    assert torch.equal(chain, lone)
+    # two requests at different lengths in cache rows 1 and 2, stepped together
+    for row in (1, 2):
+        rt.forward(ids[:, :6], 0, False, seq=row)
+    for i in range(6, 9):  # row 1 decodes three tokens ahead, one at a time (as `lone`)
+        rt.forward(ids[:, i : i + 1], i, False, seq=1)
+    at = torch.tensor([9, 6])
+    both = rt.step(ids[0, [9, 6]], torch.tensor([1, 2]), at, at, False)
+    assert torch.equal(both, lone[[3, 0]])
+
+
+def test_tree_rows_see_only_their_ancestors() -> None:
+    """A draft tree after the prefix: root t0 with children t1 and t1', t1 with child t2.
+    Each node's logits equal those of its path verified as a chain."""
+    model = tiny_model("llama").eval()
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(6))
+    rt = DecodeRuntime(model, max_len=32)
+    t0, t1, t1b, t2 = 11, 22, 33, 44
+    paths = {(t0, t1, t2), (t0, t1b)}
+    chains = {}
+    for path in paths:
+        rt.reset(1)
+        rt.forward(ids, 0, False)
+        slots = torch.arange(8, 8 + len(path))
+        chains[path] = rt.step(torch.tensor(path), torch.zeros_like(slots), slots, slots, False)
+    rt.reset(1)
+    rt.forward(ids, 0, False)
+    nodes = torch.tensor([t0, t1, t1b, t2])
+    depth = torch.tensor([0, 1, 1, 2])
+    parent = [-1, 0, 0, 1]
+    visible = torch.zeros(4, 12, dtype=torch.bool)
+    visible[:, :8] = True
+    for i in range(4):
+        j = i
+        while j >= 0:
+            visible[i, 8 + j] = True
+            j = parent[j]
+    slots = torch.arange(8, 12)
+    got = rt.step(nodes, torch.zeros(4, dtype=torch.int64), slots, 8 + depth, False, visible)
+    torch.testing.assert_close(got[[0, 1, 3]], chains[(t0, t1, t2)], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[[0, 2]], chains[(t0, t1b)], rtol=1e-5, atol=1e-6)
+    # accepting t0, t1b moves t1b's slot (10) next to the prefix; its kv then reproduces
+    rt.move_slots(0, [8, 10], 8)
+    nxt = rt.step(torch.tensor([5]), torch.zeros(1, dtype=torch.int64), torch.tensor([10]),
+                  torch.tensor([10]), False)  # fmt: skip
+    rt.reset(1)
+    rt.forward(ids, 0, False)
+    ref = rt.step(torch.tensor([t0, t1b, 5]), torch.zeros(3, dtype=torch.int64),
+                  torch.arange(8, 11), torch.arange(8, 11), False)  # fmt: skip
+    torch.testing.assert_close(nxt[0], ref[2], rtol=1e-5, atol=1e-6)

@@ -12,8 +12,10 @@ but faster on wide ones. To report a speedup that is about skipping, not about a
 better dense kernel, the runtime runs the same code for dense and sparse: fused
 projections (q|k|v and gate|up share one input and one channel selection), a static
 KV cache, and per projection the column kernel over the columns that pass the layer's
-threshold (sparse) or, for dense calls, whichever of the column kernel and `F.linear`
-was faster for that weight shape when the runtime was built (`pick_dense_kernels`).
+threshold (sparse) or over all of them (dense). Dense calls never use `F.linear`: our
+kernel gives a token the same bits whether it runs alone or beside others (a batch, a
+speculative verification pass), which is what makes speculative decoding exact, and on
+the CPUs measured it was also faster for 1-8 rows.
 
 Decode steps of the common case (SiLU-gated MLP, TEAL/WINA thresholds, batch <= 8) run
 as one call into the native extension's `Decoder`, which walks every block in C++ with
@@ -27,7 +29,7 @@ R-Sparse factors / CATS gate thresholds from the wrappers of
 `sparsellm.methods.activation.modules`. The HF model is not modified. Prompt tokens (prefill,
 and Sirius' verification passes) run as batched masked matmuls with the same masks as
 the wrappers, so runtime and HF reference compute the same function. The per-call units
-(`Proj`, `GatedMLP`, `pick_dense_kernels`) are in `sparsellm.runtime.projections`;
+(`Proj`, `GatedMLP`) are in `sparsellm.runtime.projections`;
 this module walks the blocks, keeps the KV cache and generates.
 
 Costs to know: the runtime keeps a transposed copy of every block weight and the LM
@@ -51,7 +53,7 @@ from sparsellm.methods.activation.coreinfer import CoreActivation
 from sparsellm.methods.activation.modules import ActSparseLinear, ThresholdedActivation
 from sparsellm.models.adapters import get_blocks, get_layout
 from sparsellm.runtime.kernels import native_kernel
-from sparsellm.runtime.projections import EMPTY, GatedMLP, Proj, pick_dense_kernels
+from sparsellm.runtime.projections import EMPTY, GatedMLP, Proj
 
 
 @dataclass
@@ -144,7 +146,6 @@ class DecodeRuntime:
         self.native = native_kernel() if native else None
         for proj in self._all_projs():
             proj.bind(self.native)
-        pick_dense_kernels(self._all_projs())
         self.cos, self.sin = self._rope()
         self._decoder: Any = None  # the native whole-step decoder, built by `reset`
         self._counts = torch.zeros(4 * len(self.layers), 2, dtype=torch.int64)
@@ -165,31 +166,26 @@ class DecodeRuntime:
         return True
 
     def _build_decoder(self) -> Any:
-        """Hand the block weights, rules and current dense-kernel choices to the Decoder."""
+        """Hand the block weights and rules to the Decoder."""
         tensors: list[torch.Tensor] = []
         thresholds: list[float] = []
-        torch_dense: list[bool] = []
         eps: list[float] = []
         weights: list[Any] = []
         for layer in self.layers:
             tensors += [layer.attn_norm.weight, layer.mlp_norm.weight]
             eps += [layer.attn_norm.eps, layer.mlp_norm.eps]
             for p in _block(layer):
-                use_torch = p.torch_dense and p.weight_fp32 is not None
                 tensors += [
-                    p.weight_fp32 if use_torch else EMPTY,
                     EMPTY if p.bias is None else p.bias.detach(),
                     EMPTY if p.rule is None or p.rule.scale is None else p.rule.scale,
                 ]
                 weights.append(p.native_w)
                 thresholds.append(0.0 if p.rule is None else p.rule.threshold)
-                torch_dense.append(use_torch)
         norm = self.final_norm
         return self.native.Decoder(
             tensors,
             weights,
             thresholds,
-            torch_dense,
             eps,
             self.n_heads,
             self.n_kv,
@@ -279,10 +275,11 @@ class DecodeRuntime:
             out += [*_block(layer), layer.mlp]
         return out
 
-    def _blocks(self, x: torch.Tensor, pos: int, sparse: bool) -> torch.Tensor:
+    def _blocks(self, x: torch.Tensor, pos: int, sparse: bool, seq: int = 0) -> torch.Tensor:
         """The blocks in Python: prompts, verification passes, and models the native
-        Decoder does not cover."""
+        Decoder does not cover. A single sequence (b = 1) may go to cache row `seq`."""
         b, n, _ = x.shape
+        rows = slice(seq, seq + b)
         cos, sin = self.cos[:, :, pos : pos + n], self.sin[:, :, pos : pos + n]
         mask = None
         if n > 1:
@@ -293,12 +290,12 @@ class DecodeRuntime:
             qkv = layer.qkv(h, sparse).view(b, n, hq + 2 * hk, d).transpose(1, 2)
             qk, v = qkv.split([hq + hk, hk], dim=1)
             q, k = _rotate(qk, cos, sin).split([hq, hk], dim=1)
-            layer.k_cache[:, :, pos : pos + n] = k
-            layer.v_cache[:, :, pos : pos + n] = v
+            layer.k_cache[rows, :, pos : pos + n] = k
+            layer.v_cache[rows, :, pos : pos + n] = v
             att = F.scaled_dot_product_attention(
                 q,
-                layer.k_cache[:, :, : pos + n],
-                layer.v_cache[:, :, : pos + n],
+                layer.k_cache[rows, :, : pos + n],
+                layer.v_cache[rows, :, : pos + n],
                 attn_mask=mask,
                 enable_gqa=hq != hk,
             )
@@ -310,26 +307,82 @@ class DecodeRuntime:
 
     @torch.no_grad()
     def forward(
-        self, ids: torch.Tensor, pos: int, sparse: bool, last_only: bool = False
+        self,
+        ids: torch.Tensor,
+        pos: int,
+        sparse: bool,
+        last_only: bool = False,
+        seq: int = 0,
     ) -> torch.Tensor:
-        """Logits (b, L, vocab) for `ids` (b, L) placed at positions pos..pos+L-1.
+        """Logits (b, L, vocab) for `ids` (b, L) placed at positions pos..pos+L-1 of
+        cache rows 0..b-1 (or, for one sequence, of cache row `seq`).
 
         `last_only` computes the LM head for the last position only (prefill).
         """
         b, n = ids.shape
         if pos + n > self.max_len:
             raise ValueError(f"sequence of {pos + n} tokens exceeds max_len={self.max_len}")
-        x = self.embed(ids) if self.embed_packed is None else embed_rows(self.embed_packed, ids)
         if n == 1 and b <= 8 and self._decoder is not None:  # a decode step: one native call
-            cos_row, sin_row = self.cos[0, 0, pos], self.sin[0, 0, pos]
-            # the step ends with the final norm applied
-            h = self._decoder.step(x.view(b, -1), pos, sparse, cos_row, sin_row, self._counts)
-            return self.lm_head(h, sparse).view(b, 1, -1)
-        x = self._blocks(x, pos, sparse)
+            rows = torch.arange(seq, seq + b)
+            at = torch.full((b,), pos, dtype=torch.int64)
+            return self.step(ids.view(b), rows, at, at, sparse).view(b, 1, -1)
+        x = self.embed(ids) if self.embed_packed is None else embed_rows(self.embed_packed, ids)
+        x = self._blocks(x, pos, sparse, seq)
         if last_only:
             x, n = x[:, -1:], 1
         h = self.final_norm(x).reshape(b * n, -1)
         return self.lm_head(h, sparse).view(b, n, -1)
+
+    @torch.no_grad()
+    def step(
+        self,
+        tokens: torch.Tensor,
+        seq: torch.Tensor,
+        at: torch.Tensor,
+        rope_pos: torch.Tensor,
+        sparse: bool,
+        visible: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (b, vocab) for one token per row, each at its own place: row r goes to
+        cache row seq[r], slot at[r], rotated as position rope_pos[r], and attends to
+        slots 0..at[r] or, with `visible` (b, n) bool, to the slots j < n it marks.
+
+        This one call serves a decode step, a batch of requests at different lengths
+        (continuous batching) and a speculative verification pass: a chain of draft
+        tokens is rows of one sequence at consecutive slots; a tree of them shares slots
+        after the prefix, each node seeing its ancestors through `visible` and rotated
+        by its depth. Rows go through the blocks together (the weights are read once)
+        and each row gets the bits it would get alone.
+        """
+        if self._decoder is None:
+            raise SparseLLMError(
+                "batched and speculative decoding need the native Decoder (a C++ compiler; "
+                "SiLU-gated models without CATS, R-Sparse or CoreInfer)"
+            )
+        b = tokens.shape[0]
+        limit = self.layers[0].k_cache.shape[0]
+        if int(at.max()) >= self.max_len or int(seq.max()) >= limit:
+            raise ValueError(f"a row is beyond the cache ({limit} rows of {self.max_len})")
+        x = (
+            self.embed(tokens)
+            if self.embed_packed is None
+            else embed_rows(self.embed_packed, tokens.view(1, b))[0]
+        )
+        cos, sin = self.cos[0, 0, rope_pos], self.sin[0, 0, rope_pos]
+        vis = EMPTY if visible is None else visible.to(torch.uint8)
+        # the step ends with the final norm applied
+        h = self._decoder.step(x.view(b, -1), seq, at, vis, sparse, cos, sin, self._counts)
+        return self.lm_head(h, sparse)
+
+    def move_slots(self, seq: int, src: list[int], dst: int) -> None:
+        """Copy cache slots `src` of cache row `seq` to slots dst, dst+1, ... (the accepted
+        path of a draft tree, made contiguous; slots of a chain are already in place)."""
+        if src == list(range(dst, dst + len(src))):
+            return
+        idx = torch.tensor(src)
+        for layer in self.layers:
+            for cache in (layer.k_cache, layer.v_cache):
+                cache[seq, :, dst : dst + len(src)] = cache[seq, :, idx]
 
     @torch.no_grad()
     def generate(

@@ -10,7 +10,6 @@ extension's fused call), several at once through masked matmuls.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,15 +47,14 @@ class Rule:
 @dataclass
 class Proj:
     """One fused projection: its packed weight (any format of `sparsellm.formats`) and its
-    skipping rule. fp32 projections also keep the model's own (out, in) tensor, which
-    `F.linear` reads when it is the faster dense kernel for the shape."""
+    skipping rule. fp32 projections also keep the model's own (out, in) tensor (shared,
+    no copy), which prompts read through matmuls."""
 
     packed: Packed  # Wᵀ in its storage format
     bias: torch.Tensor | None
     rule: Rule | None
     weight_fp32: torch.Tensor | None = None  # (out, in), shared with the model (no copy)
     native: Any = None  # the compiled runtime extension, when available
-    torch_dense: bool = False  # dense calls use F.linear (faster for this shape, measured)
     kept: int = 0
     seen: int = 0
     native_w: Any = field(default=None, repr=False)
@@ -123,8 +121,6 @@ class Proj:
     def __call__(self, x: torch.Tensor, sparse: bool) -> torch.Tensor:
         """x is (tokens, in). One token per row: the kernel; several: batched matmuls."""
         rule = self.rule if sparse else None
-        if rule is None and self.torch_dense and self.weight_fp32 is not None:
-            return F.linear(x, self.weight_fp32, self.bias)
         if self.native is not None and x.shape[0] <= 8:
             return self._native(x, rule)
         keep = None if rule is None else rule.keep(x)
@@ -157,34 +153,6 @@ class Proj:
         if rule.lr_b is not None:
             y = y + F.linear(F.linear(x * ~rule.keep(x), rule.lr_b), rule.lr_a)
         return y
-
-
-def pick_dense_kernels(projs: list[Proj], rounds: int = 3) -> None:
-    """Per weight shape, time our column kernel (native, or the pure-torch one without a
-    compiler) against `F.linear` for one dense token
-    and let the faster one serve dense calls (our dense baseline is the best of both).
-
-    Measured, not assumed: the column kernel wins on the default model's narrow
-    matrices, MKL's GEMV on Qwen2.5-0.5B's wide ones and on LM heads. Each round streams
-    every matrix of the shape once, as decode does, so caches do not flatter either side.
-    """
-    by_shape: dict[tuple[int, ...], list[Proj]] = {}
-    for proj in projs:
-        if proj.weight_fp32 is not None:  # only fp32 has an F.linear alternative
-            by_shape.setdefault(tuple(proj.weight_fp32.shape), []).append(proj)
-    for shape, group in by_shape.items():
-        x = torch.randn(1, shape[1])
-        best = {True: float("inf"), False: float("inf")}
-        for _ in range(rounds):
-            for use_torch in (False, True):
-                for proj in group:
-                    proj.torch_dense = use_torch
-                t = time.perf_counter()
-                for proj in group:
-                    proj(x, sparse=False)
-                best[use_torch] = min(best[use_torch], time.perf_counter() - t)
-        for proj in group:
-            proj.torch_dense = best[True] < best[False]
 
 
 @dataclass

@@ -175,10 +175,15 @@ inline __m256 load8_i8(const int8_t* p) {
 }
 
 // Dense kinds, four rows at a time so acc is loaded and stored once per four weight rows.
+// `nb` activation rows share each converted weight vector (row r reads vp + r * vstride
+// and accumulates into acc + r * astride): a batch or a speculative verification pass
+// reads the weights once, and every row gets exactly the operations a lone row gets, so
+// its result does not depend on the rows beside it (greedy speculative decoding is then
+// token-identical to plain decoding).
 template <class T, class Load>
 void dense_rows_avx2(const T* values, int64_t out, float* acc, const int64_t* ip,
                      const float* vp, int64_t j0, int64_t j1, int64_t o0, int64_t o1,
-                     Load load) {
+                     Load load, int64_t nb = 1, int64_t vstride = 0, int64_t astride = 0) {
   int64_t j = j0;
   const int64_t o8 = o0 + (o1 - o0) / 8 * 8;
   for (; j + 4 <= j1; j += 4) {
@@ -186,23 +191,55 @@ void dense_rows_avx2(const T* values, int64_t out, float* acc, const int64_t* ip
     const T* r1 = values + ip[j + 1] * out;
     const T* r2 = values + ip[j + 2] * out;
     const T* r3 = values + ip[j + 3] * out;
-    const __m256 v0 = _mm256_set1_ps(vp[j]), v1 = _mm256_set1_ps(vp[j + 1]);
-    const __m256 v2 = _mm256_set1_ps(vp[j + 2]), v3 = _mm256_set1_ps(vp[j + 3]);
     for (int64_t o = o0; o < o8; o += 8) {
-      __m256 a = _mm256_loadu_ps(acc + o);
-      __m256 b = _mm256_mul_ps(v1, load(r1 + o));
-      a = _mm256_fmadd_ps(v0, load(r0 + o), a);
-      b = _mm256_fmadd_ps(v3, load(r3 + o), b);
-      a = _mm256_fmadd_ps(v2, load(r2 + o), a);
-      _mm256_storeu_ps(acc + o, _mm256_add_ps(a, b));
+      const __m256 w0 = load(r0 + o), w1 = load(r1 + o), w2 = load(r2 + o), w3 = load(r3 + o);
+      for (int64_t r = 0; r < nb; ++r) {
+        const float* v = vp + r * vstride + j;
+        float* ar = acc + r * astride + o;
+        __m256 a = _mm256_loadu_ps(ar);
+        __m256 b = _mm256_mul_ps(_mm256_set1_ps(v[1]), w1);
+        a = _mm256_fmadd_ps(_mm256_set1_ps(v[0]), w0, a);
+        b = _mm256_fmadd_ps(_mm256_set1_ps(v[3]), w3, b);
+        a = _mm256_fmadd_ps(_mm256_set1_ps(v[2]), w2, a);
+        _mm256_storeu_ps(ar, _mm256_add_ps(a, b));
+      }
     }
   }
   // leftover rows (columns past the last multiple of 8 are left to the portable kernel)
   for (; j < j1; ++j) {
-    const T* r = values + ip[j] * out;
-    const __m256 v = _mm256_set1_ps(vp[j]);
-    for (int64_t o = o0; o < o8; o += 8)
-      _mm256_storeu_ps(acc + o, _mm256_fmadd_ps(v, load(r + o), _mm256_loadu_ps(acc + o)));
+    const T* rw = values + ip[j] * out;
+    for (int64_t o = o0; o < o8; o += 8) {
+      const __m256 w = load(rw + o);
+      for (int64_t r = 0; r < nb; ++r) {
+        float* ar = acc + r * astride + o;
+        const __m256 v = _mm256_set1_ps(vp[r * vstride + j]);
+        _mm256_storeu_ps(ar, _mm256_fmadd_ps(v, w, _mm256_loadu_ps(ar)));
+      }
+    }
+  }
+}
+
+// All rows of a dense fp32 / bf16 / int8 weight for `nb` activation rows at once (see
+// dense_rows_avx2); false for other kinds.
+bool dense_multi_avx2(const Weight& w, float* acc, const int64_t* ip, const float* vp,
+                      int64_t j0, int64_t j1, int64_t o0, int64_t o1, int64_t nb,
+                      int64_t vstride, int64_t astride) {
+  switch (w.kind) {
+    case kF32:
+      dense_rows_avx2(static_cast<const float*>(w.values), w.out, acc, ip, vp, j0, j1, o0, o1,
+                      [](const float* p) { return load8_f32(p); }, nb, vstride, astride);
+      return true;
+    case kBF16:
+      dense_rows_avx2(static_cast<const uint16_t*>(w.values), w.out, acc, ip, vp, j0, j1, o0,
+                      o1, [](const uint16_t* p) { return load8_bf16(p); }, nb, vstride,
+                      astride);
+      return true;
+    case kI8:
+      dense_rows_avx2(static_cast<const int8_t*>(w.values), w.out, acc, ip, vp, j0, j1, o0, o1,
+                      [](const int8_t* p) { return load8_i8(p); }, nb, vstride, astride);
+      return true;
+    default:
+      return false;
   }
 }
 
@@ -333,6 +370,26 @@ void rows(const Weight& w, float* acc, const int64_t* ip, const float* vp, int64
   rows_portable(w, acc, ip, vp, j0, j1, o0, o1);
 }
 
+// `rows` for nb activation rows that keep the same channels (ip shared; row r's values at
+// vp + r * vstride, its accumulator at acc + r * astride): dense AVX2 kinds read each
+// weight once for all rows, other kinds and ISAs run row by row. Either way a row's
+// result is the one `rows` gives it alone.
+void rows_multi(const Weight& w, float* acc, const int64_t* ip, const float* vp, int64_t j0,
+                int64_t j1, int64_t o0, int64_t o1, int64_t nb, int64_t vstride,
+                int64_t astride) {
+#if SPARSELLM_X86
+  if (g_avx2 && dense_multi_avx2(w, acc, ip, vp, j0, j1, o0, o1, nb, vstride, astride)) {
+    const int64_t o8 = o0 + (o1 - o0) / 8 * 8;
+    if (o8 < o1)
+      for (int64_t r = 0; r < nb; ++r)
+        rows_portable(w, acc + r * astride, ip, vp + r * vstride, j0, j1, o8, o1);
+    return;
+  }
+#endif
+  for (int64_t r = 0; r < nb; ++r)
+    rows(w, acc + r * astride, ip, vp + r * vstride, j0, j1, o0, o1);
+}
+
 // Reusable buffers of one caller (the Decoder keeps one; a plain call makes its own):
 // the decode step then allocates nothing per projection.
 struct Scratch {
@@ -368,23 +425,35 @@ int64_t gemv_into(const float* xp, int64_t b, const Weight& w, const float* sp, 
   const float* vp = s.val.data();
   const int64_t* st = s.start.data();
   const int nt = at::get_num_threads();
+  // every channel kept (a dense call): all rows share the channel list, so they go
+  // through the kernels together and the weights are read once (see rows_multi)
+  const bool shared = thr < 0;
   if (out >= kOutSplit * nt) {
     // Wide output: each thread owns chunks of y (the sparse offsets' unit), no reduction.
     const int64_t n_chunks = (out + kChunk - 1) / kChunk;
     at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
       const int64_t o0 = c0 * kChunk, o1 = std::min(out, c1 * kChunk);
-      for (int64_t r = 0; r < b; ++r) rows(w, yp + r * out, ip, vp, st[r], st[r + 1], o0, o1);
+      if (shared) rows_multi(w, yp, ip, vp, 0, in, o0, o1, b, in, out);
+      else
+        for (int64_t r = 0; r < b; ++r) rows(w, yp + r * out, ip, vp, st[r], st[r + 1], o0, o1);
     });
   } else {
     // Narrow output (e.g. down_proj, 576 wide): threads split the kept rows, each into
     // its own full-width partial sum, added at the end (out floats per thread: a few KB).
     s.part.assign(static_cast<size_t>(nt) * b * out, 0.0f);
     float* part = s.part.data();
-    for (int64_t r = 0; r < b; ++r) {
-      at::parallel_for(st[r], st[r + 1], 32, [&](int64_t j0, int64_t j1) {
-        float* acc = part + (static_cast<int64_t>(at::get_thread_num()) * b + r) * out;
-        rows(w, acc, ip, vp, j0, j1, 0, out);
+    if (shared) {
+      at::parallel_for(0, in, 32, [&](int64_t j0, int64_t j1) {
+        float* acc = part + static_cast<int64_t>(at::get_thread_num()) * b * out;
+        rows_multi(w, acc, ip, vp, j0, j1, 0, out, b, in, out);
       });
+    } else {
+      for (int64_t r = 0; r < b; ++r) {
+        at::parallel_for(st[r], st[r + 1], 32, [&](int64_t j0, int64_t j1) {
+          float* acc = part + (static_cast<int64_t>(at::get_thread_num()) * b + r) * out;
+          rows(w, acc, ip, vp, j0, j1, 0, out);
+        });
+      }
     }
     for (int t = 0; t < nt; ++t)
       for (int64_t k = 0; k < b * out; ++k) yp[k] += part[static_cast<size_t>(t) * b * out + k];
@@ -515,33 +584,26 @@ std::string set_isa(const std::string& isa) {
 // biases, GQA; everything else (CATS, R-Sparse, CoreInfer) stays on the Python path.
 class Decoder {
  public:
-  // Per layer, `tensors` holds 14 entries: attn_norm, mlp_norm, then for qkv, o, gate|up
-  // and down: w (out, in) fp32 for ATen's dense path (empty unless used), bias, act_scale
-  // (empty tensors when absent); `weights` the 4 packed projections per layer.
-  // `thresholds` has 4 per layer (<= 0: no rule), `torch_dense` 4 per layer (dense calls
-  // use at::linear), `eps` 2 per layer. `final_norm` (with `final_eps`) is applied to
+  // Per layer, `tensors` holds 10 entries: attn_norm, mlp_norm, then for qkv, o, gate|up
+  // and down: bias, act_scale (empty tensors when absent); `weights` the 4 packed
+  // projections per layer. `thresholds` has 4 per layer (<= 0: no rule), `eps` 2 per layer. `final_norm` (with `final_eps`) is applied to
   // the step's output.
   Decoder(std::vector<torch::Tensor> tensors, std::vector<PackedWeight> weights,
-          std::vector<double> thresholds, std::vector<bool> torch_dense,
-          std::vector<double> eps, int64_t hq, int64_t hk, int64_t d,
+          std::vector<double> thresholds, std::vector<double> eps, int64_t hq, int64_t hk, int64_t d,
           torch::Tensor final_norm, double final_eps)
       : t_(std::move(tensors)), pw_(std::move(weights)), thr_(std::move(thresholds)),
-        td_(std::move(torch_dense)), eps_(std::move(eps)),
+        eps_(std::move(eps)),
         final_norm_(std::move(final_norm)), final_eps_(final_eps), hq_(hq), hk_(hk), d_(d) {
-    TORCH_CHECK(t_.size() % kPerLayer == 0, "14 tensors per layer expected");
+    TORCH_CHECK(t_.size() % kPerLayer == 0, "10 tensors per layer expected");
     layers_ = static_cast<int64_t>(t_.size()) / kPerLayer;
     TORCH_CHECK(static_cast<int64_t>(pw_.size()) == 4 * layers_ &&
                     static_cast<int64_t>(thr_.size()) == 4 * layers_ &&
-                    static_cast<int64_t>(td_.size()) == 4 * layers_ &&
                     static_cast<int64_t>(eps_.size()) == 2 * layers_,
                 "per-layer lists disagree");
     TORCH_CHECK(hk_ > 0 && hq_ % hk_ == 0, "query heads must be a multiple of kv heads");
     for (const auto& w : t_)
       TORCH_CHECK(!w.numel() || (w.is_contiguous() && w.scalar_type() == torch::kFloat),
                   "contiguous fp32 tensors expected");
-    for (int64_t k = 0; k < 4 * layers_; ++k)
-      TORCH_CHECK(!td_[k] || t_[(k / 4) * kPerLayer + 2 + 3 * (k % 4)].numel(),
-                  "torch_dense needs the fp32 weight");
   }
 
   void set_caches(std::vector<torch::Tensor> caches) {
@@ -550,31 +612,54 @@ class Decoder {
     caches_ = std::move(caches);
   }
 
-  // x (b, hidden) at position pos; cos, sin (d) are that position's rows (sin sign-folded,
-  // see DecodeRuntime._rope). counts (4 * layers, 2) int64 gets kept / seen channels of
-  // the thresholded projections added. Returns the final-normed hidden state after the
-  // last block.
-  torch::Tensor step(torch::Tensor x, int64_t pos, bool sparse, const torch::Tensor& cos,
+  // One token per row of x (b, hidden). Row r reads and writes cache row seq[r]: its k, v
+  // go to slot at[r], and it attends to slots 0..at[r], or, when `visible` (b, n) uint8
+  // is given, to the slots j < n with visible[r, j] set (a tree of draft tokens). Rows may
+  // share a cache row (the tokens of one verification pass: all are written before any
+  // attends) or not (a batch of requests at their own positions). cos, sin (b, d) are
+  // each row's rotary rows (sin sign-folded, see DecodeRuntime._rope). counts
+  // (4 * layers, 2) int64 gets kept / seen channels of the thresholded projections added.
+  // Returns the final-normed hidden state after the last block.
+  torch::Tensor step(torch::Tensor x, const torch::Tensor& seq, const torch::Tensor& at,
+                     const torch::Tensor& visible, bool sparse, const torch::Tensor& cos,
                      const torch::Tensor& sin, torch::Tensor counts) {
     TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat, "x (b, hidden) fp32");
     TORCH_CHECK(static_cast<int64_t>(caches_.size()) == 2 * layers_, "set_caches first");
-    TORCH_CHECK(pos >= 0 && pos < caches_[0].size(2), "position beyond the cache");
     x = x.contiguous().clone();
     const int64_t b = x.size(0), hid = x.size(1);
+    const auto seq_c = seq.contiguous(), at_c = at.contiguous();
+    TORCH_CHECK(seq_c.scalar_type() == torch::kLong && seq_c.numel() == b &&
+                    at_c.scalar_type() == torch::kLong && at_c.numel() == b,
+                "seq, at (b,) int64 expected");
+    const int64_t* sq = seq_c.data_ptr<int64_t>();
+    const int64_t* ap = at_c.data_ptr<int64_t>();
+    const int64_t rows = caches_[0].size(0), max_len = caches_[0].size(2);
+    for (int64_t r = 0; r < b; ++r)
+      TORCH_CHECK(sq[r] >= 0 && sq[r] < rows && ap[r] >= 0 && ap[r] < max_len,
+                  "a row's cache row or slot is beyond the cache");
+    const auto vis = visible.contiguous();
+    TORCH_CHECK(!vis.numel() || (vis.scalar_type() == torch::kByte && vis.dim() == 2 &&
+                                 vis.size(0) == b && vis.size(1) <= max_len),
+                "visible (b, n <= max_len) uint8 expected");
+    TORCH_CHECK(cos.dim() == 2 && cos.size(0) == b && cos.size(1) == d_ &&
+                    sin.sizes() == cos.sizes(),
+                "cos, sin (b, head_dim) expected");
     float* xp = x.data_ptr<float>();
     int64_t* cnt = counts.data_ptr<int64_t>();
     const auto cos_c = cos.contiguous(), sin_c = sin.contiguous();  // alive for the step
     const float* c = cos_c.data_ptr<float>();
     const float* sn = sin_c.data_ptr<float>();
+    const Rows where{sq, ap, vis.numel() ? vis.data_ptr<uint8_t>() : nullptr,
+                     vis.numel() ? vis.size(1) : 0};
     for (int64_t l = 0; l < layers_; ++l) {
       const torch::Tensor* t = t_.data() + l * kPerLayer;
       rms_norm(xp, b, hid, t[0].data_ptr<float>(), eps_[2 * l], buf(h_, b * hid));
       const int64_t nqkv = (hq_ + 2 * hk_) * d_;
       float* qkv = buf(qkv_, b * nqkv);
       proj(l, 0, h_.data(), b, hid, qkv, sparse, cnt);
-      rope_and_cache(qkv, b, l, pos, c, sn);
+      rope_and_cache(qkv, b, l, where, c, sn);
       float* att = buf(att_, b * hq_ * d_);
-      attend(qkv, b, l, pos, att);
+      attend(qkv, b, l, where, att);
       float* y = buf(y_, b * hid);
       proj(l, 1, att, b, hq_ * d_, y, sparse, cnt);
       for (int64_t i = 0; i < b * hid; ++i) xp[i] += y[i];
@@ -597,7 +682,14 @@ class Decoder {
   }
 
  private:
-  static constexpr int64_t kPerLayer = 14;
+  static constexpr int64_t kPerLayer = 10;
+  // Where each row of a step lives in the caches (see `step`).
+  struct Rows {
+    const int64_t* seq;
+    const int64_t* at;
+    const uint8_t* visible;  // null: row r sees slots 0..at[r]
+    int64_t n_visible;
+  };
   // Cache lengths from which attention splits its heads over threads (below, waking the
   // other thread costs about what it saves).
   static constexpr int64_t kParallelAttention = 512;
@@ -611,31 +703,24 @@ class Decoder {
   // y (b, out) = projection p of layer l applied to h (b, in).
   void proj(int64_t l, int p, const float* h, int64_t b, int64_t in, float* y, bool sparse,
             int64_t* cnt) {
-    const torch::Tensor* t = t_.data() + l * kPerLayer + 2 + 3 * p;  // w, bias, act_scale
+    const torch::Tensor* t = t_.data() + l * kPerLayer + 2 + 2 * p;  // bias, act_scale
     const int64_t k = 4 * l + p;
     const Weight& w = pw_[k].w;
-    const float* bias = ptr_or_null(t[1]);
+    const float* bias = ptr_or_null(t[0]);
     const double thr = thr_[k];
     if (sparse && thr > 0) {
-      cnt[2 * k] += gemv_into(h, b, w, ptr_or_null(t[2]), static_cast<float>(thr), bias, y,
+      cnt[2 * k] += gemv_into(h, b, w, ptr_or_null(t[1]), static_cast<float>(thr), bias, y,
                               scratch_);
       cnt[2 * k + 1] += b * in;
-      return;
-    }
-    if (td_[k]) {  // measured faster for this shape: ATen's GEMV, written into y
-      const auto opt = torch::TensorOptions().dtype(torch::kFloat);
-      auto hin = torch::from_blob(const_cast<float*>(h), {b, in}, opt);
-      auto yt = torch::from_blob(y, {b, w.out}, opt);
-      if (bias) at::addmm_out(yt, t[1], hin, t[0].t());
-      else at::mm_out(yt, hin, t[0].t());
       return;
     }
     gemv_into(h, b, w, nullptr, -1.0f, bias, y, scratch_);
   }
 
-  // Rotate q and k heads in place (x cos + rotate_half(x) sin) and write k, v at pos.
-  void rope_and_cache(float* p, int64_t b, int64_t l, int64_t pos, const float* c,
-                      const float* s) {
+  // Rotate q and k heads in place (x cos + rotate_half(x) sin, row r with its own cos
+  // and sin) and write k, v at each row's cache row and slot.
+  void rope_and_cache(float* p, int64_t b, int64_t l, const Rows& where, const float* cos,
+                      const float* sin) {
     const int64_t heads = hq_ + 2 * hk_, half = d_ / 2;
     float* tmp = buf(tmp_, d_);
     auto& kc = caches_[2 * l];
@@ -645,6 +730,8 @@ class Decoder {
     float* vp = vc.data_ptr<float>();
     for (int64_t r = 0; r < b; ++r) {
       float* row = p + r * heads * d_;
+      const float* c = cos + r * d_;
+      const float* s = sin + r * d_;
       for (int64_t hd = 0; hd < hq_ + hk_; ++hd) {
         float* e = row + hd * d_;
         std::copy_n(e, d_, tmp);
@@ -654,34 +741,42 @@ class Decoder {
         }
       }
       for (int64_t g = 0; g < hk_; ++g) {
-        const int64_t at_pos = ((r * hk_ + g) * max_len + pos) * d_;
+        const int64_t at_pos = ((where.seq[r] * hk_ + g) * max_len + where.at[r]) * d_;
         std::copy_n(row + (hq_ + g) * d_, d_, kp + at_pos);
         std::copy_n(row + (hq_ + hk_ + g) * d_, d_, vp + at_pos);
       }
     }
   }
 
-  // att (b, hq * d): softmax(q k^T / sqrt(d)) v for each query head over cache positions
-  // 0..pos, query head h reading kv head h / (hq / hk) (GQA, as HF's repeat_kv). Short
-  // contexts run on this thread; long ones split the query heads over threads.
-  void attend(const float* qkv, int64_t b, int64_t l, int64_t pos, float* att) {
+  // att (b, hq * d): softmax(q k^T / sqrt(d)) v for each query head over the slots its
+  // row sees (see `step`), query head h reading kv head h / (hq / hk) (GQA, as HF's
+  // repeat_kv). Short contexts run on this thread; long ones split the heads over threads.
+  void attend(const float* qkv, int64_t b, int64_t l, const Rows& where, float* att) {
     const int64_t d = d_;
-    const int64_t heads = hq_ + 2 * hk_, n = pos + 1, grp = hq_ / hk_;
+    const int64_t heads = hq_ + 2 * hk_, grp = hq_ / hk_;
+    int64_t longest = where.n_visible;
+    for (int64_t r = 0; r < b && !where.visible; ++r) longest = std::max(longest, where.at[r] + 1);
     const int64_t max_len = caches_[2 * l].size(2);
     const float* kp = caches_[2 * l].data_ptr<float>();
     const float* vp = caches_[2 * l + 1].data_ptr<float>();
     const float scale = 1.0f / std::sqrt(static_cast<float>(d));
     constexpr int kLanes = 16;  // fixed-width partial sums vectorise without -ffast-math
     auto body = [&](int64_t u0, int64_t u1) {
-      std::vector<float> sc(static_cast<size_t>(n));
+      std::vector<float> sc(static_cast<size_t>(longest));
       std::vector<float> acc(static_cast<size_t>(d));
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t r = u / hq_, h = u % hq_, g = h / grp;
+        const uint8_t* vis = where.visible ? where.visible + r * where.n_visible : nullptr;
+        const int64_t n = vis ? where.n_visible : where.at[r] + 1;
         const float* q = qkv + r * heads * d + h * d;
-        const float* K = kp + (r * hk_ + g) * max_len * d;
-        const float* V = vp + (r * hk_ + g) * max_len * d;
+        const float* K = kp + (where.seq[r] * hk_ + g) * max_len * d;
+        const float* V = vp + (where.seq[r] * hk_ + g) * max_len * d;
         float m = -std::numeric_limits<float>::infinity();
         for (int64_t j = 0; j < n; ++j) {
+          if (vis && !vis[j]) {
+            sc[j] = -std::numeric_limits<float>::infinity();
+            continue;
+          }
           const float* kj = K + j * d;
           float lanes[kLanes] = {};
           int64_t i = 0;
@@ -701,6 +796,7 @@ class Decoder {
         std::fill(acc.begin(), acc.end(), 0.0f);
         for (int64_t j = 0; j < n; ++j) {
           const float w = sc[j];
+          if (w == 0.0f) continue;  // a hidden slot (exp(-inf)): its v may be stale
           const float* vj = V + j * d;
           for (int64_t i = 0; i < d; ++i) acc[i] += w * vj[i];
         }
@@ -710,14 +806,13 @@ class Decoder {
       }
     };
     const int64_t units = b * hq_;
-    if (n < kParallelAttention) body(0, units);
+    if (longest < kParallelAttention) body(0, units);
     else at::parallel_for(0, units, 1, body);
   }
 
   std::vector<torch::Tensor> t_;
   std::vector<PackedWeight> pw_;
   std::vector<double> thr_;
-  std::vector<bool> td_;
   std::vector<double> eps_;
   torch::Tensor final_norm_;
   double final_eps_;
@@ -740,7 +835,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_isa", &set_isa, "choose the kernels: auto, avx2 or portable");
   py::class_<Decoder>(m, "Decoder")
       .def(py::init<std::vector<torch::Tensor>, std::vector<PackedWeight>,
-                    std::vector<double>, std::vector<bool>, std::vector<double>, int64_t,
+                    std::vector<double>, std::vector<double>, int64_t,
                     int64_t, int64_t, torch::Tensor, double>())
       .def("set_caches", &Decoder::set_caches)
       .def("step", &Decoder::step);
