@@ -13,6 +13,7 @@ Commands (one module each, in this package):
 - ``report``   render run and sweep directories of any kind side by side
 - ``export``   a compressed (sparse / quantized) checkpoint, or a GGUF for llama.cpp
 - ``generate`` text from any model on the CPU decode runtime, streamed
+- ``serve``    an OpenAI-compatible HTTP server on that runtime, with continuous batching
 
 Every command that evaluates a model builds one `sparsellm.result.Result` and writes it
 as the run's ``sparsellm_manifest.json``; ``report`` reads nothing else. ``--json``
@@ -42,6 +43,7 @@ COMMANDS = (
     "report",
     "export",
     "generate",
+    "serve",
 )
 
 
