@@ -7,18 +7,25 @@ saved with the model (TEAL, WINA) applies. ``--prompt`` continues the text as gi
 reads turns from stdin until EOF. Sampling follows transformers: ``--temperature 0``
 (default) is greedy, otherwise softmax(logits / T) restricted to the smallest set of
 tokens whose probability reaches ``--top-p``, drawn with ``--seed``.
+
+``--draft D`` decodes speculatively (see `sparsellm.runtime.speculative`): the draft
+proposes tokens, the model checks them in one pass, and the text is the model's own
+(greedy: token for token; sampling: the same distribution). With ``--json`` the model
+also runs alone on the same prompt first, for ``speedup_vs_target``.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from sparsellm.errors import SparseLLMError
 from sparsellm.formats import KINDS
+from sparsellm.runtime.speculative import MAX_ROWS
 
 
 def add_parser(sub: Any) -> None:
@@ -43,10 +50,20 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--dense", action="store_true", help="ignore activation sparsity (dense decode)")
     p.add_argument(
+        "--draft",
+        default=None,
+        metavar="D",
+        help="speculative decoding, lossless: lookup (prompt lookup), ngram[:n=3,width=2,"
+        "corpus=c4] (retrieval), token-recycling, self:RECIPE (the model with activation "
+        "sparsity, e.g. self:teal:sparsity=0.6), or a model dir / hub id with the same "
+        "vocabulary (e.g. a 70%% sparse-int8 export)",
+    )
+    p.add_argument(
         "--json",
         action="store_true",
-        help="print one JSON object (text, prefill_tok_s, decode_tok_s, format, new_tokens) "
-        "instead of streaming",
+        help="print one JSON object (text, prefill_tok_s, decode_tok_s, format, new_tokens; "
+        "with --draft also accepted_per_step, draft_tok_s, speedup_vs_target) instead of "
+        "streaming",
     )
 
 
@@ -108,14 +125,24 @@ def build_runtime(loaded: Any, fmt: str | None, max_len: int) -> tuple[Any, str]
 def run(args: argparse.Namespace) -> dict[str, Any] | None:
     import sparsellm as sl
     from sparsellm.models.adapters import context_window
+    from sparsellm.runtime.speculative import Stats, build_draft, prepare_target
 
     _check(args)
     loaded = sl.load(args.model)
     model, tok = loaded.model, loaded.tokenizer
     window = context_window(model) or 4096
+    dense_target = prepare_target(args.draft, loaded) if args.draft else False
     rt, fmt = build_runtime(loaded, args.format, min(window, 4096))
+    draft = build_draft(args.draft, rt, loaded, load=sl.load) if args.draft else None
+    sparse = not (args.dense or dense_target)
     stop = _stop_ids(model, tok)
-    pick = sampler(args.temperature, args.top_p, args.seed)
+
+    def decode(ids: torch.Tensor, n: int, times: dict[str, float], spec: bool) -> Any:
+        if not spec:
+            pick = sampler(args.temperature, args.top_p, args.seed)
+            return rt.stream(ids, n, pick, stop, sparse, times)
+        stats = times["stats"] = Stats()
+        return _speculative(rt, draft, ids, n, args, stop, stats, sparse, times)
 
     def one(text: str, history: list[dict[str, str]] | None, echo: bool) -> dict[str, Any]:
         if history is not None:
@@ -124,15 +151,18 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
         else:
             ids = tok(text, return_tensors="pt").input_ids
-        room = rt.max_len - ids.shape[1]
+        room = rt.max_len - ids.shape[1] - (MAX_ROWS if draft else 0)
         if room < 1:
             raise SparseLLMError(f"the prompt ({ids.shape[1]} tokens) fills the context")
-        times: dict[str, float] = {}
+        n = min(args.max_new_tokens, room)
+        alone: dict[str, Any] = {}
+        if draft is not None and args.json:  # the model alone, for the speedup
+            alone["times"] = {}
+            alone["tokens"] = [t for t in decode(ids, n, alone["times"], False) if t not in stop]
+        times: dict[str, Any] = {}
         out: list[int] = []
         shown = ""
-        for token in rt.stream(
-            ids, min(args.max_new_tokens, room), pick, stop, not args.dense, times
-        ):
+        for token in decode(ids, n, times, draft is not None):
             if token in stop:
                 break
             out.append(token)
@@ -145,14 +175,16 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         reply = tok.decode(out, skip_special_tokens=True)
         if history is not None:
             history.append({"role": "assistant", "content": reply})
-        steps = max(len(out) - 1, 0)
-        return {
+        result = {
             "text": reply,
             "prefill_tok_s": ids.shape[1] / times["prefill_s"] if times["prefill_s"] else None,
-            "decode_tok_s": steps / times["decode_s"] if times["decode_s"] else None,
+            "decode_tok_s": _rate(len(out), times["decode_s"]),
             "format": fmt,
             "new_tokens": len(out),
         }
+        if draft is not None:
+            result.update(_draft_keys(times["stats"], result["decode_tok_s"], alone))
+        return result
 
     history: list[dict[str, str]] | None = [] if args.chat else None
     if args.prompt is not None:
@@ -170,6 +202,51 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             return None
         if line.strip():
             _stats(one(line.strip(), history, echo=True))
+
+
+def _rate(tokens: int, seconds: float) -> float | None:
+    """Decode tok/s: tokens after the first (which comes from the prompt pass)."""
+    return max(tokens - 1, 0) / seconds if seconds else None
+
+
+def _speculative(
+    rt: Any,
+    draft: Any,
+    ids: torch.Tensor,
+    n: int,
+    args: argparse.Namespace,
+    stop: frozenset[int],
+    stats: Any,
+    sparse: bool,
+    times: dict[str, Any],
+) -> Iterator[int]:
+    """`speculative_stream` with the timings `rt.stream` reports (prefill_s, decode_s)."""
+    from sparsellm.runtime.speculative import speculative_stream
+
+    times["prefill_s"] = times["decode_s"] = 0.0
+    gen = speculative_stream(
+        rt, draft, ids, n, args.temperature, args.top_p, args.seed, stop, stats, sparse
+    )
+    for token in gen:
+        times["prefill_s"], times["decode_s"] = stats.prefill_s, stats.decode_s
+        yield token
+    times["prefill_s"], times["decode_s"] = stats.prefill_s, stats.decode_s
+
+
+def _draft_keys(stats: Any, rate: float | None, alone: dict[str, Any]) -> dict[str, Any]:
+    """The --json keys of a speculative run; the speedup needs the model-alone run."""
+    keys = stats.as_dict()
+    out: dict[str, Any] = {
+        "accepted_per_step": keys["accepted_per_step"],
+        "acceptance_rate": keys["acceptance_rate"],
+        "draft_tok_s": keys["draft_tok_s"],
+        "speedup_vs_target": None,
+    }
+    if alone:
+        target = _rate(len(alone["tokens"]), alone["times"]["decode_s"])
+        out["target_decode_tok_s"] = target
+        out["speedup_vs_target"] = rate / target if rate and target else None
+    return out
 
 
 def _stats(result: dict[str, Any]) -> None:

@@ -30,6 +30,10 @@ from sparsellm.runtime.kernels import (
     select_channels,
 )
 
+# Rows up to which a call runs on the kernels (one weight pass, each row's own bits: decode
+# batches, speculative verification passes); longer inputs are prompts, run as matmuls.
+STEP_ROWS = 16
+
 
 @dataclass
 class Rule:
@@ -121,10 +125,10 @@ class Proj:
     def __call__(self, x: torch.Tensor, sparse: bool) -> torch.Tensor:
         """x is (tokens, in). One token per row: the kernel; several: batched matmuls."""
         rule = self.rule if sparse else None
-        if self.native is not None and x.shape[0] <= 8:
+        if self.native is not None and x.shape[0] <= STEP_ROWS:
             return self._native(x, rule)
         keep = None if rule is None else rule.keep(x)
-        if x.shape[0] > 8 or self.cm is None:
+        if x.shape[0] > STEP_ROWS or self.cm is None:
             # prompt / verification pass (compute-bound, masked matmul), or a packed
             # format without the extension (dequantized: correct, slow)
             y = F.linear(x if keep is None else x * keep, self.weight, self.bias)

@@ -171,9 +171,15 @@ class Scheduler:
                 continue
             job.slot, job.pos = free.pop(0), len(job.ids)
             job.pick = self.sampler(job.temperature, job.top_p, job.seed)
-            self.running.append(job)
             ids = torch.tensor([job.ids], dtype=torch.int64)
-            logits = self.rt.forward(ids, 0, self.sparse, last_only=True, seq=job.slot)
+            try:
+                logits = self.rt.forward(ids, 0, self.sparse, last_only=True, seq=job.slot)
+            except Exception as exc:  # this prompt failed: the running requests go on
+                log.exception("prefill failed")
+                job.deliver(exc)
+                free.insert(0, job.slot)
+                continue
+            self.running.append(job)
             if self._emit(job, job.pick(logits[0, -1])):
                 self.running.remove(job)
 
@@ -369,6 +375,33 @@ class Metrics:
         self.waiting = Gauge("sparsellm_waiting_requests", "requests waiting", registry=r)
 
 
+class _CountRequests:
+    """Counts requests by endpoint and status. Plain ASGI rather than
+    ``@app.middleware``: Starlette's BaseHTTPMiddleware re-wraps every chunk of a
+    streamed response, which costs time per token and delays disconnects."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500  # what the outermost error handler answers if the app raises
+
+        async def watch(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+
+
 def _safe_end(text: str, stops: list[str]) -> int:
     """How much of `text` can be sent now: not an unfinished multi-byte character (the
     decoder shows it as U+FFFD) and not a tail that may grow into a stop string."""
@@ -444,13 +477,7 @@ def create_app(
         log.exception("request failed")
         return APIError(500, f"internal error: {exc}", kind="server_error").response()
 
-    @app.middleware("http")
-    async def _count(request: Request, call_next: Callable[..., Any]) -> Response:
-        response = await call_next(request)
-        path = request.url.path
-        endpoint = path if path in ENDPOINTS else "other"
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        return response
+    app.add_middleware(_CountRequests, metrics=metrics)
 
     def _check(body: _Body, prompt_len: int, max_tokens: int | None) -> tuple[int, list[str]]:
         """Refuse what the server cannot serve; the new-token budget and stop strings."""
@@ -585,14 +612,11 @@ def create_app(
             if len(prompt) != 1:
                 raise APIError(400, "one prompt per request (n=1 only)", param="prompt")
             prompt = prompt[0]
-        if isinstance(prompt, str):
-            ids = tokenizer(prompt).input_ids
-        else:
-            ids = list(prompt)
-            if not ids or not all(0 <= i < len(tokenizer) for i in ids):
-                raise APIError(400, "prompt: token ids outside the vocabulary", param="prompt")
+        ids = tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise APIError(400, "prompt: empty", param="prompt")
+        if not isinstance(prompt, str) and not all(0 <= i < len(tokenizer) for i in ids):
+            raise APIError(400, "prompt: token ids outside the vocabulary", param="prompt")
         budget, stops = _check(body, len(ids), body.max_tokens)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": model_name}

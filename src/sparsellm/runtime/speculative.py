@@ -1,0 +1,485 @@
+"""Speculative decoding on the CPU runtime: a cheap draft proposes tokens, the target checks
+them all in one pass, and the output is the target's own.
+
+Long module: the verification loop and the drafts it drives share one small protocol
+(`propose` a tree, `update` after each pass) and are only meaningful together.
+
+Why it is exact here: `DecodeRuntime.step` gives every row of a pass the bits a lone
+decode step would give it (batch-invariant kernels), so with greedy picking the tokens
+are identical to the target's plain greedy decode, not merely close. With sampling, the
+drafts' tokens are accepted by rejection (Leviathan et al. 2023, Chen et al. 2023) and
+each emitted token is distributed as the target's: a model draft's token x ~ q is kept
+with probability min(1, p(x)/q(x)), else the token is drawn from norm(max(p - q, 0)); a
+deterministic draft (retrieval, token recycling) offers candidates c1, c2, ... at a node,
+tried in turn, each kept with its probability under the residual left by the rejected
+ones (SpecInfer's multi-candidate rule with point-mass proposals), else the token is
+drawn from that residual.
+
+Drafts (`build_draft` parses the `--draft` spec):
+- `lookup`: prompt lookup decoding (Saxena 2023): the tokens that followed the latest
+  earlier occurrence of the context's last n-gram (n = 3, 2, 1).
+- `ngram`: ADED-style retrieval (Liu et al. 2024): n-gram counts over the prompt and the
+  output so far (optionally a corpus, `ngram:corpus=c4`), the most frequent
+  continuations expanded into a small tree.
+- `token-recycling` (Luo et al. 2024): an adjacency matrix holding, per token, the
+  target's top-k next tokens the last time that token was an input of a pass (every
+  row of every pass refreshes it); a static tree is read out of it.
+- `self:SPEC`: the target itself with an activation-sparsity recipe (e.g.
+  `self:teal:sparsity=0.6`, calibrated by `prepare_target` before the runtime is built):
+  the same weights and KV cache, decode steps that skip channels; the verification pass
+  rewrites the cache with dense entries.
+- a model directory: any model with the target's vocabulary, on its own runtime and cache.
+
+The draft length adapts: after each pass it is set to one more than the running mean of
+accepted draft tokens (SWIFT/ADED-style), between 1 and `max_draft`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sparsellm.errors import SparseLLMError
+
+# Rows of one verification pass, root included (`DecodeRuntime.step` runs up to this many
+# tokens on the kernels; a pass costs about 1 + 0.3 per extra row of a lone step here).
+MAX_ROWS = 16
+
+
+@dataclass
+class Tree:
+    """Draft tokens after the last accepted token: node i has parent parents[i] (-1: the
+    root, i.e. the last accepted token); parents come before children. `q[i]`, for model
+    drafts, is the distribution node i's token was drawn from (sampling only)."""
+
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    q: list[torch.Tensor] | None = None
+
+    def add(self, token: int, parent: int) -> int:
+        self.tokens.append(token)
+        self.parents.append(parent)
+        return len(self.tokens) - 1
+
+    def depth(self) -> list[int]:
+        d: list[int] = []
+        for p in self.parents:
+            d.append(0 if p < 0 else d[p] + 1)
+        return d
+
+    def is_chain(self) -> bool:
+        return all(p == i - 1 for i, p in enumerate(self.parents))
+
+
+def chain(tokens: list[int], q: list[torch.Tensor] | None = None) -> Tree:
+    return Tree(list(tokens), list(range(-1, len(tokens) - 1)), q)
+
+
+def target_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The distribution a token is drawn from: softmax(logits / T) on the smallest set of
+    tokens whose mass reaches top_p (as `sparsellm generate` and transformers sample)."""
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        drop = sorted_p.cumsum(0) - sorted_p >= top_p
+        sorted_p[drop] = 0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return probs / probs.sum()
+
+
+def accept_node(
+    p: torch.Tensor,
+    candidates: list[tuple[int, int]],
+    q: list[torch.Tensor] | None,
+    gen: torch.Generator,
+) -> tuple[int, int]:
+    """Speculative sampling at one node: `p` is the target's distribution there,
+    `candidates` (child index, token) the draft's offers. Returns (child index or -1,
+    token): the first accepted child, or -1 and a token drawn from the residual.
+
+    Point-mass offers (q is None): child c is kept with probability residual(c), where
+    the residual is p with the rejected offers removed and renormalised; one offer drawn
+    from a model's q: kept with min(1, p/q), else the token comes from norm(max(p-q, 0)).
+    Either way the returned token is distributed as p.
+    """
+    residual = p.clone()
+    for child, token in candidates:
+        u = float(torch.rand((), generator=gen, dtype=torch.float64))
+        if q is not None:
+            qx = float(q[child][token])
+            if qx > 0 and u < min(1.0, float(residual[token]) / qx):
+                return child, token
+            residual = (residual - q[child].to(residual.dtype)).clamp_min(0)
+        else:
+            if u < float(residual[token]):
+                return child, token
+            residual[token] = 0
+        total = float(residual.sum())
+        if total <= 0:  # nothing left (p was a point mass on rejected tokens): keep p
+            residual = p.clone()
+            break
+        residual = residual / total
+    return -1, int(torch.multinomial(residual, 1, generator=gen))
+
+
+class Draft:
+    """What the verification loop asks of a draft. `context` is every token so far
+    (prompt + accepted output, the last one not yet fed to the target)."""
+
+    shares_cache = False  # True: drafts with the target's own cache row (self drafts)
+
+    def propose(self, context: list[int], k: int, sample: Any) -> Tree:
+        raise NotImplementedError
+
+    def update(self, context: list[int], inputs: list[int], logits: torch.Tensor) -> None:
+        """After a pass: `inputs` were its rows' tokens, `logits` the target's rows."""
+
+    def prompt(self, ids: torch.Tensor) -> None:
+        """A new generation starts from prompt `ids` (1, P)."""
+
+
+class Lookup(Draft):
+    """Prompt lookup: copy what followed the latest earlier match of the last n-gram."""
+
+    def __init__(self, max_ngram: int = 3) -> None:
+        self.max_ngram = max_ngram
+
+    def propose(self, context: list[int], k: int, sample: Any) -> Tree:
+        n_ctx = len(context)
+        for n in range(min(self.max_ngram, n_ctx - 1), 0, -1):
+            tail = context[-n:]
+            for start in range(n_ctx - n - 1, -1, -1):
+                if context[start : start + n] == tail:
+                    return chain(context[start + n : start + n + k])
+        return Tree()
+
+
+class NGram(Draft):
+    """ADED-style retrieval: counts of what followed each (n-1)-gram in the prompt, the
+    output so far and an optional corpus; the best continuations form a tree whose first
+    level keeps the `width` most frequent tokens and deeper levels the best one."""
+
+    def __init__(self, n: int = 3, width: int = 2, corpus: list[int] | None = None) -> None:
+        self.n, self.width = n, width
+        self.base: dict[tuple[int, ...], Counter[int]] = defaultdict(Counter)
+        if corpus:
+            self._count(self.base, corpus, 0)
+        self.table: dict[tuple[int, ...], Counter[int]] = defaultdict(Counter)
+        self.seen = 0
+
+    def _count(self, table: dict[tuple[int, ...], Counter[int]], toks: list[int], start: int):
+        for m in range(1, self.n):
+            for i in range(max(start - m, 0), len(toks) - m):
+                table[tuple(toks[i : i + m])][toks[i + m]] += 1
+
+    def prompt(self, ids: torch.Tensor) -> None:
+        self.table = defaultdict(Counter)
+        self.seen = 0
+
+    def _next(self, context: list[int], top: int) -> list[int]:
+        for m in range(self.n - 1, 0, -1):
+            key = tuple(context[-m:])
+            counts = self.table.get(key, Counter()) + self.base.get(key, Counter())
+            if counts:
+                return [t for t, _ in counts.most_common(top)]
+        return []
+
+    def propose(self, context: list[int], k: int, sample: Any) -> Tree:
+        self._count(self.table, context, self.seen)
+        self.seen = len(context)
+        tree = Tree()
+        for rank, token in enumerate(self._next(context, self.width)):
+            parent, path = tree.add(token, -1), [*context, token]
+            for _ in range(k - 1 if rank == 0 else max(k // 2 - 1, 0)):
+                nxt = self._next(path, 1)
+                if not nxt:
+                    break
+                parent = tree.add(nxt[0], parent)
+                path.append(nxt[0])
+        return tree
+
+
+# Token Recycling's static tree, scaled to a CPU pass: (parent, rank) per node, rank r
+# meaning the parent's r-th most likely next token in the adjacency matrix.
+RECYCLING_TREE = [(-1, 0), (-1, 1), (-1, 2), (0, 0), (0, 1), (1, 0), (3, 0), (3, 1), (6, 0)]
+
+
+class TokenRecycling(Draft):
+    """Candidate tokens recycled: row v of the adjacency matrix holds the target's top-k
+    next tokens from the last pass in which v was an input."""
+
+    def __init__(self, vocab: int, top_k: int = 3, tree: list[tuple[int, int]] | None = None):
+        self.top_k = top_k
+        self.tree = tree or RECYCLING_TREE
+        self.adj = torch.full((vocab, top_k), -1, dtype=torch.int64)
+
+    def propose(self, context: list[int], k: int, sample: Any) -> Tree:
+        out = Tree()
+        placed: list[int] = []  # template node -> its index in `out` (-1: not placed)
+        depth: list[int] = []
+        for parent, rank in self.tree:
+            where = -1 if parent < 0 else placed[parent]
+            d = 0 if parent < 0 else depth[parent] + 1
+            prev = context[-1] if parent < 0 else (out.tokens[where] if where >= 0 else -1)
+            token = int(self.adj[prev, rank]) if prev >= 0 and d < k else -1
+            placed.append(out.add(token, where) if token >= 0 else -1)
+            depth.append(d)
+        return out
+
+    def update(self, context: list[int], inputs: list[int], logits: torch.Tensor) -> None:
+        self.adj[torch.tensor(inputs)] = logits.topk(self.top_k, dim=-1).indices
+
+
+class ModelDraft(Draft):
+    """A model on a runtime: the target itself with activation sparsity (`shares_cache`:
+    its steps skip channels and write the shared cache row, which the verification pass
+    then rewrites), or another model with its own runtime and cache."""
+
+    def __init__(self, rt: Any, sparse: bool, shares_cache: bool) -> None:
+        self.rt, self.sparse, self.shares_cache = rt, sparse, shares_cache
+        self.valid = 0  # context tokens whose KV entries the draft's cache holds
+        self.seconds = 0.0
+        self.tokens = 0
+
+    def prompt(self, ids: torch.Tensor) -> None:
+        if self.shares_cache:  # the target's prefill filled the cache row
+            self.valid = ids.shape[1]
+            return
+        self.rt.reset(1)
+        self.valid = ids.shape[1] - 1  # the last prompt token is fed by `propose`
+        if self.valid:
+            self.rt.forward(ids[:, :-1], 0, self.sparse)
+
+    def _feed(self, token: int, at: int) -> torch.Tensor:
+        t = torch.tensor([token])
+        pos = torch.tensor([at])
+        return self.rt.step(t, torch.zeros(1, dtype=torch.int64), pos, pos, self.sparse)[0]
+
+    def propose(self, context: list[int], k: int, sample: Any) -> Tree:
+        t0 = time.perf_counter()
+        # catch up on accepted tokens the draft has not fed (all but the last, then it)
+        for at in range(self.valid, len(context) - 1):
+            self._feed(context[at], at)
+        logits = self._feed(context[-1], len(context) - 1)
+        tokens: list[int] = []
+        qs: list[torch.Tensor] = []
+        for i in range(k):
+            token, q = sample(logits)
+            tokens.append(token)
+            if q is not None:
+                qs.append(q)
+            if i < k - 1:
+                logits = self._feed(token, len(context) + i)
+        self.seconds += time.perf_counter() - t0
+        self.tokens += k
+        self.valid = len(context) - 1 + k  # the root and all but the last draft token
+        return chain(tokens, qs or None)
+
+    def update(self, context: list[int], inputs: list[int], logits: torch.Tensor) -> None:
+        # valid: everything before the new last token (its own KV comes with the next pass)
+        self.valid = len(context) - 1 if self.shares_cache else min(self.valid, len(context) - 1)
+
+
+@dataclass
+class Stats:
+    """What a speculative generation measured."""
+
+    passes: int = 0
+    emitted: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    decode_s: float = 0.0
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        return {
+            "passes": self.passes,
+            "accepted_per_step": self.emitted / self.passes if self.passes else None,
+            "acceptance_rate": self.accepted / self.drafted if self.drafted else None,
+            "drafted": self.drafted,
+            "draft_tok_s": self.drafted / self.draft_s if self.draft_s > 0 else None,
+        }
+
+
+def _visible(tree: Tree, pos: int) -> torch.Tensor:
+    """(1 + nodes, pos + 1 + nodes) bool: every row sees the prefix and the root (slots
+    0..pos); node i also sees its ancestors' slots and its own."""
+    n = len(tree.tokens)
+    vis = torch.zeros(1 + n, pos + 1 + n, dtype=torch.bool)
+    vis[:, : pos + 1] = True
+    for i, parent in enumerate(tree.parents):
+        vis[1 + i, pos + 1 + i] = True
+        if parent >= 0:
+            vis[1 + i] |= vis[1 + parent]
+    return vis
+
+
+def speculative_stream(
+    rt: Any,
+    draft: Draft,
+    ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop: frozenset[int] = frozenset(),
+    stats: Stats | None = None,
+    sparse: bool = False,
+    max_draft: int = 8,
+) -> Iterator[int]:
+    """Yield up to `max_new_tokens` tokens after the prompt `ids` (1, P), the target's own
+    (greedy at temperature 0, else sampled from its distribution), a pass's worth at a
+    time. Uses cache row 0 of `rt` and resets it. `sparse` runs the target with its own
+    activation sparsity (the output is then that sparse model's)."""
+    if ids.shape[1] + max_new_tokens + MAX_ROWS > rt.max_len:
+        raise ValueError(f"{ids.shape[1]} prompt + {max_new_tokens} new tokens exceed the context")
+    st = stats if stats is not None else Stats()
+    gen = torch.Generator().manual_seed(seed)
+    greedy = temperature <= 0
+
+    def pick_draft(logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        if greedy:
+            return int(logits.argmax()), None
+        q = target_probs(logits, temperature, top_p)
+        return int(torch.multinomial(q, 1, generator=gen)), q
+
+    def pick_root(logits: torch.Tensor) -> int:
+        if greedy:
+            return int(logits.argmax())
+        return int(torch.multinomial(target_probs(logits, temperature, top_p), 1, generator=gen))
+
+    rt.reset(1)
+    draft.prompt(ids)
+    t0 = time.perf_counter()
+    logits = rt.forward(ids, 0, sparse, last_only=True)[0, -1]
+    st.prefill_s = time.perf_counter() - t0
+    context = ids[0].tolist()
+    context.append(pick_root(logits))
+    emitted, k, mean_acc = 1, 4, 2.0
+    yield context[-1]
+    if context[-1] in stop or max_new_tokens == 1:
+        return
+    while emitted < max_new_tokens:
+        t1 = time.perf_counter()
+        pos = len(context) - 1  # slot of the last token, not yet in the cache
+        room = min(k, max_new_tokens - emitted - 1)
+        tree = draft.propose(context, room, pick_draft) if room > 0 else Tree()
+        st.draft_s += time.perf_counter() - t1
+        tree = _trim(tree, MAX_ROWS - 1)
+        n = len(tree.tokens)
+        inputs = [context[-1], *tree.tokens]
+        at = torch.arange(pos, pos + 1 + n)
+        if tree.is_chain():
+            rope, vis = at, None
+        else:
+            rope = pos + torch.tensor([0, *[1 + d for d in tree.depth()]])
+            vis = _visible(tree, pos)
+        rows = rt.step(torch.tensor(inputs), torch.zeros(1 + n, dtype=torch.int64), at, rope,
+                       sparse, vis)  # fmt: skip
+        # walk the tree from the root: accept while a child matches the target's pick
+        node, path, out = -1, [], []
+        while True:
+            row = rows[node + 1]
+            kids = [(i, tree.tokens[i]) for i in range(n) if tree.parents[i] == node]
+            if greedy:
+                token = int(row.argmax())
+                child = next((i for i, t in kids if t == token), -1)
+            else:
+                p = target_probs(row, temperature, top_p)
+                child, token = accept_node(p, kids, tree.q, gen)
+            out.append(token)
+            if child < 0 or token in stop:
+                break
+            path.append(child)
+            node = child
+        rt.move_slots(0, [pos + 1 + i for i in path], pos + 1)
+        st.passes += 1
+        st.drafted += n
+        st.accepted += len(path)
+        mean_acc = 0.5 * mean_acc + 0.5 * len(path)
+        k = max(1, min(max_draft, round(mean_acc) + 1))
+        done = False
+        for token in out:
+            context.append(token)
+            emitted += 1
+            st.emitted += 1
+            yield token
+            if token in stop or emitted >= max_new_tokens:
+                done = True
+                break
+        draft.update(context, inputs, rows)
+        st.decode_s += time.perf_counter() - t1
+        if done:
+            return
+
+
+def _trim(tree: Tree, limit: int) -> Tree:
+    """The first `limit` nodes (parents precede children, so it stays a tree)."""
+    if len(tree.tokens) <= limit:
+        return tree
+    q = None if tree.q is None else tree.q[:limit]
+    return Tree(tree.tokens[:limit], tree.parents[:limit], q)
+
+
+def build_draft(spec: str, rt: Any, loaded: Any, load: Callable[[str], Any] | None = None) -> Draft:
+    """A draft from its `--draft` spec: lookup, ngram[:n=N,width=W,corpus=C],
+    token-recycling, self:SPEC (an activation recipe applied to the target), or a model
+    directory / hub id loaded with `load` (it must share the target's vocabulary)."""
+    name, _, rest = spec.partition(":")
+    opts = dict(kv.split("=", 1) for kv in rest.split(",") if "=" in kv) if rest else {}
+    if name == "lookup":
+        return Lookup(int(opts.get("n", 3)))
+    if name == "ngram":
+        corpus = None
+        if "corpus" in opts:
+            from sparsellm.data.corpora import resolve_corpus
+
+            text = resolve_corpus(opts["corpus"]).text[: int(opts.get("chars", 2_000_000))]
+            corpus = loaded.tokenizer(text).input_ids
+        return NGram(int(opts.get("n", 3)), int(opts.get("width", 2)), corpus)
+    if name == "token-recycling":
+        return TokenRecycling(rt.lm_head.out_features, int(opts.get("top_k", 3)))
+    if name == "self":
+        if not any(p.rule is not None for p in rt.projections() if hasattr(p, "rule")):
+            raise SparseLLMError(f"{spec}: call prepare_target before building the runtime")
+        return ModelDraft(rt, sparse=True, shares_cache=True)
+    if load is None:
+        raise SparseLLMError(f"unknown draft {spec!r} (lookup, ngram, token-recycling, self:SPEC, "
+                             "or a model directory)")  # fmt: skip
+    other = load(spec)
+    if other.model.get_output_embeddings().weight.shape[0] != rt.lm_head.out_features:
+        raise SparseLLMError(f"draft {spec!r} has another vocabulary than the target")
+    from sparsellm.runtime.decode import DecodeRuntime
+
+    drt = DecodeRuntime(other.model, max_len=rt.max_len, packed=getattr(other, "packed", None))
+    drt.release_model_weights()
+    return ModelDraft(drt, sparse=True, shares_cache=False)
+
+
+def prepare_target(spec: str, loaded: Any) -> bool:
+    """For a `self:RECIPE` draft, calibrate the activation recipe on the bundled c4 text and
+    wrap the loaded model's modules with it, before its runtime is built: the runtime then
+    holds the thresholds, its dense path is the target and its sparse path the draft.
+    Returns whether the target must now run dense. Other drafts need nothing."""
+    name, _, recipe = spec.partition(":")
+    if name != "self":
+        return False
+    from sparsellm.config import from_spec
+    from sparsellm.data.corpora import resolve_corpus, token_windows
+    from sparsellm.methods.activation.apply import sparsify_activations
+    from sparsellm.methods.activation.modules import ActSparseLinear
+
+    if not recipe:
+        raise SparseLLMError("self drafts need a recipe, e.g. self:teal:sparsity=0.6")
+    if any(isinstance(m, ActSparseLinear) for m in loaded.model.modules()):
+        raise SparseLLMError("the target already skips channels; draft from a model directory")
+    cfg = from_spec(recipe, family="activation")
+    calib = token_windows(loaded.tokenizer, resolve_corpus("c4"), cfg.nsamples, cfg.seqlen)
+    sparsify_activations(loaded.model, calib, cfg)
+    return True

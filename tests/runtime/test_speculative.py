@@ -1,0 +1,165 @@
+"""Speculative decoding returns the target's own tokens (greedy) or distribution (sampling)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsellm.methods.activation.apply import sparsify_activations
+from sparsellm.methods.activation.teal import TEALConfig
+from sparsellm.models.tiny import tiny_model
+from sparsellm.runtime.decode import DecodeRuntime
+from sparsellm.runtime.speculative import (
+    RECYCLING_TREE,
+    Lookup,
+    ModelDraft,
+    NGram,
+    Stats,
+    TokenRecycling,
+    Tree,
+    accept_node,
+    chain,
+    speculative_stream,
+)
+
+
+def _prompt(seed: int = 7) -> torch.Tensor:
+    # a repeated phrase, so retrieval drafts find matches and get tokens accepted
+    phrase = torch.randint(0, 256, (6,), generator=torch.Generator().manual_seed(seed))
+    return torch.cat([phrase, phrase, phrase[:3]]).view(1, -1)
+
+
+def _plain(rt: DecodeRuntime, ids: torch.Tensor, n: int, sparse: bool = False) -> list[int]:
+    return list(rt.stream(ids, n, sparse=sparse))
+
+
+def _drafts(model: torch.nn.Module, rt: DecodeRuntime) -> dict[str, object]:
+    other = DecodeRuntime(model, max_len=rt.max_len, fmt="int8")  # a lossy "draft model"
+    return {
+        "lookup": Lookup(),
+        "ngram": NGram(width=2),
+        "token-recycling": TokenRecycling(rt.lm_head.out_features),
+        "model": ModelDraft(other, sparse=False, shares_cache=False),
+    }
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])  # the runtime's families
+def test_greedy_output_is_the_targets_token_for_token(family: str) -> None:
+    model = tiny_model(family, layers=2)
+    rt = DecodeRuntime(model, max_len=96)
+    ids = _prompt()
+    want = _plain(rt, ids, 40)
+    for name, draft in _drafts(model, rt).items():
+        stats = Stats()
+        got = list(speculative_stream(rt, draft, ids, 40, stats=stats))
+        assert got == want, name
+        assert stats.passes < 39 or name == "model", name  # some drafts were accepted
+
+
+def test_self_sparse_draft_shares_the_cache_and_stays_exact(calib_ids: torch.Tensor) -> None:
+    model = tiny_model("llama", layers=2)
+    rt = DecodeRuntime(model, max_len=96)
+    want = _plain(rt, _prompt(), 40)
+    sparsify_activations(model, calib_ids, TEALConfig(sparsity=0.5, max_tokens=256))
+    rt = DecodeRuntime(model, max_len=96)  # dense path = target, sparse path = draft
+    stats = Stats()
+    draft = ModelDraft(rt, sparse=True, shares_cache=True)
+    assert list(speculative_stream(rt, draft, _prompt(), 40, stats=stats)) == want
+    assert stats.accepted > 0
+
+
+def test_stop_token_and_length_are_respected() -> None:
+    model = tiny_model("llama")
+    rt = DecodeRuntime(model, max_len=96)
+    ids = _prompt()
+    want = _plain(rt, ids, 30)
+    stop = want[12]
+    got = list(speculative_stream(rt, Lookup(), ids, 30, stop=frozenset({stop})))
+    assert got == want[: want.index(stop) + 1]
+    assert len(list(speculative_stream(rt, Lookup(), ids, 5))) == 5
+
+
+def test_lookup_copies_what_followed_the_last_match() -> None:
+    tree = Lookup().propose([1, 2, 3, 4, 5, 9, 2, 3], 3, None)
+    assert tree.tokens == [4, 5, 9] and tree.is_chain()
+    assert Lookup().propose([1, 2, 3], 3, None).tokens == []
+
+
+def test_ngram_tree_branches_on_the_most_frequent_continuations() -> None:
+    # after (7,): 8 twice, 9 once; after (7, 8): 1 twice
+    ctx = [7, 8, 1, 7, 8, 1, 7, 9, 7]
+    tree = NGram(n=3, width=2).propose(ctx, 3, None)
+    assert tree.tokens[0] == 8 and tree.parents[0] == -1
+    assert 9 in [t for t, p in zip(tree.tokens, tree.parents, strict=True) if p == -1]
+    assert tree.tokens[1] == 1 and tree.parents[1] == 0  # (7, 8) -> 1
+
+
+def test_token_recycling_reads_its_static_tree_out_of_the_matrix() -> None:
+    draft = TokenRecycling(vocab=10, top_k=3)
+    logits = torch.zeros(2, 10)
+    logits[0, [4, 5, 6]] = torch.tensor([3.0, 2.0, 1.0])  # after token 1: 4, 5, 6
+    logits[1, [7, 8, 9]] = torch.tensor([3.0, 2.0, 1.0])  # after token 4: 7, 8, 9
+    draft.update([], [1, 4], logits)
+    tree = draft.propose([0, 1], 4, None)
+    roots = [t for t, p in zip(tree.tokens, tree.parents, strict=True) if p == -1]
+    assert roots == [4, 5, 6]
+    kids_of_4 = [t for t, p in zip(tree.tokens, tree.parents, strict=True) if p == 0]
+    assert kids_of_4 == [7, 8]  # ranks 0 and 1 of the template under the first root
+    assert len(tree.tokens) <= len(RECYCLING_TREE)
+
+
+def _empirical(sample, n: int, vocab: int) -> torch.Tensor:
+    counts = torch.zeros(vocab)
+    for _ in range(n):
+        counts[sample()] += 1
+    return counts / n
+
+
+def test_multi_candidate_rejection_keeps_the_target_distribution() -> None:
+    p = torch.tensor([0.05, 0.4, 0.3, 0.2, 0.05], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    cands = [(0, 2), (1, 4), (2, 1)]  # point-mass offers
+    freq = _empirical(lambda: accept_node(p, cands, None, gen)[1], 20000, 5)
+    assert torch.allclose(freq, p.float(), atol=0.015)
+
+
+def test_model_draft_rejection_keeps_the_target_distribution() -> None:
+    p = torch.tensor([0.1, 0.6, 0.2, 0.1], dtype=torch.float64)
+    q = torch.tensor([0.4, 0.1, 0.1, 0.4], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(1)
+
+    def one() -> int:
+        x = int(torch.multinomial(q, 1, generator=gen))
+        return accept_node(p, [(0, x)], [q], gen)[1]
+
+    freq = _empirical(one, 20000, 4)
+    assert torch.allclose(freq, p.float(), atol=0.015)
+
+
+def test_sampled_speculative_tokens_follow_the_target_distribution() -> None:
+    """First two sampled tokens after a prompt, plain vs speculative, over many seeds:
+    the same joint distribution (a seeded statistical test on a tiny model)."""
+    model = tiny_model("llama")
+    rt = DecodeRuntime(model, max_len=64)
+    ids = _prompt()
+    rt.reset(1)
+    logits = rt.forward(ids, 0, False, last_only=True)[0, -1]
+    first = torch.softmax(logits.double() / 1.5, -1)
+    top = int(first.argmax())
+    hits = 0
+    n = 600
+    for seed in range(n):
+        out = list(speculative_stream(rt, Lookup(), ids, 2, temperature=1.5, seed=seed))
+        hits += out[0] == top
+    # binomial check of the first token's most likely value: within 4 sigma
+    mean, sd = n * float(first[top]), (n * float(first[top]) * (1 - float(first[top]))) ** 0.5
+    assert abs(hits - mean) < 4 * sd + 1
+
+
+def test_tree_helpers() -> None:
+    t = Tree()
+    a = t.add(5, -1)
+    t.add(6, a)
+    t.add(7, -1)
+    assert t.depth() == [0, 1, 0] and not t.is_chain()
+    assert chain([1, 2, 3]).is_chain()
