@@ -6,6 +6,7 @@ OpenAI's error shape, and a client that hangs up frees its slot."""
 from __future__ import annotations
 
 import json
+import queue
 import socket
 import threading
 import time
@@ -25,7 +26,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from sparsellm.cli.generate import sampler  # noqa: E402
 from sparsellm.models.tiny import byte_tokenizer, tiny_model  # noqa: E402
 from sparsellm.runtime.decode import DecodeRuntime  # noqa: E402
-from sparsellm.runtime.server import Scheduler, create_app  # noqa: E402
+from sparsellm.runtime.server import Finish, Job, Scheduler, create_app  # noqa: E402
 
 NAME = "tiny"
 MAX_LEN = 128
@@ -42,7 +43,7 @@ class Served:
     scheduler: Scheduler
     model: torch.nn.Module
     tokenizer: Any
-    delay: list[float]  # seconds added to every decode step (widens timing windows)
+    knobs: dict[str, Any]  # "delay": seconds added to each decode step; "fail": raise in it
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +52,14 @@ def served() -> Iterator[Served]:
     tok = byte_tokenizer()
     tok.chat_template = TEMPLATE
     rt = DecodeRuntime(model, max_len=MAX_LEN, fmt="fp32")
-    delay = [0.002]  # requests overlap in the batching test, and a cancel lands mid-stream
+    # a slower step: requests overlap in the batching test, a cancel lands mid-stream
+    knobs: dict[str, Any] = {"delay": 0.002, "fail": False}
     step = rt.step
 
     def slow_step(*args: Any, **kwargs: Any) -> torch.Tensor:
-        time.sleep(delay[0])
+        time.sleep(knobs["delay"])
+        if knobs["fail"]:
+            raise RuntimeError("injected failure")
         return step(*args, **kwargs)
 
     rt.step = slow_step
@@ -72,7 +76,7 @@ def served() -> Iterator[Served]:
         time.sleep(0.02)
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=30)
-    yield Served(base, client, app.state.scheduler, model, tok, delay)
+    yield Served(base, client, app.state.scheduler, model, tok, knobs)
     server.should_exit = True
     thread.join(timeout=10)
     sock.close()
@@ -233,7 +237,7 @@ def test_concurrent_requests_batch_without_changing_answers(served: Served) -> N
 
 
 def test_a_closed_stream_frees_its_slot(served: Served) -> None:
-    served.delay[0] = 0.05  # 100 steps would take 5 s: the cancel must cut it short
+    served.knobs["delay"] = 0.05  # 100 steps would take 5 s: the cancel must cut it short
     try:
         t0 = time.monotonic()
         stream = served.client.completions.create(
@@ -247,7 +251,36 @@ def test_a_closed_stream_frees_its_slot(served: Served) -> None:
             assert time.monotonic() - t0 < 3, "the closed stream kept its slot"
             time.sleep(0.02)
     finally:
-        served.delay[0] = 0.002
+        served.knobs["delay"] = 0.002
     metrics = httpx.get(f"{served.base}/metrics").text
     assert "sparsellm_cancelled_requests_total 1.0" in metrics
     assert len(_complete(served, "after", 5)) > 0
+
+
+def test_a_runtime_failure_answers_500_and_the_server_goes_on(served: Served) -> None:
+    served.knobs["fail"] = True
+    try:
+        with pytest.raises(openai.InternalServerError):
+            _complete(served, "boom", 4)
+    finally:
+        served.knobs["fail"] = False
+    assert not served.scheduler.running
+    assert len(_complete(served, "fine", 4)) > 0
+
+
+def test_the_scheduler_ends_a_request_at_a_stop_token() -> None:
+    """A stop token ends the request with reason "stop" and is counted, not delivered."""
+    rt = DecodeRuntime(tiny_model("llama", seed=1), max_len=32, fmt="fp32")
+    ids = [72, 105, 33]
+    greedy = rt.generate(torch.tensor([ids]), 6, sparse=True)["tokens"][0, 3:].tolist()
+    stop = greedy[3]
+    k = greedy.index(stop)
+    sched = Scheduler(rt, sampler, frozenset({stop}), max_batch=2)
+    got: queue.Queue[Any] = queue.Queue()
+    sched.start()
+    try:
+        sched.submit(Job(ids, 10, 0.0, 1.0, 0, deliver=got.put))
+        items = [got.get(timeout=10) for _ in range(k + 1)]
+    finally:
+        sched.stop()
+    assert items == [*greedy[:k], Finish("stop", k + 1)]
