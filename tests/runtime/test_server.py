@@ -8,11 +8,14 @@ from __future__ import annotations
 import json
 import queue
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +26,7 @@ httpx = pytest.importorskip("httpx2")
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
+from sparsellm.cli import main  # noqa: E402
 from sparsellm.cli.generate import sampler  # noqa: E402
 from sparsellm.models.tiny import byte_tokenizer, tiny_model  # noqa: E402
 from sparsellm.runtime.decode import DecodeRuntime  # noqa: E402
@@ -284,3 +288,39 @@ def test_the_scheduler_ends_a_request_at_a_stop_token() -> None:
     finally:
         sched.stop()
     assert items == [*greedy[:k], Finish("stop", k + 1)]
+
+
+def test_cli_refuses_bad_flags_before_loading(capsys: pytest.CaptureFixture) -> None:
+    assert main(["serve", "--model", "no/such/dir", "--max-batch", "0"]) == 2
+    assert "--max-batch" in capsys.readouterr().err
+
+
+def test_cli_serves_a_saved_model(tiny_dir: Path) -> None:
+    """`sparsellm serve` end to end in its own process: load, bind, answer, shut down."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = "import sys; from sparsellm.cli import main; sys.exit(main())"
+    args = ["serve", "--model", str(tiny_dir), "--port", str(port), "--max-batch", "2"]
+    proc = subprocess.Popen([sys.executable, "-c", cmd, *args], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "serve did not start"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        r = client.completions.create(model=str(tiny_dir), prompt="hi", max_tokens=3, seed=0)
+        assert r.usage.completion_tokens <= 3 and r.choices[0].finish_reason in ("stop", "length")
+        with pytest.raises(openai.BadRequestError, match="chat template"):
+            client.chat.completions.create(
+                model=str(tiny_dir), messages=[{"role": "user", "content": "hi"}]
+            )
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    # uvicorn re-raises SIGTERM after its graceful shutdown, so the exit code is -15
+    assert "Application shutdown complete" in err.decode(), err.decode()[-2000:]

@@ -644,6 +644,9 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat(request: Request, body: ChatRequest) -> Any:
         messages = [{"role": m.role, "content": _text(m.content)} for m in body.messages]
+        if getattr(tokenizer, "chat_template", None) is None:
+            msg = "this model has no chat template: use /v1/completions"
+            raise APIError(400, msg, param="messages")
         try:
             enc = tokenizer.apply_chat_template(
                 messages, add_generation_prompt=True, return_tensors="pt"
