@@ -438,9 +438,9 @@ def build_draft(spec: str, rt: Any, loaded: Any, load: Callable[[str], Any] | No
     if name == "ngram":
         corpus = None
         if "corpus" in opts:
-            from sparsellm.data.corpora import resolve_corpus
+            from sparsellm.data.corpora import read_text, resolve_corpus
 
-            text = resolve_corpus(opts["corpus"]).text[: int(opts.get("chars", 2_000_000))]
+            text = read_text(resolve_corpus(opts["corpus"]))[: int(opts.get("chars", 2_000_000))]
             corpus = loaded.tokenizer(text).input_ids
         return NGram(int(opts.get("n", 3)), int(opts.get("width", 2)), corpus)
     if name == "token-recycling":
