@@ -229,8 +229,8 @@ def main() -> None:
             proc.wait(timeout=30)
 
     print(table(list(rows[0]), [list(r.values()) for r in rows]))
-    print(f"\nmalformed requests: {bad['4xx']} answered 4xx, {bad['other']} otherwise; "
-          f"/health after them: {'ok' if healthy else 'FAILED'}")  # fmt: skip
+    health = "ok" if healthy else "FAILED"
+    print(f"\nmalformed: {bad['4xx']} answered 4xx, {bad['other']} otherwise; /health: {health}")
     path = write_result(
         out.name,
         {

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,14 @@ def served() -> Iterator[Served]:
     rt.step = slow_step
     # no stop ids: a random model's text ends only at max_tokens, so lengths are known
     app = create_app(rt, tok, NAME, sampler=sampler, stop_ids=frozenset(), max_batch=4)
+    with _running(app) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=30)
+        yield Served(base, client, app.state.scheduler, model, tok, knobs)
+
+
+@contextmanager
+def _running(app: Any) -> Iterator[str]:
+    """`app` served by uvicorn in a thread on a free loopback port; yields its base URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -78,12 +87,12 @@ def served() -> Iterator[Served]:
     while not server.started:
         assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
         time.sleep(0.02)
-    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=30)
-    yield Served(base, client, app.state.scheduler, model, tok, knobs)
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
 
 
 def _hf_greedy(s: Served, prompt: str, new: int) -> str:
@@ -324,3 +333,42 @@ def test_cli_serves_a_saved_model(tiny_dir: Path) -> None:
         _, err = proc.communicate(timeout=30)
     # uvicorn re-raises SIGTERM after its graceful shutdown, so the exit code is -15
     assert "Application shutdown complete" in err.decode(), err.decode()[-2000:]
+
+
+def test_a_speculative_server_answers_as_the_model_alone(served: Served) -> None:
+    """With a draft (lossless greedy), answers equal the batching server's; requests queue."""
+    speculative = pytest.importorskip("sparsellm.runtime.speculative")
+    rt = DecodeRuntime(tiny_model("llama", seed=0), max_len=MAX_LEN, fmt="fp32")
+    draft = speculative.build_draft("lookup", rt, None)
+
+    def stream(ids: torch.Tensor, n: int, **kw: Any) -> Iterator[int]:
+        return speculative.speculative_stream(rt, draft, ids, n, sparse=True, **kw)
+
+    app = create_app(
+        rt,
+        served.tokenizer,
+        NAME,
+        sampler=sampler,
+        stop_ids=frozenset(),
+        speculative=stream,
+        context=MAX_LEN - speculative.MAX_ROWS,
+    )
+    prompts = [("abcabcabc", 12), ("two words", 6)]
+    with _running(app) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
+        with ThreadPoolExecutor(2) as pool:
+            got = list(
+                pool.map(
+                    lambda pn: (
+                        client.completions.create(
+                            model=NAME, prompt=pn[0], max_tokens=pn[1], temperature=0
+                        )
+                        .choices[0]
+                        .text
+                    ),
+                    prompts,
+                )
+            )
+        with pytest.raises(openai.BadRequestError, match="context window"):
+            client.completions.create(model=NAME, prompt="x" * (MAX_LEN - 10), max_tokens=4)
+    assert got == [_complete(served, p, n) for p, n in prompts]

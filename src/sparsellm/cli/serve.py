@@ -69,16 +69,22 @@ def run(args: argparse.Namespace) -> None:
     from sparsellm.runtime.server import create_app
 
     loaded = sl.load(args.model)
-    window = context_window(loaded.model) or 4096
-    rt, fmt = build_runtime(loaded, None, min(window, 4096))
-    speculative = None
-    if args.draft is not None:
-        from sparsellm.runtime.speculative import build_draft, speculative_stream
+    window = min(context_window(loaded.model) or 4096, 4096)
+    speculative, reserve, dense_target = None, 0, False
+    if args.draft is not None:  # imported only here: the module is heavier than serving
+        from sparsellm.runtime.speculative import MAX_ROWS, build_draft, prepare_target
 
-        draft = build_draft(args.draft, rt, loaded)
+        dense_target = prepare_target(args.draft, loaded)  # before the runtime is built
+        reserve = MAX_ROWS  # cache room for a verification pass's draft rows
+    rt, fmt = build_runtime(loaded, None, window)
+    sparse = not dense_target
+    if args.draft is not None:
+        from sparsellm.runtime.speculative import speculative_stream
+
+        draft = build_draft(args.draft, rt, loaded, load=sl.load)
 
         def speculative(ids: Any, max_new_tokens: int, **kw: Any) -> Any:
-            return speculative_stream(rt, draft, ids, max_new_tokens, **kw)
+            return speculative_stream(rt, draft, ids, max_new_tokens, sparse=sparse, **kw)
 
     app = create_app(
         rt,
@@ -87,7 +93,9 @@ def run(args: argparse.Namespace) -> None:
         sampler=sampler,
         stop_ids=_stop_ids(loaded.model, loaded.tokenizer),
         max_batch=args.max_batch,
+        sparse=sparse,
         speculative=speculative,
+        context=window - reserve,
     )
     batching = "one at a time (--draft)" if speculative else f"up to {args.max_batch} at once"
     log.info(f"serving {args.model} ({fmt}) on http://{args.host}:{args.port}/v1, {batching}")

@@ -425,12 +425,15 @@ def create_app(
     max_batch: int = 8,
     sparse: bool = True,
     speculative: SpeculativeStream | None = None,
+    context: int | None = None,
 ) -> FastAPI:
     """The server over `rt` (a `DecodeRuntime`), serving `model_name`.
 
     `sampler` and `stop_ids` come from the caller (the CLI passes `generate`'s), so the
     server samples exactly as `sparsellm generate` does. With `speculative` (tokens of
-    one request through a draft model) requests are served one at a time. The scheduler
+    one request through a draft model) requests are served one at a time. `context` is
+    the most tokens a request may span (default `rt.max_len`; a speculative server keeps
+    room for a verification pass's draft rows beyond it). The scheduler
     thread starts and stops with the app's lifespan; it is ``app.state.scheduler``.
     """
     metrics = Metrics()
@@ -445,7 +448,7 @@ def create_app(
     )
     metrics.running.set_function(lambda: len(sched.running))
     metrics.waiting.set_function(sched.queued)
-    max_len = int(rt.max_len)
+    max_len = int(rt.max_len if context is None else min(context, rt.max_len))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
