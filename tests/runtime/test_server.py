@@ -249,8 +249,15 @@ def test_concurrent_requests_batch_without_changing_answers(served: Served) -> N
     assert served.scheduler.peak_batch > 1  # they did share decode steps (at most 4)
 
 
-def test_a_closed_stream_frees_its_slot(served: Served) -> None:
+def test_a_client_that_hangs_up_frees_its_slot(served: Served) -> None:
+    """A closed stream, and a plain request whose client times out, stop their generation."""
     served.knobs["delay"] = 0.05  # 100 steps would take 5 s: the cancel must cut it short
+
+    def wait_idle(t0: float) -> None:
+        while served.scheduler.running:
+            assert time.monotonic() - t0 < 3, "a request whose client left kept its slot"
+            time.sleep(0.02)
+
     try:
         t0 = time.monotonic()
         stream = served.client.completions.create(
@@ -260,13 +267,16 @@ def test_a_closed_stream_frees_its_slot(served: Served) -> None:
             if i == 1:
                 break
         stream.close()
-        while served.scheduler.running:
-            assert time.monotonic() - t0 < 3, "the closed stream kept its slot"
-            time.sleep(0.02)
+        wait_idle(t0)
+        t0 = time.monotonic()
+        with pytest.raises(httpx.TimeoutException):
+            body = {"model": NAME, "prompt": "long", "max_tokens": 100}
+            httpx.post(f"{served.base}/v1/completions", json=body, timeout=0.5)
+        wait_idle(t0)
     finally:
         served.knobs["delay"] = 0.002
     metrics = httpx.get(f"{served.base}/metrics").text
-    assert "sparsellm_cancelled_requests_total 1.0" in metrics
+    assert "sparsellm_cancelled_requests_total 2.0" in metrics
     assert len(_complete(served, "after", 5)) > 0
 
 
