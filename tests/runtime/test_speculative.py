@@ -10,7 +10,7 @@ from sparsellm.methods.activation.teal import TEALConfig
 from sparsellm.models.tiny import tiny_model
 from sparsellm.runtime.decode import DecodeRuntime
 from sparsellm.runtime.speculative import (
-    RECYCLING_TREE,
+    RECYCLING_TREES,
     Lookup,
     ModelDraft,
     NGram,
@@ -95,7 +95,7 @@ def test_ngram_tree_branches_on_the_most_frequent_continuations() -> None:
 
 
 def test_token_recycling_reads_its_static_tree_out_of_the_matrix() -> None:
-    draft = TokenRecycling(vocab=10, top_k=3)
+    draft = TokenRecycling(vocab=10, top_k=3, tree="wide")
     logits = torch.zeros(2, 10)
     logits[0, [4, 5, 6]] = torch.tensor([3.0, 2.0, 1.0])  # after token 1: 4, 5, 6
     logits[1, [7, 8, 9]] = torch.tensor([3.0, 2.0, 1.0])  # after token 4: 7, 8, 9
@@ -105,7 +105,10 @@ def test_token_recycling_reads_its_static_tree_out_of_the_matrix() -> None:
     assert roots == [4, 5, 6]
     kids_of_4 = [t for t, p in zip(tree.tokens, tree.parents, strict=True) if p == 0]
     assert kids_of_4 == [7, 8]  # ranks 0 and 1 of the template under the first root
-    assert len(tree.tokens) <= len(RECYCLING_TREE)
+    assert len(tree.tokens) <= len(RECYCLING_TREES["wide"])
+    small = TokenRecycling(vocab=10, top_k=3)
+    small.update([], [1, 4], logits)
+    assert small.propose([0, 1], 4, None).tokens == [4, 5, 7]  # top-1 path, root's second
 
 
 def _empirical(sample, n: int, vocab: int) -> torch.Tensor:

@@ -204,18 +204,27 @@ class NGram(Draft):
         return tree
 
 
-# Token Recycling's static tree, scaled to a CPU pass: (parent, rank) per node, rank r
-# meaning the parent's r-th most likely next token in the adjacency matrix.
-RECYCLING_TREE = [(-1, 0), (-1, 1), (-1, 2), (0, 0), (0, 1), (1, 0), (3, 0), (3, 1), (6, 0)]
+# Token Recycling's static trees: (parent, rank) per node, rank r meaning the parent's r-th
+# most likely next token in the adjacency matrix. The paper's tree has ~80 nodes for a GPU,
+# where a pass costs about a step whatever its size; here each extra row costs about 0.3
+# of a step, so a node must be accepted that often to pay for itself. The default keeps
+# the top-1 path (cut to the adaptive draft length) and the root's second candidate;
+# `tree=wide` is a 9-node tree in the paper's shape.
+RECYCLING_TREES = {
+    "small": [(-1, 0), (-1, 1), (0, 0), (2, 0), (3, 0), (4, 0), (5, 0), (6, 0), (7, 0)],
+    "wide": [(-1, 0), (-1, 1), (-1, 2), (0, 0), (0, 1), (1, 0), (3, 0), (3, 1), (6, 0)],
+}
 
 
 class TokenRecycling(Draft):
     """Candidate tokens recycled: row v of the adjacency matrix holds the target's top-k
     next tokens from the last pass in which v was an input."""
 
-    def __init__(self, vocab: int, top_k: int = 3, tree: list[tuple[int, int]] | None = None):
+    def __init__(self, vocab: int, top_k: int = 3, tree: str = "small") -> None:
+        if tree not in RECYCLING_TREES:
+            raise SparseLLMError(f"token-recycling tree must be one of {sorted(RECYCLING_TREES)}")
         self.top_k = top_k
-        self.tree = tree or RECYCLING_TREE
+        self.tree = RECYCLING_TREES[tree]
         self.adj = torch.full((vocab, top_k), -1, dtype=torch.int64)
 
     def propose(self, context: list[int], k: int, sample: Any) -> Tree:
@@ -444,7 +453,9 @@ def build_draft(spec: str, rt: Any, loaded: Any, load: Callable[[str], Any] | No
             corpus = loaded.tokenizer(text).input_ids
         return NGram(int(opts.get("n", 3)), int(opts.get("width", 2)), corpus)
     if name == "token-recycling":
-        return TokenRecycling(rt.lm_head.out_features, int(opts.get("top_k", 3)))
+        return TokenRecycling(
+            rt.lm_head.out_features, int(opts.get("top_k", 3)), opts.get("tree", "small")
+        )
     if name == "self":
         if not any(p.rule is not None for p in rt.projections() if hasattr(p, "rule")):
             raise SparseLLMError(f"{spec}: call prepare_target before building the runtime")

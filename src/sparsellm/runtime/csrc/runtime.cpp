@@ -370,6 +370,9 @@ void rows(const Weight& w, float* acc, const int64_t* ip, const float* vp, int64
   rows_portable(w, acc, ip, vp, j0, j1, o0, o1);
 }
 
+// Accumulator floats of one output slice in `rows_multi` (16 KB: half of L1).
+constexpr int64_t kMultiAccFloats = 4096;
+
 // `rows` for nb activation rows that keep the same channels (ip shared; row r's values at
 // vp + r * vstride, its accumulator at acc + r * astride): dense AVX2 kinds read each
 // weight once for all rows, other kinds and ISAs run row by row. Either way a row's
@@ -378,7 +381,14 @@ void rows_multi(const Weight& w, float* acc, const int64_t* ip, const float* vp,
                 int64_t j1, int64_t o0, int64_t o1, int64_t nb, int64_t vstride,
                 int64_t astride) {
 #if SPARSELLM_X86
-  if (g_avx2 && dense_multi_avx2(w, acc, ip, vp, j0, j1, o0, o1, nb, vstride, astride)) {
+  // Several rows: outputs in slices whose accumulators (nb rows) stay in L1 while every
+  // weight row passes; a slice changes the loop order, not any output's arithmetic.
+  const int64_t slice = nb > 1 ? std::max<int64_t>(64, kMultiAccFloats / nb / 8 * 8) : o1 - o0;
+  bool done = g_avx2;
+  for (int64_t a = o0; done && a < o1; a += slice)
+    done = dense_multi_avx2(w, acc, ip, vp, j0, j1, a, std::min(o1, a + slice), nb, vstride,
+                            astride);
+  if (done) {
     const int64_t o8 = o0 + (o1 - o0) / 8 * 8;
     if (o8 < o1)
       for (int64_t r = 0; r < nb; ++r)
