@@ -44,10 +44,11 @@ from sparsellm.runtime.speculative import (  # noqa: E402
 )
 
 TASKS = {  # category -> request file directory, variant
-    "code": [("codex_humaneval", "gold_bpb_0shot"), ("codex_mbpp", "gold_bpb_0shot")],
-    "math": [("gsm8k", "gold_bpb_5shot")],
-    "qa": [("squad", "bpb_0shot")],
-    "conversation": [("coqa", "bpb_0shot")],
+    "humaneval": ("codex_humaneval", "gold_bpb_0shot"),
+    "mbpp": ("codex_mbpp", "gold_bpb_0shot"),
+    "gsm8k": ("gsm8k", "gold_bpb_5shot"),
+    "squad": ("squad", "bpb_0shot"),
+    "coqa": ("coqa", "bpb_0shot"),
 }
 DRAFTS = "lookup,ngram,token-recycling,self:teal:sparsity=0.5,nsamples=8,seqlen=256"
 PROMPT_TOKENS = 512
@@ -78,15 +79,8 @@ def contexts(directory: str, variant: str, n: int) -> list[str]:
 def prompts(tok: Any, per_category: int) -> list[tuple[str, torch.Tensor]]:
     """(category, ids (1, <= PROMPT_TOKENS)) for every category."""
     items: list[tuple[str, str]] = []
-    for category, sources in TASKS.items():
-        texts: list[str] = []
-        for directory, variant in sources:
-            texts += contexts(directory, variant, per_category)
-        # code: alternate the two sources so both appear at small --per-category
-        if len(sources) > 1:
-            a, b = texts[:per_category], texts[per_category:]
-            texts = [t for pair in zip(a, b, strict=True) for t in pair]
-        items += [(category, t) for t in texts[:per_category]]
+    for category, (directory, variant) in TASKS.items():
+        items += [(category, t) for t in contexts(directory, variant, per_category)]
     wiki = read_text(resolve_corpus("wiki"))
     items += [("wiki", wiki[i * 4000 : i * 4000 + 2000]) for i in range(per_category)]
     out = []
@@ -116,6 +110,8 @@ def main() -> None:
     rt = DecodeRuntime(loaded.model, max_len=2048, fmt=args.format, packed=loaded.packed)
     built = {d: build_draft(d, rt, loaded, load=sl.load) for d in drafts}
     items = prompts(tok, args.per_category)
+    cost = pass_cost(rt)
+    print(f"a pass of n rows, in steps: {cost}", flush=True)
     sparse = False  # the target is the dense model in every row
     assert dense or not any(d.startswith("self:") for d in drafts)
 
@@ -171,9 +167,27 @@ def main() -> None:
             "speedup": "mean decode tok/s over the prompts / the target's alone, same run, "
             "prompt by prompt alternated",
             "accepted per pass": "tokens emitted per verification pass (bonus token included)",
+            "pass_cost_in_steps": cost,
             "per_prompt": per,
         },
     )
+
+
+def pass_cost(rt: DecodeRuntime, context: int = 300) -> dict[str, float]:
+    """Time of one verification pass of n rows over a `context`-token cache, in decode
+    steps (n = 1): what a draft must win back (median of 7)."""
+    rt.reset(1)
+    rt.forward(torch.randint(0, 1000, (1, context)), 0, False)
+    times = {}
+    for n in (1, 2, 3, 5, 9):
+        at = torch.arange(context, context + n)
+        runs = []
+        for _ in range(7):
+            t = time.perf_counter()
+            rt.step(torch.randint(0, 1000, (n,)), torch.zeros(n, dtype=torch.int64), at, at, False)
+            runs.append(time.perf_counter() - t)
+        times[n] = statistics.median(runs)
+    return {str(n): round(t / times[1], 2) for n, t in times.items()}
 
 
 def rate(tokens: list[int], seconds: float) -> float:

@@ -14,6 +14,7 @@ from sparsellm.runtime.speculative import (
     Lookup,
     ModelDraft,
     NGram,
+    Pacer,
     Stats,
     TokenRecycling,
     Tree,
@@ -51,7 +52,7 @@ def test_greedy_output_is_the_targets_token_for_token(family: str) -> None:
     want = _plain(rt, ids, 40)
     for name, draft in _drafts(model, rt).items():
         stats = Stats()
-        got = list(speculative_stream(rt, draft, ids, 40, stats=stats))
+        got = list(speculative_stream(rt, draft, ids, 40, stats=stats, switch=False))
         assert got == want, name
         assert stats.passes < 39 or name == "model", name  # some drafts were accepted
 
@@ -64,7 +65,7 @@ def test_self_sparse_draft_shares_the_cache_and_stays_exact(calib_ids: torch.Ten
     rt = DecodeRuntime(model, max_len=96)  # dense path = target, sparse path = draft
     stats = Stats()
     draft = ModelDraft(rt, sparse=True, shares_cache=True)
-    assert list(speculative_stream(rt, draft, _prompt(), 40, stats=stats)) == want
+    assert list(speculative_stream(rt, draft, _prompt(), 40, stats=stats, switch=False)) == want
     assert stats.accepted > 0
 
 
@@ -166,3 +167,21 @@ def test_tree_helpers() -> None:
     t.add(7, -1)
     assert t.depth() == [0, 1, 0] and not t.is_chain()
     assert chain([1, 2, 3]).is_chain()
+
+
+def test_pacer_stops_drafting_when_plain_passes_are_faster() -> None:
+    pace = Pacer(max_draft=8, probe=16)
+    ks = []
+    for _ in range(48):
+        k = pace.next_k()
+        ks.append(k)
+        # a draft never accepted: its passes give 1 token in 1.6 time units, plain ones in 1
+        pace.record(k, 0, 1, 1.6 if k else 1.0)
+    assert ks[0] > 0 and ks[1] == 0  # starts drafting, probes plain on the 2nd pass
+    assert sum(k == 0 for k in ks[8:]) >= 36  # then mostly plain, probing now and then
+    assert any(k > 0 for k in ks[8:])
+    pace = Pacer(max_draft=8)
+    for _ in range(10):
+        k = pace.next_k()
+        pace.record(k, 3 if k else 0, 4 if k else 1, 1.5 if k else 1.0)
+    assert pace.next_k() == 4  # accepting ~3 a pass: draft 4

@@ -86,7 +86,9 @@ def sampler(temperature: float, top_p: float, seed: int) -> Any:
     return pick
 
 
-def _stop_ids(model: Any, tok: Any) -> frozenset[int]:
+def stop_ids(model: Any, tok: Any) -> frozenset[int]:
+    """Tokens that end a reply: the EOS ids of the model's generation config (chat models
+    list their end-of-turn token there) and of the tokenizer."""
     ids = set()
     for source in (getattr(model, "generation_config", None), tok):
         eos = getattr(source, "eos_token_id", None)
@@ -135,7 +137,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     rt, fmt = build_runtime(loaded, args.format, min(window, 4096))
     draft = build_draft(args.draft, rt, loaded, load=sl.load) if args.draft else None
     sparse = not (args.dense or dense_target)
-    stop = _stop_ids(model, tok)
+    stop = stop_ids(model, tok)
 
     def decode(ids: torch.Tensor, n: int, times: dict[str, float], spec: bool) -> Any:
         if not spec:

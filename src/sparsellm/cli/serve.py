@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> None:
     import uvicorn
 
     import sparsellm as sl
-    from sparsellm.cli.generate import _stop_ids, build_runtime, sampler
+    from sparsellm.cli.generate import build_runtime, sampler, stop_ids
     from sparsellm.models.adapters import context_window
     from sparsellm.runtime.server import create_app
 
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> None:
         loaded.tokenizer,
         args.model,
         sampler=sampler,
-        stop_ids=_stop_ids(loaded.model, loaded.tokenizer),
+        stop_ids=stop_ids(loaded.model, loaded.tokenizer),
         max_batch=args.max_batch,
         sparse=sparse,
         speculative=speculative,

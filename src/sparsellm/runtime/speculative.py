@@ -30,8 +30,9 @@ Drafts (`build_draft` parses the `--draft` spec):
   rewrites the cache with dense entries.
 - a model directory: any model with the target's vocabulary, on its own runtime and cache.
 
-The draft length adapts: after each pass it is set to one more than the running mean of
-accepted draft tokens (SWIFT/ADED-style), between 1 and `max_draft`.
+The draft length adapts (`Pacer`): one more than the running mean of accepted draft
+tokens, between 1 and `max_draft`, or no draft at all while passes without one produce
+tokens faster (a wide pass costs more than a step on a CPU).
 """
 
 from __future__ import annotations
@@ -341,11 +342,13 @@ def speculative_stream(
     stats: Stats | None = None,
     sparse: bool = False,
     max_draft: int = 8,
+    switch: bool = True,
 ) -> Iterator[int]:
     """Yield up to `max_new_tokens` tokens after the prompt `ids` (1, P), the target's own
     (greedy at temperature 0, else sampled from its distribution), a pass's worth at a
     time. Uses cache row 0 of `rt` and resets it. `sparse` runs the target with its own
-    activation sparsity (the output is then that sparse model's)."""
+    activation sparsity (the output is then that sparse model's). `switch=False` drafts
+    on every pass (`Pacer`; its timing-based choice is off, e.g. for reproducible tests)."""
     if ids.shape[1] + max_new_tokens + MAX_ROWS > rt.max_len:
         raise ValueError(f"{ids.shape[1]} prompt + {max_new_tokens} new tokens exceed the context")
     st = stats if stats is not None else Stats()
@@ -370,14 +373,14 @@ def speculative_stream(
     st.prefill_s = time.perf_counter() - t0
     context = ids[0].tolist()
     context.append(pick_root(logits))
-    emitted, k, mean_acc = 1, 4, 2.0
+    emitted, pace = 1, Pacer(max_draft, switch=switch)
     yield context[-1]
     if context[-1] in stop or max_new_tokens == 1:
         return
     while emitted < max_new_tokens:
         t1 = time.perf_counter()
         pos = len(context) - 1  # slot of the last token, not yet in the cache
-        room = min(k, max_new_tokens - emitted - 1)
+        room = min(pace.next_k(), max_new_tokens - emitted - 1)
         tree = draft.propose(context, room, pick_draft) if room > 0 else Tree()
         st.draft_s += time.perf_counter() - t1
         tree = _trim(tree, MAX_ROWS - 1)
@@ -411,8 +414,6 @@ def speculative_stream(
         st.passes += 1
         st.drafted += n
         st.accepted += len(path)
-        mean_acc = 0.5 * mean_acc + 0.5 * len(path)
-        k = max(1, min(max_draft, round(mean_acc) + 1))
         done = False
         for token in out:
             context.append(token)
@@ -423,9 +424,42 @@ def speculative_stream(
                 done = True
                 break
         draft.update(context, inputs, rows)
-        st.decode_s += time.perf_counter() - t1
+        seconds = time.perf_counter() - t1
+        st.decode_s += seconds
+        pace.record(room, len(path), len(out), seconds)
         if done:
             return
+
+
+class Pacer:
+    """Each pass's draft length. While drafting: one more than the running mean of
+    accepted draft tokens (SWIFT/ADED-style). Whether to draft at all: a pass of n rows
+    costs more than a step here (about 0.3 of one per extra row on the CPUs measured), so
+    a draft that is rarely right makes decoding slower; the pacer keeps running means of
+    tokens per second with and without drafting, uses the faster mode, and tries the
+    other every `probe` passes (text that starts repeating itself turns drafting back on).
+    """
+
+    def __init__(self, max_draft: int, probe: int = 16, switch: bool = True) -> None:
+        self.max_draft, self.probe, self.switch = max_draft, probe, switch
+        self.mean_accepted = 2.0
+        self.rate: dict[bool, float | None] = {True: None, False: None}
+        self.passes = 0
+
+    def next_k(self) -> int:
+        self.passes += 1
+        fast, slow = self.rate[True], self.rate[False]
+        drafting = not self.switch or fast is None or slow is None or fast >= slow
+        # the 2nd pass, then one every `probe`, tries the other mode
+        if self.switch and self.passes % self.probe == 2:
+            drafting = not drafting
+        return max(1, min(self.max_draft, round(self.mean_accepted) + 1)) if drafting else 0
+
+    def record(self, k: int, accepted: int, tokens: int, seconds: float) -> None:
+        if k > 0:
+            self.mean_accepted = 0.5 * self.mean_accepted + 0.5 * accepted
+        rate, old = tokens / max(seconds, 1e-9), self.rate[k > 0]
+        self.rate[k > 0] = rate if old is None else 0.7 * old + 0.3 * rate
 
 
 def _trim(tree: Tree, limit: int) -> Tree:
