@@ -175,22 +175,46 @@ inline __m256 load8_i8(const int8_t* p) {
 }
 
 // Dense kinds, four rows at a time so acc is loaded and stored once per four weight rows.
-// `nb` activation rows share each converted weight vector (row r reads vp + r * vstride
-// and accumulates into acc + r * astride): a batch or a speculative verification pass
-// reads the weights once, and every row gets exactly the operations a lone row gets, so
-// its result does not depend on the rows beside it (greedy speculative decoding is then
-// token-identical to plain decoding).
+// `nb` activation rows share the call (row r reads vp + r * vstride and accumulates into
+// acc + r * astride): a batch or a speculative verification pass reads the weights from
+// memory once, and every row gets exactly the operations a lone row gets, in the same
+// order per output, so its result does not depend on the rows beside it (greedy
+// speculative decoding is then token-identical to plain decoding). Loop order: fp32 (and
+// any kind for one row) takes a row's four broadcasts once per weight-row group and
+// streams the outputs, later rows re-reading the group's weights from L1 (on the CPUs
+// measured, broadcasts per output block were what bounded a multi-row pass); converted
+// kinds convert each weight vector once and apply it to every row.
 template <class T, class Load>
 void dense_rows_avx2(const T* values, int64_t out, float* acc, const int64_t* ip,
                      const float* vp, int64_t j0, int64_t j1, int64_t o0, int64_t o1,
                      Load load, int64_t nb = 1, int64_t vstride = 0, int64_t astride = 0) {
   int64_t j = j0;
   const int64_t o8 = o0 + (o1 - o0) / 8 * 8;
+  const bool row_outer = nb == 1 || std::is_same_v<T, float>;
+  // one group of four weight rows, one activation row, every output block
+  auto group_row = [&](const T* r0, const T* r1, const T* r2, const T* r3, const float* v,
+                       float* ar) {
+    const __m256 v0 = _mm256_set1_ps(v[0]), v1 = _mm256_set1_ps(v[1]);
+    const __m256 v2 = _mm256_set1_ps(v[2]), v3 = _mm256_set1_ps(v[3]);
+    for (int64_t o = o0; o < o8; o += 8) {
+      __m256 a = _mm256_loadu_ps(ar + o);
+      __m256 b = _mm256_mul_ps(v1, load(r1 + o));
+      a = _mm256_fmadd_ps(v0, load(r0 + o), a);
+      b = _mm256_fmadd_ps(v3, load(r3 + o), b);
+      a = _mm256_fmadd_ps(v2, load(r2 + o), a);
+      _mm256_storeu_ps(ar + o, _mm256_add_ps(a, b));
+    }
+  };
   for (; j + 4 <= j1; j += 4) {
     const T* r0 = values + ip[j] * out;
     const T* r1 = values + ip[j + 1] * out;
     const T* r2 = values + ip[j + 2] * out;
     const T* r3 = values + ip[j + 3] * out;
+    if (row_outer) {
+      for (int64_t r = 0; r < nb; ++r)
+        group_row(r0, r1, r2, r3, vp + r * vstride + j, acc + r * astride);
+      continue;
+    }
     for (int64_t o = o0; o < o8; o += 8) {
       const __m256 w0 = load(r0 + o), w1 = load(r1 + o), w2 = load(r2 + o), w3 = load(r3 + o);
       for (int64_t r = 0; r < nb; ++r) {
@@ -208,13 +232,11 @@ void dense_rows_avx2(const T* values, int64_t out, float* acc, const int64_t* ip
   // leftover rows (columns past the last multiple of 8 are left to the portable kernel)
   for (; j < j1; ++j) {
     const T* rw = values + ip[j] * out;
-    for (int64_t o = o0; o < o8; o += 8) {
-      const __m256 w = load(rw + o);
-      for (int64_t r = 0; r < nb; ++r) {
-        float* ar = acc + r * astride + o;
-        const __m256 v = _mm256_set1_ps(vp[r * vstride + j]);
-        _mm256_storeu_ps(ar, _mm256_fmadd_ps(v, w, _mm256_loadu_ps(ar)));
-      }
+    for (int64_t r = 0; r < nb; ++r) {
+      const __m256 v = _mm256_set1_ps(vp[r * vstride + j]);
+      float* ar = acc + r * astride;
+      for (int64_t o = o0; o < o8; o += 8)
+        _mm256_storeu_ps(ar + o, _mm256_fmadd_ps(v, load(rw + o), _mm256_loadu_ps(ar + o)));
     }
   }
 }
@@ -370,8 +392,9 @@ void rows(const Weight& w, float* acc, const int64_t* ip, const float* vp, int64
   rows_portable(w, acc, ip, vp, j0, j1, o0, o1);
 }
 
-// Accumulator floats of one output slice in `rows_multi` (16 KB: half of L1).
-constexpr int64_t kMultiAccFloats = 4096;
+// Floats of one output slice's accumulators (nb rows) plus a fp32 group's four weight
+// rows in `rows_multi`: 24 KB, within L1.
+constexpr int64_t kMultiL1Floats = 6144;
 
 // `rows` for nb activation rows that keep the same channels (ip shared; row r's values at
 // vp + r * vstride, its accumulator at acc + r * astride): dense AVX2 kinds read each
@@ -381,9 +404,10 @@ void rows_multi(const Weight& w, float* acc, const int64_t* ip, const float* vp,
                 int64_t j1, int64_t o0, int64_t o1, int64_t nb, int64_t vstride,
                 int64_t astride) {
 #if SPARSELLM_X86
-  // Several rows: outputs in slices whose accumulators (nb rows) stay in L1 while every
-  // weight row passes; a slice changes the loop order, not any output's arithmetic.
-  const int64_t slice = nb > 1 ? std::max<int64_t>(64, kMultiAccFloats / nb / 8 * 8) : o1 - o0;
+  // Several rows: outputs in slices whose accumulators (nb rows) and current weight rows
+  // stay in L1; a slice changes the loop order, not any output's arithmetic.
+  const int64_t slice =
+      nb > 1 ? std::max<int64_t>(64, kMultiL1Floats / (nb + 4) / 8 * 8) : o1 - o0;
   bool done = g_avx2;
   for (int64_t a = o0; done && a < o1; a += slice)
     done = dense_multi_avx2(w, acc, ip, vp, j0, j1, a, std::min(o1, a + slice), nb, vstride,
