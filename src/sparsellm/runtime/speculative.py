@@ -253,8 +253,6 @@ class ModelDraft(Draft):
     def __init__(self, rt: Any, sparse: bool, shares_cache: bool) -> None:
         self.rt, self.sparse, self.shares_cache = rt, sparse, shares_cache
         self.valid = 0  # context tokens whose KV entries the draft's cache holds
-        self.seconds = 0.0
-        self.tokens = 0
 
     def prompt(self, ids: torch.Tensor) -> None:
         if self.shares_cache:  # the target's prefill filled the cache row
@@ -271,7 +269,6 @@ class ModelDraft(Draft):
         return self.rt.step(t, torch.zeros(1, dtype=torch.int64), pos, pos, self.sparse)[0]
 
     def propose(self, context: list[int], k: int, sample: Any) -> Tree:
-        t0 = time.perf_counter()
         # catch up on accepted tokens the draft has not fed (all but the last, then it)
         for at in range(self.valid, len(context) - 1):
             self._feed(context[at], at)
@@ -285,8 +282,6 @@ class ModelDraft(Draft):
                 qs.append(q)
             if i < k - 1:
                 logits = self._feed(token, len(context) + i)
-        self.seconds += time.perf_counter() - t0
-        self.tokens += k
         self.valid = len(context) - 1 + k  # the root and all but the last draft token
         return chain(tokens, qs or None)
 
