@@ -139,21 +139,36 @@ def run_sequential(
     hidden, calls = capture_block_inputs(model, batches)
     if dtype is not None:
         hidden = [h.to(dtype) for h in hidden]
-        calls = [[_cast_call(c, dtype) for c in block_calls] for block_calls in calls]
+        calls = [[cast_call(c, dtype) for c in block_calls] for block_calls in calls]
 
-    def run(block: nn.Module, i: int, keep: bool) -> None:
-        with _forward_dtype(block, dtype):
-            for b, x in enumerate(hidden):
-                call = calls[i][b]
-                if keep:
-                    hidden[b] = block_output(block(x, *call.args, **call.kwargs))
-                else:
-                    with suppress(StopBlock):
-                        block(x, *call.args, **call.kwargs)
+    def keep(b: int, out: torch.Tensor) -> None:
+        hidden[b] = out
 
     for i, block in enumerate(tqdm(blocks, desc=desc, unit="block")):
-        process_block(i, block, lambda block=block, i=i: run(block, i, keep=False))
-        run(block, i, keep=True)
+        process_block(i, block, lambda block=block, i=i: run_block(block, hidden, calls[i], dtype))
+        run_block(block, hidden, calls[i], dtype, keep)
+
+
+def run_block(
+    block: nn.Module,
+    hidden: list[torch.Tensor],
+    calls: list[BlockCall],
+    dtype: torch.dtype | None,
+    sink: Callable[[int, torch.Tensor], None] | None = None,
+) -> None:
+    """Run `block` over every calibration batch (in `dtype`, see `run_sequential`).
+
+    Without `sink` the outputs are discarded (a statistics pass, which hooks may end
+    early with `StopBlock`); with it, ``sink(b, output)`` receives batch b's output.
+    """
+    with forward_dtype(block, dtype):
+        for b, x in enumerate(hidden):
+            call = calls[b]
+            if sink is not None:
+                sink(b, block_output(block(x, *call.args, **call.kwargs)))
+            else:
+                with suppress(StopBlock):
+                    block(x, *call.args, **call.kwargs)
 
 
 def _cast(value: Any, dtype: torch.dtype) -> Any:
@@ -164,14 +179,14 @@ def _cast(value: Any, dtype: torch.dtype) -> Any:
     return value
 
 
-def _cast_call(call: BlockCall, dtype: torch.dtype) -> BlockCall:
+def cast_call(call: BlockCall, dtype: torch.dtype) -> BlockCall:
     return BlockCall(
         args=_cast(call.args, dtype), kwargs={k: _cast(v, dtype) for k, v in call.kwargs.items()}
     )
 
 
 @contextmanager
-def _forward_dtype(block: nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
+def forward_dtype(block: nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
     """Temporarily run `block` in `dtype`; the original parameter tensors are put back as-is.
 
     Swapping `.data` back (instead of casting again) keeps the master weights bit-exact.

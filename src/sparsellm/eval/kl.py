@@ -10,6 +10,7 @@ never hold the dense logits of the whole set (32×512×49k floats would be 3 GB)
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -23,16 +24,24 @@ def compare_models(
     dense: torch.nn.Module, sparse: torch.nn.Module, windows: torch.Tensor, batch_size: int = 4
 ) -> dict[str, float]:
     """Perplexity of both models, mean token KL(dense‖sparse) and top-1 agreement."""
+    batches = tqdm(windows.split(batch_size), desc="dense vs sparse", unit="batch", leave=False)
+    return compare_logprobs((ids, _logprobs(dense, ids), _logprobs(sparse, ids)) for ids in batches)
+
+
+def compare_logprobs(
+    pairs: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+) -> dict[str, float]:
+    """`compare_models` from (window ids, dense, sparse) (tokens, vocab) log-probabilities
+    per batch, however they were computed (a streamed run computes them block by block)."""
     nll_dense = nll_sparse = kl = agree = 0.0
-    for ids in tqdm(windows.split(batch_size), desc="dense vs sparse", unit="batch", leave=False):
+    tokens = 0
+    for ids, lp_d, lp_s in pairs:
         targets = ids[:, 1:].reshape(-1)
-        lp_d = _logprobs(dense, ids)
-        lp_s = _logprobs(sparse, ids)
         nll_dense -= lp_d.gather(1, targets[:, None]).double().sum().item()
         nll_sparse -= lp_s.gather(1, targets[:, None]).double().sum().item()
         kl += F.kl_div(lp_s, lp_d, log_target=True, reduction="sum").double().item()
         agree += (lp_d.argmax(-1) == lp_s.argmax(-1)).sum().item()
-    tokens = windows.shape[0] * (windows.shape[1] - 1)
+        tokens += targets.numel()
     return {
         "dense_ppl": math.exp(nll_dense / tokens),
         "sparse_ppl": math.exp(nll_sparse / tokens),

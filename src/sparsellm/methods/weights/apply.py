@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from sparsellm.calib.hooks import input_hooks
 from sparsellm.calib.sequential import StopBlock, run_sequential
 from sparsellm.errors import SparseLLMError
 from sparsellm.methods.weights.allocation import owl_layer_sparsity
-from sparsellm.methods.weights.base import LayerContext, Stats, WeightPruneConfig
+from sparsellm.methods.weights.base import LayerContext, Stats, WeightPruneConfig, WeightPruner
 from sparsellm.methods.weights.evopress import evopress_layer_sparsity
 from sparsellm.methods.weights.masks import check_nm_shape
 from sparsellm.models.adapters import (
@@ -102,6 +103,36 @@ class SharedInputStats:
         self.stats[fqn].update(x.detach())
 
 
+def prune_layer(
+    pruner: WeightPruner, module: nn.Module, stats: Stats | None, ctx: LayerContext
+) -> dict[str, Any]:
+    """Prune one linear in place; its target, measured sparsity and seconds."""
+    t0 = time.perf_counter()
+    set_weight_matrix(module, pruner.prune(weight_matrix(module).float(), stats, ctx))
+    measured = (weight_matrix(module) == 0).float().mean().item()
+    return {"target": ctx.sparsity, "sparsity": measured, "seconds": time.perf_counter() - t0}
+
+
+def block_stats(
+    chosen: dict[str, nn.Module], stats_cls: type[Stats], forward: Callable[[], None]
+) -> dict[str, Stats]:
+    """Statistics of the `chosen` linears of one block from one `forward()` over the
+    calibration batches, each batch stopped once every chosen layer has seen its input."""
+    collector = SharedInputStats(stats_cls)
+    seen: set[str] = set()
+
+    def update(fqn: str, x: torch.Tensor) -> None:
+        collector.update(fqn, x)
+        seen.add(fqn)
+        if len(seen) == len(chosen):  # every pruned layer has its input for this batch
+            seen.clear()
+            raise StopBlock
+
+    with input_hooks(chosen, update):
+        forward()
+    return {fqn: collector.stats[fqn] for fqn in chosen}
+
+
 def apply_step(
     model: nn.Module,
     cfg: WeightPruneConfig,
@@ -163,14 +194,10 @@ def apply_step(
     layers: dict[str, dict[str, Any]] = {}
 
     def prune(fqn: str, module: nn.Module, stats: Any) -> None:
-        t0 = time.perf_counter()
         target = budgets.get(fqn, cfg.target_sparsity)
         dense = (dense_weights or {}).get(fqn) if pruner.needs_dense else None
         ctx = LayerContext(sparsity=target, dense=dense, grad=grads.get(fqn))
-        new = pruner.prune(weight_matrix(module).float(), stats, ctx)
-        set_weight_matrix(module, new)
-        measured = (weight_matrix(module) == 0).float().mean().item()
-        layers[fqn] = {"target": target, "sparsity": measured, "seconds": time.perf_counter() - t0}
+        layers[fqn] = prune_layer(pruner, module, stats, ctx)
 
     if pruner.stats is None:
         with torch.no_grad():
@@ -184,23 +211,9 @@ def apply_step(
     stats_cls = pruner.stats
 
     def process_block(i: int, block: nn.Module, forward: Any) -> None:
-        chosen = selected[i]
-        if not chosen:
-            return
-        collector = SharedInputStats(stats_cls)
-        seen: set[str] = set()
-
-        def update(fqn: str, x: torch.Tensor) -> None:
-            collector.update(fqn, x)
-            seen.add(fqn)
-            if len(seen) == len(chosen):  # every pruned layer has its input for this batch
-                seen.clear()
-                raise StopBlock
-
-        with input_hooks(chosen, update):
-            forward()
-        for fqn, module in chosen.items():
-            prune(fqn, module, collector.stats[fqn])
+        if selected[i]:
+            for fqn, stats in block_stats(selected[i], stats_cls, forward).items():
+                prune(fqn, selected[i][fqn], stats)
 
     batches = list(calib.split(batch_size))
     run_sequential(model, batches, process_block, desc=f"{cfg.name}", dtype=calib_dtype)

@@ -1,0 +1,142 @@
+"""Read a safetensors checkpoint one block at a time, and write one shard per block.
+
+A model larger than RAM can still be pruned block by block: the model is built with its
+parameters on the `meta` device (no memory; buffers such as rotary tables stay real), and
+each block's tensors are read from the memory-mapped shards only while that block is
+worked on. `Checkpoint` checks the whole index up front — every tensor the skeleton needs
+present, every shard as long as its header says — so a bad checkpoint fails before hours
+of work rather than at block 27.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from sparsellm.errors import SparseLLMError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+def _header(path: Path) -> tuple[int, dict]:
+    """A safetensors file's header length and header."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise SparseLLMError(f"{path} is truncated: no safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        try:
+            return n, json.loads(f.read(n))
+        except ValueError:
+            raise SparseLLMError(f"{path} has a corrupt safetensors header") from None
+
+
+def _shard_data_end(path: Path) -> int:
+    """Bytes a safetensors file must hold by its own header (header + largest data end)."""
+    n, header = _header(path)
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    return 8 + n + max(ends, default=0)
+
+
+def tensor_bytes(path: Path) -> dict[str, int]:
+    """Bytes of each tensor in a safetensors file, from its header."""
+    _, header = _header(path)
+    return {
+        k: v["data_offsets"][1] - v["data_offsets"][0]
+        for k, v in header.items()
+        if k != "__metadata__"
+    }
+
+
+class Checkpoint:
+    """The tensors of a HF safetensors checkpoint directory, by name, read on demand."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if (self.path / INDEX).is_file():
+            weight_map = json.loads((self.path / INDEX).read_text())["weight_map"]
+        elif (self.path / SINGLE).is_file():
+            weight_map = dict.fromkeys(tensor_bytes(self.path / SINGLE), SINGLE)
+        else:
+            raise SparseLLMError(
+                f"{self.path} has no safetensors weights ({SINGLE} or {INDEX}): streaming "
+                "reads safetensors only"
+            )
+        self.weight_map: dict[str, str] = weight_map
+        for shard in sorted(set(weight_map.values())):
+            file = self.path / shard
+            if not file.is_file():
+                raise SparseLLMError(f"{file} is listed in the index but missing")
+            need, have = _shard_data_end(file), file.stat().st_size
+            if have < need:
+                raise SparseLLMError(f"{file} is truncated: {have} bytes of {need}")
+
+    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """The named tensors (copies, so the shard's mapping can close)."""
+        by_shard: dict[str, list[str]] = {}
+        for name in names:
+            if name not in self.weight_map:
+                raise SparseLLMError(f"{self.path}: the checkpoint has no tensor {name!r}")
+            by_shard.setdefault(self.weight_map[name], []).append(name)
+        out = {}
+        for shard, keys in by_shard.items():
+            with safe_open(self.path / shard, "pt") as f:
+                for key in keys:
+                    out[key] = f.get_tensor(key).clone()
+        return out
+
+
+def skeleton(path: str | os.PathLike) -> nn.Module:
+    """The model of the checkpoint at `path` with every parameter on `meta` (no memory)."""
+    config = AutoConfig.from_pretrained(path)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def materialize(
+    module: nn.Module, ckpt: Checkpoint, prefix: str = "", names: set[str] | None = None
+) -> None:
+    """Give `module`'s meta parameters (those in `names`, relative, if given) their fp32
+    values from `ckpt`, where they are named `prefix` + their name.
+
+    fp32 like `load_model`, so a streamed run computes on the very values an in-RAM run
+    of the same checkpoint would.
+    """
+    wanted = [n for n, _ in module.named_parameters() if names is None or n in names]
+    tensors = ckpt.read(f"{prefix}{n}" for n in wanted)
+    for name in wanted:
+        owner, _, leaf = name.rpartition(".")
+        sub = module.get_submodule(owner) if owner else module
+        value = tensors[f"{prefix}{name}"]
+        if value.is_floating_point():
+            value = value.float()
+        sub._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+
+
+def release(module: nn.Module, names: set[str] | None = None) -> None:
+    """Send `module`'s parameters (those in `names`, if given) back to `meta`, freeing
+    their memory; buffers stay."""
+    for name, param in list(module.named_parameters()):
+        if names is None or name in names:
+            owner, _, leaf = name.rpartition(".")
+            sub = module.get_submodule(owner) if owner else module
+            sub._parameters[leaf] = nn.Parameter(param.to("meta"), requires_grad=False)
+
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write `tensors` as one safetensors file, atomically (temp file + rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+    os.replace(tmp, path)
