@@ -280,3 +280,110 @@ def _spec(step: dict[str, Any] | None) -> str:
     from sparsellm.config import from_dict
 
     return from_dict(step).to_spec() if step else ""
+
+
+def prepare_streamed(source: str, protocol: Protocol) -> Prepared:
+    """`prepare` without loading the model: the checkpoint directory, its tokenizer and
+    the protocol's windows (`Prepared.loaded.model` is None; streaming reads the shards)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from sparsellm.data.corpora import resolve_corpus, token_windows
+    from sparsellm.errors import SparseLLMError
+    from sparsellm.models.adapters import get_adapter
+    from sparsellm.models.compressed import compressed_format
+    from sparsellm.models.load import LoadedModel, convert_gguf, file_sha256, resolve_source
+    from sparsellm.models.shards import skeleton
+
+    if protocol.tasks:
+        raise SparseLLMError("a streamed run reports perplexity and KL only: drop --tasks")
+    kind, where = resolve_source(source)
+    info: dict[str, Any] = {"source": str(source), "kind": kind}
+    if kind == "hub":
+        raise SparseLLMError(
+            f"streaming reads a local checkpoint: download {source} first "
+            "(e.g. `hf download ORG/NAME --local-dir DIR`) and pass the directory"
+        )
+    if kind == "gguf":  # de-quantised once into the cache, then streamed from there
+        info["gguf_sha256"] = file_sha256(where)
+        where = convert_gguf(where)
+    if compressed_format(where) is not None:
+        raise SparseLLMError(f"{where} is a compressed export: prune its source checkpoint")
+    info["path"] = str(where)
+    info["model_type"] = AutoConfig.from_pretrained(where).model_type
+    get_adapter(skeleton(where))  # a supported architecture, before any work
+    tok = AutoTokenizer.from_pretrained(where)
+    corpora = {"calib": resolve_corpus(protocol.calib), "eval": resolve_corpus(protocol.eval)}
+    seed_everything(protocol.seed)
+    calib = token_windows(tok, corpora["calib"], protocol.nsamples, protocol.seqlen)
+    evals = token_windows(tok, corpora["eval"], protocol.eval_windows, protocol.seqlen)
+    return Prepared(LoadedModel(model=None, tokenizer=tok, info=info), calib, evals, corpora)
+
+
+def stream_prune_and_evaluate(
+    prep: Prepared,
+    step: Any,
+    protocol: Protocol,
+    work: Any,
+    *,
+    max_memory: int | None = None,
+    dense_eval: bool = True,
+    kind: str = "prune",
+) -> Result:
+    """`prune_and_evaluate` for a model that need not fit in RAM: prune `step` streamed
+    into `work` (resumable), then evaluate block by block; never two models in memory.
+
+    `work` ends as a complete HF checkpoint (shards, config, tokenizer); the caller
+    writes the Result beside it and moves it into place.
+    """
+    import shutil
+    from pathlib import Path
+
+    from sparsellm.calib.streamed import final_hidden, logprobs
+    from sparsellm.eval.kl import compare_logprobs
+    from sparsellm.methods.weights.stream import stream_prune
+    from sparsellm.models.shards import WEIGHT_FILES, Checkpoint, skeleton
+    from sparsellm.recipe import Recipe
+
+    src, work = Path(prep.loaded.info["path"]), Path(work)
+    seed_everything(protocol.seed)
+    start = time.perf_counter()
+    layers = stream_prune(
+        src,
+        work,
+        step,
+        prep.calib_ids,
+        batch_size=protocol.batch_size,
+        calib_dtype=DTYPES[protocol.calib_dtype],
+        max_memory=max_memory,
+    )
+    for file in src.iterdir():  # config, generation config, tokenizer, chat template
+        if file.is_file() and not file.name.endswith(WEIGHT_FILES):
+            shutil.copy2(file, work / file.name)
+    sparsify_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    ids = prep.eval_ids
+    models = {"sparse": (skeleton(work), Checkpoint(work))}
+    if dense_eval:
+        models["dense"] = (skeleton(src), Checkpoint(src))
+    lps = {
+        name: logprobs(model, ckpt, ids, final_hidden(model, ckpt, ids), batch_size=4)
+        for name, (model, ckpt) in models.items()
+    }
+    if dense_eval:
+        pairs = zip(lps["dense"], lps["sparse"], strict=True)
+        compared = compare_logprobs((i, d, s) for (i, d), (_, s) in pairs)
+        q = quality(compared)
+    else:
+        same = ((i, s, s) for i, s in lps["sparse"])  # the sparse model's own NLL
+        q = quality(after_ppl=compare_logprobs(same)["sparse_ppl"])
+    total = sum(v["numel"] for v in layers.values())
+    measured = sum(v["numel"] * v["sparsity"] for v in layers.values()) / total if total else 0.0
+    return Result(
+        kind=kind,
+        recipe=Recipe((step,)).to_dict(),
+        quality=q,
+        sparsity={"target": step.target_sparsity, "measured": measured, "layers": layers},
+        timings={"sparsify_s": sparsify_s, "evaluate_s": time.perf_counter() - start},
+        provenance=provenance(prep, protocol, stream={"max_memory": max_memory}),
+    )

@@ -77,6 +77,21 @@ def add_flags(
         action="store_true",
         help="skip the dense model's evaluation (no before perplexity, KL or top-1)",
     )
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="prune block by block from the checkpoint's shards, writing each pruned block as "
+        "its own shard: one block in RAM, for models larger than memory; resumable (rerun the "
+        "same command after a kill); one weight step, saved as hf, evaluated block by block. "
+        "Chosen automatically when the model would not fit in available memory",
+    )
+    p.add_argument(
+        "--max-memory",
+        default=None,
+        metavar="SIZE",
+        help="with --stream: calibration activations above SIZE (e.g. 2G, 512M) are kept in "
+        "memory-mapped files instead of RAM (default: always in RAM)",
+    )
 
 
 def add_parser(sub: Any) -> None:
@@ -118,6 +133,10 @@ def run(args: argparse.Namespace, kind: str = "prune") -> Result:
     if args.speed and args.no_dense_eval:
         raise SparseLLMError("--speed compares against the dense model: drop --no-dense-eval")
 
+    if args.stream or (args.max_memory is None and _would_not_fit(args.model)):
+        return run_streamed(args, steps, protocol, out, kind)
+    if args.max_memory is not None:
+        raise SparseLLMError("--max-memory bounds a streamed run: add --stream")
     prep = prepare(args.model, protocol)
     model, tok = prep.loaded.model, prep.loaded.tokenizer
     lengths = common.speed_lengths(args, model) if args.speed else ()
@@ -145,6 +164,84 @@ def run(args: argparse.Namespace, kind: str = "prune") -> Result:
         print(speed_table(result.details["speed"]))
     if "export" in result.details:
         print(deployed_table(result.details["export"]))
+    print(f"saved sparse model and report to {out}")
+    return result
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size such as 2G, 512M, 1.5GB, 4096 (powers of 1024)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    raw = text.strip().upper().removesuffix("B").removesuffix("I")
+    number, unit = (raw[:-1], raw[-1]) if raw[-1:] in units and raw[-1:] else (raw, "")
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise SparseLLMError(
+            f"--max-memory: expected a size such as 2G or 512M, got {text!r}"
+        ) from None
+    if value <= 0:
+        raise SparseLLMError(f"--max-memory must be positive, got {text!r}")
+    return int(value)
+
+
+def _would_not_fit(source: str) -> bool:
+    """A local checkpoint whose fp32 weights, twice (pruned model + dense reference), are
+    more than the memory available now: such a run is streamed without being asked."""
+    from sparsellm.eval.memory import available_bytes
+    from sparsellm.models.load import resolve_source
+    from sparsellm.models.shards import Checkpoint, fp32_bytes
+
+    try:
+        kind, where = resolve_source(source)
+        if kind != "dir" or not any(Path(where).glob("*.safetensors")):
+            return False
+        need = 2 * fp32_bytes(Checkpoint(where))
+    except SparseLLMError:
+        return False  # not streamable: the in-RAM path reports the problem
+    available = available_bytes()
+    if available is None or need <= available:
+        return False
+    print(
+        f"{source}: {need / 2**30:.1f} GiB of fp32 weights x2 > {available / 2**30:.1f} GiB "
+        "available: pruning streamed (--stream)"
+    )
+    return True
+
+
+def run_streamed(
+    args: argparse.Namespace, steps: Any, protocol: Any, out: Path, kind: str
+) -> Result:
+    """`prune --stream`: one weight step, block by block, resumable; saved as hf."""
+    from sparsellm.export.hf import promote_dir
+    from sparsellm.pipeline import prepare_streamed, stream_prune_and_evaluate
+    from sparsellm.report.markdown import quality_table
+
+    if len(steps.steps) != 1 or steps.steps[0].family != "weights" or steps.attention.prefill:
+        raise SparseLLMError("--stream prunes with one weight method (no multi-step recipe)")
+    for flag, value in (("--speed", args.speed), ("--export", args.export != "hf")):
+        if value:
+            raise SparseLLMError(
+                f"{flag} needs the model in RAM: drop it with --stream (a streamed run saves "
+                "a plain checkpoint; `sparsellm export` compresses it afterwards)"
+            )
+    max_memory = None if args.max_memory is None else parse_size(args.max_memory)
+    prep = prepare_streamed(args.model, protocol)
+    work = out.with_name(f"{out.name}.partial")
+    print(f"streaming into {work} (rerun the same command to resume after an interruption)")
+    result = stream_prune_and_evaluate(
+        prep,
+        steps.steps[0],
+        protocol,
+        work,
+        max_memory=max_memory,
+        dense_eval=not args.no_dense_eval,
+        kind=kind,
+    )
+    result.provenance["out"] = str(out)
+    write(result, work)
+    (work / "stream_state.json").unlink()
+    promote_dir(work, out)
+    print(quality_table(result))
     print(f"saved sparse model and report to {out}")
     return result
 

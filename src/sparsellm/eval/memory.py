@@ -33,6 +33,27 @@ def checkpoint_bytes(path: str | os.PathLike) -> int | None:
     return sum(f.stat().st_size for f in p.iterdir() if f.name.endswith(WEIGHT_SUFFIXES))
 
 
+def available_bytes() -> int | None:
+    """Memory this process may still take: MemAvailable, or less under a cgroup limit
+    (containers, `systemd-run -p MemoryMax=`); None where neither can be read."""
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    cgroup = Path("/sys/fs/cgroup")
+    try:
+        rel = Path("/proc/self/cgroup").read_text().strip().split("::")[-1].lstrip("/")
+        limit = (cgroup / rel / "memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int((cgroup / rel / "memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
 def measure_peak_rss(path: str | os.PathLike, length: int, timeout: float = 900) -> dict[str, int]:
     """Peak RSS of a fresh process that loads `path` and runs one `length`-token prefill."""
     cmd = [sys.executable, "-m", "sparsellm.eval.memory", str(path), "--length", str(length)]

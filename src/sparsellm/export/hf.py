@@ -139,18 +139,24 @@ def write_dir_atomic(out: str | os.PathLike, overwrite: bool, fill: Callable[[Pa
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         fill(tmp)
-        if out.exists():
-            check_replaceable(out)  # again: `out` may have changed during the save
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / "old")
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        promote_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def promote_dir(done: Path, out: Path) -> None:
+    """Rename the finished directory `done` to `out` in one step, replacing an existing
+    `out` (checked again with `check_replaceable`: it may have changed meanwhile)."""
+    if out.exists():
+        check_replaceable(out)
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, trash / "old")
+        os.replace(done, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(done, out)
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any] | None:

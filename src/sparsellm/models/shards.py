@@ -11,6 +11,7 @@ of work rather than at block 27.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Iterable
@@ -27,6 +28,8 @@ from sparsellm.errors import SparseLLMError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+# files a checkpoint directory holds weights in (everything else is config or tokenizer)
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", INDEX, "stream_state.json")
 
 
 def _header(path: Path) -> tuple[int, dict]:
@@ -57,6 +60,17 @@ def tensor_bytes(path: Path) -> dict[str, int]:
         for k, v in header.items()
         if k != "__metadata__"
     }
+
+
+def fp32_bytes(ckpt: Checkpoint) -> int:
+    """Bytes the checkpoint's tensors take in fp32 (what `load_model` would hold)."""
+    total = 0
+    for shard in set(ckpt.weight_map.values()):
+        _, header = _header(ckpt.path / shard)
+        for key, v in header.items():
+            if key != "__metadata__":
+                total += 4 * math.prod(v["shape"])
+    return total
 
 
 class Checkpoint:

@@ -162,3 +162,46 @@ def test_refuses_whole_model_steps(tmp_path: Path) -> None:
     src = _save("llama", tmp_path / "src", layers=2)
     with pytest.raises(SparseLLMError, match="cannot stream"):
         stream_prune(src, tmp_path / "w", WandaConfig(allocation="owl"), _calib())
+
+
+def test_cli_stream_matches_in_ram_run(tiny_dir, text_file, tmp_path, capsys) -> None:
+    """`prune --stream` saves the in-RAM run's weights, and its block-by-block evaluation
+    gives the in-RAM perplexities and KL."""
+    from sparsellm.cli import main
+    from sparsellm.result import Result
+    from tests.cli import cli_args, last_json
+
+    outs = {}
+    for name, extra in (("ram", []), ("stream", ["--stream", "--max-memory", "1K"])):
+        out = tmp_path / name
+        args = cli_args("prune", tiny_dir, text_file, "--method", "sparsegpt", "--json", out=out)
+        assert main([*args, *extra]) == 0
+        outs[name] = (Result.from_dict(last_json(capsys)), out)
+    (ram, ram_dir), (streamed, stream_dir) = outs["ram"], outs["stream"]
+    assert Result.read(stream_dir) == streamed
+    assert not (tmp_path / "stream.partial").exists()
+    assert not (stream_dir / STATE).exists()
+    from transformers import AutoModelForCausalLM
+
+    a = AutoModelForCausalLM.from_pretrained(ram_dir).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(stream_dir).state_dict()
+    _assert_same(b, a)
+    for where, key in (("before", "ppl"), ("after", "ppl"), ("comparison", "kl")):
+        assert streamed.metric(where, key) == pytest.approx(ram.metric(where, key), rel=1e-4)
+    assert streamed.measured_sparsity == pytest.approx(ram.measured_sparsity)
+    assert streamed.sparsity["layers"].keys() == ram.sparsity["layers"].keys()
+
+
+def test_cli_stream_bad_input(tiny_dir, text_file, tmp_path, capsys) -> None:
+    from sparsellm.cli import main
+    from tests.cli import cli_args
+
+    base = cli_args("prune", tiny_dir, text_file, out=tmp_path / "o")
+    for extra, msg in (
+        (["--stream", "--speed"], "--speed needs the model in RAM"),
+        (["--stream", "--export", "int8"], "--export needs the model in RAM"),
+        (["--max-memory", "1G"], "add --stream"),
+        (["--stream", "--max-memory", "lots"], "expected a size"),
+    ):
+        assert main([*base, *extra]) == 2
+        assert msg in capsys.readouterr().err

@@ -274,7 +274,9 @@ def stream_prune(
         with torch.no_grad():
             for fqn, module in chosen.items():
                 ctx = LayerContext(sparsity=cfg.target_sparsity)
-                state["layers"][fqn] = prune_layer(pruner, module, stats[fqn], ctx)
+                entry = prune_layer(pruner, module, stats[fqn], ctx)
+                entry.update(numel=weight_matrix(module).numel(), method=cfg.name)
+                state["layers"][fqn] = entry
             if acts is not None and i < n - 1:
                 run_block(block, inputs, calls[i], calib_dtype, partial(_copy_into, outputs))
         sd = block.state_dict()
