@@ -363,20 +363,15 @@ def stream_prune_and_evaluate(
 
     start = time.perf_counter()
     ids = prep.eval_ids
-    models = {"sparse": (skeleton(work), Checkpoint(work))}
+    sparse = (skeleton(work), Checkpoint(work))
+    hidden = [final_hidden(*sparse, ids)]
+    if dense_eval:  # the dense blocks' outputs; final norm and head are the same tensors
+        hidden.insert(0, final_hidden(skeleton(src), Checkpoint(src), ids))
+    slices = logprobs(*sparse, ids, hidden)
     if dense_eval:
-        models["dense"] = (skeleton(src), Checkpoint(src))
-    lps = {
-        name: logprobs(model, ckpt, ids, final_hidden(model, ckpt, ids), batch_size=4)
-        for name, (model, ckpt) in models.items()
-    }
-    if dense_eval:
-        pairs = zip(lps["dense"], lps["sparse"], strict=True)
-        compared = compare_logprobs((i, d, s) for (i, d), (_, s) in pairs)
-        q = quality(compared)
-    else:
-        same = ((i, s, s) for i, s in lps["sparse"])  # the sparse model's own NLL
-        q = quality(after_ppl=compare_logprobs(same)["sparse_ppl"])
+        q = quality(compare_logprobs((t, d, s) for t, (d, s) in slices))
+    else:  # the sparse model against itself: its own NLL
+        q = quality(after_ppl=compare_logprobs((t, s, s) for t, (s,) in slices)["sparse_ppl"])
     total = sum(v["numel"] for v in layers.values())
     measured = sum(v["numel"] * v["sparsity"] for v in layers.values()) / total if total else 0.0
     return Result(

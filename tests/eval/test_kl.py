@@ -1,35 +1,25 @@
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 import sparsellm as sl
-from sparsellm.eval.kl import compare_models
+from sparsellm.eval.kl import compare_logprobs, compare_models
 from sparsellm.eval.perplexity import perplexity
 from sparsellm.models.tiny import tiny_model
 
 
-class FixedLogits(torch.nn.Module):
-    """A 'model' that predicts the same 2-way distribution at every position."""
-
-    def __init__(self, logits: list[float]) -> None:
-        super().__init__()
-        self.register_buffer("row", torch.tensor(logits))
-
-    def forward(self, input_ids: torch.Tensor, use_cache: bool = False) -> SimpleNamespace:
-        return SimpleNamespace(logits=self.row.expand(*input_ids.shape, 2))
-
-
 def test_kl_hand_computed():
-    ids = torch.zeros(2, 5, dtype=torch.long)
-    uniform, skewed = FixedLogits([0.0, 0.0]), FixedLogits([math.log(3.0), 0.0])
-    out = compare_models(uniform, skewed, ids)
+    """Every position: dense uniform over 2 tokens, sparse [3/4, 1/4]; target token 0."""
+    uniform = torch.log(torch.tensor([[0.5, 0.5]])).expand(4, 2)
+    skewed = torch.log(torch.tensor([[0.75, 0.25]])).expand(4, 2)
+    targets = torch.zeros(4, dtype=torch.long)
+    out = compare_logprobs([(targets, uniform, skewed), (targets, uniform, skewed)])
     # KL(u ‖ [3/4, 1/4]) = ½ ln(½ / ¾) + ½ ln(½ / ¼) = ½ ln(4/3)
     assert out["kl"] == pytest.approx(0.5 * math.log(4 / 3), rel=1e-6)
     assert out["dense_ppl"] == pytest.approx(2.0)
     assert out["sparse_ppl"] == pytest.approx(4 / 3)  # token 0 has p = 3/4
-    assert out["tokens"] == 8
+    assert out["tokens"] == 8 and out["top1_agreement"] == 1.0  # argmax ties pick token 0
 
 
 def test_identical_models_and_consistency_with_perplexity(calib_ids):

@@ -10,16 +10,14 @@ logits are formed. `capture` is shared with streamed pruning; `final_hidden` and
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from sparsellm.calib.sequential import BlockCall, capture_block_inputs, run_block
 from sparsellm.models.adapters import blocks_prefix, get_blocks
+from sparsellm.models.replay import slice_logprobs
 from sparsellm.models.shards import Checkpoint, materialize, release
 
 
@@ -83,65 +81,30 @@ def final_hidden(
     return hidden
 
 
-class _Replay(nn.Module):
-    """Stands in for a block: the last one returns the stored block output of the batch,
-    the others pass their input through (so the model's own code runs the final norm and
-    head, whatever the architecture)."""
-
-    def __init__(self, block: nn.Module, output: list[torch.Tensor | None]) -> None:
-        super().__init__()
-        self.block = block
-        self.output = output
-
-    def __getattr__(self, name: str) -> Any:  # models read e.g. `attention_type` off blocks
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("block"), name)
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        out = self.output[0]
-        return hidden_states if out is None else out
-
-
-@contextmanager
-def _replaying(blocks: nn.ModuleList, output: list[torch.Tensor | None]) -> Iterator[None]:
-    originals = list(blocks)
-    try:
-        for i, block in enumerate(originals):
-            last = i == len(originals) - 1
-            blocks[i] = _Replay(block, output if last else [None])
-        yield
-    finally:
-        for i, block in enumerate(originals):
-            blocks[i] = block
-
-
 @torch.no_grad()
 def logprobs(
     model: nn.Module,
     ckpt: Checkpoint,
     windows: torch.Tensor,
-    hidden: torch.Tensor,
+    hidden: list[torch.Tensor],
     batch_size: int = 4,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(ids, (tokens, vocab) fp32 log-probabilities) per batch, from `final_hidden`'s
-    output: the model's own forward with every block replayed, so only the tensors
-    outside the blocks are read."""
+) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """(targets, [log-probabilities per entry of `hidden`]) slice by slice (see
+    `slice_logprobs`), from `final_hidden` outputs of models that share this checkpoint's
+    final norm and head (a streamed prune copies them unchanged). Only the tensors after
+    the blocks are read (and the embeddings when the head is tied to them)."""
     names = outer_names(model, head=True)
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    names -= {n for n, p in model.named_parameters() if p is embed and p is not head}
     materialize(model, ckpt, names=names)
-    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
-    tied = head is not None and head.weight is embed.weight
-    if tied:  # materialize gave the shared tensor one owner; the head reads the same one
-        head.weight = embed.weight
-    output: list[torch.Tensor | None] = [None]
+    if head is embed:  # materialize gave the tied tensor to its first owner only
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
     try:
-        with _replaying(get_blocks(model), output):
-            for ids, h in zip(windows.split(batch_size), hidden.split(batch_size), strict=True):
-                output[0] = h
-                logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-                yield ids, F.log_softmax(logits.reshape(-1, logits.shape[-1]), dim=-1)
+        for b, ids in enumerate(windows.split(batch_size)):
+            h = [x[b * batch_size : b * batch_size + len(ids)] for x in hidden]
+            yield from slice_logprobs(model, h, ids)
     finally:
         release(model, names)
-        if tied:
-            head.weight = embed.weight
+        if head is embed:
+            model.get_output_embeddings().weight = model.get_input_embeddings().weight

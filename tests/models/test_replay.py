@@ -1,0 +1,36 @@
+"""Slice-wise log-probabilities equal the model's own full forward, for every family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparsellm.models.replay as replay
+from sparsellm.models.tiny import FAMILIES, tiny_model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_slices_equal_full_forward(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(replay, "SLICE_ELEMENTS", 2000)  # several slices of a 256 vocab
+    model = tiny_model(family)
+    ids = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(0))
+    full = F.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)
+    blocks = list(replay.get_blocks(model))
+    hidden = replay.last_block_output(model, ids)
+    slices = list(replay.slice_logprobs(model, [hidden, hidden], ids))
+    assert len(slices) > 2
+    got = torch.cat([lp[0].view(3, -1, 256) for _, lp in slices], 1)
+    targets = torch.cat([t.view(3, -1) for t, _ in slices], 1)
+    assert torch.equal(got, full)
+    assert torch.equal(torch.cat([lp[1].view(3, -1, 256) for _, lp in slices], 1), full)
+    assert torch.equal(targets, ids[:, 1:])
+    # the model is left as it was: its blocks are back
+    assert list(replay.get_blocks(model)) == blocks
+
+
+def test_wrappers_are_not_replayable() -> None:
+    from sparsellm.recover.prompt import PromptedLM
+
+    model = tiny_model("llama")
+    assert replay.replayable(model) and not replay.replayable(PromptedLM(model, 2))
