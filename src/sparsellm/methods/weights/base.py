@@ -166,9 +166,12 @@ class Hessian(Stats):
 
     def __init__(self, in_features: int) -> None:
         super().__init__(in_features)
-        self.sum = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.sum: torch.Tensor | None = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self._value: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor) -> None:
+        if self.sum is None:
+            raise RuntimeError("Hessian.update after .value: the statistics are final")
         windows = as_windows(x, self.in_features)
         for w in windows:  # one (d, d) fp32 partial at a time: no (batch, d, d) buffer
             self.sum += (w.t() @ w).double()
@@ -176,7 +179,13 @@ class Hessian(Stats):
 
     @property
     def value(self) -> torch.Tensor:
-        return (self.sum / max(self.tokens, 1)).float()
+        """The fp32 Hessian; computed once, after which the fp64 sum is freed (a
+        down_proj's is 642 MB on a 1.5B model: half a streamed run's peak)."""
+        if self._value is None:
+            assert self.sum is not None
+            self._value = (self.sum / max(self.tokens, 1)).float()
+            self.sum = None
+        return self._value
 
 
 def as_windows(x: torch.Tensor, in_features: int) -> torch.Tensor:
