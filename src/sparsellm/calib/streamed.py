@@ -98,13 +98,9 @@ def logprobs(
     head = model.get_output_embeddings().weight
     names -= {n for n, p in model.named_parameters() if p is embed and p is not head}
     materialize(model, ckpt, names=names)
-    if head is embed:  # materialize gave the tied tensor to its first owner only
-        model.get_output_embeddings().weight = model.get_input_embeddings().weight
     try:
         for b, ids in enumerate(windows.split(batch_size)):
             h = [x[b * batch_size : b * batch_size + len(ids)] for x in hidden]
             yield from slice_logprobs(model, h, ids)
     finally:
         release(model, names)
-        if head is embed:
-            model.get_output_embeddings().weight = model.get_input_embeddings().weight

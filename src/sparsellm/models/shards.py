@@ -116,7 +116,19 @@ def skeleton(path: str | os.PathLike) -> nn.Module:
     config = AutoConfig.from_pretrained(path)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.tie_weights()  # on meta, from_config leaves a tied head untied (transformers 5)
     return model.eval()
+
+
+def _slots(module: nn.Module) -> dict[str, list[tuple[nn.Module, str]]]:
+    """Each parameter's name (as `named_parameters` gives it) and every (module, attribute)
+    that holds it: tied weights (embeddings and head) are set and released together."""
+    names: dict[int, str] = {id(p): n for n, p in module.named_parameters()}
+    slots: dict[str, list[tuple[nn.Module, str]]] = {n: [] for n in names.values()}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        owner, _, leaf = name.rpartition(".")
+        slots[names[id(param)]].append((module.get_submodule(owner) if owner else module, leaf))
+    return slots
 
 
 def materialize(
@@ -128,25 +140,23 @@ def materialize(
     fp32 like `load_model`, so a streamed run computes on the very values an in-RAM run
     of the same checkpoint would.
     """
-    wanted = [n for n, _ in module.named_parameters() if names is None or n in names]
-    tensors = ckpt.read(f"{prefix}{n}" for n in wanted)
-    for name in wanted:
-        owner, _, leaf = name.rpartition(".")
-        sub = module.get_submodule(owner) if owner else module
+    slots = {n: s for n, s in _slots(module).items() if names is None or n in names}
+    tensors = ckpt.read(f"{prefix}{n}" for n in slots)
+    for name, holders in slots.items():
         value = tensors[f"{prefix}{name}"]
-        if value.is_floating_point():
-            value = value.float()
-        sub._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+        param = nn.Parameter(value.float() if value.is_floating_point() else value, False)
+        for sub, leaf in holders:
+            sub._parameters[leaf] = param
 
 
 def release(module: nn.Module, names: set[str] | None = None) -> None:
     """Send `module`'s parameters (those in `names`, if given) back to `meta`, freeing
     their memory; buffers stay."""
-    for name, param in list(module.named_parameters()):
+    for name, holders in _slots(module).items():
         if names is None or name in names:
-            owner, _, leaf = name.rpartition(".")
-            sub = module.get_submodule(owner) if owner else module
-            sub._parameters[leaf] = nn.Parameter(param.to("meta"), requires_grad=False)
+            param = nn.Parameter(holders[0][0]._parameters[holders[0][1]].to("meta"), False)
+            for sub, leaf in holders:
+                sub._parameters[leaf] = param
 
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:

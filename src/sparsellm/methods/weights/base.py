@@ -183,7 +183,7 @@ class Hessian(Stats):
         down_proj's is 642 MB on a 1.5B model: half a streamed run's peak)."""
         if self._value is None:
             assert self.sum is not None
-            self._value = (self.sum / max(self.tokens, 1)).float()
+            self._value = self.sum.div_(max(self.tokens, 1)).float()  # no fp64 temporary
             self.sum = None
         return self._value
 

@@ -61,14 +61,15 @@ def inverse_hessian_factor(
         lam = dampening * (10**attempt) * mean_diag
         # H + λI with one (n, n) buffer: bit-identical to `hessian + lam * eye` (the
         # off-diagonal adds 0), without the two other (n, n) temporaries; then each
-        # buffer is dropped as soon as the next exists (4 n² floats at most: a 8960-wide
-        # down_proj's Hessian is 321 MB, and this is a streamed run's memory peak).
+        # buffer is dropped as soon as the next exists (3 n² floats with the caller's H at
+        # most: a 8960-wide down_proj's H is 321 MB, and this is a streamed run's peak).
         damped = hessian.clone()
         damped.diagonal().add_(lam)
         chol, info = torch.linalg.cholesky_ex(damped)
         del damped
         if info == 0:
-            inv = torch.cholesky_solve(torch.eye(n, dtype=hessian.dtype), chol)
+            inv = torch.eye(n, dtype=hessian.dtype)
+            torch.cholesky_solve(inv, chol, out=inv)  # in place: LAPACK overwrites I
             del chol
             upper, info = torch.linalg.cholesky_ex(inv, upper=True)
             if info == 0:

@@ -1,0 +1,315 @@
+"""Memory and time of pruning, in RAM and streamed, against a formula; and under a hard cap.
+
+What it measures, one run with nothing else on the machine; every run is a fresh child
+process (`sparsellm prune`, SparseGPT 50%, the pinned protocol's data), whose peak RSS is
+read from the kernel (``wait4``'s ``ru_maxrss``):
+
+1. per model and calibration size: the in-RAM run and the ``--stream`` run, alternated:
+   wall seconds, peak RSS, the formula's estimate of each (below) and measured/formula,
+   perplexity (dense, sparse) and whether the two outputs are **bit-identical**;
+2. the ``--cap-model`` streamed under a memory cgroup limit of ``--cap`` bytes (smaller
+   than its fp32 weights): whether it finished, its peak, and whether its weights equal
+   the in-RAM run's of the same calibration;
+3. with ``--peer``: llm-compressor's SparseGPT (``bench/_llmc_worker.py``, its own venv)
+   on the same model and calibration windows: seconds, peak RSS, perplexity.
+
+The formula (`estimate`) counts what each path holds at its peak, from the model's config:
+the interpreter with torch and transformers (measured once per model: a child that
+imports sparsellm and builds the model's skeleton), the weights (in RAM: the model and
+the dense copy kept for the comparison; streamed: one block, or the embeddings while
+capturing, or the head while evaluating), the calibration activations, the statistics
+(fp64 XᵀX of each distinct block input) and SparseGPT's factorisation of the widest one
+(four n² fp32 buffers), the evaluation's slices. It is a model, not a fit: the table
+shows how far each run is from it.
+
+    .venv/bin/python bench/scale.py --models default,qwen0.5b,qwen1.5b --cap-model qwen1.5b \\
+        --cap 2G --peer
+    .venv/bin/python bench/scale.py --models default --calib 4x128 --eval-windows 2 \\
+        --out /tmp/scale-smoke                     # a smoke run, not a result
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from provenance import write_result  # noqa: E402
+
+MiB = 1 << 20
+CGROUP_V1 = Path("/sys/fs/cgroup/memory")
+
+
+def run_child(cmd: list[str], cap: int | None = None, log: Path | None = None) -> dict[str, Any]:
+    """Run `cmd`; its wall seconds, exit code and peak RSS (and the cgroup's peak if capped)."""
+    group = None
+    if cap is not None:
+        group = CGROUP_V1 / f"sparsellm-scale-{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            group.mkdir()
+            (group / "memory.limit_in_bytes").write_text(str(cap))
+        except OSError as exc:
+            raise SystemExit(f"cannot create a memory cgroup under {CGROUP_V1}: {exc}") from None
+    procs = None if group is None else str(group / "cgroup.procs")
+
+    def enter() -> None:  # in the child, before exec: join the capped group
+        if procs is not None:
+            Path(procs).write_text(str(os.getpid()))
+
+    out = open(log or os.devnull, "w")  # noqa: SIM115
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=enter)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    out.close()
+    result = {
+        "rc": os.waitstatus_to_exitcode(status),
+        "seconds": seconds,
+        "peak_rss": usage.ru_maxrss * 1024,
+    }
+    if group is not None:
+        result["cgroup_peak"] = int((group / "memory.max_usage_in_bytes").read_text())
+        result["oom_kills"] = (group / "memory.failcnt").read_text().strip()
+        group.rmdir()
+    return result
+
+
+def last_json(log: Path) -> dict[str, Any] | None:
+    lines = [ln for ln in log.read_text().splitlines() if ln.startswith("{")]
+    return json.loads(lines[-1]) if lines else None
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """Every tensor of checkpoint `a` equals `b`'s, read one at a time."""
+    import torch
+
+    from sparsellm.models.shards import Checkpoint
+
+    ca, cb = Checkpoint(a), Checkpoint(b)
+    if set(ca.weight_map) != set(cb.weight_map):
+        return False
+    return all(torch.equal(ca.read([k])[k], cb.read([k])[k]) for k in sorted(ca.weight_map))
+
+
+def baseline_rss(src: Path) -> int:
+    """Peak RSS of a child that imports sparsellm's CLI and builds `src`'s skeleton."""
+    code = (
+        "import sparsellm.cli, sparsellm.pipeline, sparsellm.methods.weights.stream\n"
+        "from sparsellm.models.shards import skeleton\n"
+        f"skeleton({str(src)!r})\n"
+    )
+    return run_child([sys.executable, "-c", code])["peak_rss"]
+
+
+def estimate(
+    config: Any,
+    params: int,
+    stored_head: bool,
+    base: int,
+    n: int,
+    seq: int,
+    windows: int,
+    batch: int,
+    streamed: bool,
+) -> dict[str, int]:
+    """Bytes each phase of a SparseGPT prune holds at its peak (see the module docstring)."""
+    d, f, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    heads = config.num_attention_heads
+    hd = getattr(config, "head_dim", None) or d // heads
+    layers = config.num_hidden_layers
+    outer = vocab * d * (2 if stored_head else 1)
+    block = (params - outer) // layers
+    acts = n * seq * d * 4
+    ins = [d, heads * hd, d, f]  # q/k/v, o, gate/up, down
+    stats = 8 * sum(i * i for i in ins)  # fp64 XᵀX, all four while the block is observed
+    solve = 4 * 4 * f * f  # value, damped / chol, identity, inverse of the widest
+    forward = batch * seq * (3 * f + 4 * d) * 4 + batch * heads * seq * seq * 4
+    slices = 3 * (1 << 24) * 4  # logits, log-probabilities and a copy per slice
+    evaluation = 2 * windows * seq * d * 4 + slices
+    if streamed:
+        phases = {
+            "capture": vocab * d * 4 + acts + forward,
+            "blocks": 4 * block + acts + max(stats + forward, stats - 8 * f * f + solve),
+            "evaluate": vocab * d * 4 + evaluation,
+        }
+    else:
+        phases = {
+            "calibrate": 2 * 4 * params + acts + max(stats + forward, stats - 8 * f * f + solve),
+            "evaluate": 2 * 4 * params + batch * seq * d * 4 * 2 + slices,
+        }
+    phase = max(phases, key=phases.get)
+    return {"bytes": base + phases[phase], "phase": phase}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="default,qwen0.5b,qwen1.5b")
+    ap.add_argument("--calib", default="8x512,32x512", help="calibration sizes, NxSEQLEN,...")
+    ap.add_argument("--eval-windows", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--cap-model", default=None, help="model to stream under --cap")
+    ap.add_argument("--cap", default="2G", help="memory cap of the capped run (e.g. 2G)")
+    ap.add_argument("--peer", action="store_true", help="also llm-compressor's SparseGPT")
+    ap.add_argument("--out", type=Path, default=None, help="result path (default results/)")
+    args = ap.parse_args()
+
+    import torch
+    from transformers import AutoConfig
+
+    from sparsellm.cli.prune import parse_size
+    from sparsellm.models.load import convert_gguf, resolve_source
+    from sparsellm.models.shards import Checkpoint, fp32_bytes
+
+    sizes = [tuple(int(v) for v in s.split("x")) for s in args.calib.split(",")]
+    cap = parse_size(args.cap)
+    cli = [str(Path(sys.executable).parent / "sparsellm"), "prune", "--method", "sparsegpt"]
+    rows: list[dict[str, Any]] = []
+    peers: list[dict[str, Any]] = []
+    work = Path(tempfile.mkdtemp(prefix="sparsellm-scale-"))
+    for name in args.models.split(","):
+        kind, where = resolve_source(name)
+        src = convert_gguf(where) if kind == "gguf" else Path(where)
+        config = AutoConfig.from_pretrained(src)
+        ckpt = Checkpoint(src)
+        params = fp32_bytes(ckpt) // 4
+        stored_head = any(k.endswith("lm_head.weight") for k in ckpt.weight_map)
+        base = baseline_rss(src)
+        print(f"{name}: {params / 1e9:.2f}B parameters, baseline RSS {base / MiB:.0f} MiB")
+        outputs: dict[tuple, Path] = {}
+        for n, seq in sizes:
+            common = ["--model", str(src), "--nsamples", str(n), "--seqlen", str(seq)]
+            common += ["--eval-windows", str(args.eval_windows)]
+            common += ["--batch-size", str(args.batch_size), "--json", "--overwrite"]
+            for mode in ("ram", "stream"):
+                out = work / f"{name}-{n}x{seq}-{mode}"
+                log = work / f"{out.name}.log"
+                extra = ["--stream", "--max-memory", "1G"] if mode == "stream" else []
+                measured = run_child([*cli, *common, "--out", str(out), *extra], log=log)
+                result = last_json(log) if measured["rc"] == 0 else None
+                if result is None:
+                    print(log.read_text()[-3000:], file=sys.stderr)
+                    raise SystemExit(f"{name} {mode} failed (rc {measured['rc']})")
+                outputs[(n, seq, mode)] = out
+                est = estimate(
+                    config,
+                    params,
+                    stored_head,
+                    base,
+                    n,
+                    seq,
+                    args.eval_windows,
+                    args.batch_size,
+                    mode == "stream",
+                )
+                row = {
+                    "model": name,
+                    "calib": f"{n}x{seq}",
+                    "mode": "in RAM" if mode == "ram" else "streamed",
+                    "fp32 weights MiB": round(4 * params / MiB),
+                    "seconds": round(measured["seconds"], 1),
+                    "peak RSS MiB": round(measured["peak_rss"] / MiB),
+                    "formula MiB": round(est["bytes"] / MiB),
+                    "formula phase": est["phase"],
+                    "measured / formula": round(measured["peak_rss"] / est["bytes"], 2),
+                    "peak / fp32 weights": round(measured["peak_rss"] / (4 * params), 2),
+                    "dense ppl": result["quality"]["before"].get("ppl"),
+                    "sparse ppl": result["quality"]["after"].get("ppl"),
+                    "sparsity": result["sparsity"]["measured"],
+                }
+                if mode == "stream":
+                    row["identical to in RAM"] = same_weights(outputs[(n, seq, "ram")], out)
+                    ram_row = rows[-1]
+                    row["time vs in RAM"] = round(measured["seconds"] / ram_row["seconds"], 2)
+                rows.append(row)
+                print(json.dumps(row))
+        if name == args.cap_model:
+            n, seq = sizes[0]
+            out = work / f"{name}-capped"
+            log = work / f"{out.name}.log"
+            common = ["--model", str(src), "--nsamples", str(n), "--seqlen", str(seq)]
+            common += [
+                "--eval-windows",
+                str(args.eval_windows),
+                "--batch-size",
+                str(args.batch_size),
+                "--json",
+                "--stream",
+                "--max-memory",
+                "64M",
+            ]
+            measured = run_child([*cli, *common, "--out", str(out)], cap=cap, log=log)
+            result = last_json(log) if measured["rc"] == 0 else None
+            row = {
+                "model": name,
+                "calib": f"{n}x{seq}",
+                "mode": f"streamed, capped at {args.cap}",
+                "fp32 weights MiB": round(4 * params / MiB),
+                "seconds": round(measured["seconds"], 1),
+                "peak RSS MiB": round(measured["peak_rss"] / MiB),
+                "cgroup peak MiB": round(measured["cgroup_peak"] / MiB),
+                "finished": measured["rc"] == 0,
+                "exit code": measured["rc"],
+                "sparse ppl": result["quality"]["after"].get("ppl") if result else None,
+                "identical to in RAM": same_weights(outputs[(n, seq, "ram")], out)
+                if result
+                else False,
+            }
+            if not result:
+                print(log.read_text()[-3000:], file=sys.stderr)
+            rows.append(row)
+            print(json.dumps(row))
+        if args.peer:
+            peers.append(run_llmc(name, src, sizes[0], args.eval_windows, work))
+            print(json.dumps(peers[-1]))
+    payload = {
+        "rows": rows,
+        "llmcompressor": peers,
+        "method": "sparsegpt, 50% unstructured, calibration c4, evaluation wiki (fp32)",
+        "formula": "see bench/scale.py: estimate()",
+        "threads": torch.get_num_threads(),
+    }
+    name = args.out.name if args.out else "scale"
+    path = write_result(name, payload, out_dir=args.out.parent if args.out else None)
+    print(f"wrote {path}")
+
+
+def run_llmc(name: str, src: Path, size: tuple[int, int], windows: int, work: Path) -> dict:
+    """llm-compressor's SparseGPT 50% on the same windows: seconds, peak RSS, ppl."""
+    import torch
+    from transformers import AutoTokenizer
+    from vs_llmcompressor import llmc_python
+
+    from sparsellm.data.corpora import resolve_corpus, token_windows
+
+    tok = AutoTokenizer.from_pretrained(src)
+    n, seq = size
+    files = {"calib": work / f"{name}-calib.pt", "eval": work / f"{name}-eval.pt"}
+    torch.save(token_windows(tok, resolve_corpus("c4"), n, seq), files["calib"])
+    torch.save(token_windows(tok, resolve_corpus("wiki"), windows, seq), files["eval"])
+    out = work / f"{name}-llmc.json"
+    cmd = [llmc_python(), str(HERE / "_llmc_worker.py"), "--model", str(src)]
+    cmd += ["--calib", str(files["calib"]), "--eval", str(files["eval"])]
+    cmd += ["--method", "sparsegpt", "--sparsity", "0.5", "--pattern", "unstructured"]
+    cmd += ["--out", str(out)]
+    measured = run_child(cmd, log=work / f"{name}-llmc.log")
+    peer = json.loads(out.read_text()) if measured["rc"] == 0 else {}
+    return {
+        "model": name,
+        "calib": f"{n}x{seq}",
+        "seconds (process)": round(measured["seconds"], 1),
+        "peak RSS MiB": round(measured["peak_rss"] / MiB),
+        "exit code": measured["rc"],
+        **{k: peer.get(k) for k in ("prune_seconds", "sparse_ppl", "measured_sparsity")},
+    }
+
+
+if __name__ == "__main__":
+    main()
