@@ -289,6 +289,7 @@ def prepare_streamed(source: str, protocol: Protocol) -> Prepared:
 
     from sparsellm.data.corpora import resolve_corpus, token_windows
     from sparsellm.errors import SparseLLMError
+    from sparsellm.eval.memory import return_freed_memory
     from sparsellm.models.adapters import get_adapter
     from sparsellm.models.compressed import compressed_format
     from sparsellm.models.load import LoadedModel, convert_gguf, file_sha256, resolve_source
@@ -316,6 +317,7 @@ def prepare_streamed(source: str, protocol: Protocol) -> Prepared:
     seed_everything(protocol.seed)
     calib = token_windows(tok, corpora["calib"], protocol.nsamples, protocol.seqlen)
     evals = token_windows(tok, corpora["eval"], protocol.eval_windows, protocol.seqlen)
+    return_freed_memory()  # what tokenizing left in the allocator counts against a cap
     return Prepared(LoadedModel(model=None, tokenizer=tok, info=info), calib, evals, corpora)
 
 

@@ -174,7 +174,9 @@ class Hessian(Stats):
             raise RuntimeError("Hessian.update after .value: the statistics are final")
         windows = as_windows(x, self.in_features)
         for w in windows:  # one (d, d) fp32 partial at a time: no (batch, d, d) buffer
-            self.sum += (w.t() @ w).double()
+            partial = w.t() @ w
+            for r in range(0, self.in_features, 1024):  # fp64 casts of 1024 rows at a time
+                self.sum[r : r + 1024] += partial[r : r + 1024]
         self.tokens += windows.shape[0] * windows.shape[1]
 
     @property
