@@ -14,6 +14,7 @@ import json
 import math
 import os
 import struct
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -182,6 +183,29 @@ def release(module: nn.Module, names: set[str] | None = None) -> None:
             param = nn.Parameter(holders[0][0]._parameters[holders[0][1]].to("meta"), False)
             for sub, leaf in holders:
                 sub._parameters[leaf] = param
+
+
+def mapped_tensor(path: Path, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A tensor whose memory is the file at `path` (created zero-filled if absent or of
+    another size; a shared map, so writes reach the file). Pages of such a tensor can be
+    written back and dropped by the OS under memory pressure, unlike anonymous memory."""
+    numel = math.prod(shape)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if not path.exists() or path.stat().st_size != nbytes:
+        with open(path, "wb") as f:
+            f.truncate(nbytes)
+    return torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(shape)
+
+
+def spill_tensor(directory: Path, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero-filled file-backed tensor in `directory` whose file is already unlinked: the
+    space lives as long as the tensor, and nothing is left behind by a crash."""
+    fd, name = tempfile.mkstemp(prefix=".spill-", dir=directory)
+    os.close(fd)
+    try:
+        return mapped_tensor(Path(name), shape, dtype)
+    finally:
+        os.unlink(name)
 
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:

@@ -83,7 +83,7 @@ class SharedInputStats:
     and is fixed afterwards, since the model's wiring does not change between batches.
     """
 
-    def __init__(self, stats_cls: type[Stats]) -> None:
+    def __init__(self, stats_cls: Callable[[int], Stats]) -> None:
         self.stats_cls = stats_cls
         self.stats: dict[str, Stats] = {}
         self._followers: set[str] = set()
@@ -114,7 +114,7 @@ def prune_layer(
 
 
 def block_stats(
-    chosen: dict[str, nn.Module], stats_cls: type[Stats], forward: Callable[[], None]
+    chosen: dict[str, nn.Module], stats_cls: Callable[[int], Stats], forward: Callable[[], None]
 ) -> dict[str, Stats]:
     """Statistics of the `chosen` linears of one block from one `forward()` over the
     calibration batches, each batch stopped once every chosen layer has seen its input."""

@@ -30,18 +30,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from sparsellm.calib.sequential import BlockCall, run_block
 from sparsellm.calib.streamed import capture
 from sparsellm.errors import SparseLLMError
+from sparsellm.eval.memory import return_freed_memory
 from sparsellm.methods.weights.apply import block_stats, prune_layer, select_targets
-from sparsellm.methods.weights.base import LayerContext, WeightPruneConfig
+from sparsellm.methods.weights.base import Hessian, LayerContext, Stats, WeightPruneConfig
 from sparsellm.methods.weights.masks import check_nm_shape
 from sparsellm.models.adapters import blocks_prefix, get_blocks, weight_matrix
 from sparsellm.models.shards import (
     INDEX,
     Checkpoint,
+    mapped_tensor,
     materialize,
     release,
     skeleton,
@@ -115,16 +118,6 @@ def _resume_state(work: Path, fp: dict) -> dict:
     return state
 
 
-def _map(path: Path, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A tensor that is the file at `path` (a shared map: writes go to the file)."""
-    numel = torch.Size(shape).numel()
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    if not path.exists() or path.stat().st_size != nbytes:
-        with open(path, "wb") as f:
-            f.truncate(nbytes)
-    return torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(shape)
-
-
 class Activations:
     """The calibration activations entering the current block, and where they are kept.
 
@@ -145,10 +138,12 @@ class Activations:
     ) -> None:
         self.files, self.mapped = files, mapped
         if mapped:
-            self.bufs = [_map(f, shape, dtype) for f in files]
+            self.bufs = [mapped_tensor(f, shape, dtype) for f in files]
         else:  # resuming: the recorded file's content, copied into RAM
             first = (
-                torch.empty(shape, dtype=dtype) if fresh else _map(files[0], shape, dtype).clone()
+                torch.empty(shape, dtype=dtype)
+                if fresh
+                else mapped_tensor(files[0], shape, dtype).clone()
             )
             self.bufs = [first, first]
 
@@ -182,12 +177,25 @@ def _cast_calls(calls: list[list[BlockCall]], dtype: torch.dtype | None) -> list
     ]
 
 
+def _new_stats(cls: type[Stats], work: Path, max_memory: int | None, d: int) -> Stats:
+    """`cls(d)`; a Hessian over an eighth of `max_memory` lives in a file in `work`."""
+    if issubclass(cls, Hessian) and max_memory is not None and 8 * d * d > max_memory // 8:
+        return cls(d, spill=work)
+    return cls(d)
+
+
 def _copy_into(outputs: list[torch.Tensor], b: int, y: torch.Tensor) -> None:
     outputs[b].copy_(y)
 
 
 def _block_keys(ckpt: Checkpoint, prefix: str) -> list[str]:
     return sorted(k for k in ckpt.weight_map if k.startswith(prefix))
+
+
+def _block_tensors(block: nn.Module, ckpt: Checkpoint, prefix: str) -> dict[str, torch.Tensor]:
+    """The block's tensors under the source checkpoint's names for them."""
+    sd = block.state_dict()
+    return {k: sd[k[len(prefix) :]] for k in _block_keys(ckpt, prefix)}
 
 
 def _finish(ckpt: Checkpoint, work: Path, prefix: str, n: int) -> None:
@@ -270,19 +278,22 @@ def stream_prune(
             outputs = list(acts.bufs[1].split(batch_size))
             if chosen:
                 forward = partial(run_block, block, inputs, calls[i], calib_dtype)
-                stats = block_stats(chosen, pruner.stats, forward)
+                stats = block_stats(
+                    chosen, partial(_new_stats, pruner.stats, work, max_memory), forward
+                )
         with torch.no_grad():
             for fqn, module in chosen.items():
                 ctx = LayerContext(sparsity=cfg.target_sparsity)
-                entry = prune_layer(pruner, module, stats[fqn], ctx)
+                # popped: statistics (a down_proj's Hessian is 321 MB on a 1.5B model)
+                # are freed once their last layer is pruned, not held into the next block
+                entry = prune_layer(pruner, module, stats.pop(fqn), ctx)
                 entry.update(numel=weight_matrix(module).numel(), method=cfg.name)
                 state["layers"][fqn] = entry
             if acts is not None and i < n - 1:
                 run_block(block, inputs, calls[i], calib_dtype, partial(_copy_into, outputs))
-        sd = block.state_dict()
-        tensors = {k: sd[k[len(f"{prefix}.{i}.") :]] for k in _block_keys(ckpt, f"{prefix}.{i}.")}
-        write_shard(work / shard_name(i, n + 1), tensors)
+        write_shard(work / shard_name(i, n + 1), _block_tensors(block, ckpt, f"{prefix}.{i}."))
         release(block)
+        return_freed_memory()  # the block's freed buffers, back to the OS before the next
         if acts is not None and i < n - 1:
             acts.advance()
             state["hidden"] = acts.files[0].name
