@@ -10,7 +10,7 @@ read from the kernel (``wait4``'s ``ru_maxrss``):
 2. the ``--cap-model`` streamed under a memory cgroup limit of ``--cap`` bytes (smaller
    than its fp32 weights): whether it finished, its peak, and whether its weights equal
    the in-RAM run's of the same calibration;
-3. with ``--peer``: llm-compressor's SparseGPT (``bench/_llmc_worker.py``, its own venv)
+3. with ``--peer-model``: llm-compressor's SparseGPT (``bench/_llmc_worker.py``, its own venv)
    on the same model and calibration windows: seconds, peak RSS, perplexity.
 
 The formula (`estimate`) counts what each path holds at its peak, from the model's config:
@@ -23,7 +23,7 @@ capturing, or the head while evaluating), the calibration activations, the stati
 shows how far each run is from it.
 
     .venv/bin/python bench/scale.py --models default,qwen0.5b,qwen1.5b --cap-model qwen1.5b \\
-        --cap 2G --peer
+        --cap 2G --peer-model qwen1.5b
     .venv/bin/python bench/scale.py --models default --calib 4x128 --eval-windows 2 \\
         --out /tmp/scale-smoke                     # a smoke run, not a result
 """
@@ -157,7 +157,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--cap-model", default=None, help="model to stream under --cap")
     ap.add_argument("--cap", default="2G", help="memory cap of the capped run (e.g. 2G)")
-    ap.add_argument("--peer", action="store_true", help="also llm-compressor's SparseGPT")
+    ap.add_argument(
+        "--one-size", default="qwen1.5b", help="models run at the first --calib size only"
+    )
+    ap.add_argument(
+        "--peer-model", default=None, help="also run llm-compressor's SparseGPT on this model"
+    )
     ap.add_argument("--out", type=Path, default=None, help="result path (default results/)")
     args = ap.parse_args()
 
@@ -184,7 +189,7 @@ def main() -> None:
         base = baseline_rss(src)
         print(f"{name}: {params / 1e9:.2f}B parameters, baseline RSS {base / MiB:.0f} MiB")
         outputs: dict[tuple, Path] = {}
-        for n, seq in sizes:
+        for n, seq in sizes[:1] if name in args.one_size.split(",") else sizes:
             common = ["--model", str(src), "--nsamples", str(n), "--seqlen", str(seq)]
             common += ["--eval-windows", str(args.eval_windows)]
             common += ["--batch-size", str(args.batch_size), "--json", "--overwrite"]
@@ -266,7 +271,7 @@ def main() -> None:
                 print(log.read_text()[-3000:], file=sys.stderr)
             rows.append(row)
             print(json.dumps(row))
-        if args.peer:
+        if name == args.peer_model:
             peers.append(run_llmc(name, src, sizes[0], args.eval_windows, work))
             print(json.dumps(peers[-1]))
     payload = {
