@@ -14,13 +14,13 @@ read from the kernel (``wait4``'s ``ru_maxrss``):
    on the same model and calibration windows: seconds, peak RSS, perplexity.
 
 The formula (`estimate`) counts what each path holds at its peak, from the model's config:
-the interpreter with torch and transformers (measured once per model: a child that
-imports sparsellm and builds the model's skeleton), the weights (in RAM: the model and
-the dense copy kept for the comparison; streamed: one block, or the embeddings while
-capturing, or the head while evaluating), the calibration activations, the statistics
-(fp64 XᵀX of each distinct block input) and SparseGPT's factorisation of the widest one
-(four n² fp32 buffers), the evaluation's slices. It is a model, not a fit: the table
-shows how far each run is from it.
+the interpreter with torch, transformers and the tokenizer (measured once per model: a
+child that imports sparsellm, tokenizes the protocol's windows and builds the skeleton),
+the weights (in RAM: the model and the dense copy kept for the comparison; streamed: one
+block, or the embeddings while capturing, or the head while evaluating), the calibration
+activations, the statistics (fp64 XᵀX of each distinct block input) and SparseGPT's
+factorisation of the widest one (four n² fp32 buffers), the evaluation's slices. It is a
+model, not a fit: the table shows how far each run is from it.
 
     .venv/bin/python bench/scale.py --models default,qwen0.5b,qwen1.5b --cap-model qwen1.5b \\
         --cap 2G --peer-model qwen1.5b
@@ -99,21 +99,32 @@ def same_weights(a: Path, b: Path) -> bool:
     return all(torch.equal(ca.read([k])[k], cb.read([k])[k]) for k in sorted(ca.weight_map))
 
 
-def baseline_rss(src: Path) -> int:
-    """Peak RSS of a child that imports sparsellm's CLI and builds `src`'s skeleton."""
+def baseline_rss(src: Path, n: int, seq: int, windows: int, work: Path) -> tuple[int, int]:
+    """What every run holds besides weights, activations and statistics: a child imports
+    sparsellm's CLI, loads `src`'s tokenizer, cuts the protocol's windows and builds the
+    skeleton. Returns (its peak RSS, tokenizing included; its RSS once that is done)."""
     code = (
-        "import sparsellm.cli, sparsellm.pipeline, sparsellm.methods.weights.stream\n"
+        "import re, sparsellm.cli, sparsellm.methods.weights.stream\n"
+        "from pathlib import Path\n"
+        "from sparsellm.pipeline import Protocol, prepare_streamed\n"
         "from sparsellm.models.shards import skeleton\n"
+        f"p = Protocol(nsamples={n}, seqlen={seq}, eval_windows={windows})\n"
+        f"prep = prepare_streamed({str(src)!r}, p)\n"
         f"skeleton({str(src)!r})\n"
+        "status = Path('/proc/self/status').read_text()\n"
+        "print('rss', int(re.search(r'VmRSS:\\s+(\\d+)', status).group(1)) * 1024)\n"
     )
-    return run_child([sys.executable, "-c", code])["peak_rss"]
+    log = work / f"baseline-{src.name}.log"
+    peak = run_child([sys.executable, "-c", code], log=log)["peak_rss"]
+    after = int(next(ln for ln in log.read_text().splitlines() if ln.startswith("rss ")).split()[1])
+    return peak, after
 
 
 def estimate(
     config: Any,
     params: int,
     stored_head: bool,
-    base: int,
+    base: tuple[int, int],
     n: int,
     seq: int,
     windows: int,
@@ -145,8 +156,9 @@ def estimate(
             "calibrate": 2 * 4 * params + acts + max(stats + forward, stats - 8 * f * f + solve),
             "evaluate": 2 * 4 * params + batch * seq * d * 4 * 2 + slices,
         }
-    phase = max(phases, key=phases.get)
-    return {"bytes": base + phases[phase], "phase": phase}
+    totals = {"prepare": base[0], **{k: base[1] + v for k, v in phases.items()}}
+    phase = max(totals, key=totals.get)
+    return {"bytes": totals[phase], "phase": phase}
 
 
 def main() -> None:
@@ -186,8 +198,9 @@ def main() -> None:
         ckpt = Checkpoint(src)
         params = fp32_bytes(ckpt) // 4
         stored_head = any(k.endswith("lm_head.weight") for k in ckpt.weight_map)
-        base = baseline_rss(src)
-        print(f"{name}: {params / 1e9:.2f}B parameters, baseline RSS {base / MiB:.0f} MiB")
+        n0, seq0 = sizes[0]
+        base = baseline_rss(src, n0, seq0, args.eval_windows, work)
+        print(f"{name}: {params / 1e9:.2f}B parameters, baseline RSS {base} bytes")
         outputs: dict[tuple, Path] = {}
         for n, seq in sizes[:1] if name in args.one_size.split(",") else sizes:
             common = ["--model", str(src), "--nsamples", str(n), "--seqlen", str(seq)]
