@@ -143,7 +143,7 @@ def estimate(
     stats = 8 * sum(i * i for i in ins)  # fp64 XᵀX, all four while the block is observed
     solve = 4 * 4 * f * f  # value, damped / chol, identity, inverse of the widest
     forward = batch * seq * (3 * f + 4 * d) * 4 + batch * heads * seq * seq * 4
-    slices = 3 * (1 << 24) * 4  # logits, log-probabilities and a copy per slice
+    slices = 5 * (1 << 24) * 4  # both models' log-probabilities, logits, two KL temporaries
     evaluation = 2 * windows * seq * d * 4 + slices
     if streamed:
         phases = {

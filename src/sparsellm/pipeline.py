@@ -289,11 +289,10 @@ def prepare_streamed(source: str, protocol: Protocol) -> Prepared:
 
     from sparsellm.data.corpora import resolve_corpus, token_windows
     from sparsellm.errors import SparseLLMError
-    from sparsellm.eval.memory import return_freed_memory
     from sparsellm.models.adapters import get_adapter
     from sparsellm.models.compressed import compressed_format
     from sparsellm.models.load import LoadedModel, convert_gguf, file_sha256, resolve_source
-    from sparsellm.models.shards import skeleton
+    from sparsellm.models.shards import return_freed_memory, skeleton
 
     if protocol.tasks:
         raise SparseLLMError("a streamed run reports perplexity and KL only: drop --tasks")

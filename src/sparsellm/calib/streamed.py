@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from sparsellm.calib.sequential import BlockCall, capture_block_inputs, run_block
 from sparsellm.models.adapters import blocks_prefix, get_blocks
 from sparsellm.models.replay import slice_logprobs
-from sparsellm.models.shards import Checkpoint, materialize, release
+from sparsellm.models.shards import Checkpoint, materialize, release, return_freed_memory
 
 
 def outer_names(model: nn.Module, head: bool) -> set[str]:
@@ -78,6 +78,7 @@ def final_hidden(
         materialize(block, ckpt, f"{prefix}.{i}.")
         run_block(block, batches, calls[i], None, sink)
         release(block)
+        return_freed_memory()  # or the freed block's buffers pile up in the allocator
     return hidden
 
 

@@ -33,22 +33,6 @@ def checkpoint_bytes(path: str | os.PathLike) -> int | None:
     return sum(f.stat().st_size for f in p.iterdir() if f.name.endswith(WEIGHT_SUFFIXES))
 
 
-def return_freed_memory() -> None:
-    """Hand memory the allocator keeps after frees back to the OS (glibc's malloc_trim).
-
-    Tokenizing the corpora leaves ~300 MB of freed small objects in glibc's arenas
-    (Qwen's tokenizer, measured): counted in RSS, and under a memory cap, until trimmed.
-    A no-op where glibc is not the allocator."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if name:
-        libc = ctypes.CDLL(name)
-        if hasattr(libc, "malloc_trim"):
-            libc.malloc_trim(0)
-
-
 def available_bytes() -> int | None:
     """Memory this process may still take: MemAvailable, or less under a cgroup limit
     (containers, `systemd-run -p MemoryMax=`); None where neither can be read."""

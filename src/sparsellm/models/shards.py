@@ -10,6 +10,7 @@ of work rather than at block 27.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import struct
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import init_empty_weights
@@ -206,6 +208,26 @@ def spill_tensor(directory: Path, shape: tuple[int, ...], dtype: torch.dtype) ->
         return mapped_tensor(Path(name), shape, dtype)
     finally:
         os.unlink(name)
+
+
+def return_freed_memory() -> None:
+    """Hand memory the allocator keeps after frees back to the OS (glibc's malloc_trim).
+
+    Tokenizing the corpora leaves ~300 MB of freed small objects in glibc's arenas
+    (Qwen's tokenizer, measured): counted in RSS, and under a memory cap, until trimmed.
+    A no-op where glibc is not the allocator."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
 
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:

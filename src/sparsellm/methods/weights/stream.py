@@ -36,7 +36,6 @@ from tqdm.auto import tqdm
 from sparsellm.calib.sequential import BlockCall, run_block
 from sparsellm.calib.streamed import capture
 from sparsellm.errors import SparseLLMError
-from sparsellm.eval.memory import return_freed_memory
 from sparsellm.methods.weights.apply import block_stats, prune_layer, select_targets
 from sparsellm.methods.weights.base import Hessian, LayerContext, Stats, WeightPruneConfig
 from sparsellm.methods.weights.masks import check_nm_shape
@@ -47,6 +46,7 @@ from sparsellm.models.shards import (
     mapped_tensor,
     materialize,
     release,
+    return_freed_memory,
     skeleton,
     tensor_bytes,
     write_shard,
