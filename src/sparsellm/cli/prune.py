@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -229,15 +230,27 @@ def run_streamed(
     prep = prepare_streamed(args.model, protocol)
     work = out.with_name(f"{out.name}.partial")
     print(f"streaming into {work} (rerun the same command to resume after an interruption)")
-    result = stream_prune_and_evaluate(
-        prep,
-        steps.steps[0],
-        protocol,
-        work,
-        max_memory=max_memory,
-        dense_eval=not args.no_dense_eval,
-        kind=kind,
-    )
+    try:
+        result = stream_prune_and_evaluate(
+            prep,
+            steps.steps[0],
+            protocol,
+            work,
+            max_memory=max_memory,
+            dense_eval=not args.no_dense_eval,
+            kind=kind,
+        )
+    except OSError as exc:  # a full disk, a vanished directory: the finished blocks stay
+        raise SparseLLMError(
+            f"{exc.strerror or exc} ({exc.filename or work}); the finished blocks are kept in "
+            f"{work}: fix that and rerun the same command to continue"
+        ) from None
+    except KeyboardInterrupt:
+        print(
+            f"the finished blocks are kept in {work}: rerun the same command to continue",
+            file=sys.stderr,
+        )
+        raise
     result.provenance["out"] = str(out)
     write(result, work)
     (work / "stream_state.json").unlink()

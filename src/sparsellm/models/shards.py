@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from accelerate import init_empty_weights
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -231,7 +232,16 @@ def _malloc_trim() -> Any:
 
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write `tensors` as one safetensors file, atomically (temp file + rename)."""
+    """Write `tensors` as one safetensors file, atomically (temp file + rename); a failed
+    write (a full disk) leaves no partial file and says so in one line."""
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
-    os.replace(tmp, path)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as exc:
+        tmp.unlink(missing_ok=True)
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise SparseLLMError(
+            f"could not write {path} ({reason}); the run so far is kept in {path.parent}: "
+            "free space and rerun the same command to continue"
+        ) from None

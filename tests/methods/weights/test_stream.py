@@ -205,3 +205,32 @@ def test_cli_stream_bad_input(tiny_dir, text_file, tmp_path, capsys) -> None:
     ):
         assert main([*base, *extra]) == 2
         assert msg in capsys.readouterr().err
+
+
+def test_disk_full_leaves_a_resumable_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard write that fails (ENOSPC) is a one-line error, leaves no partial file, and
+    the same call afterwards finishes with the weights of an uninterrupted run."""
+    import errno
+
+    import sparsellm.models.shards as shards
+
+    src = _save("llama", tmp_path / "src", layers=3)
+    cfg, calib, work = SparseGPTConfig(sparsity=0.5), _calib(), tmp_path / "w"
+    real = shards.save_file
+    calls = []
+
+    def full_disk(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:  # the second block's shard
+            Path(path).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(shards, "save_file", full_disk)
+    with pytest.raises(SparseLLMError, match=r"No space left on device.*rerun the same command"):
+        stream_prune(src, work, cfg, calib, batch_size=4)
+    assert not list(work.glob(".*.tmp")) and not (work / INDEX).exists()
+    assert json.loads((work / STATE).read_text())["done"] == 1
+    monkeypatch.setattr(shards, "save_file", real)
+    stream_prune(src, work, cfg, calib, batch_size=4)
+    _assert_same(_streamed(work), _in_ram(src, cfg, calib))
