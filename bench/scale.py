@@ -49,7 +49,9 @@ CGROUP_V1 = Path("/sys/fs/cgroup/memory")
 
 
 def run_child(cmd: list[str], cap: int | None = None, log: Path | None = None) -> dict[str, Any]:
-    """Run `cmd`; its wall seconds, exit code and peak RSS (and the cgroup's peak if capped)."""
+    """Run the Python script `cmd` (interpreter first) through `bench/_peak.py`; its wall
+    seconds, exit code and peak RSS (VmHWM: see `_peak.py` for why not ``ru_maxrss``), and
+    the cgroup's peak (page cache included) when capped at `cap` bytes."""
     group = None
     if cap is not None:
         group = CGROUP_V1 / f"sparsellm-scale-{os.getpid()}-{time.monotonic_ns()}"
@@ -64,22 +66,24 @@ def run_child(cmd: list[str], cap: int | None = None, log: Path | None = None) -
         if procs is not None:
             Path(procs).write_text(str(os.getpid()))
 
-    out = open(log or os.devnull, "w")  # noqa: SIM115
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=enter)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    out.close()
-    result = {
-        "rc": os.waitstatus_to_exitcode(status),
-        "seconds": seconds,
-        "peak_rss": usage.ru_maxrss * 1024,
-    }
+    with tempfile.NamedTemporaryFile(prefix="peak-", delete=False) as f:
+        peak_file = Path(f.name)
+    wrapped = [cmd[0], str(HERE / "_peak.py"), str(peak_file), *cmd[1:]]
+    with open(log or os.devnull, "w") as out:
+        start = time.perf_counter()
+        proc = subprocess.run(wrapped, stdout=out, stderr=subprocess.STDOUT, preexec_fn=enter)
+        seconds = time.perf_counter() - start
+    text = peak_file.read_text().strip()
+    peak_file.unlink()
+    result = {"rc": proc.returncode, "seconds": seconds, "peak_rss": int(text) if text else None}
     if group is not None:
         result["cgroup_peak"] = int((group / "memory.max_usage_in_bytes").read_text())
-        result["oom_kills"] = (group / "memory.failcnt").read_text().strip()
         group.rmdir()
     return result
+
+
+def mib(value: int | None) -> int | None:
+    return None if value is None else round(value / MiB)
 
 
 def last_json(log: Path) -> dict[str, Any] | None:
@@ -114,8 +118,9 @@ def baseline_rss(src: Path, n: int, seq: int, windows: int, work: Path) -> tuple
         "status = Path('/proc/self/status').read_text()\n"
         "print('rss', int(re.search(r'VmRSS:\\s+(\\d+)', status).group(1)) * 1024)\n"
     )
-    log = work / f"baseline-{src.name}.log"
-    peak = run_child([sys.executable, "-c", code], log=log)["peak_rss"]
+    log, script = work / f"baseline-{src.name}.log", work / f"baseline-{src.name}.py"
+    script.write_text(code)
+    peak = run_child([sys.executable, str(script)], log=log)["peak_rss"]
     after = int(next(ln for ln in log.read_text().splitlines() if ln.startswith("rss ")).split()[1])
     return peak, after
 
@@ -187,7 +192,8 @@ def main() -> None:
 
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.calib.split(",")]
     cap = parse_size(args.cap)
-    cli = [str(Path(sys.executable).parent / "sparsellm"), "prune", "--method", "sparsegpt"]
+    cli = [sys.executable, str(Path(sys.executable).parent / "sparsellm"), "prune"]
+    cli += ["--method", "sparsegpt"]
     rows: list[dict[str, Any]] = []
     peers: list[dict[str, Any]] = []
     work = Path(tempfile.mkdtemp(prefix="sparsellm-scale-"))
@@ -271,7 +277,7 @@ def main() -> None:
                 "mode": f"streamed, capped at {args.cap}",
                 "fp32 weights MiB": round(4 * params / MiB),
                 "seconds": round(measured["seconds"], 1),
-                "peak RSS MiB": round(measured["peak_rss"] / MiB),
+                "peak RSS MiB": mib(measured["peak_rss"]),
                 "cgroup peak MiB": round(measured["cgroup_peak"] / MiB),
                 "finished": measured["rc"] == 0,
                 "exit code": measured["rc"],
@@ -323,7 +329,7 @@ def run_llmc(name: str, src: Path, size: tuple[int, int], windows: int, work: Pa
         "model": name,
         "calib": f"{n}x{seq}",
         "seconds (process)": round(measured["seconds"], 1),
-        "peak RSS MiB": round(measured["peak_rss"] / MiB),
+        "peak RSS MiB": mib(measured["peak_rss"]),
         "exit code": measured["rc"],
         **{k: peer.get(k) for k in ("prune_seconds", "sparse_ppl", "measured_sparsity")},
     }
