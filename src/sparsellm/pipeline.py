@@ -182,8 +182,13 @@ def prune_and_evaluate(
     dense_tasks: dict[str, Any] | None = None,
     *,
     kind: str = "prune",
+    dense_checkpoint: Any = None,
 ) -> Result:
     """Sparsify `model` in place with `recipe`, evaluate it (beside `dense` when given).
+
+    `dense_checkpoint` (a safetensors directory of the model before the recipe) stands in
+    for `dense` without a second model in memory: the dense side of the comparison is
+    computed block by block from the checkpoint (`compare_to_checkpoint`).
 
     `dense_tasks` reuses dense task results across a sweep (they do not change). The
     recipe's prefill attention method runs the sparse model's evaluation; the dense
@@ -214,6 +219,8 @@ def prune_and_evaluate(
     with sparse_attention:
         if dense is not None:
             compared = compare_models(dense, model, prep.eval_ids)
+        elif dense_checkpoint is not None:
+            compared = compare_to_checkpoint(model, dense_checkpoint, prep.eval_ids)
         else:
             after_ppl = perplexity(model, prep.eval_ids, desc="sparse perplexity")["ppl"]
         if protocol.tasks:
@@ -235,6 +242,33 @@ def prune_and_evaluate(
         provenance=provenance(prep, protocol),
         details=details,
     )
+
+
+def compare_to_checkpoint(
+    model: torch.nn.Module, path: Any, windows: torch.Tensor, batch_size: int = 4
+) -> dict[str, float]:
+    """`compare_models(dense, model, windows)` with the dense model read block by block
+    from the checkpoint at `path`: only its last block outputs are held.
+
+    The dense outputs go through `model`'s own final norm and head, so this is for models
+    whose recipe changed only block linears (weight steps), which leave those untouched.
+    """
+    from sparsellm.calib.streamed import final_hidden
+    from sparsellm.eval.kl import compare_logprobs
+    from sparsellm.models.replay import last_block_output, slice_logprobs
+    from sparsellm.models.shards import Checkpoint, skeleton
+
+    dense = final_hidden(skeleton(path), Checkpoint(path), windows, batch_size)
+
+    def triples() -> Any:
+        for b, ids in enumerate(windows.split(batch_size)):
+            h_d = dense[b * batch_size : b * batch_size + len(ids)]
+            for targets, (lp_d, lp_s) in slice_logprobs(
+                model, [h_d, last_block_output(model, ids)], ids
+            ):
+                yield targets, lp_d, lp_s
+
+    return compare_logprobs(triples())
 
 
 def flat_view(result: Result) -> dict[str, Any]:

@@ -36,3 +36,21 @@ def test_streamed_comparison_equals_in_ram(tmp_path: Path, family: str) -> None:
     assert ref["kl"] > 0
     # the skeleton is back to meta: nothing stays in memory
     assert all(p.is_meta for p in sk_s.parameters())
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma3_text"])
+def test_compare_to_checkpoint_equals_compare_models(tmp_path: Path, family: str) -> None:
+    """The in-RAM prune's comparison without a dense copy: the dense side read from disk."""
+    import sparsellm as sl
+    from sparsellm.pipeline import compare_to_checkpoint
+
+    dense = tiny_model(family, seed=3)
+    dense.save_pretrained(tmp_path / "d")
+    pruned = tiny_model(family, seed=3)
+    sl.sparsify(pruned, [{"method": "magnitude", "sparsity": 0.6}])
+    ids = torch.randint(0, 256, (6, 20), generator=torch.Generator().manual_seed(4))
+    ref = compare_models(dense, pruned, ids)
+    got = compare_to_checkpoint(pruned, tmp_path / "d", ids)
+    for key in ("dense_ppl", "sparse_ppl", "kl", "top1_agreement", "tokens"):
+        assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), key
+    assert ref["kl"] > 0

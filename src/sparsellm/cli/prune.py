@@ -142,9 +142,15 @@ def run(args: argparse.Namespace, kind: str = "prune") -> Result:
     prep = prepare(args.model, protocol)
     model, tok = prep.loaded.model, prep.loaded.tokenizer
     lengths = common.speed_lengths(args, model) if args.speed else ()
-    # The dense copy lets one pass after pruning give both perplexities, KL and top-1.
-    dense = None if args.no_dense_eval else copy.deepcopy(model)
-    result = prune_and_evaluate(model, dense, prep, steps, protocol, kind=kind)
+    # The dense side of the comparison: from the checkpoint, block by block, when only the
+    # evaluation needs it (no second model in memory); else a dense copy.
+    dense_checkpoint = None
+    if not args.no_dense_eval and not args.speed and args.export == "hf":
+        dense_checkpoint = _streamable_dense(prep.loaded.info.get("path"), steps, protocol)
+    dense = None if args.no_dense_eval or dense_checkpoint else copy.deepcopy(model)
+    result = prune_and_evaluate(
+        model, dense, prep, steps, protocol, kind=kind, dense_checkpoint=dense_checkpoint
+    )
     result.provenance["out"] = str(out)
     if args.speed:
         result.details["speed"] = compare_speed(dense, model, lengths)
@@ -168,6 +174,20 @@ def run(args: argparse.Namespace, kind: str = "prune") -> Result:
         print(deployed_table(result.details["export"]))
     print(f"saved sparse model and report to {out}")
     return result
+
+
+def _streamable_dense(path: str | None, steps: Any, protocol: Any) -> Path | None:
+    """The source checkpoint, if the comparison can read the dense model from it: a local
+    safetensors directory, a recipe of weight steps only (final norm and head untouched),
+    no prefill attention method and no tasks (those run the dense model whole)."""
+    from sparsellm.models.shards import INDEX, SINGLE
+
+    if path is None or protocol.tasks or steps.attention.prefill is not None:
+        return None
+    if any(s.family != "weights" for s in steps.steps):
+        return None
+    where = Path(path)
+    return where if (where / SINGLE).is_file() or (where / INDEX).is_file() else None
 
 
 def parse_size(text: str) -> int:

@@ -234,3 +234,17 @@ def test_disk_full_leaves_a_resumable_run(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(shards, "save_file", real)
     stream_prune(src, work, cfg, calib, batch_size=4)
     _assert_same(_streamed(work), _in_ram(src, cfg, calib))
+
+
+def test_cli_streams_by_itself_when_the_model_does_not_fit(
+    tiny_dir, text_file, tmp_path, capsys, monkeypatch
+) -> None:
+    import sparsellm.eval.memory as memory
+    from sparsellm.cli import main
+    from tests.cli import cli_args
+
+    monkeypatch.setattr(memory, "available_bytes", lambda: 1000)
+    out = tmp_path / "o"
+    assert main(cli_args("prune", tiny_dir, text_file, "--method", "wanda", out=out)) == 0
+    assert "pruning streamed (--stream)" in capsys.readouterr().out
+    assert (out / "model.safetensors.index.json").is_file()
