@@ -239,6 +239,7 @@ def main() -> None:
                     "mode": "in RAM" if mode == "ram" else "streamed",
                     "fp32 weights MiB": round(4 * params / MiB),
                     "seconds": round(measured["seconds"], 1),
+                    "sparsify s": round(result["timings"]["sparsify_s"], 1),
                     "peak RSS MiB": round(measured["peak_rss"] / MiB),
                     "formula MiB": round(est["bytes"] / MiB),
                     "formula phase": est["phase"],
