@@ -110,7 +110,8 @@ def baseline_rss(src: Path, n: int, seq: int, windows: int, work: Path) -> tuple
     code = (
         "import re, sparsellm.cli, sparsellm.methods.weights.stream\n"
         "from pathlib import Path\n"
-        "from sparsellm.pipeline import Protocol, prepare_streamed\n"
+        "from sparsellm.pipeline import Protocol\n"
+        "from sparsellm.streaming import prepare_streamed\n"
         "from sparsellm.models.shards import skeleton\n"
         f"p = Protocol(nsamples={n}, seqlen={seq}, eval_windows={windows})\n"
         f"prep = prepare_streamed({str(src)!r}, p)\n"

@@ -235,8 +235,8 @@ def run_streamed(
 ) -> Result:
     """`prune --stream`: one weight step, block by block, resumable; saved as hf."""
     from sparsellm.export.hf import promote_dir
-    from sparsellm.pipeline import prepare_streamed, stream_prune_and_evaluate
     from sparsellm.report.markdown import quality_table
+    from sparsellm.streaming import prepare_streamed, stream_prune_and_evaluate
 
     if len(steps.steps) != 1 or steps.steps[0].family != "weights" or steps.attention.prefill:
         raise SparseLLMError("--stream prunes with one weight method (no multi-step recipe)")

@@ -1,5 +1,9 @@
 """An OpenAI-compatible HTTP server over the CPU decode runtime (`sparsellm serve`).
 
+Long module: the request schemas, the batching scheduler and the routes share one app's
+state and error shapes; read top to bottom they are one piece (split along those three
+lines if it grows further).
+
 Endpoints: ``/v1/completions``, ``/v1/chat/completions`` (both with ``stream: true`` as
 server-sent events in OpenAI's chunk shapes, ending with ``data: [DONE]``),
 ``/v1/models``, ``/health`` and Prometheus ``/metrics``.
