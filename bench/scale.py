@@ -16,8 +16,8 @@ read from the kernel (``wait4``'s ``ru_maxrss``):
 The formula (`estimate`) counts what each path holds at its peak, from the model's config:
 the interpreter with torch, transformers and the tokenizer (measured once per model: a
 child that imports sparsellm, tokenizes the protocol's windows and builds the skeleton),
-the weights (in RAM: the model and the dense copy kept for the comparison; streamed: one
-block, or the embeddings while capturing, or the head while evaluating), the calibration
+the weights (in RAM: the model, and one dense block at a time for the comparison; streamed:
+one block, or the embeddings while capturing, or the head while evaluating), the calibration
 activations, the statistics (fp64 XᵀX of each distinct block input) and SparseGPT's
 factorisation of the widest one (four n² fp32 buffers), the evaluation's slices. It is a
 model, not a fit: the table shows how far each run is from it.
@@ -159,8 +159,10 @@ def estimate(
         }
     else:
         phases = {
-            "calibrate": 2 * 4 * params + acts + max(stats + forward, stats - 8 * f * f + solve),
-            "evaluate": 2 * 4 * params + batch * seq * d * 4 * 2 + slices,
+            # one model: the dense side of the comparison is read block by block from the
+            # source checkpoint (`sparsellm.pipeline.compare_to_checkpoint`), not copied
+            "calibrate": 4 * params + acts + max(stats + forward, stats - 8 * f * f + solve),
+            "evaluate": 4 * params + 4 * block + evaluation + batch * seq * d * 4,
         }
     totals = {"prepare": base[0], **{k: base[1] + v for k, v in phases.items()}}
     phase = max(totals, key=totals.get)
