@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from sparsellm.calib.sequential import BlockCall, run_block
 from sparsellm.calib.streamed import capture
 from sparsellm.errors import SparseLLMError
+from sparsellm.export.hf import write_json_atomic
 from sparsellm.methods.weights.apply import block_stats, prune_layer, select_targets
 from sparsellm.methods.weights.base import Hessian, LayerContext, Stats, WeightPruneConfig
 from sparsellm.methods.weights.masks import check_nm_shape
@@ -56,18 +57,12 @@ from sparsellm.registry import handler
 STATE = "stream_state.json"
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-
-
 def fingerprint(
-    src: Path, cfg: WeightPruneConfig, calib: torch.Tensor | None, **extra: Any
+    ckpt: Checkpoint, cfg: WeightPruneConfig, calib: torch.Tensor | None, **extra: Any
 ) -> dict:
     """What decides a streamed run's weights: the source shards (names and sizes), the
     step, the calibration tokens and the batching; a resume must match it exactly."""
-    ckpt = Checkpoint(src)
+    src = ckpt.path
     shards = {s: (src / s).stat().st_size for s in sorted(set(ckpt.weight_map.values()))}
     tokens = None
     if calib is not None:
@@ -105,7 +100,7 @@ def _resume_state(work: Path, fp: dict) -> dict:
             raise SparseLLMError(f"{work} exists and is not a streamed run's directory")
         work.mkdir(parents=True, exist_ok=True)
         state = {"fingerprint": fp, "done": 0, "layers": {}, "hidden": None, "complete": False}
-        _write_json(state_file, state)
+        write_json_atomic(state_file, state)
         return state
     state = json.loads(state_file.read_text())
     old = state.get("fingerprint", {})
@@ -210,7 +205,7 @@ def _finish(ckpt: Checkpoint, work: Path, prefix: str, n: int) -> None:
             weight_map[key] = shard
             total += nbytes
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    _write_json(work / INDEX, index)
+    write_json_atomic(work / INDEX, index)
 
 
 def stream_prune(
@@ -249,7 +244,7 @@ def stream_prune(
         for fqn, module in chosen.items():
             check_nm_shape(cfg.parsed_pattern, weight_matrix(module).shape[1], fqn)
     dtype = calib_dtype or torch.float32
-    fp = fingerprint(src, cfg, calib, batch_size=batch_size, calib_dtype=str(dtype))
+    fp = fingerprint(ckpt, cfg, calib, batch_size=batch_size, calib_dtype=str(dtype))
     state = _resume_state(work, fp)
     if state["complete"]:
         return state["layers"]
@@ -298,11 +293,11 @@ def stream_prune(
             acts.advance()
             state["hidden"] = acts.files[0].name
         state["done"] = i + 1
-        _write_json(work / STATE, state)
+        write_json_atomic(work / STATE, state)
     _finish(ckpt, work, prefix, n)
     for name in ("hidden-a.bin", "hidden-b.bin"):
         with suppress(FileNotFoundError):
             (work / name).unlink()
     state["complete"] = True
-    _write_json(work / STATE, state)
+    write_json_atomic(work / STATE, state)
     return state["layers"]
