@@ -2,14 +2,14 @@
 
 What it measures, one run with nothing else on the machine; every run is a fresh child
 process (`sparsellm prune`, SparseGPT 50%, the pinned protocol's data), whose peak RSS is
-read from the kernel (``wait4``'s ``ru_maxrss``):
+its own VmHWM (`bench/_peak.py`):
 
 1. per model and calibration size: the in-RAM run and the ``--stream`` run, alternated:
    wall seconds, peak RSS, the formula's estimate of each (below) and measured/formula,
    perplexity (dense, sparse) and whether the two outputs are **bit-identical**;
 2. the ``--cap-model`` streamed under a memory cgroup limit of ``--cap`` bytes (smaller
-   than its fp32 weights): whether it finished, its peak, and whether its weights equal
-   the in-RAM run's of the same calibration;
+   than its fp32 weights), with the streamed run's flags: whether it finished, its peak,
+   and whether its weights equal the in-RAM run's of the same calibration;
 3. with ``--peer-model``: llm-compressor's SparseGPT (``bench/_llmc_worker.py``, its own venv)
    on the same model and calibration windows: seconds, peak RSS, perplexity.
 
@@ -19,7 +19,7 @@ child that imports sparsellm, tokenizes the protocol's windows and builds the sk
 the weights (in RAM: the model, and one dense block at a time for the comparison; streamed:
 one block, or the embeddings while capturing, or the head while evaluating), the calibration
 activations, the statistics (fp64 XᵀX of each distinct block input) and SparseGPT's
-factorisation of the widest one (four n² fp32 buffers), the evaluation's slices. It is a
+factorisation of the widest one (its fp32 H and one n² buffer), the evaluation's slices. It is a
 model, not a fit: the table shows how far each run is from it.
 
     .venv/bin/python bench/scale.py --models default,qwen0.5b,qwen1.5b --cap-model qwen1.5b \\
@@ -147,7 +147,7 @@ def estimate(
     acts = n * seq * d * 4
     ins = [d, heads * hd, d, f]  # q/k/v, o, gate/up, down
     stats = 8 * sum(i * i for i in ins)  # fp64 XᵀX, all four while the block is observed
-    solve = 4 * 4 * f * f  # value, damped / chol, identity, inverse of the widest
+    solve = 2 * 4 * f * f  # the widest fp32 H and the buffer `inverse_hessian_factor` uses
     forward = batch * seq * (3 * f + 4 * d) * 4 + batch * heads * seq * seq * 4
     slices = 5 * (1 << 24) * 4  # both models' log-probabilities, logits, two KL temporaries
     evaluation = 2 * windows * seq * d * 4 + slices
@@ -274,7 +274,7 @@ def main() -> None:
                 "--json",
                 "--stream",
                 "--max-memory",
-                "64M",
+                "1G",
             ]
             measured = run_child([*cli, *common, "--out", str(out)], cap=cap, log=log)
             result = last_json(log) if measured["rc"] == 0 else None

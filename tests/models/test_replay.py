@@ -11,14 +11,14 @@ from sparsellm.models.tiny import FAMILIES, tiny_model
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_slices_equal_full_forward(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(replay, "SLICE_ELEMENTS", 2000)  # several slices of a 256 vocab
+def test_slices_equal_full_forward(family: str) -> None:
     model = tiny_model(family)
     ids = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(0))
     full = F.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)
     blocks = list(replay.get_blocks(model))
     hidden = replay.last_block_output(model, ids)
-    slices = list(replay.slice_logprobs(model, [hidden, hidden], ids))
+    # several slices of a 256 vocab
+    slices = list(replay.slice_logprobs(model, [hidden, hidden], ids, elements=2000))
     assert len(slices) > 2
     got = torch.cat([lp[0].view(3, -1, 256) for _, lp in slices], 1)
     targets = torch.cat([t.view(3, -1) for t, _ in slices], 1)

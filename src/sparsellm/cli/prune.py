@@ -90,9 +90,9 @@ def add_flags(
         "--max-memory",
         default=None,
         metavar="SIZE",
-        help="with --stream: calibration activations above SIZE (e.g. 2G, 512M), and "
-        "Hessians above SIZE/8, are kept in memory-mapped files the OS can page out, "
-        "instead of RAM (default: all in RAM)",
+        help="with --stream: calibration activations above SIZE (e.g. 2G, 512M), and a "
+        "Hessian whose fp64 sum is above SIZE, are kept in memory-mapped files the OS can "
+        "page out, instead of RAM (default: all in RAM)",
     )
 
 

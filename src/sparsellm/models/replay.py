@@ -92,18 +92,22 @@ def last_block_output(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def slice_logprobs(
-    model: nn.Module, hidden: list[torch.Tensor], ids: torch.Tensor
+    model: nn.Module,
+    hidden: list[torch.Tensor],
+    ids: torch.Tensor,
+    elements: int = SLICE_ELEMENTS,
 ) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
     """(targets, [log-probabilities per entry of `hidden`]) per slice of positions.
 
     `hidden` holds last block outputs (batch, seq, d) for the windows `ids` — one per
     model sharing this model's final norm and head (a pruned model and its dense parent).
     Each log-probability tensor is (batch · slice, vocab) fp32, rows ordered like the
-    flattened `targets` (the next token of each position).
+    flattened `targets` (the next token of each position). A slice holds about
+    `elements` logits.
     """
     batch, seq = ids.shape
     vocab = model.get_output_embeddings().weight.shape[0]
-    step = max(1, SLICE_ELEMENTS // (batch * vocab))
+    step = max(1, elements // (batch * vocab))
     output: list[torch.Tensor | None] = [None]
     zeros = torch.zeros_like(hidden[0])  # the embeddings are never read: blocks replay
     with replaying(model, output):

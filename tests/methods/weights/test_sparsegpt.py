@@ -4,7 +4,12 @@ import torch
 from sparsellm.errors import SparseLLMError
 from sparsellm.methods.weights.base import Hessian
 from sparsellm.methods.weights.masks import nm_mask, unstructured_mask
-from sparsellm.methods.weights.sparsegpt import SparseGPT, SparseGPTConfig, sparsegpt_prune
+from sparsellm.methods.weights.sparsegpt import (
+    SparseGPT,
+    SparseGPTConfig,
+    inverse_hessian_factor,
+    sparsegpt_prune,
+)
 
 
 def _recon_error(w, w_hat, x):
@@ -107,3 +112,31 @@ def test_sparsegpt_same_masks_for_any_calibration_batch(calib_ids):
         sl.sparsify(model, ["sparsegpt:sparsity=0.5"], calib_ids, batch_size=batch)
         masks.append([p == 0 for n, p in model.named_parameters() if "layers" in n])
     assert all(torch.equal(a, b) for a, b in zip(*masks, strict=True))
+
+
+def test_inverse_hessian_factor_is_the_cholesky_factor_of_the_damped_inverse() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(40, 13, dtype=torch.float64)
+    h = (x.t() @ x / 40).float()
+    h0 = h.clone()
+    u = inverse_hessian_factor(h, 0.1)
+    assert torch.equal(h, h0), "the caller's H is not modified"
+    a = h.double() + 0.1 * h.double().diagonal().mean() * torch.eye(13, dtype=torch.float64)
+    assert torch.equal(u, u.triu()) and (u.diagonal() > 0).all()
+    torch.testing.assert_close(
+        (u.double().t() @ u.double()) @ a, torch.eye(13, dtype=torch.float64), atol=1e-5, rtol=0
+    )
+    # the reference route of the paper's code gives the same factor
+    ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(a)), upper=True)
+    torch.testing.assert_close(u.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_inverse_hessian_factor_raises_dampening_until_positive_definite() -> None:
+    h = torch.diag(torch.tensor([1.0, 1.0, -1.5]))  # mean diag 1/6: λ = 0.01/6 fails
+    u = inverse_hessian_factor(h, 0.01, retries=3)  # λ = 10/6 > 1.5 works
+    lam = 10 / 6
+    torch.testing.assert_close(
+        u.diagonal(), torch.tensor([1 / (1 + lam), 1 / (1 + lam), 1 / (lam - 1.5)]).sqrt()
+    )
+    with pytest.raises(SparseLLMError, match="not positive definite"):
+        inverse_hessian_factor(h, 0.01, retries=2)

@@ -44,6 +44,7 @@ from sparsellm.models.adapters import blocks_prefix, get_blocks, weight_matrix
 from sparsellm.models.shards import (
     INDEX,
     Checkpoint,
+    copy_shard,
     mapped_tensor,
     materialize,
     release,
@@ -173,8 +174,12 @@ def _cast_calls(calls: list[list[BlockCall]], dtype: torch.dtype | None) -> list
 
 
 def _new_stats(cls: type[Stats], work: Path, max_memory: int | None, d: int) -> Stats:
-    """`cls(d)`; a Hessian over an eighth of `max_memory` lives in a file in `work`."""
-    if issubclass(cls, Hessian) and max_memory is not None and 8 * d * d > max_memory // 8:
+    """`cls(d)`; a Hessian whose fp64 sum alone exceeds `max_memory` lives in a file in
+    `work`. Only then: a spilled sum is rewritten by every calibration window, and under
+    a cgroup v1 memory limit its dirty pages are not written back in time to be
+    reclaimed (a 2 GiB-capped 1.5B run was killed holding 666 MB of them), so a file
+    buys nothing that anonymous memory would not, unless the budget truly forbids it."""
+    if issubclass(cls, Hessian) and max_memory is not None and 8 * d * d > max_memory:
         return cls(d, spill=work)
     return cls(d)
 
@@ -196,7 +201,7 @@ def _block_tensors(block: nn.Module, ckpt: Checkpoint, prefix: str) -> dict[str,
 def _finish(ckpt: Checkpoint, work: Path, prefix: str, n: int) -> None:
     """The tensors outside the blocks, copied as the last shard, and the index."""
     rest = sorted(k for k in ckpt.weight_map if not k.startswith(f"{prefix}."))
-    write_shard(work / shard_name(n, n + 1), ckpt.read(rest))
+    copy_shard(ckpt, rest, work / shard_name(n, n + 1))
     weight_map: dict[str, str] = {}
     total = 0
     for i in range(n + 1):
