@@ -10,7 +10,9 @@ its own VmHWM (`bench/_peak.py`):
 2. the ``--cap-model`` streamed under a memory cgroup limit of ``--cap`` bytes (smaller
    than its fp32 weights), with the streamed run's flags: whether it finished, its peak,
    and whether its weights equal the in-RAM run's of the same calibration;
-3. with ``--peer-model``: llm-compressor's SparseGPT (``bench/_llmc_worker.py``, its own venv)
+3. when the ``--cap-model`` comes from a GGUF: its conversion to fp32 safetensors under
+   the same cap (seconds, peak);
+4. with ``--peer-model``: llm-compressor's SparseGPT (``bench/_llmc_worker.py``, its own venv)
    on the same model and calibration windows: seconds, peak RSS, perplexity.
 
 The formula (`estimate`) counts what each path holds at its peak, from the model's config:
@@ -48,7 +50,9 @@ MiB = 1 << 20
 CGROUP_V1 = Path("/sys/fs/cgroup/memory")
 
 
-def run_child(cmd: list[str], cap: int | None = None, log: Path | None = None) -> dict[str, Any]:
+def run_child(
+    cmd: list[str], cap: int | None = None, log: Path | None = None, env: dict | None = None
+) -> dict[str, Any]:
     """Run the Python script `cmd` (interpreter first) through `bench/_peak.py`; its wall
     seconds, exit code and peak RSS (VmHWM: see `_peak.py` for why not ``ru_maxrss``), and
     the cgroup's peak (page cache included) when capped at `cap` bytes."""
@@ -71,7 +75,13 @@ def run_child(cmd: list[str], cap: int | None = None, log: Path | None = None) -
     wrapped = [cmd[0], str(HERE / "_peak.py"), str(peak_file), *cmd[1:]]
     with open(log or os.devnull, "w") as out:
         start = time.perf_counter()
-        proc = subprocess.run(wrapped, stdout=out, stderr=subprocess.STDOUT, preexec_fn=enter)
+        proc = subprocess.run(
+            wrapped,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=enter,
+            env=None if env is None else {**os.environ, **env},
+        )
         seconds = time.perf_counter() - start
     text = peak_file.read_text().strip()
     peak_file.unlink()
@@ -261,6 +271,9 @@ def main() -> None:
                     row["time vs in RAM"] = round(measured["seconds"] / ram_row["seconds"], 2)
                 rows.append(row)
                 print(json.dumps(row))
+        if name == args.cap_model and kind == "gguf":
+            rows.append(convert_capped(name, Path(where), cap, args.cap, work))
+            print(json.dumps(rows[-1]))
         if name == args.cap_model:
             n, seq = sizes[0]
             out = work / f"{name}-capped"
@@ -310,6 +323,36 @@ def main() -> None:
     name = args.out.name if args.out else "scale"
     path = write_result(name, payload, out_dir=args.out.parent if args.out else None)
     print(f"wrote {path}")
+
+
+def convert_capped(name: str, gguf: Path, cap: int, cap_text: str, work: Path) -> dict:
+    """The GGUF → fp32 safetensors conversion (`convert_gguf`, tensor by tensor) into a
+    fresh cache under the memory cap (its equality with transformers' whole-model load is
+    a unit test: tests/models/test_gguf_stream.py)."""
+    script = work / "convert.py"
+    script.write_text(
+        "import sys\nfrom pathlib import Path\nfrom sparsellm.models.load import convert_gguf\n"
+        "print('converted', convert_gguf(Path(sys.argv[1])))\n"
+    )
+    cache = work / "gguf-cache"
+    log = work / f"{name}-convert.log"
+    measured = run_child(
+        [sys.executable, str(script), str(gguf)],
+        cap=cap,
+        log=log,
+        env={"SPARSELLM_CACHE": str(cache)},
+    )
+    if measured["rc"] != 0:
+        print(log.read_text()[-3000:], file=sys.stderr)
+    return {
+        "model": name,
+        "mode": f"GGUF to fp32 safetensors, capped at {cap_text}",
+        "seconds": round(measured["seconds"], 1),
+        "peak RSS MiB": mib(measured["peak_rss"]),
+        "cgroup peak MiB": round(measured["cgroup_peak"] / MiB),
+        "finished": measured["rc"] == 0,
+        "exit code": measured["rc"],
+    }
 
 
 def run_llmc(name: str, src: Path, size: tuple[int, int], windows: int, work: Path) -> dict:

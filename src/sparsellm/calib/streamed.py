@@ -102,9 +102,6 @@ def logprobs(
     try:
         for b, ids in enumerate(windows.split(batch_size)):
             h = [x[b * batch_size : b * batch_size + len(ids)] for x in hidden]
-            # quarter-size slices: the head is in memory beside them, and a slice's
-            # log-probabilities, logits and KL temporaries are five such buffers (a 1.5B
-            # model under a 2 GiB cap had 80 MB to spare at the default size)
-            yield from slice_logprobs(model, h, ids, elements=1 << 22)
+            yield from slice_logprobs(model, h, ids)
     finally:
         release(model, names)

@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from sparsellm.errors import SparseLLMError
 from sparsellm.models.adapters import get_adapter
 from sparsellm.models.compressed import compressed_format, load_compressed
+from sparsellm.models.gguf_stream import write_dequantized
 from sparsellm.models.gguf_tokenizer import gguf_spm_tokenizer, needs_spm_rebuild
 
 log = logging.getLogger(__name__)
@@ -186,27 +187,28 @@ def convert_gguf(path: Path) -> Path:
     try:
         tok = gguf_spm_tokenizer(path) if spm else None
         tok = tok or AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        quantized = AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype=torch.float32
-        )
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as exc:  # transformers raises many types for a bad file
         raise SparseLLMError(f"{path} is not a loadable GGUF model: {_first_line(exc)}") from None
-    config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(quantized.state_dict(), strict=True)
+    config.dtype = torch.float32
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
+        # tensor by tensor: the largest tensor and one shard in memory, not the model
+        config.architectures = [write_dequantized(path, tmp, config)]
+        config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "source.txt").write_text(f"{path}\nsha256 {digest}\n")
         os.replace(tmp, target)
-    except OSError:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").is_file():  # a concurrent writer may have won
+        if (target / "config.json").is_file():  # a concurrent writer won
+            return target
+        if isinstance(exc, (OSError, SparseLLMError)) or not isinstance(exc, Exception):
             raise
+        raise SparseLLMError(f"{path} is not a loadable GGUF model: {_first_line(exc)}") from None
     return target
 
 

@@ -23,8 +23,11 @@ from torch import nn
 from sparsellm.errors import SparseLLMError
 from sparsellm.models.adapters import get_blocks
 
-# elements of one slice's logits (64 MiB in fp32)
-SLICE_ELEMENTS = 1 << 24
+# elements of one slice's logits (16 MiB in fp32): a comparison holds about five such
+# buffers (both models' log-probabilities, the logits, KL temporaries), which at 64 MiB
+# were a quarter of the default model's in-RAM peak and at 2 GiB left a streamed 1.5B
+# model 80 MB to spare; smaller slices only mean more (cheap) replayed forwards
+SLICE_ELEMENTS = 1 << 22
 
 
 class _Replay(nn.Module):
