@@ -26,6 +26,8 @@ model, not a fit: the table shows how far each run is from it.
 
     .venv/bin/python bench/scale.py --models default,qwen0.5b,qwen1.5b --cap-model qwen1.5b \\
         --cap 2G --peer-model qwen1.5b
+    .venv/bin/python bench/scale.py --models qwen1.5b --only-convert --cap 2G \\
+        --out results/scale-convert
     .venv/bin/python bench/scale.py --models default --calib 4x128 --eval-windows 2 \\
         --out /tmp/scale-smoke                     # a smoke run, not a result
 """
@@ -196,6 +198,11 @@ def main() -> None:
     ap.add_argument(
         "--peer-model", default=None, help="also run llm-compressor's SparseGPT on this model"
     )
+    ap.add_argument(
+        "--only-convert",
+        action="store_true",
+        help="only convert each GGUF model to fp32 safetensors under --cap (no pruning)",
+    )
     ap.add_argument("--out", type=Path, default=None, help="result path (default results/)")
     args = ap.parse_args()
 
@@ -215,6 +222,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="sparsellm-scale-"))
     for name in args.models.split(","):
         kind, where = resolve_source(name)
+        if args.only_convert:
+            if kind == "gguf":
+                rows.append(convert_capped(name, Path(where), cap, args.cap, work))
+                print(json.dumps(rows[-1]))
+            continue
         src = convert_gguf(where) if kind == "gguf" else Path(where)
         config = AutoConfig.from_pretrained(src)
         ckpt = Checkpoint(src)

@@ -16,8 +16,9 @@ round to the same pattern run once.
 Executors: ``local`` runs points one after another in this process (the model is
 loaded once and restored from a dense copy before each point); ``ray`` submits one
 task per point to a Ray cluster (``ray.init(address)``; without an address a local
-cluster is started), each worker loading the model itself and returning its result to
-the driver, which writes it — so workers need the model source but not the sweep dir.
+cluster is started), run by workers (Ray actors, as many as the cluster has room for)
+that each load the model once and return each point's result to the driver, which
+writes it — so workers need the model source but not the sweep dir.
 With ``save_models`` a worker saves its model to a local temporary directory and
 returns the files' bytes, which the driver writes into the point: the sweep directory
 need not be on a filesystem every node shares, and the driver stays the only writer,
@@ -190,27 +191,49 @@ def run_local(
         _write_point(out, point, result, model if save_models else None)
 
 
-def _ray_point(
-    source: str, protocol: dict[str, Any], point: Point, save_model: bool
-) -> tuple[Result, dict[str, bytes] | None]:
-    """One point in a Ray worker: its Result and, if `save_model`, the model's files.
+class _RayWorker:
+    """A Ray actor that loads the model once and runs points as `run_local` does (the
+    dense weights restored before each), so a node pays for one load, not one per point.
 
-    The model is saved on the worker's own disk and sent back as bytes (see the module
-    docstring for why the driver, not the worker, writes into the sweep directory).
+    A point's model is saved on the worker's own disk and sent back as bytes (see the
+    module docstring for why the driver, not the worker, writes into the sweep directory).
     """
-    proto = Protocol.from_dict(protocol)
-    prep = prepare(source, proto)
-    model = prep.loaded.model
-    dense = copy.deepcopy(model)
-    result = prune_and_evaluate(model, dense, prep, point.recipe(), proto, kind="sweep-point")
-    result.details["sweep_point"] = point.name
-    if not save_model:
-        return result, None
-    with tempfile.TemporaryDirectory(prefix="sparsellm-point-") as tmp:
-        model.save_pretrained(tmp)
-        root = Path(tmp)
-        files = {str(f.relative_to(root)): f.read_bytes() for f in root.rglob("*") if f.is_file()}
-    return result, files
+
+    def __init__(self, source: str, protocol: dict[str, Any]) -> None:
+        self.protocol = Protocol.from_dict(protocol)
+        self.prep = prepare(source, self.protocol)
+        self.dense = copy.deepcopy(self.prep.loaded.model)
+        self.dense_tasks = (
+            run_tasks(self.dense, self.prep.loaded.tokenizer, self.protocol)
+            if self.protocol.tasks
+            else None
+        )
+
+    def run(self, point: Point, save_model: bool) -> tuple[Point, Result, dict[str, bytes] | None]:
+        model = self.prep.loaded.model
+        model.load_state_dict(self.dense.state_dict())
+        try:
+            result = prune_and_evaluate(
+                model,
+                self.dense,
+                self.prep,
+                point.recipe(),
+                self.protocol,
+                self.dense_tasks,
+                kind="sweep-point",
+            )
+        except Exception as exc:  # the driver reports it under the point's name
+            raise SparseLLMError(f"sweep point {point.name} failed: {exc}") from exc
+        result.details["sweep_point"] = point.name
+        if not save_model:
+            return point, result, None
+        with tempfile.TemporaryDirectory(prefix="sparsellm-point-") as tmp:
+            model.save_pretrained(tmp)
+            root = Path(tmp)
+            files = {
+                str(f.relative_to(root)): f.read_bytes() for f in root.rglob("*") if f.is_file()
+            }
+        return point, result, files
 
 
 def default_cpus_per_point(nodes: list[dict[str, Any]]) -> float:
@@ -241,6 +264,7 @@ def run_ray(
         return
     try:
         import ray
+        from ray.util import ActorPool
     except ImportError:
         raise SparseLLMError("--executor ray needs Ray: pip install 'ray==2.60.0'") from None
     started = not ray.is_initialized()
@@ -248,17 +272,22 @@ def run_ray(
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     try:
         cpus = cpus_per_point or default_cpus_per_point(ray.nodes())
-        task = ray.remote(num_cpus=cpus)(_ray_point)
-        pending = {task.remote(source, protocol.to_dict(), p, save_models): p for p in todo}
-        with tqdm(total=len(pending), desc="sweep (ray)", unit="point") as bar:
-            while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
-                point = pending.pop(done[0])
+        slots = int(sum(n.get("Resources", {}).get("CPU", 0) // cpus for n in ray.nodes()
+                        if n.get("Alive")))  # fmt: skip
+        worker = ray.remote(num_cpus=cpus)(_RayWorker)
+        workers = [
+            worker.remote(source, protocol.to_dict()) for _ in range(min(len(todo), max(slots, 1)))
+        ]
+        pool = ActorPool(workers)
+        for point in todo:
+            pool.submit(lambda w, p: w.run.remote(p, save_models), point)
+        with tqdm(total=len(todo), desc="sweep (ray)", unit="point") as bar:
+            while pool.has_next():
                 try:
-                    result, files = ray.get(done[0])
-                except ray.exceptions.RayTaskError as exc:
-                    cause = exc.cause if hasattr(exc, "cause") else exc
-                    raise SparseLLMError(f"sweep point {point.name} failed: {cause}") from None
+                    point, result, files = pool.get_next_unordered()
+                except ray.exceptions.RayError as exc:
+                    cause = getattr(exc, "cause", None) or exc
+                    raise SparseLLMError(str(cause).splitlines()[0]) from None
                 _write_point(out, point, result, files=files)
                 bar.update()
     finally:

@@ -19,8 +19,9 @@ arithmetic, embedding_bag), and at ~4 us of dispatch each the overhead ate most 
 saving on the default model. `native_kernel()` therefore compiles a small C++ extension
 (`csrc/runtime.cpp`: threshold, select and row-skipping GEMV over any packed weight
 format in one call) the first time it is needed, with the machine's compiler, into the
-sparsellm cache. It is compiled for plain x86-64 and picks its AVX2+FMA kernels at run
-time when the CPU has them; `SPARSELLM_ISA=portable` forces the scalar kernels. Without a
+sparsellm cache. It is compiled for plain x86-64 and picks its AVX2+FMA kernels (and
+AVX-512 for dense weights) at run time when the CPU has them; `SPARSELLM_ISA=avx2` or
+`portable` forces the narrower kernels. Without a
 compiler it warns once and the pure-torch path is used; `SPARSELLM_NATIVE=0` forces that
 path.
 """
@@ -156,7 +157,7 @@ def _build_tag() -> str:
 def native_kernel() -> Any | None:
     """The compiled runtime extension, or None (one warning) when it cannot build.
 
-    Its kernels follow `SPARSELLM_ISA` (auto, avx2, portable; default auto)."""
+    Its kernels follow `SPARSELLM_ISA` (auto, avx512, avx2, portable; default auto)."""
     if os.environ.get("SPARSELLM_NATIVE", "1") == "0":
         return None
     from sparsellm.models.load import cache_root

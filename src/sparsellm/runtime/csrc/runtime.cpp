@@ -6,10 +6,11 @@
 // W^T (in, out) is stored in one of the formats of sparsellm/formats.py (fp32,
 // bf16, int8 per output channel, int4 group-wise, or a bitmask per W^T row with packed
 // bf16 / int8 / int4 values). A skipped input channel is one row never read; a pruned
-// weight is a zero bit never expanded into a multiply. Kernels exist twice: an AVX2+FMA
-// path chosen at run time when the CPU has it, and a portable scalar path (forced with
-// set_isa("portable"); the tests compare both against the dense reference). The file is
-// compiled without -march so one build runs on any x86-64 CPU.
+// weight is a zero bit never expanded into a multiply. Kernels exist as an AVX2+FMA path
+// (with AVX-512 versions of the dense kinds, bit-identical to it), chosen at run time
+// from what the CPU has, and a portable scalar path (forced with set_isa("portable");
+// the tests compare every path against the dense reference). The file is compiled
+// without -march so one build runs on any x86-64 CPU.
 // Work is split over output columns when they are wide, else over the kept rows.
 // `Decoder` runs a whole decode step through every block in one call (see there).
 
@@ -39,13 +40,24 @@ constexpr int64_t kChunk = 2048;
 // Output slices narrower than this per thread are split over kept rows instead.
 constexpr int64_t kOutSplit = 2048;
 
-bool g_avx2 = false;  // set by set_isa (auto-detected at import)
+bool g_avx2 = false;    // set by set_isa (auto-detected at import)
+bool g_avx512 = false;  // dense kinds 16 outputs per vector (implies g_avx2)
 
 bool cpu_has_avx2() {
 #if SPARSELLM_X86
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
          __builtin_cpu_supports("popcnt");
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx512() {
+#if SPARSELLM_X86
+  __builtin_cpu_init();
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
+         __builtin_cpu_supports("avx512bw");
 #else
   return false;
 #endif
@@ -377,9 +389,120 @@ void rows_avx2(const Weight& w, float* acc, const int64_t* ip, const float* vp, 
 #pragma GCC pop_options
 #endif  // SPARSELLM_X86
 
+#if SPARSELLM_X86
+// ---------------------------------------------------------------- AVX-512 dense kernels
+// dense_rows_avx2's loops with 16 outputs per vector. Every output lane gets the same
+// operations in the same order as in the AVX2 kernel (a = acc + v0 w0 + v2 w2 as FMAs,
+// b = v1 w1 + v3 w3, acc = a + b), so the two ISAs give bit-identical results and a
+// call may mix them (a slice's last 8 outputs go to AVX2). Why: a verification pass
+// or a batch is bound by instructions per weight and row once the weights are in L1
+// (measured on a Xeon with AVX-512: each extra row of a fp32 step cost a fifth of the
+// memory-bound first row); 16 lanes halve them.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx2,fma,popcnt")
+
+inline __m512 load16_f32(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16_bf16(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16_i8(const int8_t* p) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+}
+
+// Outputs [o0, o16) of dense_rows_avx2 (o16: o0 plus the largest multiple of 16 that
+// fits); returns o16.
+template <class T, class Load>
+int64_t dense_rows_avx512(const T* values, int64_t out, float* acc, const int64_t* ip,
+                          const float* vp, int64_t j0, int64_t j1, int64_t o0, int64_t o1,
+                          Load load, int64_t nb, int64_t vstride, int64_t astride) {
+  const int64_t o16 = o0 + (o1 - o0) / 16 * 16;
+  const bool row_outer = nb == 1 || std::is_same_v<T, float>;
+  auto group_row = [&](const T* r0, const T* r1, const T* r2, const T* r3, const float* v,
+                       float* ar) {
+    const __m512 v0 = _mm512_set1_ps(v[0]), v1 = _mm512_set1_ps(v[1]);
+    const __m512 v2 = _mm512_set1_ps(v[2]), v3 = _mm512_set1_ps(v[3]);
+    for (int64_t o = o0; o < o16; o += 16) {
+      __m512 a = _mm512_loadu_ps(ar + o);
+      __m512 b = _mm512_mul_ps(v1, load(r1 + o));
+      a = _mm512_fmadd_ps(v0, load(r0 + o), a);
+      b = _mm512_fmadd_ps(v3, load(r3 + o), b);
+      a = _mm512_fmadd_ps(v2, load(r2 + o), a);
+      _mm512_storeu_ps(ar + o, _mm512_add_ps(a, b));
+    }
+  };
+  int64_t j = j0;
+  for (; j + 4 <= j1; j += 4) {
+    const T* r0 = values + ip[j] * out;
+    const T* r1 = values + ip[j + 1] * out;
+    const T* r2 = values + ip[j + 2] * out;
+    const T* r3 = values + ip[j + 3] * out;
+    if (row_outer) {
+      for (int64_t r = 0; r < nb; ++r)
+        group_row(r0, r1, r2, r3, vp + r * vstride + j, acc + r * astride);
+      continue;
+    }
+    for (int64_t o = o0; o < o16; o += 16) {
+      const __m512 w0 = load(r0 + o), w1 = load(r1 + o), w2 = load(r2 + o), w3 = load(r3 + o);
+      for (int64_t r = 0; r < nb; ++r) {
+        const float* v = vp + r * vstride + j;
+        float* ar = acc + r * astride + o;
+        __m512 a = _mm512_loadu_ps(ar);
+        __m512 b = _mm512_mul_ps(_mm512_set1_ps(v[1]), w1);
+        a = _mm512_fmadd_ps(_mm512_set1_ps(v[0]), w0, a);
+        b = _mm512_fmadd_ps(_mm512_set1_ps(v[3]), w3, b);
+        a = _mm512_fmadd_ps(_mm512_set1_ps(v[2]), w2, a);
+        _mm512_storeu_ps(ar, _mm512_add_ps(a, b));
+      }
+    }
+  }
+  for (; j < j1; ++j) {
+    const T* rw = values + ip[j] * out;
+    for (int64_t r = 0; r < nb; ++r) {
+      const __m512 v = _mm512_set1_ps(vp[r * vstride + j]);
+      float* ar = acc + r * astride;
+      for (int64_t o = o0; o < o16; o += 16)
+        _mm512_storeu_ps(ar + o, _mm512_fmadd_ps(v, load(rw + o), _mm512_loadu_ps(ar + o)));
+    }
+  }
+  return o16;
+}
+
+// The AVX-512 part of a dense fp32 / bf16 / int8 weight's outputs [o0, o1); returns where
+// it stopped (o1 for other kinds: nothing done).
+int64_t dense_avx512(const Weight& w, float* acc, const int64_t* ip, const float* vp,
+                     int64_t j0, int64_t j1, int64_t o0, int64_t o1, int64_t nb,
+                     int64_t vstride, int64_t astride) {
+  switch (w.kind) {
+    case kF32:
+      return dense_rows_avx512(static_cast<const float*>(w.values), w.out, acc, ip, vp, j0,
+                               j1, o0, o1, [](const float* p) { return load16_f32(p); }, nb,
+                               vstride, astride);
+    case kBF16:
+      return dense_rows_avx512(static_cast<const uint16_t*>(w.values), w.out, acc, ip, vp,
+                               j0, j1, o0, o1,
+                               [](const uint16_t* p) { return load16_bf16(p); }, nb, vstride,
+                               astride);
+    case kI8:
+      return dense_rows_avx512(static_cast<const int8_t*>(w.values), w.out, acc, ip, vp, j0,
+                               j1, o0, o1, [](const int8_t* p) { return load16_i8(p); }, nb,
+                               vstride, astride);
+    default:
+      return o0;
+  }
+}
+
+#pragma GCC pop_options
+#endif  // SPARSELLM_X86
+
 void rows(const Weight& w, float* acc, const int64_t* ip, const float* vp, int64_t j0,
           int64_t j1, int64_t o0, int64_t o1) {
 #if SPARSELLM_X86
+  if (g_avx512 && !sparse_kind(w.kind) && w.kind != kI4) {
+    o0 = dense_avx512(w, acc, ip, vp, j0, j1, o0, o1, 1, 0, 0);
+    if (o0 == o1) return;
+  }
   if (g_avx2) {
     // dense AVX2 loops stop at the last multiple of 8; finish the tail portably
     rows_avx2(w, acc, ip, vp, j0, j1, o0, o1);
@@ -407,11 +530,15 @@ void rows_multi(const Weight& w, float* acc, const int64_t* ip, const float* vp,
   // Several rows: outputs in slices whose accumulators (nb rows) and current weight rows
   // stay in L1; a slice changes the loop order, not any output's arithmetic.
   const int64_t slice =
-      nb > 1 ? std::max<int64_t>(64, kMultiL1Floats / (nb + 4) / 8 * 8) : o1 - o0;
+      nb > 1 ? std::max<int64_t>(64, kMultiL1Floats / (nb + 4) / 16 * 16) : o1 - o0;
   bool done = g_avx2;
-  for (int64_t a = o0; done && a < o1; a += slice)
-    done = dense_multi_avx2(w, acc, ip, vp, j0, j1, a, std::min(o1, a + slice), nb, vstride,
-                            astride);
+  for (int64_t a = o0; done && a < o1; a += slice) {
+    const int64_t b = std::min(o1, a + slice);
+    const int64_t from = g_avx512 ? dense_avx512(w, acc, ip, vp, j0, j1, a, b, nb, vstride,
+                                                 astride)
+                                  : a;
+    done = from == b || dense_multi_avx2(w, acc, ip, vp, j0, j1, from, b, nb, vstride, astride);
+  }
   if (done) {
     const int64_t o8 = o0 + (o1 - o0) / 8 * 8;
     if (o8 < o1)
@@ -593,14 +720,19 @@ torch::Tensor dequantize(const PackedWeight& pw) {
   return t;
 }
 
-// "auto" (AVX2+FMA when the CPU has it), "avx2" or "portable"; returns the ISA in use.
+// "auto" (the widest the CPU has), "avx512", "avx2" or "portable"; returns the ISA in use.
 std::string set_isa(const std::string& isa) {
-  if (isa == "portable") g_avx2 = false;
-  else if (isa == "auto" || isa == "avx2") {
+  if (isa == "portable") {
+    g_avx2 = g_avx512 = false;
+  } else if (isa == "auto" || isa == "avx2" || isa == "avx512") {
     g_avx2 = cpu_has_avx2();
-    TORCH_CHECK(g_avx2 || isa == "auto", "this CPU has no AVX2+FMA");
-  } else TORCH_CHECK(false, "unknown ISA '", isa, "' (auto, avx2, portable)");
-  return g_avx2 ? "avx2" : "portable";
+    g_avx512 = isa != "avx2" && cpu_has_avx512();
+    TORCH_CHECK(isa != "avx2" || g_avx2, "this CPU has no AVX2+FMA");
+    TORCH_CHECK(isa != "avx512" || g_avx512, "this CPU has no AVX-512 (F, BW)");
+  } else {
+    TORCH_CHECK(false, "unknown ISA '", isa, "' (auto, avx512, avx2, portable)");
+  }
+  return g_avx512 ? "avx512" : g_avx2 ? "avx2" : "portable";
 }
 
 // One decode step (one new token per row) through every block of a llama-style model in
@@ -724,8 +856,8 @@ class Decoder {
     const uint8_t* visible;  // null: row r sees slots 0..at[r]
     int64_t n_visible;
   };
-  // Cache lengths from which attention splits its heads over threads (below, waking the
-  // other thread costs about what it saves).
+  // Rows times cache length from which attention splits its (row, head) pairs over
+  // threads (below, waking the other thread costs about what it saves).
   static constexpr int64_t kParallelAttention = 512;
 
   // Size a reusable buffer (grows once, then stays) and return its data.
@@ -839,8 +971,12 @@ class Decoder {
         for (int64_t i = 0; i < d; ++i) o[i] = acc[i] * inv;
       }
     };
+    // threads when the step's attention is long enough in total: a long cache, or a
+    // verification pass / batch of many rows (16 rows over 300 slots ran on one thread
+    // for 15% of the pass while the other spun); each (row, head) is computed the same
+    // way on any thread, so rows stay batch-invariant
     const int64_t units = b * hq_;
-    if (longest < kParallelAttention) body(0, units);
+    if (b * longest < kParallelAttention) body(0, units);
     else at::parallel_for(0, units, 1, body);
   }
 
@@ -860,13 +996,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #if SPARSELLM_X86
   build_luts();
 #endif
-  g_avx2 = cpu_has_avx2();
+  set_isa("auto");
   py::class_<PackedWeight>(m, "PackedWeight")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, torch::Tensor, torch::Tensor,
                     torch::Tensor, torch::Tensor>());
   m.def("gemv", &gemv, "thresholded input-skipping GEMV over a packed weight (CPU)");
   m.def("dequantize", &dequantize, "a packed weight as W^T (in, out) fp32");
-  m.def("set_isa", &set_isa, "choose the kernels: auto, avx2 or portable");
+  m.def("set_isa", &set_isa, "choose the kernels: auto, avx512, avx2 or portable");
   py::class_<Decoder>(m, "Decoder")
       .def(py::init<std::vector<torch::Tensor>, std::vector<PackedWeight>,
                     std::vector<double>, std::vector<double>, int64_t,
