@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from sparsellm.errors import SparseLLMError
-from sparsellm.models.shards import INDEX, SINGLE, write_shard
+from sparsellm.models.shards import INDEX, SINGLE, return_freed_memory, write_shard
 
 SHARD_BYTES = 512 << 20
 
@@ -107,11 +107,17 @@ def write_dequantized(
         read_field,
     )
 
-    parsed = load_gguf_checkpoint(str(path), return_tensors=False)  # metadata only
-    parsed["tensors"] = {}  # processors that split a tensor (experts) put the parts here
+    # the processors read the config and put the parts of a split tensor (experts) in
+    # "tensors"; the parsed tokenizer is not kept
+    config_fields = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
+    parsed: dict[str, Any] = {"config": config_fields, "tensors": {}}
     reader = GGUFReader(path)
     architecture = read_field(reader, "general.architecture")[0]
-    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed["config"])
+    # only the tensors are read from here on; the metadata fields hold the vocabulary as
+    # ~150k small arrays (290 MB for Qwen's, measured) that a memory cap counts
+    reader.fields.clear()
+    return_freed_memory()
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config_fields)
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config)
     mapping = get_gguf_hf_weights_map(skeleton, processor)
@@ -129,6 +135,8 @@ def write_dequantized(
             if not array.flags.writeable:  # an F32 tensor is a view of the mapped file
                 array = array.copy()
             shards.add(mapping[result.name], torch.from_numpy(array))
+            del array  # written or pending: not also held while the next one is made
+        del result
         for name in list(parsed["tensors"]):
             shards.add(name, parsed["tensors"].pop(name).float().contiguous())
     written = set(shards.finish())

@@ -197,9 +197,10 @@ def convert_gguf(path: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         # tensor by tensor: the largest tensor and one shard in memory, not the model
+        tok.save_pretrained(tmp)
+        del tok  # not held through the conversion
         config.architectures = [write_dequantized(path, tmp, config)]
         config.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
         (tmp / "source.txt").write_text(f"{path}\nsha256 {digest}\n")
         os.replace(tmp, target)
     except BaseException as exc:
