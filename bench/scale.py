@@ -362,6 +362,9 @@ def convert_capped(name: str, gguf: Path, cap: int, cap_text: str, work: Path) -
         "seconds": round(measured["seconds"], 1),
         "peak RSS MiB": mib(measured["peak_rss"]),
         "cgroup peak MiB": round(measured["cgroup_peak"] / MiB),
+        # peak RSS counts the pages of the memory-mapped GGUF it has read: clean file
+        # pages the kernel drops under the cap, not memory the conversion holds
+        "GGUF file MiB": mib(gguf.stat().st_size),
         "finished": measured["rc"] == 0,
         "exit code": measured["rc"],
     }
