@@ -86,3 +86,20 @@ def test_a_missing_tensor_is_named(tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
     with pytest.raises(SparseLLMError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
         write_dequantized(path, tmp_path / "out", config)
+
+
+def test_a_tied_head_needs_no_tensor_of_its_own(tmp_path: Path) -> None:
+    """llama.cpp writes no ``output.weight`` when the head is the embeddings: the
+    conversion must accept that (the default model is such a file)."""
+    model = tiny_model("llama", seed=1, layers=2)
+    path = tmp_path / "m.gguf"
+    _write_llama_gguf(model, path, drop="output.weight")
+    config = AutoConfig.from_pretrained(tmp_path, gguf_file=path.name)
+    config.tie_word_embeddings = True
+    (tmp_path / "out").mkdir()
+    write_dequantized(path, tmp_path / "out", config)
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert "lm_head.weight" not in got
+    assert torch.equal(
+        got["model.embed_tokens.weight"], model.state_dict()["model.embed_tokens.weight"]
+    )

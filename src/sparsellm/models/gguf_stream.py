@@ -120,6 +120,7 @@ def write_dequantized(
     processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config_fields)
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config)
+    skeleton.tie_weights()  # on meta, from_config leaves a tied head untied (transformers 5)
     mapping = get_gguf_hf_weights_map(skeleton, processor)
 
     shards = _Shards(out, shard_bytes)
