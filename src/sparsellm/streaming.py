@@ -63,8 +63,9 @@ def stream_prune_and_evaluate(
     dense_eval: bool = True,
     kind: str = "prune",
 ) -> Result:
-    """`prune_and_evaluate` for a model that need not fit in RAM: prune `step` streamed
-    into `work` (resumable), then evaluate block by block; never two models in memory.
+    """`prune_and_evaluate` for a model that need not fit in RAM: prune `step` (a weight
+    method, or a block-local structured one) streamed into `work` (resumable), then
+    evaluate block by block; never two models in memory.
 
     `work` ends as a complete HF checkpoint (shards, config, tokenizer); the caller
     writes the Result beside it and moves it into place.
@@ -74,6 +75,8 @@ def stream_prune_and_evaluate(
 
     from sparsellm.calib.streamed import final_hidden, logprobs
     from sparsellm.eval.kl import compare_logprobs
+    from sparsellm.methods.structured.io import width_skeleton
+    from sparsellm.methods.structured.stream import stream_shrink
     from sparsellm.methods.weights.stream import stream_prune
     from sparsellm.models.shards import WEIGHT_FILES, Checkpoint, skeleton
     from sparsellm.recipe import Recipe
@@ -81,23 +84,25 @@ def stream_prune_and_evaluate(
     src, work = Path(prep.loaded.info["path"]), Path(work)
     seed_everything(protocol.seed)
     start = time.perf_counter()
-    layers = stream_prune(
-        src,
-        work,
-        step,
-        prep.calib_ids,
-        batch_size=protocol.batch_size,
-        calib_dtype=DTYPES[protocol.calib_dtype],
-        max_memory=max_memory,
-    )
-    for file in src.iterdir():  # config, generation config, tokenizer, chat template
-        if file.is_file() and not file.name.endswith(WEIGHT_FILES):
+    how = {
+        "batch_size": protocol.batch_size,
+        "calib_dtype": DTYPES[protocol.calib_dtype],
+        "max_memory": max_memory,
+    }
+    structured = step.family == "structured"
+    if structured:
+        shrunk = stream_shrink(src, work, step, prep.calib_ids, **how)
+    else:
+        layers = stream_prune(src, work, step, prep.calib_ids, **how)
+    for file in src.iterdir():  # generation config, tokenizer, chat template (and config)
+        weights, own = file.name.endswith(WEIGHT_FILES), (work / file.name).exists()
+        if file.is_file() and not weights and not own:  # a shrunk model's config is its own
             shutil.copy2(file, work / file.name)
     sparsify_s = time.perf_counter() - start
 
     start = time.perf_counter()
     ids = prep.eval_ids
-    sparse = (skeleton(work), Checkpoint(work))
+    sparse = (width_skeleton(work) if structured else skeleton(work), Checkpoint(work))
     hidden = [final_hidden(*sparse, ids)]
     if dense_eval:  # the dense blocks' outputs; final norm and head are the same tensors
         hidden.insert(0, final_hidden(skeleton(src), Checkpoint(src), ids))
@@ -106,6 +111,18 @@ def stream_prune_and_evaluate(
         q = quality(compare_logprobs((t, d, s) for t, (d, s) in slices))
     else:  # the sparse model against itself: its own NLL
         q = quality(after_ppl=compare_logprobs((t, s, s) for t, (s,) in slices)["sparse_ppl"])
+    evaluate_s = time.perf_counter() - start
+    stream = provenance(prep, protocol, stream={"max_memory": max_memory})
+    if structured:  # lined up with `sparsellm shrink`'s Result
+        return Result(
+            kind=kind,
+            recipe=Recipe((step,)).to_dict(),
+            quality=q,
+            sparsity={"target": step.ratio, "measured": shrunk["measured_ratio"]},
+            timings={"shrink_s": sparsify_s, "evaluate_s": evaluate_s},
+            provenance=stream,
+            details={"shrink": shrunk},
+        )
     total = sum(v["numel"] for v in layers.values())
     measured = sum(v["numel"] * v["sparsity"] for v in layers.values()) / total if total else 0.0
     return Result(
@@ -113,6 +130,6 @@ def stream_prune_and_evaluate(
         recipe=Recipe((step,)).to_dict(),
         quality=q,
         sparsity={"target": step.target_sparsity, "measured": measured, "layers": layers},
-        timings={"sparsify_s": sparsify_s, "evaluate_s": time.perf_counter() - start},
-        provenance=provenance(prep, protocol, stream={"max_memory": max_memory}),
+        timings={"sparsify_s": sparsify_s, "evaluate_s": evaluate_s},
+        provenance=stream,
     )

@@ -234,10 +234,6 @@ def run_streamed(
     args: argparse.Namespace, steps: Any, protocol: Any, out: Path, kind: str
 ) -> Result:
     """`prune --stream`: one weight step, block by block, resumable; saved as hf."""
-    from sparsellm.export.hf import promote_dir
-    from sparsellm.report.markdown import quality_table
-    from sparsellm.streaming import prepare_streamed, stream_prune_and_evaluate
-
     if len(steps.steps) != 1 or steps.steps[0].family != "weights" or steps.attention.prefill:
         raise SparseLLMError("--stream prunes with one weight method (no multi-step recipe)")
     for flag, value in (("--speed", args.speed), ("--export", args.export != "hf")):
@@ -246,6 +242,16 @@ def run_streamed(
                 f"{flag} needs the model in RAM: drop it with --stream (a streamed run saves "
                 "a plain checkpoint; `sparsellm export` compresses it afterwards)"
             )
+    return stream_step(args, steps.steps[0], protocol, out, kind)
+
+
+def stream_step(args: argparse.Namespace, step: Any, protocol: Any, out: Path, kind: str) -> Result:
+    """One step streamed into ``OUT.partial`` (resumable), evaluated block by block,
+    written with its Result and moved to `out`; shared by `prune` and `shrink`."""
+    from sparsellm.export.hf import promote_dir
+    from sparsellm.report.markdown import quality_table
+    from sparsellm.streaming import prepare_streamed, stream_prune_and_evaluate
+
     max_memory = None if args.max_memory is None else parse_size(args.max_memory)
     prep = prepare_streamed(args.model, protocol)
     work = out.with_name(f"{out.name}.partial")
@@ -253,11 +259,11 @@ def run_streamed(
     try:
         result = stream_prune_and_evaluate(
             prep,
-            steps.steps[0],
+            step,
             protocol,
             work,
             max_memory=max_memory,
-            dense_eval=not args.no_dense_eval,
+            dense_eval=not getattr(args, "no_dense_eval", False),
             kind=kind,
         )
     except OSError as exc:  # a full disk, a vanished directory: the finished blocks stay

@@ -48,6 +48,20 @@ def add_parser(sub: Any) -> None:
     )
     common.add_out(p, required=True)
     common.add_speed(p, "512,2048")
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="shrink block by block from the checkpoint's shards, one block in RAM, for models "
+        "larger than memory; resumable (rerun the same command after a kill); evaluated block "
+        "by block. Block-local methods only: activation, obs, spectral, without --per-layer",
+    )
+    p.add_argument(
+        "--max-memory",
+        default=None,
+        metavar="SIZE",
+        help="with --stream: calibration activations above SIZE (e.g. 2G, 512M) are kept in "
+        "memory-mapped files the OS can page out, instead of RAM (default: all in RAM)",
+    )
 
 
 def config(args: argparse.Namespace) -> Any:
@@ -81,6 +95,10 @@ def run(args: argparse.Namespace) -> Result:
     recipe = Recipe((config(args),))
     out = check_out_dir(Path(args.out), args.overwrite)
     protocol = common.protocol(args)
+    if args.stream:
+        return run_streamed(args, recipe.steps[0], protocol, out)
+    if args.max_memory is not None:
+        raise SparseLLMError("--max-memory bounds a streamed run: add --stream")
     prep = prepare(args.model, protocol)
     dense, tok = prep.loaded.model, prep.loaded.tokenizer
     lengths = common.speed_lengths(args, dense) if args.speed else ()
@@ -123,5 +141,21 @@ def run(args: argparse.Namespace) -> Result:
         print("before recovery:\n" + table(["shrunk ppl", "KL", "top-1"], rows))
     uniform = shrunk.get("uniform", True)
     how = "a plain HF checkpoint" if uniform else "per-layer widths: load with sparsellm.load"
+    print(f"removed {shrunk['measured_ratio']:.1%} of block params; saved {how} to {out}")
+    return result
+
+
+def run_streamed(args: argparse.Namespace, step: Any, protocol: Any, out: Path) -> Result:
+    """`shrink --stream`: one block-local width step, block by block, resumable."""
+    from sparsellm.cli.prune import stream_step
+    from sparsellm.methods.structured.stream import check_streamable
+
+    check_streamable(step)
+    for flag, value in (("--speed", args.speed), ("--recover-steps", args.recover_steps)):
+        if value:
+            raise SparseLLMError(f"{flag} needs the model in RAM: drop it with --stream")
+    result = stream_step(args, step, protocol, out, "shrink")
+    shrunk = result.details["shrink"]
+    how = "a plain HF checkpoint" if shrunk["uniform"] else "per-layer widths: sparsellm.load"
     print(f"removed {shrunk['measured_ratio']:.1%} of block params; saved {how} to {out}")
     return result

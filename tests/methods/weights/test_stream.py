@@ -14,10 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sparsellm.calib.blockwise import STATE
 from sparsellm.errors import SparseLLMError
 from sparsellm.methods.weights.apply import apply_step
 from sparsellm.methods.weights.sparsegpt import SparseGPTConfig
-from sparsellm.methods.weights.stream import STATE, stream_prune
+from sparsellm.methods.weights.stream import stream_prune
 from sparsellm.methods.weights.wanda import WandaConfig
 from sparsellm.models.shards import INDEX, Checkpoint
 from sparsellm.models.tiny import tiny_model
@@ -81,10 +82,11 @@ def test_mapped_bf16_activations_equal_in_ram(tmp_path: Path) -> None:
 _CHILD = textwrap.dedent(
     """
     import os, signal, sys, torch
-    import sparsellm.methods.weights.stream as stream
+    import sparsellm.calib.blockwise as engine
+    from sparsellm.methods.weights.stream import stream_prune
     from sparsellm.methods.weights.sparsegpt import SparseGPTConfig
     src, work, where, block, max_memory = sys.argv[1:6]
-    real_shard, real_advance = stream.write_shard, stream.Activations.advance
+    real_shard, real_advance = engine.write_shard, engine.Activations.advance
     def kill(point, i):
         if point == where and i == int(block):
             os.kill(os.getpid(), signal.SIGKILL)
@@ -97,10 +99,10 @@ _CHILD = textwrap.dedent(
         real_advance(self)
         kill("after-advance", len(advanced))
         advanced.append(1)
-    stream.write_shard, stream.Activations.advance = write_shard, advance
+    engine.write_shard, engine.Activations.advance = write_shard, advance
     calib = torch.randint(0, 256, (6, 16), generator=torch.Generator().manual_seed(3))
     mm = None if max_memory == "none" else int(max_memory)
-    stream.stream_prune(src, work, SparseGPTConfig(sparsity=0.5), calib, batch_size=4,
+    stream_prune(src, work, SparseGPTConfig(sparsity=0.5), calib, batch_size=4,
                         max_memory=mm)
     """
 )

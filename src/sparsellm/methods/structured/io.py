@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from sparsellm.errors import SparseLLMError
 from sparsellm.methods.structured.common import (
@@ -39,6 +39,7 @@ from sparsellm.methods.structured.lowrank import RANKS_KEY, rebuild
 from sparsellm.methods.structured.slicing import SlicedBlock, resize_norm
 from sparsellm.models.adapters import BlockLayout, block_layout, blocks_prefix, get_blocks
 from sparsellm.models.load import LoadedModel
+from sparsellm.models.shards import skeleton
 
 SHAPES_KEY = "sparsellm_layer_shapes"
 SLICING_KEY = "sparsellm_slicing"
@@ -46,8 +47,11 @@ SLICING_KEY = "sparsellm_slicing"
 
 def write_shapes(model: nn.Module, hd: int) -> bool:
     """Make the config describe the weights; returns True when widths are uniform."""
-    cfg = model.config
-    shapes = layer_shapes(model)
+    return describe_shapes(model.config, layer_shapes(model), hd)
+
+
+def describe_shapes(cfg: PretrainedConfig, shapes: list[BlockShape], hd: int) -> bool:
+    """Make `cfg` describe blocks of widths `shapes`; returns True when they are uniform."""
     cfg.head_dim = hd  # HF would derive hidden/heads, wrong once heads are removed
     for field in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
         setattr(cfg, field, max(getattr(s, field) for s in shapes))
@@ -103,6 +107,21 @@ def _resize_head(model: nn.Module, layout: BlockLayout, slicing: dict, dtype: to
     model.set_output_embeddings(
         nn.Linear(width, head.out_features, bias=head.bias is not None, dtype=dtype)
     )
+
+
+def width_skeleton(path: str | os.PathLike) -> nn.Module:
+    """`shards.skeleton` of a directory whose blocks may differ in width (per-layer
+    shapes): every block at its own widths, parameters on `meta`, for streamed reads."""
+    config = AutoConfig.from_pretrained(path)
+    if getattr(config, SLICING_KEY, None) is not None or getattr(config, RANKS_KEY, None):
+        raise SparseLLMError(f"{path}: sliced and low-rank models are not read block by block")
+    model = skeleton(path)
+    shapes = getattr(config, SHAPES_KEY, None)
+    if shapes is not None:
+        layout, hd = block_layout(model), head_dim(config)
+        for block, shape in zip(get_blocks(model), shapes, strict=True):
+            resize_block(block, layout, BlockShape(**shape), hd)
+    return model
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LoadedModel:

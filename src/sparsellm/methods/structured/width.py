@@ -196,6 +196,58 @@ def _gradients(model: nn.Module, calib_ids: torch.Tensor, batch_size: int) -> No
             loss.backward()
 
 
+def shrink_block(
+    block: nn.Module,
+    forward: Callable[[], None] | None,
+    scorer: str,
+    ratio: float,
+    layout: BlockLayout,
+    hd: int,
+    prune_heads_too: bool = True,
+    damp: float = 0.01,
+) -> None:
+    """Remove about `ratio` of one block's parameters with a block-local `scorer`
+    (``activation``, ``obs``: statistics of the o/down inputs over `forward()`, which
+    runs the block on the calibration batches; ``spectral``: data-free). Streamed runs
+    call this block by block (`sparsellm.methods.structured.stream`)."""
+    if scorer == "spectral":
+        scores = spectral_scores(block, layout, block_shape(block, layout, hd), hd)
+        _prune_block(block, layout, hd, ratio, scores, prune_heads_too)
+        return
+    if scorer not in ("activation", "obs") or forward is None:
+        raise ValueError(f"width scorer {scorer!r} is not block-local with data")
+    shape = block_shape(block, layout, hd)
+    consumers = {"o": block.get_submodule(layout.o), "down": block.get_submodule(layout.down)}
+    stats: dict[str, torch.Tensor] = {}
+
+    def collect(name: str, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        s = x.T @ x if scorer == "obs" else x.square().sum(0)
+        stats[name] = stats[name] + s if name in stats else s
+
+    with input_hooks(consumers, collect):
+        forward()
+    w_o, w_down = consumers["o"].weight.data, consumers["down"].weight.data
+    if scorer == "activation":
+        scores = (
+            activation_scores(w_o, stats["o"], shape.num_key_value_heads),
+            activation_scores(w_down, stats["down"], shape.intermediate_size),
+        )
+        _prune_block(block, layout, hd, ratio, scores, prune_heads_too)
+        return
+    scores = (
+        obs_scores(w_o, damped_inverse(stats["o"], damp), shape.num_key_value_heads),
+        obs_scores(w_down, damped_inverse(stats["down"], damp), shape.intermediate_size),
+    )
+    # A high OBS error means the structure matters: keep the highest, like the others.
+    weights = {"o": w_o, "down": w_down}
+
+    def refit(name: str, keep: torch.Tensor) -> torch.Tensor:
+        return ls_update(weights[name], stats[name], keep, damp)
+
+    _prune_block(block, layout, hd, ratio, scores, prune_heads_too, refit)
+
+
 def prune_width(
     model: nn.Module,
     scorer: str,
@@ -224,43 +276,13 @@ def prune_width(
         return
     if scorer == "spectral":
         for i, block in enumerate(blocks):
-            scores = spectral_scores(block, layout, block_shape(block, layout, hd), hd)
-            _prune_block(block, layout, hd, ratios[i], scores, prune_heads_too)
+            shrink_block(block, None, scorer, ratios[i], layout, hd, prune_heads_too, damp)
         return
     if scorer not in ("activation", "obs"):
         raise ValueError(f"unknown width scorer {scorer!r}")
 
     def process(i: int, block: nn.Module, forward: Callable[[], None]) -> None:
-        shape = block_shape(block, layout, hd)
-        consumers = {"o": block.get_submodule(layout.o), "down": block.get_submodule(layout.down)}
-        stats: dict[str, torch.Tensor] = {}
-
-        def collect(name: str, x: torch.Tensor) -> None:
-            x = x.reshape(-1, x.shape[-1]).double()
-            s = x.T @ x if scorer == "obs" else x.square().sum(0)
-            stats[name] = stats[name] + s if name in stats else s
-
-        with input_hooks(consumers, collect):
-            forward()
-        w_o, w_down = consumers["o"].weight.data, consumers["down"].weight.data
-        if scorer == "activation":
-            scores = (
-                activation_scores(w_o, stats["o"], shape.num_key_value_heads),
-                activation_scores(w_down, stats["down"], shape.intermediate_size),
-            )
-            _prune_block(block, layout, hd, ratios[i], scores, prune_heads_too)
-            return
-        scores = (
-            obs_scores(w_o, damped_inverse(stats["o"], damp), shape.num_key_value_heads),
-            obs_scores(w_down, damped_inverse(stats["down"], damp), shape.intermediate_size),
-        )
-        # A high OBS error means the structure matters: keep the highest, like the others.
-        weights = {"o": w_o, "down": w_down}
-
-        def refit(name: str, keep: torch.Tensor) -> torch.Tensor:
-            return ls_update(weights[name], stats[name], keep, damp)
-
-        _prune_block(block, layout, hd, ratios[i], scores, prune_heads_too, refit)
+        shrink_block(block, forward, scorer, ratios[i], layout, hd, prune_heads_too, damp)
 
     run_sequential(model, list(calib_ids.split(batch_size)), process, desc=f"width/{scorer}")
 

@@ -1,84 +1,30 @@
 """Streamed, resumable weight pruning: one block in RAM, one output shard per block.
 
-`apply_step` holds the whole model; this holds one block. The model is a skeleton with
-meta parameters (`sparsellm.models.shards`); the calibration inputs of block 0 come from
-the embeddings (read, used, released), and then per block: read its tensors, collect
-statistics, prune, run it once more for the next block's inputs, write it as its own
-shard, release it. The math is `apply_step`'s own (`block_stats`, `prune_layer`,
-`run_block`), so the weights are bit-identical to an in-RAM run of the same step.
-
-Resuming: everything lives in a work directory. After block i its shard is written, the
-activations entering block i+1 sit in one of two files (``hidden-a.bin`` /
-``hidden-b.bin``, alternating, so the inputs of the block being worked on are never
-overwritten), and then ``stream_state.json`` records ``done = i + 1`` and which file
-holds them (atomically). A run killed anywhere restarts from the last recorded block; a
-work directory written for different inputs (source, step, calibration) is refused.
-
-Activations either live in RAM and are copied to their file after each block, or, when
-they exceed `max_memory` bytes, live in the files themselves (shared memory maps that
-the OS can page out): then a run needs RAM for one block, its statistics and one batch.
+`apply_step` holds the whole model; this prunes block by block through the engine in
+`sparsellm.calib.blockwise` (resuming, activation files, shards). Per block it does what
+`apply_step` does: statistics of the chosen linears from one forward (`block_stats`),
+then `prune_layer` on each, so the weights are bit-identical to an in-RAM run.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from contextlib import suppress
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from sparsellm.calib.sequential import BlockCall, run_block
-from sparsellm.calib.streamed import capture
+from sparsellm.calib.blockwise import fingerprint, stream_blocks
 from sparsellm.errors import SparseLLMError
-from sparsellm.export.hf import write_json_atomic
 from sparsellm.methods.weights.apply import block_stats, prune_layer, select_targets
 from sparsellm.methods.weights.base import Hessian, LayerContext, Stats, WeightPruneConfig
 from sparsellm.methods.weights.masks import check_nm_shape
-from sparsellm.models.adapters import blocks_prefix, get_blocks, weight_matrix
-from sparsellm.models.shards import (
-    INDEX,
-    Checkpoint,
-    copy_shard,
-    mapped_tensor,
-    materialize,
-    release,
-    return_freed_memory,
-    skeleton,
-    tensor_bytes,
-    write_shard,
-)
+from sparsellm.models.adapters import weight_matrix
+from sparsellm.models.shards import Checkpoint, skeleton
 from sparsellm.registry import handler
-
-STATE = "stream_state.json"
-
-
-def fingerprint(
-    ckpt: Checkpoint, cfg: WeightPruneConfig, calib: torch.Tensor | None, **extra: Any
-) -> dict:
-    """What decides a streamed run's weights: the source shards (names and sizes), the
-    step, the calibration tokens and the batching; a resume must match it exactly."""
-    src = ckpt.path
-    shards = {s: (src / s).stat().st_size for s in sorted(set(ckpt.weight_map.values()))}
-    tokens = None
-    if calib is not None:
-        tokens = hashlib.sha256(calib.to(torch.int64).numpy().tobytes()).hexdigest()
-    return {
-        "source": str(src.resolve()),
-        "shards": shards,
-        "step": cfg.to_dict(),
-        "calib_sha256": tokens,
-        **extra,
-    }
-
-
-def shard_name(i: int, n: int) -> str:
-    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
 def check_streamable(cfg: WeightPruneConfig) -> None:
@@ -94,85 +40,6 @@ def check_streamable(cfg: WeightPruneConfig) -> None:
         )
 
 
-def _resume_state(work: Path, fp: dict) -> dict:
-    state_file = work / STATE
-    if not state_file.is_file():
-        if work.exists() and any(work.iterdir()):
-            raise SparseLLMError(f"{work} exists and is not a streamed run's directory")
-        work.mkdir(parents=True, exist_ok=True)
-        state = {"fingerprint": fp, "done": 0, "layers": {}, "hidden": None, "complete": False}
-        write_json_atomic(state_file, state)
-        return state
-    state = json.loads(state_file.read_text())
-    old = state.get("fingerprint", {})
-    if old != fp:
-        keys = sorted(k for k in set(old) | set(fp) if old.get(k) != fp.get(k))
-        raise SparseLLMError(
-            f"{work} holds a streamed run of a different command (differs in: "
-            f"{', '.join(keys)}); remove it or repeat the command that started it"
-        )
-    return state
-
-
-class Activations:
-    """The calibration activations entering the current block, and where they are kept.
-
-    Two files alternate: the current block's inputs are in ``files[0]`` (as recorded in
-    the state), its outputs go to ``files[1]``. `mapped`: the buffers are the files
-    themselves (inputs and outputs in two maps); otherwise one RAM buffer is updated in
-    place, batch by batch as `run_sequential` does, and copied to ``files[1]`` after
-    the block.
-    """
-
-    def __init__(
-        self,
-        files: list[Path],
-        shape: tuple[int, ...],
-        dtype: torch.dtype,
-        mapped: bool,
-        fresh: bool,
-    ) -> None:
-        self.files, self.mapped = files, mapped
-        if mapped:
-            self.bufs = [mapped_tensor(f, shape, dtype) for f in files]
-        else:  # resuming: the recorded file's content, copied into RAM
-            first = (
-                torch.empty(shape, dtype=dtype)
-                if fresh
-                else mapped_tensor(files[0], shape, dtype).clone()
-            )
-            self.bufs = [first, first]
-
-    def advance(self) -> None:
-        """Make the outputs just written the next block's inputs (on disk too)."""
-        if not self.mapped:
-            self.bufs[1].reshape(-1).view(torch.uint8).numpy().tofile(self.files[1])
-        self.bufs.reverse()
-        self.files.reverse()
-
-
-def _cast_calls(calls: list[list[BlockCall]], dtype: torch.dtype | None) -> list[list[BlockCall]]:
-    """`calls` in `dtype`, each distinct tensor cast once (every block shares the rotary
-    tables of a batch; casting per block, as `run_sequential` may, costs n_blocks copies)."""
-    if dtype is None:
-        return calls
-    memo: dict[int, Any] = {}
-
-    def cast(value: Any) -> Any:
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            if id(value) not in memo:
-                memo[id(value)] = value.to(dtype)
-            return memo[id(value)]
-        if isinstance(value, tuple):
-            return tuple(cast(v) for v in value)
-        return value
-
-    return [
-        [BlockCall(args=cast(c.args), kwargs={k: cast(v) for k, v in c.kwargs.items()}) for c in bc]
-        for bc in calls
-    ]
-
-
 def _new_stats(cls: type[Stats], work: Path, max_memory: int | None, d: int) -> Stats:
     """`cls(d)`; a Hessian whose fp64 sum alone exceeds `max_memory` lives in a file in
     `work`. Only then: a spilled sum is rewritten by every calibration window, and under
@@ -182,35 +49,6 @@ def _new_stats(cls: type[Stats], work: Path, max_memory: int | None, d: int) -> 
     if issubclass(cls, Hessian) and max_memory is not None and 8 * d * d > max_memory:
         return cls(d, spill=work)
     return cls(d)
-
-
-def _copy_into(outputs: list[torch.Tensor], b: int, y: torch.Tensor) -> None:
-    outputs[b].copy_(y)
-
-
-def _block_keys(ckpt: Checkpoint, prefix: str) -> list[str]:
-    return sorted(k for k in ckpt.weight_map if k.startswith(prefix))
-
-
-def _block_tensors(block: nn.Module, ckpt: Checkpoint, prefix: str) -> dict[str, torch.Tensor]:
-    """The block's tensors under the source checkpoint's names for them."""
-    sd = block.state_dict()
-    return {k: sd[k[len(prefix) :]] for k in _block_keys(ckpt, prefix)}
-
-
-def _finish(ckpt: Checkpoint, work: Path, prefix: str, n: int) -> None:
-    """The tensors outside the blocks, copied as the last shard, and the index."""
-    rest = sorted(k for k in ckpt.weight_map if not k.startswith(f"{prefix}."))
-    copy_shard(ckpt, rest, work / shard_name(n, n + 1))
-    weight_map: dict[str, str] = {}
-    total = 0
-    for i in range(n + 1):
-        shard = shard_name(i, n + 1)
-        for key, nbytes in tensor_bytes(work / shard).items():
-            weight_map[key] = shard
-            total += nbytes
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    write_json_atomic(work / INDEX, index)
 
 
 def stream_prune(
@@ -237,72 +75,40 @@ def stream_prune(
         raise SparseLLMError(f"method {cfg.name!r} needs calibration data")
     ckpt = Checkpoint(src)
     model = skeleton(src)
-    prefix, blocks = blocks_prefix(model), get_blocks(model)
-    n = len(blocks)
-    for i, block in enumerate(blocks):  # every tensor of every block present, before any work
-        have = set(_block_keys(ckpt, f"{prefix}.{i}."))
-        for name, _ in block.named_parameters():
-            if f"{prefix}.{i}.{name}" not in have:
-                raise SparseLLMError(f"{src}: block {i} has no tensor {prefix}.{i}.{name!r}")
     selected = select_targets(model, cfg)
     for chosen in selected:
         for fqn, module in chosen.items():
             check_nm_shape(cfg.parsed_pattern, weight_matrix(module).shape[1], fqn)
     dtype = calib_dtype or torch.float32
-    fp = fingerprint(ckpt, cfg, calib, batch_size=batch_size, calib_dtype=str(dtype))
-    state = _resume_state(work, fp)
-    if state["complete"]:
-        return state["layers"]
+    fp = fingerprint(ckpt, cfg.to_dict(), calib, batch_size=batch_size, calib_dtype=str(dtype))
+    new_stats = partial(_new_stats, pruner.stats, work, max_memory)
 
-    acts, calls = None, None
-    if pruner.stats is not None:
-        shape = (calib.shape[0], calib.shape[1], model.config.hidden_size)
-        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        files = [work / "hidden-a.bin", work / "hidden-b.bin"]
-        if state["hidden"] == files[1].name:
-            files.reverse()
-        mapped = max_memory is not None and 2 * nbytes > max_memory
-        fresh = state["done"] == 0
-        acts = Activations(files, shape, dtype, mapped, fresh)
-        calls = capture(model, ckpt, calib, batch_size, acts.bufs[0] if fresh else None)
-        calls = _cast_calls(calls, calib_dtype)
-
-    bar = tqdm(range(state["done"], n), desc=f"{cfg.name} (streamed)", unit="block")
-    for i in bar:
-        block = blocks[i]
-        materialize(block, ckpt, f"{prefix}.{i}.")
+    def process(
+        i: int, block: nn.Module, forward: Callable[[], None] | None
+    ) -> dict[str, dict[str, Any]]:
         chosen = selected[i]
         stats: dict[str, Any] = dict.fromkeys(chosen)
-        if acts is not None:
-            inputs = list(acts.bufs[0].split(batch_size))
-            outputs = list(acts.bufs[1].split(batch_size))
-            if chosen:
-                forward = partial(run_block, block, inputs, calls[i], calib_dtype)
-                stats = block_stats(
-                    chosen, partial(_new_stats, pruner.stats, work, max_memory), forward
-                )
-        with torch.no_grad():
-            for fqn, module in chosen.items():
-                ctx = LayerContext(sparsity=cfg.target_sparsity)
-                # popped: statistics (a down_proj's Hessian is 321 MB on a 1.5B model)
-                # are freed once their last layer is pruned, not held into the next block
-                entry = prune_layer(pruner, module, stats.pop(fqn), ctx)
-                entry.update(numel=weight_matrix(module).numel(), method=cfg.name)
-                state["layers"][fqn] = entry
-            if acts is not None and i < n - 1:
-                run_block(block, inputs, calls[i], calib_dtype, partial(_copy_into, outputs))
-        write_shard(work / shard_name(i, n + 1), _block_tensors(block, ckpt, f"{prefix}.{i}."))
-        release(block)
-        return_freed_memory()  # the block's freed buffers, back to the OS before the next
-        if acts is not None and i < n - 1:
-            acts.advance()
-            state["hidden"] = acts.files[0].name
-        state["done"] = i + 1
-        write_json_atomic(work / STATE, state)
-    _finish(ckpt, work, prefix, n)
-    for name in ("hidden-a.bin", "hidden-b.bin"):
-        with suppress(FileNotFoundError):
-            (work / name).unlink()
-    state["complete"] = True
-    write_json_atomic(work / STATE, state)
-    return state["layers"]
+        if forward is not None and chosen:
+            stats = block_stats(chosen, new_stats, forward)
+        layers = {}
+        for fqn, module in chosen.items():
+            ctx = LayerContext(sparsity=cfg.target_sparsity)
+            # popped: statistics (a down_proj's Hessian is 321 MB on a 1.5B model) are
+            # freed once their last layer is pruned, not held into the next block
+            entry = prune_layer(pruner, module, stats.pop(fqn), ctx)
+            entry.update(numel=weight_matrix(module).numel(), method=cfg.name)
+            layers[fqn] = entry
+        return layers
+
+    return stream_blocks(
+        model,
+        ckpt,
+        work,
+        fp,
+        process,
+        calib=calib if pruner.stats is not None else None,
+        batch_size=batch_size,
+        calib_dtype=calib_dtype,
+        max_memory=max_memory,
+        desc=f"{cfg.name} (streamed)",
+    )
