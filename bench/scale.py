@@ -28,6 +28,8 @@ model, not a fit: the table shows how far each run is from it.
         --cap 2G --peer-model qwen1.5b
     .venv/bin/python bench/scale.py --models qwen1.5b --only-convert --cap 2G \\
         --out results/scale-convert
+    .venv/bin/python bench/scale.py --models qwen1.5b --shrink obs:0.2 --cap-model qwen1.5b \\
+        --cap 2G --out results/scale-shrink        # streamed width pruning, same measures
     .venv/bin/python bench/scale.py --models default --calib 4x128 --eval-windows 2 \\
         --out /tmp/scale-smoke                     # a smoke run, not a result
 """
@@ -203,6 +205,13 @@ def main() -> None:
         action="store_true",
         help="only convert each GGUF model to fp32 safetensors under --cap (no pruning)",
     )
+    ap.add_argument(
+        "--shrink",
+        default=None,
+        metavar="METHOD:RATIO",
+        help="measure `sparsellm shrink --method METHOD --ratio RATIO` (a block-local width "
+        "method, e.g. obs:0.2) instead of SparseGPT 50%%; no formula column",
+    )
     ap.add_argument("--out", type=Path, default=None, help="result path (default results/)")
     args = ap.parse_args()
 
@@ -215,8 +224,12 @@ def main() -> None:
 
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.calib.split(",")]
     cap = parse_size(args.cap)
-    cli = [sys.executable, str(Path(sys.executable).parent / "sparsellm"), "prune"]
-    cli += ["--method", "sparsegpt"]
+    cli = [sys.executable, str(Path(sys.executable).parent / "sparsellm")]
+    if args.shrink:
+        method, ratio = args.shrink.split(":")
+        cli += ["shrink", "--method", method, "--ratio", ratio]
+    else:
+        cli += ["prune", "--method", "sparsegpt"]
     rows: list[dict[str, Any]] = []
     peers: list[dict[str, Any]] = []
     work = Path(tempfile.mkdtemp(prefix="sparsellm-scale-"))
@@ -261,17 +274,22 @@ def main() -> None:
                     args.batch_size,
                     mode == "stream",
                 )
+                if args.shrink:  # the formula counts SparseGPT's statistics
+                    est = {"bytes": None, "phase": None}
                 row = {
                     "model": name,
                     "calib": f"{n}x{seq}",
                     "mode": "in RAM" if mode == "ram" else "streamed",
                     "fp32 weights MiB": round(4 * params / MiB),
                     "seconds": round(measured["seconds"], 1),
-                    "sparsify s": round(result["timings"]["sparsify_s"], 1),
+                    "sparsify s": round(
+                        result["timings"].get("sparsify_s") or result["timings"]["shrink_s"], 1
+                    ),
                     "peak RSS MiB": round(measured["peak_rss"] / MiB),
-                    "formula MiB": round(est["bytes"] / MiB),
+                    "formula MiB": mib(est["bytes"]),
                     "formula phase": est["phase"],
-                    "measured / formula": round(measured["peak_rss"] / est["bytes"], 2),
+                    "measured / formula": est["bytes"]
+                    and round(measured["peak_rss"] / est["bytes"], 2),
                     "peak / fp32 weights": round(measured["peak_rss"] / (4 * params), 2),
                     "dense ppl": result["quality"]["before"].get("ppl"),
                     "sparse ppl": result["quality"]["after"].get("ppl"),
@@ -328,7 +346,8 @@ def main() -> None:
     payload = {
         "rows": rows,
         "llmcompressor": peers,
-        "method": "sparsegpt, 50% unstructured, calibration c4, evaluation wiki (fp32)",
+        "method": (f"shrink {args.shrink}" if args.shrink else "sparsegpt, 50% unstructured")
+        + ", calibration c4, evaluation wiki (fp32)",
         "formula": "see bench/scale.py: estimate()",
         "threads": torch.get_num_threads(),
     }
