@@ -98,7 +98,10 @@ def check_window(model: torch.nn.Module, seqlen: int) -> None:
         raise SparseLLMError(f"--seqlen {seqlen} exceeds the model's context window {limit}")
 
 
-def run_tasks(model: torch.nn.Module, tok: Any, protocol: Protocol) -> dict[str, Any]:
+def run_tasks(
+    model: torch.nn.Module, tok: Any, protocol: Protocol, logits: Any = None
+) -> dict[str, Any]:
+    """The protocol's tasks on `model` (or, with `logits`, on a streamed model)."""
     from sparsellm.eval.suite import run_tasks as _run
 
     return _run(
@@ -108,6 +111,7 @@ def run_tasks(model: torch.nn.Module, tok: Any, protocol: Protocol) -> dict[str,
         protocol.limit,
         protocol.longctx_lengths,
         protocol.longctx_samples,
+        logits=logits,
     )
 
 

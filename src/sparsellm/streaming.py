@@ -11,7 +11,15 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sparsellm.pipeline import DTYPES, Prepared, Protocol, provenance, quality, seed_everything
+from sparsellm.pipeline import (
+    DTYPES,
+    Prepared,
+    Protocol,
+    provenance,
+    quality,
+    run_tasks,
+    seed_everything,
+)
 from sparsellm.result import Result
 
 
@@ -27,8 +35,6 @@ def prepare_streamed(source: str, protocol: Protocol) -> Prepared:
     from sparsellm.models.load import LoadedModel, convert_gguf, file_sha256, resolve_source
     from sparsellm.models.shards import return_freed_memory, skeleton
 
-    if protocol.tasks:
-        raise SparseLLMError("a streamed run reports perplexity and KL only: drop --tasks")
     kind, where = resolve_source(source)
     info: dict[str, Any] = {"source": str(source), "kind": kind}
     if kind == "hub":
@@ -73,7 +79,7 @@ def stream_prune_and_evaluate(
     import shutil
     from pathlib import Path
 
-    from sparsellm.calib.streamed import final_hidden, logprobs
+    from sparsellm.calib.streamed import final_hidden, logprobs, streamed_logits
     from sparsellm.eval.kl import compare_logprobs
     from sparsellm.methods.structured.io import width_skeleton
     from sparsellm.methods.structured.stream import stream_shrink
@@ -108,9 +114,19 @@ def stream_prune_and_evaluate(
         hidden.insert(0, final_hidden(skeleton(src), Checkpoint(src), ids))
     slices = logprobs(*sparse, ids, hidden)
     if dense_eval:
-        q = quality(compare_logprobs((t, d, s) for t, (d, s) in slices))
+        compared, after_ppl = compare_logprobs((t, d, s) for t, (d, s) in slices), None
     else:  # the sparse model against itself: its own NLL
-        q = quality(after_ppl=compare_logprobs((t, s, s) for t, (s,) in slices)["sparse_ppl"])
+        compared = None
+        after_ppl = compare_logprobs((t, s, s) for t, (s,) in slices)["sparse_ppl"]
+    del hidden, slices
+    tasks: list[dict | None] = [None, None]
+    if protocol.tasks:  # zero-shot and long-context, block by block too
+        tok = prep.loaded.tokenizer
+        dense = skeleton(src)
+        if dense_eval:
+            tasks[0] = run_tasks(dense, tok, protocol, streamed_logits(dense, Checkpoint(src)))
+        tasks[1] = run_tasks(sparse[0], tok, protocol, streamed_logits(*sparse))
+    q = quality(compared, *tasks, after_ppl=after_ppl)
     evaluate_s = time.perf_counter() - start
     stream = provenance(prep, protocol, stream={"max_memory": max_memory})
     if structured:  # lined up with `sparsellm shrink`'s Result

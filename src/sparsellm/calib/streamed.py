@@ -9,7 +9,7 @@ logits are formed. `capture` is shared with streamed pruning; `final_hidden` and
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from sparsellm.calib.sequential import BlockCall, capture_block_inputs, run_block
 from sparsellm.models.adapters import blocks_prefix, get_blocks
-from sparsellm.models.replay import slice_logprobs
+from sparsellm.models.replay import replaying, slice_logprobs
 from sparsellm.models.shards import Checkpoint, materialize, release, return_freed_memory
 
 
@@ -61,15 +61,12 @@ def capture(
     return calls
 
 
-@torch.no_grad()
-def final_hidden(
-    model: nn.Module, ckpt: Checkpoint, windows: torch.Tensor, batch_size: int = 4
-) -> torch.Tensor:
-    """The last block's outputs for `windows` (n, seq, d), one block in memory at a time."""
+def _through_blocks(
+    model: nn.Module, ckpt: Checkpoint, batches: list[torch.Tensor], calls: list[list[BlockCall]]
+) -> None:
+    """Advance every batch of block-0 inputs in `batches` to the last block's outputs, in
+    place, one block in memory at a time."""
     prefix, blocks = blocks_prefix(model), get_blocks(model)
-    hidden = torch.empty((*windows.shape, model.config.hidden_size))
-    calls = capture(model, ckpt, windows, batch_size, hidden)
-    batches = list(hidden.split(batch_size))
 
     def sink(b: int, y: torch.Tensor) -> None:
         batches[b].copy_(y)
@@ -79,7 +76,69 @@ def final_hidden(
         run_block(block, batches, calls[i], None, sink)
         release(block)
         return_freed_memory()  # or the freed block's buffers pile up in the allocator
+
+
+@torch.no_grad()
+def final_hidden(
+    model: nn.Module, ckpt: Checkpoint, windows: torch.Tensor, batch_size: int = 4
+) -> torch.Tensor:
+    """The last block's outputs for `windows` (n, seq, d), one block in memory at a time."""
+    hidden = torch.empty((*windows.shape, model.config.hidden_size))
+    calls = capture(model, ckpt, windows, batch_size, hidden)
+    _through_blocks(model, ckpt, list(hidden.split(batch_size)), calls)
     return hidden
+
+
+def _head_names(model: nn.Module) -> set[str]:
+    """The parameters after the blocks (and the embeddings only when the head is them)."""
+    names = outer_names(model, head=True)
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    return names - {n for n, p in model.named_parameters() if p is embed and p is not head}
+
+
+def streamed_logits(
+    model: nn.Module, ckpt: Checkpoint, tokens_per_pass: int = 1 << 15
+) -> Callable[[Sequence[tuple[torch.Tensor, torch.Tensor]]], Iterator[torch.Tensor]]:
+    """A task evaluator's logits function (`sparsellm.eval.logits.LogitsFn`) for the
+    checkpoint `ckpt` read block by block: requests (ids, positions to keep) are taken
+    `tokens_per_pass` tokens at a time, their hidden states advanced through the blocks
+    together (one read of the model per pass), then the final norm and head applied at
+    the kept positions by the model's own forward with its blocks replayed. Requests may
+    differ in shape (zero-shot batches, long-context samples)."""
+
+    @torch.no_grad()
+    def run(requests: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[torch.Tensor]:
+        start = 0
+        while start < len(requests):
+            end, tokens = start, 0
+            while end < len(requests) and (end == start or tokens < tokens_per_pass):
+                tokens += requests[end][0].numel()
+                end += 1
+            group = requests[start:end]
+            names = outer_names(model, head=False)
+            materialize(model, ckpt, names=names)
+            try:
+                hidden, calls = capture_block_inputs(model, [ids for ids, _ in group])
+            finally:
+                release(model, names)
+            _through_blocks(model, ckpt, hidden, calls)
+            del calls
+            names = _head_names(model)
+            materialize(model, ckpt, names=names)
+            output: list[torch.Tensor | None] = [None]
+            try:
+                with replaying(model, output):
+                    for h, (_, keep) in zip(hidden, group, strict=True):
+                        output[0] = h
+                        zeros = torch.zeros_like(h)  # never read: the blocks replay
+                        out = model(inputs_embeds=zeros, use_cache=False, logits_to_keep=keep)
+                        yield out.logits
+            finally:
+                release(model, names)
+            start = end
+
+    return run
 
 
 @torch.no_grad()
@@ -94,10 +153,7 @@ def logprobs(
     `slice_logprobs`), from `final_hidden` outputs of models that share this checkpoint's
     final norm and head (a streamed prune copies them unchanged). Only the tensors after
     the blocks are read (and the embeddings when the head is tied to them)."""
-    names = outer_names(model, head=True)
-    embed = model.get_input_embeddings().weight
-    head = model.get_output_embeddings().weight
-    names -= {n for n, p in model.named_parameters() if p is embed and p is not head}
+    names = _head_names(model)
     materialize(model, ckpt, names=names)
     try:
         for b, ids in enumerate(windows.split(batch_size)):

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from sparsellm.data.corpora import bos_prefix, encode, read_text, resolve_corpus
 from sparsellm.errors import SparseLLMError
+from sparsellm.eval.logits import LogitsFn, model_logits
 from sparsellm.eval.zeroshot import encode_pair
 from sparsellm.models.adapters import context_window
 
@@ -171,14 +172,23 @@ def make_samples(
     return out
 
 
+def request(sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ids and the positions whose logits say whether greedy decoding after the
+    prompt yields exactly the answer tokens."""
+    ids = torch.tensor([sample.prompt + sample.answer[:-1]])
+    first = len(sample.prompt) - 1
+    return ids, torch.arange(first, first + len(sample.answer))
+
+
+def decodes_answer(logits: torch.Tensor, sample: Sample) -> bool:
+    """Whether the logits of `request(sample)` decode greedily to the answer."""
+    return bool((logits[0].argmax(-1) == torch.tensor(sample.answer)).all())
+
+
 @torch.no_grad()
 def answer_correct(model: torch.nn.Module, sample: Sample) -> bool:
     """Whether greedy decoding after the prompt yields exactly the answer tokens."""
-    ids = torch.tensor([sample.prompt + sample.answer[:-1]])
-    first = len(sample.prompt) - 1
-    keep = torch.arange(first, first + len(sample.answer))
-    logits = model(input_ids=ids, logits_to_keep=keep, use_cache=False).logits[0]
-    return bool((logits.argmax(-1) == torch.tensor(sample.answer)).all())
+    return decodes_answer(next(model_logits(model)([request(sample)])), sample)
 
 
 def check_lengths(model: torch.nn.Module, lengths: tuple[int, ...]) -> None:
@@ -201,11 +211,16 @@ def evaluate_longctx(
     lengths: tuple[int, ...] = DEFAULT_LENGTHS,
     samples: int = 3,
     seed: int = 0,
+    logits: LogitsFn | None = None,
 ) -> dict[str, Any]:
-    """Accuracy overall, per length, and (needle) per depth × length cell."""
+    """Accuracy overall, per length, and (needle) per depth × length cell. The logits come
+    from `logits` when given (a streamed model), else from `model`'s forward."""
     check_lengths(model, lengths)
     items = make_samples(tokenizer, task, lengths, samples, seed)
-    hits = [answer_correct(model, s) for s in tqdm(items, desc=task, unit="sample", leave=False)]
+    answers = (logits or model_logits(model))([request(s) for s in items])
+    bar = tqdm(zip(answers, items, strict=True), total=len(items), desc=task, unit="sample",
+               leave=False)  # fmt: skip
+    hits = [decodes_answer(out, s) for out, s in bar]
     acc = sum(hits) / len(hits)
     by_length = {
         str(n): sum(h for h, s in zip(hits, items, strict=True) if s.length == n)

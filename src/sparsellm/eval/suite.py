@@ -13,6 +13,7 @@ import torch
 
 from sparsellm.errors import SparseLLMError
 from sparsellm.eval import longctx, zeroshot
+from sparsellm.eval.logits import LogitsFn
 
 GROUPS: dict[str, tuple[str, ...]] = {**zeroshot.GROUPS, "longctx": longctx.TASKS}
 ALL_TASKS: tuple[str, ...] = (*zeroshot.TASKS, *longctx.TASKS)
@@ -48,14 +49,20 @@ def run_tasks(
     lengths: tuple[int, ...] = longctx.DEFAULT_LENGTHS,
     samples: int = 3,
     batch_size: int = 16,
+    logits: LogitsFn | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Every task's metrics; long-context lengths are checked against the window first."""
+    """Every task's metrics; long-context lengths are checked against the window first.
+    With `logits` (a streamed model's), `model` is only read for its config."""
     if any(t in longctx.TASKS for t in tasks):
         longctx.check_lengths(model, lengths)
     out = {}
     for task in tasks:
         if task in longctx.TASKS:
-            out[task] = longctx.evaluate_longctx(model, tokenizer, task, lengths, samples)
+            out[task] = longctx.evaluate_longctx(
+                model, tokenizer, task, lengths, samples, logits=logits
+            )
         else:
-            out[task] = zeroshot.evaluate_task(model, tokenizer, task, limit, batch_size)
+            out[task] = zeroshot.evaluate_task(
+                model, tokenizer, task, limit, batch_size, logits=logits
+            )
     return out

