@@ -186,6 +186,12 @@ inline __m256 load8_i8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
 }
 
+// Weight rows ahead of the current group whose lines are prefetched while it is computed:
+// profiled on int8 decode (default model), the column kernel's samples sat on its weight
+// loads (memory stalls, not arithmetic); prefetching the rows 8 ahead took int8 decode from
+// ~68 to ~100 tok/s on 2 cores. A prefetch is a hint: results are unchanged.
+constexpr int64_t PF_ROWS = 8;
+
 // Dense kinds, four rows at a time so acc is loaded and stored once per four weight rows.
 // `nb` activation rows share the call (row r reads vp + r * vstride and accumulates into
 // acc + r * astride): a batch or a speculative verification pass reads the weights from
@@ -205,10 +211,14 @@ void dense_rows_avx2(const T* values, int64_t out, float* acc, const int64_t* ip
   const bool row_outer = nb == 1 || std::is_same_v<T, float>;
   // one group of four weight rows, one activation row, every output block
   auto group_row = [&](const T* r0, const T* r1, const T* r2, const T* r3, const float* v,
-                       float* ar) {
+                       float* ar, const T* const* pf) {
     const __m256 v0 = _mm256_set1_ps(v[0]), v1 = _mm256_set1_ps(v[1]);
     const __m256 v2 = _mm256_set1_ps(v[2]), v3 = _mm256_set1_ps(v[3]);
     for (int64_t o = o0; o < o8; o += 8) {
+      if (pf) {
+        for (int k = 0; k < 4; ++k)
+          _mm_prefetch(reinterpret_cast<const char*>(pf[k] + o), _MM_HINT_T0);
+      }
       __m256 a = _mm256_loadu_ps(ar + o);
       __m256 b = _mm256_mul_ps(v1, load(r1 + o));
       a = _mm256_fmadd_ps(v0, load(r0 + o), a);
@@ -223,8 +233,13 @@ void dense_rows_avx2(const T* values, int64_t out, float* acc, const int64_t* ip
     const T* r2 = values + ip[j + 2] * out;
     const T* r3 = values + ip[j + 3] * out;
     if (row_outer) {
+      const T* next[4];
+      const bool ahead = j + PF_ROWS + 4 <= j1;
+      if (ahead)
+        for (int k = 0; k < 4; ++k) next[k] = values + ip[j + PF_ROWS + k] * out;
       for (int64_t r = 0; r < nb; ++r)
-        group_row(r0, r1, r2, r3, vp + r * vstride + j, acc + r * astride);
+        group_row(r0, r1, r2, r3, vp + r * vstride + j, acc + r * astride,
+                  ahead && r == 0 ? next : nullptr);
       continue;
     }
     for (int64_t o = o0; o < o8; o += 8) {
@@ -420,10 +435,14 @@ int64_t dense_rows_avx512(const T* values, int64_t out, float* acc, const int64_
   const int64_t o16 = o0 + (o1 - o0) / 16 * 16;
   const bool row_outer = nb == 1 || std::is_same_v<T, float>;
   auto group_row = [&](const T* r0, const T* r1, const T* r2, const T* r3, const float* v,
-                       float* ar) {
+                       float* ar, const T* const* pf) {
     const __m512 v0 = _mm512_set1_ps(v[0]), v1 = _mm512_set1_ps(v[1]);
     const __m512 v2 = _mm512_set1_ps(v[2]), v3 = _mm512_set1_ps(v[3]);
     for (int64_t o = o0; o < o16; o += 16) {
+      if (pf) {
+        for (int k = 0; k < 4; ++k)
+          _mm_prefetch(reinterpret_cast<const char*>(pf[k] + o), _MM_HINT_T0);
+      }
       __m512 a = _mm512_loadu_ps(ar + o);
       __m512 b = _mm512_mul_ps(v1, load(r1 + o));
       a = _mm512_fmadd_ps(v0, load(r0 + o), a);
@@ -439,8 +458,13 @@ int64_t dense_rows_avx512(const T* values, int64_t out, float* acc, const int64_
     const T* r2 = values + ip[j + 2] * out;
     const T* r3 = values + ip[j + 3] * out;
     if (row_outer) {
+      const T* next[4];
+      const bool ahead = j + PF_ROWS + 4 <= j1;
+      if (ahead)
+        for (int k = 0; k < 4; ++k) next[k] = values + ip[j + PF_ROWS + k] * out;
       for (int64_t r = 0; r < nb; ++r)
-        group_row(r0, r1, r2, r3, vp + r * vstride + j, acc + r * astride);
+        group_row(r0, r1, r2, r3, vp + r * vstride + j, acc + r * astride,
+                  ahead && r == 0 ? next : nullptr);
       continue;
     }
     for (int64_t o = o0; o < o16; o += 16) {
