@@ -18,6 +18,10 @@ What it measures, per model, in one run with nothing else on the machine:
 
 Setup once: python3 -m venv bench/.venv-llamacpp &&
 CMAKE_ARGS="-DGGML_NATIVE=ON" bench/.venv-llamacpp/bin/pip install llama-cpp-python
+(where -march=native turns on instructions the VM does not allow, e.g. AMX, and the
+worker dies with "Illegal instruction": -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON
+-DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
+-DGGML_AVX512_VBMI=ON)
 
     .venv/bin/python bench/runtime.py --model default
     .venv/bin/python bench/runtime.py --model qwen0.5b --windows 4
