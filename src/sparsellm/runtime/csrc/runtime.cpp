@@ -192,6 +192,23 @@ inline __m256 load8_i8(const int8_t* p) {
 // ~68 to ~100 tok/s on 2 cores. A prefetch is a hint: results are unchanged.
 constexpr int64_t PF_ROWS = 8;
 
+// The four weight rows PF_ROWS past the group starting at kept row j, in `next`; false
+// (nothing to prefetch) near the end of the kept rows.
+template <class T>
+inline bool rows_ahead(const T* values, const int64_t* ip, int64_t j, int64_t j1,
+                       int64_t out, const T* next[4]) {
+  if (j + PF_ROWS + 4 > j1) return false;
+  for (int k = 0; k < 4; ++k) next[k] = values + ip[j + PF_ROWS + k] * out;
+  return true;
+}
+
+// Prefetch output offset `o` of each of the four rows `pf` (none when null).
+template <class T>
+inline void prefetch4(const T* const* pf, int64_t o) {
+  if (!pf) return;
+  for (int k = 0; k < 4; ++k) _mm_prefetch(reinterpret_cast<const char*>(pf[k] + o), _MM_HINT_T0);
+}
+
 // Dense kinds, four rows at a time so acc is loaded and stored once per four weight rows.
 // `nb` activation rows share the call (row r reads vp + r * vstride and accumulates into
 // acc + r * astride): a batch or a speculative verification pass reads the weights from
@@ -215,10 +232,7 @@ void dense_rows_avx2(const T* values, int64_t out, float* acc, const int64_t* ip
     const __m256 v0 = _mm256_set1_ps(v[0]), v1 = _mm256_set1_ps(v[1]);
     const __m256 v2 = _mm256_set1_ps(v[2]), v3 = _mm256_set1_ps(v[3]);
     for (int64_t o = o0; o < o8; o += 8) {
-      if (pf) {
-        for (int k = 0; k < 4; ++k)
-          _mm_prefetch(reinterpret_cast<const char*>(pf[k] + o), _MM_HINT_T0);
-      }
+      prefetch4(pf, o);
       __m256 a = _mm256_loadu_ps(ar + o);
       __m256 b = _mm256_mul_ps(v1, load(r1 + o));
       a = _mm256_fmadd_ps(v0, load(r0 + o), a);
@@ -234,9 +248,7 @@ void dense_rows_avx2(const T* values, int64_t out, float* acc, const int64_t* ip
     const T* r3 = values + ip[j + 3] * out;
     if (row_outer) {
       const T* next[4];
-      const bool ahead = j + PF_ROWS + 4 <= j1;
-      if (ahead)
-        for (int k = 0; k < 4; ++k) next[k] = values + ip[j + PF_ROWS + k] * out;
+      const bool ahead = rows_ahead(values, ip, j, j1, out, next);
       for (int64_t r = 0; r < nb; ++r)
         group_row(r0, r1, r2, r3, vp + r * vstride + j, acc + r * astride,
                   ahead && r == 0 ? next : nullptr);
@@ -439,10 +451,7 @@ int64_t dense_rows_avx512(const T* values, int64_t out, float* acc, const int64_
     const __m512 v0 = _mm512_set1_ps(v[0]), v1 = _mm512_set1_ps(v[1]);
     const __m512 v2 = _mm512_set1_ps(v[2]), v3 = _mm512_set1_ps(v[3]);
     for (int64_t o = o0; o < o16; o += 16) {
-      if (pf) {
-        for (int k = 0; k < 4; ++k)
-          _mm_prefetch(reinterpret_cast<const char*>(pf[k] + o), _MM_HINT_T0);
-      }
+      prefetch4(pf, o);
       __m512 a = _mm512_loadu_ps(ar + o);
       __m512 b = _mm512_mul_ps(v1, load(r1 + o));
       a = _mm512_fmadd_ps(v0, load(r0 + o), a);
@@ -459,9 +468,7 @@ int64_t dense_rows_avx512(const T* values, int64_t out, float* acc, const int64_
     const T* r3 = values + ip[j + 3] * out;
     if (row_outer) {
       const T* next[4];
-      const bool ahead = j + PF_ROWS + 4 <= j1;
-      if (ahead)
-        for (int k = 0; k < 4; ++k) next[k] = values + ip[j + PF_ROWS + k] * out;
+      const bool ahead = rows_ahead(values, ip, j, j1, out, next);
       for (int64_t r = 0; r < nb; ++r)
         group_row(r0, r1, r2, r3, vp + r * vstride + j, acc + r * astride,
                   ahead && r == 0 ? next : nullptr);
