@@ -109,9 +109,10 @@ def stream_prune_and_evaluate(
     start = time.perf_counter()
     ids = prep.eval_ids
     sparse = (width_skeleton(work) if structured else skeleton(work), Checkpoint(work))
+    dense = (skeleton(src), Checkpoint(src))
     hidden = [final_hidden(*sparse, ids)]
     if dense_eval:  # the dense blocks' outputs; final norm and head are the same tensors
-        hidden.insert(0, final_hidden(skeleton(src), Checkpoint(src), ids))
+        hidden.insert(0, final_hidden(*dense, ids))
     slices = logprobs(*sparse, ids, hidden)
     if dense_eval:
         compared, after_ppl = compare_logprobs((t, d, s) for t, (d, s) in slices), None
@@ -122,9 +123,8 @@ def stream_prune_and_evaluate(
     tasks: list[dict | None] = [None, None]
     if protocol.tasks:  # zero-shot and long-context, block by block too
         tok = prep.loaded.tokenizer
-        dense = skeleton(src)
         if dense_eval:
-            tasks[0] = run_tasks(dense, tok, protocol, streamed_logits(dense, Checkpoint(src)))
+            tasks[0] = run_tasks(dense[0], tok, protocol, streamed_logits(*dense))
         tasks[1] = run_tasks(sparse[0], tok, protocol, streamed_logits(*sparse))
     q = quality(compared, *tasks, after_ppl=after_ppl)
     evaluate_s = time.perf_counter() - start

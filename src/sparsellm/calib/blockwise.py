@@ -61,10 +61,15 @@ BlockProcess = Callable[[int, nn.Module, Callable[[], None] | None], dict[str, A
 
 
 def fingerprint(
-    ckpt: Checkpoint, step: dict[str, Any], calib: torch.Tensor | None, **extra: Any
+    ckpt: Checkpoint,
+    step: dict[str, Any],
+    calib: torch.Tensor | None,
+    batch_size: int,
+    calib_dtype: torch.dtype | None,
 ) -> dict:
     """What decides a streamed run's weights: the source shards (names and sizes), the
-    step, the calibration tokens and the batching; a resume must match it exactly."""
+    step, the calibration tokens, the batching and the calibration dtype (None is fp32);
+    a resume must match it exactly."""
     src = ckpt.path
     shards = {s: (src / s).stat().st_size for s in sorted(set(ckpt.weight_map.values()))}
     tokens = None
@@ -75,7 +80,8 @@ def fingerprint(
         "shards": shards,
         "step": step,
         "calib_sha256": tokens,
-        **extra,
+        "batch_size": batch_size,
+        "calib_dtype": str(calib_dtype or torch.float32),
     }
 
 

@@ -10,6 +10,7 @@ logits are formed. `capture` is shared with streamed pruning; `final_hidden` and
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -34,6 +35,16 @@ def outer_names(model: nn.Module, head: bool) -> set[str]:
     }
 
 
+@contextmanager
+def _reading(model: nn.Module, ckpt: Checkpoint, names: set[str]) -> Iterator[None]:
+    """The parameters `names` of `model` read from `ckpt` for the block, released after."""
+    materialize(model, ckpt, names=names)
+    try:
+        yield
+    finally:
+        release(model, names)
+
+
 @torch.no_grad()
 def capture(
     model: nn.Module,
@@ -44,10 +55,8 @@ def capture(
 ) -> list[list[BlockCall]]:
     """Every block's call arguments per batch, and block 0's inputs written into `into`
     (cast to its dtype) when given; the embeddings are in memory only meanwhile."""
-    names = outer_names(model, head=False)
-    materialize(model, ckpt, names=names)
     calls: list[list[BlockCall]] = [[] for _ in get_blocks(model)]
-    try:
+    with _reading(model, ckpt, outer_names(model, head=False)):
         start = 0
         for ids in windows.split(batch_size):
             hidden, batch_calls = capture_block_inputs(model, [ids])
@@ -56,8 +65,6 @@ def capture(
             if into is not None:
                 into[start : start + len(ids)] = hidden[0]
             start += len(ids)
-    finally:
-        release(model, names)
     return calls
 
 
@@ -116,26 +123,17 @@ def streamed_logits(
                 tokens += requests[end][0].numel()
                 end += 1
             group = requests[start:end]
-            names = outer_names(model, head=False)
-            materialize(model, ckpt, names=names)
-            try:
+            with _reading(model, ckpt, outer_names(model, head=False)):
                 hidden, calls = capture_block_inputs(model, [ids for ids, _ in group])
-            finally:
-                release(model, names)
             _through_blocks(model, ckpt, hidden, calls)
             del calls
-            names = _head_names(model)
-            materialize(model, ckpt, names=names)
             output: list[torch.Tensor | None] = [None]
-            try:
-                with replaying(model, output):
-                    for h, (_, keep) in zip(hidden, group, strict=True):
-                        output[0] = h
-                        zeros = torch.zeros_like(h)  # never read: the blocks replay
-                        out = model(inputs_embeds=zeros, use_cache=False, logits_to_keep=keep)
-                        yield out.logits
-            finally:
-                release(model, names)
+            with _reading(model, ckpt, _head_names(model)), replaying(model, output):
+                for h, (_, keep) in zip(hidden, group, strict=True):
+                    output[0] = h
+                    zeros = torch.zeros_like(h)  # never read: the blocks replay
+                    out = model(inputs_embeds=zeros, use_cache=False, logits_to_keep=keep)
+                    yield out.logits
             start = end
 
     return run
@@ -153,11 +151,7 @@ def logprobs(
     `slice_logprobs`), from `final_hidden` outputs of models that share this checkpoint's
     final norm and head (a streamed prune copies them unchanged). Only the tensors after
     the blocks are read (and the embeddings when the head is tied to them)."""
-    names = _head_names(model)
-    materialize(model, ckpt, names=names)
-    try:
+    with _reading(model, ckpt, _head_names(model)):
         for b, ids in enumerate(windows.split(batch_size)):
             h = [x[b * batch_size : b * batch_size + len(ids)] for x in hidden]
             yield from slice_logprobs(model, h, ids)
-    finally:
-        release(model, names)

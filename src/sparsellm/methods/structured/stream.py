@@ -71,8 +71,7 @@ def stream_shrink(
     layout, hd = block_layout(model), head_dim(model.config)
     prefix = blocks_prefix(model)
     calib = calib if cfg.needs_data else None
-    dtype = calib_dtype or torch.float32
-    fp = fingerprint(ckpt, cfg.to_dict(), calib, batch_size=batch_size, calib_dtype=str(dtype))
+    fp = fingerprint(ckpt, cfg.to_dict(), calib, batch_size, calib_dtype)
 
     def process(
         i: int, block: nn.Module, forward: Callable[[], None] | None

@@ -79,8 +79,7 @@ def stream_prune(
     for chosen in selected:
         for fqn, module in chosen.items():
             check_nm_shape(cfg.parsed_pattern, weight_matrix(module).shape[1], fqn)
-    dtype = calib_dtype or torch.float32
-    fp = fingerprint(ckpt, cfg.to_dict(), calib, batch_size=batch_size, calib_dtype=str(dtype))
+    fp = fingerprint(ckpt, cfg.to_dict(), calib, batch_size, calib_dtype)
     new_stats = partial(_new_stats, pruner.stats, work, max_memory)
 
     def process(
