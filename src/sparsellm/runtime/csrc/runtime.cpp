@@ -198,10 +198,8 @@ inline __m256 load8_i8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
 }
 
-// Weight rows ahead of the current group whose lines are prefetched while it is computed:
-// profiled on int8 decode (default model), the column kernel's samples sat on its weight
-// loads (memory stalls, not arithmetic); prefetching the rows 8 ahead took int8 decode from
-// ~68 to ~100 tok/s on 2 cores. A prefetch is a hint: results are unchanged.
+// Weight rows ahead of the current group whose lines are prefetched while it is computed
+// (a prefetch is a hint: results are unchanged).
 constexpr int64_t PF_ROWS = 8;
 
 // The four weight rows PF_ROWS past the group starting at kept row j, in `next`; false
@@ -214,10 +212,11 @@ inline bool rows_ahead(const T* values, const int64_t* ip, int64_t j, int64_t j1
   return true;
 }
 
-// Prefetch output offset `o` of each of the four rows `pf` (none when null).
+// Prefetch output offset `o` of each of the four rows `pf`. Callers test whether to
+// fetch with a flag, not a null `pf`: GCC 12 silently dropped every prefetch of a helper
+// that returned early on `!pf` (seen in the disassembly).
 template <class T>
 inline void prefetch4(const T* const* pf, int64_t o) {
-  if (!pf) return;
   for (int k = 0; k < 4; ++k) _mm_prefetch(reinterpret_cast<const char*>(pf[k] + o), _MM_HINT_T0);
 }
 
@@ -240,11 +239,11 @@ void dense_rows_avx2(const T* values, int64_t out, float* acc, const int64_t* ip
   const bool row_outer = nb == 1 || std::is_same_v<T, float>;
   // one group of four weight rows, one activation row, every output block
   auto group_row = [&](const T* r0, const T* r1, const T* r2, const T* r3, const float* v,
-                       float* ar, const T* const* pf) {
+                       float* ar, const T* const* pf, bool fetch) {
     const __m256 v0 = _mm256_set1_ps(v[0]), v1 = _mm256_set1_ps(v[1]);
     const __m256 v2 = _mm256_set1_ps(v[2]), v3 = _mm256_set1_ps(v[3]);
     for (int64_t o = o0; o < o8; o += 8) {
-      prefetch4(pf, o);
+      if (fetch) prefetch4(pf, o);
       __m256 a = _mm256_loadu_ps(ar + o);
       __m256 b = _mm256_mul_ps(v1, load(r1 + o));
       a = _mm256_fmadd_ps(v0, load(r0 + o), a);
@@ -262,8 +261,8 @@ void dense_rows_avx2(const T* values, int64_t out, float* acc, const int64_t* ip
       const T* next[4];
       const bool ahead = rows_ahead(values, ip, j, j1, out, next);
       for (int64_t r = 0; r < nb; ++r)
-        group_row(r0, r1, r2, r3, vp + r * vstride + j, acc + r * astride,
-                  ahead && r == 0 ? next : nullptr);
+        group_row(r0, r1, r2, r3, vp + r * vstride + j, acc + r * astride, next,
+                  ahead && r == 0);
       continue;
     }
     for (int64_t o = o0; o < o8; o += 8) {
@@ -459,11 +458,11 @@ int64_t dense_rows_avx512(const T* values, int64_t out, float* acc, const int64_
   const int64_t o16 = o0 + (o1 - o0) / 16 * 16;
   const bool row_outer = nb == 1 || std::is_same_v<T, float>;
   auto group_row = [&](const T* r0, const T* r1, const T* r2, const T* r3, const float* v,
-                       float* ar, const T* const* pf) {
+                       float* ar, const T* const* pf, bool fetch) {
     const __m512 v0 = _mm512_set1_ps(v[0]), v1 = _mm512_set1_ps(v[1]);
     const __m512 v2 = _mm512_set1_ps(v[2]), v3 = _mm512_set1_ps(v[3]);
     for (int64_t o = o0; o < o16; o += 16) {
-      prefetch4(pf, o);
+      if (fetch) prefetch4(pf, o);
       __m512 a = _mm512_loadu_ps(ar + o);
       __m512 b = _mm512_mul_ps(v1, load(r1 + o));
       a = _mm512_fmadd_ps(v0, load(r0 + o), a);
@@ -482,8 +481,8 @@ int64_t dense_rows_avx512(const T* values, int64_t out, float* acc, const int64_
       const T* next[4];
       const bool ahead = rows_ahead(values, ip, j, j1, out, next);
       for (int64_t r = 0; r < nb; ++r)
-        group_row(r0, r1, r2, r3, vp + r * vstride + j, acc + r * astride,
-                  ahead && r == 0 ? next : nullptr);
+        group_row(r0, r1, r2, r3, vp + r * vstride + j, acc + r * astride, next,
+                  ahead && r == 0);
       continue;
     }
     for (int64_t o = o0; o < o16; o += 16) {
