@@ -89,7 +89,14 @@ def ext(request: pytest.FixtureRequest) -> Iterator[Any]:
     # narrow outputs (threads split the kept rows, some ranges > one 32-row task) and
     # wide ones (threads split the output columns: out >= 2048 per thread), with and
     # without a tail past the last multiple of 8 / 16
-    [(0, 1, 24, 48), (1, 2, 300, 340), (2, 3, 517, 96), (3, 1, 70, 9000), (4, 3, 33, 4999)],
+    [
+        (0, 1, 24, 48),
+        (1, 2, 300, 340),
+        (2, 3, 517, 96),
+        (3, 1, 70, 9000),
+        (4, 3, 33, 4999),
+        (5, 2, 40, 4864),  # qwen0.5b's MLP width: 2.4 stored offset chunks
+    ],
 )
 def test_native_kernel_equals_masked_reference(
     ext: Any, kind: str, seed: int, b: int, n_in: int, n_out: int
@@ -127,6 +134,20 @@ def test_native_weight_rejects_mismatched_parts() -> None:
     p = pack(torch.randn(32, 16), "int8")
     p.values = p.values[:8]  # truncated
     with pytest.raises(RuntimeError, match="shape"):
+        native_weight(mod, p)
+
+
+def test_native_weight_rejects_offsets_that_contradict_the_mask() -> None:
+    from sparsellm.runtime.kernels import native_kernel
+
+    mod = native_kernel()
+    if mod is None:
+        pytest.skip("no C++ compiler here")
+    w = torch.randn(4096, 8, generator=torch.Generator().manual_seed(0))
+    p = pack(w, "sparse-int8")
+    native_weight(mod, p)  # consistent
+    p.offsets[3, 1] += 1
+    with pytest.raises(RuntimeError, match="offsets do not match the mask"):
         native_weight(mod, p)
 
 

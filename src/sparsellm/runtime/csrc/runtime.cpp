@@ -36,8 +36,13 @@ namespace {
 
 // Kinds, in the order of formats.KINDS.
 enum Kind : int64_t { kF32 = 0, kBF16 = 1, kI8 = 2, kI4 = 3, kSBF16 = 4, kSI8 = 5, kSI4 = 6 };
-// Outputs per sparse offset chunk (formats.CHUNK); also the column split's unit.
+// Outputs per sparse offset chunk as stored (formats.CHUNK).
 constexpr int64_t kChunk = 2048;
+// The column split's unit, and the outputs per offset the runtime derives from the mask
+// when it loads a bitmask weight. Why finer than kChunk: qwen0.5b's 4864-wide gate/up
+// are 2.4 stored chunks, so splitting them by chunk gave one of two threads 4096 outputs
+// and the other 768.
+constexpr int64_t kUnit = 256;
 // Output slices narrower than this per thread are split over kept rows instead.
 constexpr int64_t kOutSplit = 2048;
 
@@ -77,7 +82,7 @@ bool cpu_has_vbmi2() {
 
 // A packed W^T, pointers into tensors owned by a PackedWeight.
 struct Weight {
-  int64_t kind = kF32, in = 0, out = 0, group = 0, n_chunks = 0;
+  int64_t kind = kF32, in = 0, out = 0, group = 0, n_units = 0;
   const void* values = nullptr;
   const float* scale = nullptr;
   const uint8_t* mask = nullptr;
@@ -94,9 +99,9 @@ inline float bf16_to_f32(uint16_t h) {
   return f;
 }
 
-// Start of row i's packed values for the chunk holding output o0 (a chunk boundary or 0).
+// Start of row i's packed values for output o0 (a multiple of kUnit).
 inline int64_t sparse_start(const Weight& w, int64_t i, int64_t o0) {
-  return w.offsets[i * w.n_chunks + o0 / kChunk];
+  return w.offsets[i * w.n_units + o0 / kUnit];
 }
 
 // ---------------------------------------------------------------- portable kernels
@@ -540,16 +545,19 @@ int64_t dense_avx512(const Weight& w, float* acc, const int64_t* ip, const float
 
 #if SPARSELLM_X86
 // ---------------------------------------------------------------- AVX-512 VBMI2 bitmask kernels
-// sparse_rows_avx2 with 16 outputs per vector and no lookup table: the 16 mask bits of
-// an output block are spread (pdep) to the top byte (int8) or top word (bf16) of each
-// 32-bit lane, and one expand-load (vpexpandb / vpexpandw) places the next popcount
-// packed values there, zeros elsewhere: a bf16 lands as its exact fp32, an int8 as
-// v * 2^24 (as in the AVX2 kernel). Same operations per lane in the same order as the
-// AVX2 kernel, so results are bit-identical to it. Why: profiled on 50% sparse-int8
-// decode (default model, one thread), the AVX2 kernel took 53% of the samples for 0.6x
-// of dense int8's bytes; per 8 outputs it spent a 16-byte load, a table load, a shuffle,
-// a popcount and a convert, on instructions rather than memory.
-#pragma GCC push_options
+// sparse_rows_avx2 with 16 outputs per vector and no lookup table. Int8: per 64 outputs
+// of a row, one expand-load (vpexpandb) by the row's 64 mask bits places the next
+// popcount packed values at their outputs (zeros elsewhere), widened 16 at a time. Bf16:
+// per 16 outputs, the mask bits are spread (pdep) to the top word of each 32-bit lane and
+// one vpexpandw lands each value as its exact fp32. Same operations per lane in the same
+// order as the AVX2 kernel (x * w is exact whether w is scaled by 2^24 or not), so results
+// are bit-identical to it. Why: profiled on 50% sparse-int8 decode (default model, one
+// thread), the AVX2 kernel took 53% of the samples for 0.6x of dense int8's bytes: per
+// 8 outputs a 16-byte load, a table load, a shuffle, a popcount and a convert. Measured
+// with a 1.2 GB working set (beyond the caches), 2 threads, this kernel runs 50% sparse
+// int8 at 28 G weight positions/s against dense int8's 26: still bound by instructions
+// (expand, widen, convert, FMA per position), not by memory; the 16-wide pdep form of the
+// int8 kernel measured slower than this one.
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vbmi2,bmi2,avx2,fma,popcnt")
 
 template <bool kBf16>
@@ -564,6 +572,21 @@ inline __m512 expand16(const uint8_t*& p, uint32_t m16) {
     p += __builtin_popcount(m16);
     return _mm512_cvtepi32_ps(e);
   }
+}
+
+// Int8 values for 64 outputs of one row: one expand-load by the row's 64 mask bits.
+inline __m512i expand64(const uint8_t*& p, const uint16_t* m) {
+  uint64_t mk;
+  std::memcpy(&mk, m, 8);
+  const __m512i e = _mm512_maskz_expandloadu_epi8(mk, p);
+  p += __builtin_popcountll(mk);
+  return e;
+}
+
+// Outputs 16q..16q+15 of an expand64 block as fp32.
+template <int Q>
+inline __m512 widen16(__m512i e) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(e, Q)));
 }
 
 template <bool kBf16>
@@ -589,8 +612,43 @@ void sparse_rows_avx512(const Weight& w, float* acc, const int64_t* ip, const fl
     row(j + 1, m1, p1, v1);
     row(j + 2, m2, p2, v2);
     row(j + 3, m3, p3, v3);
+    // the rows PF_ROWS ahead: their masks now, their values as far in as row j has got
+    const bool fetch = j + PF_ROWS + 4 <= j1;
+    const uint8_t* next[4] = {p0, p0, p0, p0};
+    if (fetch) {
+      for (int q = 0; q < 4; ++q) {
+        const int64_t i = ip[j + PF_ROWS + q];
+        next[q] = base + sparse_start(w, i, o0) * kSize;
+        const uint8_t* nm = w.mask + i * (out / 8) + o0 / 8;
+        for (int64_t b = 0; b < (o1 - o0) / 8; b += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(nm + b), _MM_HINT_T0);
+      }
+    }
+    const uint8_t* const start0 = p0;
     float* a = acc + o0;
-    for (int64_t k = 0; k < n16; ++k, a += 16) {
+    int64_t k = 0;
+    if constexpr (!kBf16) {
+      const __m512 x0 = _mm512_set1_ps(vp[j]), x1 = _mm512_set1_ps(vp[j + 1]);
+      const __m512 x2 = _mm512_set1_ps(vp[j + 2]), x3 = _mm512_set1_ps(vp[j + 3]);
+      auto block = [&](float* aq, __m512 w0, __m512 w1, __m512 w2, __m512 w3) {
+        __m512 s = _mm512_fmadd_ps(x0, w0, _mm512_loadu_ps(aq));
+        __m512 t = _mm512_mul_ps(x1, w1);
+        s = _mm512_fmadd_ps(x2, w2, s);
+        t = _mm512_fmadd_ps(x3, w3, t);
+        _mm512_storeu_ps(aq, _mm512_add_ps(s, t));
+      };
+      for (; k + 4 <= n16; k += 4, a += 64) {
+        if (fetch) prefetch4(next, p0 - start0);
+        const __m512i e0 = expand64(p0, m0 + k), e1 = expand64(p1, m1 + k);
+        const __m512i e2 = expand64(p2, m2 + k), e3 = expand64(p3, m3 + k);
+        block(a, widen16<0>(e0), widen16<0>(e1), widen16<0>(e2), widen16<0>(e3));
+        block(a + 16, widen16<1>(e0), widen16<1>(e1), widen16<1>(e2), widen16<1>(e3));
+        block(a + 32, widen16<2>(e0), widen16<2>(e1), widen16<2>(e2), widen16<2>(e3));
+        block(a + 48, widen16<3>(e0), widen16<3>(e1), widen16<3>(e2), widen16<3>(e3));
+      }
+    }
+    for (; k < n16; ++k, a += 16) {
+      if (fetch && (k & 3) == 0) prefetch4(next, p0 - start0);
       __m512 s = _mm512_fmadd_ps(v0, expand16<kBf16>(p0, m0[k]), _mm512_loadu_ps(a));
       __m512 t = _mm512_mul_ps(v1, expand16<kBf16>(p1, m1[k]));
       s = _mm512_fmadd_ps(v2, expand16<kBf16>(p2, m2[k]), s);
@@ -716,10 +774,10 @@ int64_t gemv_into(const float* xp, int64_t b, const Weight& w, const float* sp, 
   // through the kernels together and the weights are read once (see rows_multi)
   const bool shared = thr < 0;
   if (out >= kOutSplit * nt) {
-    // Wide output: each thread owns chunks of y (the sparse offsets' unit), no reduction.
-    const int64_t n_chunks = (out + kChunk - 1) / kChunk;
-    at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
-      const int64_t o0 = c0 * kChunk, o1 = std::min(out, c1 * kChunk);
+    // Wide output: each thread owns an equal run of kUnit-wide slices of y, no reduction.
+    const int64_t n_units = (out + kUnit - 1) / kUnit;
+    at::parallel_for(0, n_units, 1, [&](int64_t c0, int64_t c1) {
+      const int64_t o0 = c0 * kUnit, o1 = std::min(out, c1 * kUnit);
       if (shared) rows_multi(w, yp, ip, vp, 0, in, o0, o1, b, in, out);
       else
         for (int64_t r = 0; r < b; ++r) rows(w, yp + r * out, ip, vp, st[r], st[r + 1], o0, o1);
@@ -773,7 +831,30 @@ void rms_norm(const float* xp, int64_t b, int64_t n, const float* wp, double eps
 // validated; the checks below guard against misuse from Python.
 struct PackedWeight {
   torch::Tensor values, scale, mask, offsets;
+  torch::Tensor units;  // bitmask kinds (in, n_units): row i's start at output u * kUnit
   Weight w;
+
+  // Per row, the packed-value start of every kUnit outputs: the stored chunk start plus
+  // the mask bits before it, checked against the next stored chunk start.
+  void derive_units(const int64_t* stored, int64_t n_chunks) {
+    const int64_t out = w.out, per_chunk = kChunk / kUnit;
+    w.n_units = (out + kUnit - 1) / kUnit;
+    units = torch::empty({w.in, w.n_units}, torch::kLong);
+    int64_t* up = units.data_ptr<int64_t>();
+    for (int64_t i = 0; i < w.in; ++i) {
+      const uint8_t* m = w.mask + i * (out / 8);
+      int64_t p = stored[i * n_chunks];
+      for (int64_t u = 0; u < w.n_units; ++u) {
+        if (u % per_chunk == 0)
+          TORCH_CHECK(p == stored[i * n_chunks + u / per_chunk],
+                      "offsets do not match the mask");
+        up[i * w.n_units + u] = p;
+        for (int64_t b = u * kUnit / 8; b < std::min(out, (u + 1) * kUnit) / 8; ++b)
+          p += __builtin_popcount(m[b]);
+      }
+    }
+    w.offsets = up;
+  }
 
   PackedWeight(int64_t kind, int64_t out, int64_t in, int64_t group, torch::Tensor values_,
                torch::Tensor scale_, torch::Tensor mask_, torch::Tensor offsets_)
@@ -799,8 +880,7 @@ struct PackedWeight {
                       offsets.size(0) == in && offsets.size(1) == (out + kChunk - 1) / kChunk,
                   "offsets (in, chunks) int64 expected");
       w.mask = mask.data_ptr<uint8_t>();
-      w.offsets = offsets.data_ptr<int64_t>();
-      w.n_chunks = offsets.size(1);
+      derive_units(offsets.data_ptr<int64_t>(), offsets.size(1));
     } else {
       const int64_t per_row = kind == kF32 ? 4 * out : kind == kBF16 ? 2 * out
                               : kind == kI8 ? out : out / 2;
