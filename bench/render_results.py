@@ -62,7 +62,9 @@ def describe_cpu(cpu: Any) -> str:
         return "unknown"
     flags = ", ".join(cpu.get("flags") or []) or "none of the tracked ones"
     cores = cpu.get("logical_cores")
-    return f"{cpu.get('model') or 'unknown'} ({cores} logical cores; flags: {flags})"
+    l3 = cpu.get("l3_cache_bytes")
+    cache = f"; L3 {l3 / 2**20:.0f} MiB" if l3 else ""
+    return f"{cpu.get('model') or 'unknown'} ({cores} logical cores{cache}; flags: {flags})"
 
 
 def render_page(name: str, record: dict[str, Any]) -> str:

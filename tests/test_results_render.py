@@ -125,3 +125,10 @@ def test_float_cells() -> None:
 def test_committed_results_are_rendered() -> None:
     """results/*.md in the repository match their JSON (rerun the renderer if not)."""
     assert render.main(["--check"]) == 0
+
+
+def test_cpu_line_gives_the_l3_size_when_known() -> None:
+    cpu = {"model": "X", "flags": ["avx2"], "logical_cores": 2}
+    assert render.describe_cpu(cpu) == "X (2 logical cores; flags: avx2)"
+    cpu["l3_cache_bytes"] = 300 * 2**20
+    assert render.describe_cpu(cpu) == "X (2 logical cores; L3 300 MiB; flags: avx2)"
