@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -19,7 +21,9 @@ from sparsellm.runtime.speculative import (
     TokenRecycling,
     Tree,
     accept_node,
+    build_draft,
     chain,
+    prepare_target,
     speculative_stream,
 )
 
@@ -67,6 +71,29 @@ def test_self_sparse_draft_shares_the_cache_and_stays_exact(calib_ids: torch.Ten
     draft = ModelDraft(rt, sparse=True, shares_cache=True)
     assert list(speculative_stream(rt, draft, _prompt(), 40, stats=stats, switch=False)) == want
     assert stats.accepted > 0
+
+
+def test_packed_self_draft_is_the_targets_weights_in_another_format() -> None:
+    model = tiny_model("qwen2", layers=2)
+    rt = DecodeRuntime(model, max_len=96)
+    loaded = SimpleNamespace(model=model)
+    assert prepare_target("self:int8", loaded) is False  # nothing to calibrate, target as is
+    draft = build_draft("self:int8", rt, loaded)
+    assert isinstance(draft, ModelDraft) and draft.rt.fmt == "int8" and not draft.shares_cache
+    stats = Stats()
+    got = list(speculative_stream(rt, draft, _prompt(), 40, stats=stats, switch=False))
+    assert got == _plain(rt, _prompt(), 40)
+    assert stats.accepted > stats.drafted / 2  # an int8 copy mostly agrees with fp32
+
+
+def test_packed_self_draft_needs_the_weights_in_memory() -> None:
+    from sparsellm.errors import SparseLLMError
+
+    model = tiny_model("llama", layers=2)
+    rt = DecodeRuntime(model, max_len=96, fmt="int8")
+    rt.release_model_weights()
+    with pytest.raises(SparseLLMError, match="stored packed"):
+        build_draft("self:int8", rt, SimpleNamespace(model=model))
 
 
 def test_stop_token_and_length_are_respected() -> None:

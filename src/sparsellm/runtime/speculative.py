@@ -28,6 +28,10 @@ Drafts (`build_draft` parses the `--draft` spec):
   `self:teal:sparsity=0.6`, calibrated by `prepare_target` before the runtime is built):
   the same weights and KV cache, decode steps that skip channels; the verification pass
   rewrites the cache with dense entries.
+- `self:FORMAT` (`self:int8`, `self:bf16`, `self:int4`, ...): the target's own weights
+  packed in a smaller format, on their own runtime and cache (a quantized self-draft, as
+  in QSpec, Zhao et al. 2024): a few times faster than a fp32 target, and close enough to
+  it that most of its tokens are accepted.
 - a model directory: any model with the target's vocabulary, on its own runtime and cache.
 
 The draft length adapts (`Pacer`): one more than the running mean of accepted draft
@@ -46,6 +50,7 @@ from typing import Any
 import torch
 
 from sparsellm.errors import SparseLLMError
+from sparsellm.models.compressed import PACKED_FORMATS
 
 # Rows of one verification pass, root included (`DecodeRuntime.step` runs up to this many
 # tokens on the kernels; a pass costs about 1 + 0.3 per extra row of a lone step here).
@@ -485,6 +490,8 @@ def build_draft(spec: str, rt: Any, loaded: Any, load: Callable[[str], Any] | No
         return TokenRecycling(
             rt.lm_head.out_features, int(opts.get("top_k", 3)), opts.get("tree", "small")
         )
+    if name == "self" and rest in PACKED_FORMATS:
+        return _packed_self(rest, rt, loaded)
     if name == "self":
         if not any(p.rule is not None for p in rt.projections() if hasattr(p, "rule")):
             raise SparseLLMError(f"{spec}: call prepare_target before building the runtime")
@@ -502,13 +509,26 @@ def build_draft(spec: str, rt: Any, loaded: Any, load: Callable[[str], Any] | No
     return ModelDraft(drt, sparse=True, shares_cache=False)
 
 
+def _packed_self(fmt: str, rt: Any, loaded: Any) -> Draft:
+    """The target's weights packed as `fmt`, on a runtime of their own."""
+    from sparsellm.models.adapters import block_linears, get_blocks
+    from sparsellm.runtime.decode import DecodeRuntime
+
+    weights = [lin.weight for b in get_blocks(loaded.model) for lin in block_linears(b).values()]
+    if any(w.numel() == 0 for w in weights):  # released: the target runs packed weights
+        raise SparseLLMError(f"self:{fmt} drafts pack a plain (unpacked) target; this one is "
+                             "stored packed: export a draft and pass its directory")  # fmt: skip
+    drt = DecodeRuntime(loaded.model, max_len=rt.max_len, fmt=fmt)
+    return ModelDraft(drt, sparse=False, shares_cache=False)
+
+
 def prepare_target(spec: str, loaded: Any) -> bool:
     """For a `self:RECIPE` draft, calibrate the activation recipe on the bundled c4 text and
     wrap the loaded model's modules with it, before its runtime is built: the runtime then
     holds the thresholds, its dense path is the target and its sparse path the draft.
     Returns whether the target must now run dense. Other drafts need nothing."""
     name, _, recipe = spec.partition(":")
-    if name != "self":
+    if name != "self" or recipe in PACKED_FORMATS:
         return False
     from sparsellm.config import from_spec
     from sparsellm.data.corpora import resolve_corpus, token_windows
