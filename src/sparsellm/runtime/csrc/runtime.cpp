@@ -320,25 +320,74 @@ bool dense_multi_avx2(const Weight& w, float* acc, const int64_t* ip, const floa
   }
 }
 
+// Int4: the kept rows of one scale group (a run of rows: kept rows come in ascending
+// order) are summed unscaled into `part`, four rows per load and store of it, and the
+// group's scales are applied once per run: acc[o] += s_g[o] * part[o]. Why: applying the
+// scale per row cost two loads and two multiplies per 16 outputs and row on top of the
+// nibble unpacking, and one row at a time loaded and stored acc per row (measured: int4
+// decoded slower than int8 on the default model while reading 0.6x the bytes).
 void i4_rows_avx2(const Weight& w, float* acc, const int64_t* ip, const float* vp, int64_t j0,
                   int64_t j1, int64_t o0, int64_t o1) {
-  const int64_t out = w.out;
+  const int64_t out = w.out, n = o1 - o0;
   const __m256i low = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
-  for (int64_t j = j0; j < j1; ++j) {
-    const int64_t i = ip[j];
-    const uint8_t* r = static_cast<const uint8_t*>(w.values) + i * (out / 2);
-    const float* s = w.scale + (i / w.group) * out;
-    const __m256 v = _mm256_set1_ps(vp[j]);
-    for (int64_t o = o0; o < o1; o += 16) {
-      const __m256i u = _mm256_cvtepu8_epi32(
-          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(r + o / 2)));
-      const __m256 lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(u, low), eight));
-      const __m256 hi = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(u, 4), eight));
-      const __m256 s0 = _mm256_mul_ps(v, _mm256_loadu_ps(s + o));
-      const __m256 s1 = _mm256_mul_ps(v, _mm256_loadu_ps(s + o + 8));
-      _mm256_storeu_ps(acc + o, _mm256_fmadd_ps(s0, lo, _mm256_loadu_ps(acc + o)));
-      _mm256_storeu_ps(acc + o + 8, _mm256_fmadd_ps(s1, hi, _mm256_loadu_ps(acc + o + 8)));
+  thread_local std::vector<float> part_buf;
+  part_buf.resize(static_cast<size_t>(n));
+  float* part = part_buf.data() - o0;  // indexed by output
+  const auto* base = static_cast<const uint8_t*>(w.values);
+  // the 16 outputs at o of row pointer r, as (outputs o..o+7, outputs o+8..o+15)
+  auto unpack = [&](const uint8_t* r, int64_t o, __m256& lo, __m256& hi) {
+    const __m256i u =
+        _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r + o / 2)));
+    lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(u, low), eight));
+    hi = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(u, 4), eight));
+  };
+  for (int64_t j = j0; j < j1;) {
+    const int64_t g = ip[j] / w.group;
+    int64_t e = j;
+    while (e < j1 && ip[e] / w.group == g) ++e;
+    std::fill_n(part + o0, n, 0.0f);
+    for (; j + 4 <= e; j += 4) {
+      const uint8_t* r[4];
+      const uint8_t* next[4];
+      for (int k = 0; k < 4; ++k) {
+        r[k] = base + ip[j + k] * (out / 2);
+        next[k] = base + ip[std::min(j + k + PF_ROWS, j1 - 1)] * (out / 2);
+      }
+      const __m256 v0 = _mm256_set1_ps(vp[j]), v1 = _mm256_set1_ps(vp[j + 1]);
+      const __m256 v2 = _mm256_set1_ps(vp[j + 2]), v3 = _mm256_set1_ps(vp[j + 3]);
+      for (int64_t o = o0; o < o1; o += 16) {
+        if (((o - o0) & 127) == 0) prefetch4(next, o / 2);
+        __m256 l0, h0, l1, h1, l2, h2, l3, h3;
+        unpack(r[0], o, l0, h0);
+        unpack(r[1], o, l1, h1);
+        unpack(r[2], o, l2, h2);
+        unpack(r[3], o, l3, h3);
+        __m256 a = _mm256_fmadd_ps(v0, l0, _mm256_loadu_ps(part + o));
+        __m256 b = _mm256_mul_ps(v1, l1);
+        a = _mm256_fmadd_ps(v2, l2, a);
+        b = _mm256_fmadd_ps(v3, l3, b);
+        _mm256_storeu_ps(part + o, _mm256_add_ps(a, b));
+        a = _mm256_fmadd_ps(v0, h0, _mm256_loadu_ps(part + o + 8));
+        b = _mm256_mul_ps(v1, h1);
+        a = _mm256_fmadd_ps(v2, h2, a);
+        b = _mm256_fmadd_ps(v3, h3, b);
+        _mm256_storeu_ps(part + o + 8, _mm256_add_ps(a, b));
+      }
     }
+    for (; j < e; ++j) {
+      const uint8_t* r = base + ip[j] * (out / 2);
+      const __m256 v = _mm256_set1_ps(vp[j]);
+      for (int64_t o = o0; o < o1; o += 16) {
+        __m256 lo, hi;
+        unpack(r, o, lo, hi);
+        _mm256_storeu_ps(part + o, _mm256_fmadd_ps(v, lo, _mm256_loadu_ps(part + o)));
+        _mm256_storeu_ps(part + o + 8, _mm256_fmadd_ps(v, hi, _mm256_loadu_ps(part + o + 8)));
+      }
+    }
+    const float* sg = w.scale + g * out;
+    for (int64_t o = o0; o < o1; o += 8)
+      _mm256_storeu_ps(acc + o, _mm256_fmadd_ps(_mm256_loadu_ps(sg + o), _mm256_loadu_ps(part + o),
+                                                _mm256_loadu_ps(acc + o)));
   }
 }
 
