@@ -1,37 +1,50 @@
-"""Recovery of a 2:4 model on the default model: distillation, LoRA, MaskLLM, soft prompt.
+"""Recovery of a 2:4 model on the default model: distillation, LoRA, SoRA, DSEE, MaskLLM,
+soft prompt.
 
 Prunes the default model 2:4 with `--start` (sparsegpt or admm; 32×512 c4), then applies
 each recovery variant to a fresh copy for `--steps` steps of `--batch-size` windows of
 512 tokens (distill/LoRA stop early at `--minutes` of wall time), and reports wiki
 perplexity (32×512), KL and top-1 to dense before and after, the wall time and tokens
-seen, and checks that every pruned weight is still exactly zero, also after
-`sparsellm.save` and reloading. Training text: c4 windows after the calibration ones.
-Writes bench/results/recovery.json (or --out).
+seen, the trainable parameters (and SoRA's surviving ranks), and checks that every
+pruned weight is still exactly zero, also after `sparsellm.save` and reloading. The
+adapters (lora, sora, dsee) all have rank 16 and train under the same distillation loss
+and schedule. Training text: c4 windows after the calibration ones. Writes
+results/recovery-default.json (or --name) through bench/provenance.py.
 
-    python bench/recovery.py [--variants distill,lora,maskllm,prompt] [--steps 200]
-        [--start admm] [--lr 1e-3] [--minutes 30] [--bf16]
+    python bench/recovery.py [--variants distill,lora,sora,dsee,maskllm,prompt]
+        [--steps 200] [--start admm] [--lr 1e-3] [--minutes 30] [--bf16]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-import sparsellm as sl
-from sparsellm.eval.kl import compare_models
-from sparsellm.export.hf import write_json_atomic
-from sparsellm.methods.weights.maskllm import MaskLLMConfig, learn_masks
-from sparsellm.recover.distill import DistillConfig, distill, summary
-from sparsellm.recover.lora import add_lora, merge_lora
-from sparsellm.recover.masks import pruned_weights
-from sparsellm.recover.prompt import PromptedLM, train_prompt
-from sparsellm.report.markdown import table
-
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from provenance import write_result  # noqa: E402
+
+import sparsellm as sl  # noqa: E402
+from sparsellm.eval.kl import compare_models  # noqa: E402
+from sparsellm.methods.weights.maskllm import MaskLLMConfig, learn_masks  # noqa: E402
+from sparsellm.recover.distill import DistillConfig, distill, summary  # noqa: E402
+from sparsellm.recover.dsee import add_dsee  # noqa: E402
+from sparsellm.recover.lora import add_lora, merge_lora  # noqa: E402
+from sparsellm.recover.masks import pruned_weights  # noqa: E402
+from sparsellm.recover.prompt import PromptedLM, train_prompt  # noqa: E402
+from sparsellm.recover.sora import active_ranks, add_sora  # noqa: E402
+from sparsellm.report.markdown import table  # noqa: E402
+
+RANK = 16
+
+
+def trainable(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def main() -> None:
@@ -46,7 +59,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=None, help="wall-time budget per variant")
     ap.add_argument("--bf16", action="store_true", help="distill/LoRA under bf16 autocast")
     ap.add_argument("--mask-steps", type=int, default=None, help="MaskLLM steps (default --steps)")
-    ap.add_argument("--out", default=str(HERE / "results" / "recovery.json"))
+    ap.add_argument("--name", default="recovery-default", help="result name under results/")
     args = ap.parse_args()
     torch.manual_seed(0)
     dense, tok = sl.load_model("default")
@@ -63,6 +76,19 @@ def main() -> None:
     assert zeros, "the start model has no zeros"
     rows: list[list] = []
 
+    def flat(name: str, quality: dict, info: dict | None) -> dict:
+        """One table row: the quality against dense, then how the training went."""
+        info = info or {}
+        return {
+            "variant": name,
+            "ppl": quality["sparse_ppl"],
+            "dense_ppl": quality["dense_ppl"],
+            "kl": quality["kl"],
+            "top1_agreement": quality["top1_agreement"],
+            **{k: info.get(k) for k in ("trainable", "ranks_left", "steps", "tokens", "seconds")},
+            "zeros_kept": info.get("zeros_kept"),
+        }
+
     def add_row(name: str, quality: dict, info: dict | None) -> None:
         """Record a row and rewrite the JSON at once, so a later crash loses nothing."""
         rows.append([name, quality, info])
@@ -70,9 +96,7 @@ def main() -> None:
             f"{name}: ppl {quality['sparse_ppl']:.3f} (dense {quality['dense_ppl']:.3f})",
             flush=True,
         )
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out, [{"variant": n, "quality": q, "training": i} for n, q, i in rows])
+        write_result(args.name, {"rows": [flat(n, q, i) for n, q, i in rows]})
 
     if not args.skip_start_eval:
         add_row(f"start {args.start}", compare_models(dense, sparse, windows), None)
@@ -82,17 +106,28 @@ def main() -> None:
         model = copy.deepcopy(sparse)
         evaluated = model
         if variant == "distill":
+            n_train = trainable(model)
             # 1e-3, not the CLI's general 1e-4: on this model 30 min reached 48.49 vs 50.54
             cfg = DistillConfig(
                 steps=steps, batch_size=bs, lr=args.lr or 1e-3, max_seconds=budget, bf16=args.bf16
             )
-            info = summary(distill(model, dense, train, cfg))
-        elif variant == "lora":
-            add_lora(model, rank=16)
+            info = summary(distill(model, dense, train, cfg)) | {"trainable": n_train}
+        elif variant in ("lora", "sora", "dsee"):
+            after_step = None
+            if variant == "sora":
+                after_step = add_sora(model, rank=RANK)[1]
+            elif variant == "dsee":
+                add_dsee(model, rank=RANK)
+            else:
+                add_lora(model, rank=RANK)
             cfg = DistillConfig(
                 steps=steps, batch_size=bs, lr=args.lr or 1e-3, max_seconds=budget, bf16=args.bf16
             )
-            info = summary(distill(model, dense, train, cfg))
+            n_train = trainable(model)
+            info = summary(distill(model, dense, train, cfg, after_step)) | {"trainable": n_train}
+            if variant == "sora":
+                ranks = active_ranks(model)
+                info["ranks_left"] = sum(ranks) / (RANK * len(ranks))
             merge_lora(model)
         elif variant == "maskllm":
             mask_cfg = MaskLLMConfig(
@@ -117,6 +152,7 @@ def main() -> None:
                 reloaded = dict(sl.load(Path(tmp) / "m").model.named_parameters())
                 for n, p in model.named_parameters():
                     assert n not in zeros or torch.equal(reloaded[n] == 0, p == 0), n
+            info = {**(info or {}), "zeros_kept": True}  # the asserts above passed
         done = (info or {}).get("steps", steps)
         info = {**(info or {}), "tokens": done * bs * train.shape[1], "start": args.start}
         info["bf16"] = args.bf16

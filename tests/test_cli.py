@@ -279,8 +279,12 @@ def _recover_args(tiny_dir, text_file, sparse):
     ]
 
 
-@pytest.mark.parametrize("lora", ["0", "2"])
-def test_recover_keeps_zeros_and_records_before_after(tiny_dir, text_file, tmp_path, capsys, lora):
+@pytest.mark.parametrize(
+    ("lora", "adapter"), [("0", "lora"), ("2", "lora"), ("2", "sora"), ("2", "dsee")]
+)
+def test_recover_keeps_zeros_and_records_before_after(
+    tiny_dir, text_file, tmp_path, capsys, lora, adapter
+):
     sparse = tmp_path / "sparse"
     assert main(_args(tiny_dir, text_file, sparse, "--method", "wanda", "--pattern", "2:4")) == 0
     out = tmp_path / "rec"
@@ -292,12 +296,15 @@ def test_recover_keeps_zeros_and_records_before_after(tiny_dir, text_file, tmp_p
         "1e-3",
         "--lora",
         lora,
+        "--adapter",
+        adapter,
         "--out",
         str(out),
         "--json",
     ]
     assert main(args) == 0
     result = Result.from_dict(last_json(capsys))
+    assert len(result.details.get("sora_ranks") or []) == (14 if adapter == "sora" else 0)
     assert result.kind == "recover" and result.method == "wanda"  # the student's recipe
     assert result.details["training"]["steps"] == 4 and result.metric("comparison", "kl") >= 0
     # before = the pruned student, after = the recovered model (both against the teacher)
@@ -313,6 +320,13 @@ def test_recover_keeps_zeros_and_records_before_after(tiny_dir, text_file, tmp_p
         if "layers" in name and p.dim() == 2:
             assert (q[p == 0] == 0).all(), name
     assert Result.read(out) == result
+
+
+def test_recover_adapter_needs_a_rank(tiny_dir, text_file, tmp_path, capsys):
+    args = [*_recover_args(tiny_dir, text_file, tmp_path), "--adapter", "sora"]
+    assert main([*args, "--out", str(tmp_path / "rec")]) == 2
+    assert "--adapter sora needs --lora RANK" in capsys.readouterr().err
+    assert not (tmp_path / "rec").exists()
 
 
 def test_recover_learn_masks_keeps_nm(tiny_dir, text_file, tmp_path, capsys):

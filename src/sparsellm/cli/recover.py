@@ -67,6 +67,26 @@ def add_parser(sub: Any) -> None:
         metavar="RANK",
         help="train masked LoRA adapters of this rank instead of all weights",
     )
+    p.add_argument(
+        "--adapter",
+        choices=("lora", "sora", "dsee"),
+        default="lora",
+        help="with --lora: lora (masked LoRA), sora (rank pruned by an L1-gated vector, "
+        "SoRA) or dsee (low-rank plus a sparse update, DSEE); every kind keeps zeros zero",
+    )
+    p.add_argument(
+        "--sora-lambda",
+        type=float,
+        default=1.0,
+        help="SoRA's L1 strength: gates are soft-thresholded by lambda x lr per step (default 1)",
+    )
+    p.add_argument(
+        "--dsee-sparse",
+        type=int,
+        default=64,
+        metavar="N",
+        help="DSEE's sparse update: N trainable positions per layer (default 64)",
+    )
     p.add_argument("--seed", type=int, default=0)
     common.add_out(p, required=True)
 
@@ -95,11 +115,17 @@ def run(args: argparse.Namespace) -> Result:
         weight_sparsity,
     )
     from sparsellm.recover.distill import DistillConfig, distill, summary
+    from sparsellm.recover.dsee import add_dsee
     from sparsellm.recover.lora import add_lora, merge_lora
     from sparsellm.recover.prompt import PromptedLM, train_prompt
+    from sparsellm.recover.sora import active_ranks, add_sora
     from sparsellm.report.markdown import quality_table
 
     common.check_counts(args)
+    if args.adapter != "lora" and not args.lora:
+        raise SparseLLMError(f"--adapter {args.adapter} needs --lora RANK (the adapter's rank)")
+    if args.sora_lambda < 0 or args.dsee_sparse < 0:
+        raise SparseLLMError("--sora-lambda and --dsee-sparse must be >= 0")
     cfg = DistillConfig(
         steps=max(args.steps, 1),
         lr=args.lr,
@@ -135,9 +161,16 @@ def run(args: argparse.Namespace) -> Result:
         }
     details["training"] = None
     if args.steps > 0:
-        if args.lora:
+        after_step = None
+        if args.adapter == "sora":
+            after_step = add_sora(student.model, args.lora, lam=args.sora_lambda)[1]
+        elif args.adapter == "dsee":
+            add_dsee(student.model, args.lora, n_sparse=args.dsee_sparse)
+        elif args.lora:
             add_lora(student.model, rank=args.lora)
-        log = distill(student.model, teacher.model, data, cfg)
+        log = distill(student.model, teacher.model, data, cfg, after_step)
+        if args.adapter == "sora":
+            details["sora_ranks"] = active_ranks(student.model)
         if args.lora:
             merge_lora(student.model)
         timings["distill_s"] = log.seconds
@@ -159,7 +192,11 @@ def run(args: argparse.Namespace) -> Result:
             "kl_before": before["kl"],
             "top1_agreement_before": before["top1_agreement"],
         },
-        "config": {**vars(cfg), "lora_rank": args.lora},
+        "config": {
+            **vars(cfg),
+            "lora_rank": args.lora,
+            "adapter": args.adapter if args.lora else None,
+        },
         "student_kind": prior.kind if prior else None,
     }
     q = quality(after_tasks=after_tasks, after_ppl=after["sparse_ppl"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,9 +93,17 @@ def _lr_at(step: int, cfg: DistillConfig, elapsed: float = 0.0) -> float:
 
 
 def distill(
-    student: nn.Module, teacher: nn.Module, data: torch.Tensor, cfg: DistillConfig | None = None
+    student: nn.Module,
+    teacher: nn.Module,
+    data: torch.Tensor,
+    cfg: DistillConfig | None = None,
+    after_step: Callable[[float], None] | None = None,
 ) -> DistillLog:
-    """Fine-tune `student` in place on token windows `data` (n, seqlen) against `teacher`."""
+    """Fine-tune `student` in place on token windows `data` (n, seqlen) against `teacher`.
+
+    `after_step(lr)` runs after every optimiser step with that step's learning rate: a
+    method whose update is AdamW plus a proximal step (SoRA's gates) adds the latter there.
+    """
     cfg = cfg or DistillConfig()
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
@@ -127,6 +136,8 @@ def distill(
             loss.backward()
             opt.step()
             masks.reapply()
+            if after_step is not None:
+                after_step(opt.param_groups[0]["lr"])
             log.losses.append(loss.item())
     student.eval()
     log.seconds = time.perf_counter() - start

@@ -10,6 +10,8 @@ keeps `base_layer`; `merge_lora` writes the masked delta into it and puts it bac
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +42,17 @@ class MaskedLoRALinear(nn.Module):
         return F.linear(x, w + self.delta().to(w.dtype), self.base_layer.bias)
 
 
-def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0) -> list[MaskedLoRALinear]:
-    """Wrap every nn.Linear inside the blocks; freeze everything else."""
+def add_lora(
+    model: nn.Module,
+    rank: int = 8,
+    alpha: float = 16.0,
+    adapter: Callable[[nn.Linear], MaskedLoRALinear] | None = None,
+) -> list[MaskedLoRALinear]:
+    """Wrap every nn.Linear inside the blocks; freeze everything else. `adapter` builds
+    the wrapper from a linear (SoRA's and DSEE's subclasses); by default a plain masked
+    LoRA of `rank` and `alpha`."""
+    if adapter is None:
+        adapter = partial(MaskedLoRALinear, rank=rank, alpha=alpha)
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped = []
@@ -51,7 +62,7 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0) -> list[Maske
                 continue  # GPT-2's Conv1D: not supported by this adapter
             parent_name, _, child = rel.rpartition(".")
             parent = block.get_submodule(parent_name) if parent_name else block
-            lora = MaskedLoRALinear(module, rank, alpha)
+            lora = adapter(module)
             setattr(parent, child, lora)
             wrapped.append(lora)
     return wrapped
