@@ -12,7 +12,8 @@ decoding the answer from the compressed cache, and the perplexity of the last
 `--tail` tokens of each wiki window decoded from the compressed cache (a single
 forward never touches the cache, so plain perplexity could not differ from dense).
 
-Prints Markdown tables and writes bench/results/attention.json. Smoke run:
+Prints Markdown tables and writes results/<--name>.json through bench/provenance.py (one
+row per method; the per-task details beside them). Smoke run:
 
     python bench/attention.py --lengths 1024 --samples 1 --speed-length 1024 \
         --ppl-lengths 1024 --ppl-windows 1 --repeats 1 --decode-steps 4 --tail 8
@@ -21,8 +22,8 @@ Prints Markdown tables and writes bench/results/attention.json. Smoke run:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,30 +34,34 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from sparsellm.api import sparsify
-from sparsellm.config import from_spec
-from sparsellm.data.corpora import resolve_corpus, token_windows
-from sparsellm.eval.longctx import TASKS, answer_correct, make_samples
-from sparsellm.eval.perplexity import perplexity
-from sparsellm.eval.speed import prefill_seconds
-from sparsellm.integrations.transformers import calibrate, draft_cache, sparse_attention
-from sparsellm.methods.attention.blocksparse import block_sparse_attention
-from sparsellm.methods.attention.cache import CompressedLayer
-from sparsellm.methods.attention.decode import (
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from provenance import write_result  # noqa: E402
+
+from sparsellm.api import sparsify  # noqa: E402
+from sparsellm.config import from_spec  # noqa: E402
+from sparsellm.data.corpora import resolve_corpus, token_windows  # noqa: E402
+from sparsellm.eval.longctx import TASKS, answer_correct, make_samples  # noqa: E402
+from sparsellm.eval.perplexity import perplexity  # noqa: E402
+from sparsellm.eval.speed import prefill_seconds  # noqa: E402
+from sparsellm.integrations.transformers import calibrate, draft_cache, sparse_attention  # noqa: E402
+from sparsellm.methods.attention.blocksparse import block_sparse_attention  # noqa: E402
+from sparsellm.methods.attention.cache import CompressedLayer  # noqa: E402
+from sparsellm.methods.attention.decode import (  # noqa: E402
     cache_nbytes,
     cached_answer_correct,
     cached_tail_nll,
     decode_tokens_per_s,
 )
-from sparsellm.models.load import load_model
-from sparsellm.report.markdown import table
+from sparsellm.models.load import load_model  # noqa: E402
+from sparsellm.report.markdown import table  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
 PREFILL = [
     "full",
     "sink_window:sink=64,window=1024",
     "power:sink=64,window=512",
     "block_topk:blocks=16",
+    "hip:blocks=16",
     "vertical_slash:vertical=256,slash=256",
     "flexprefill:gamma=0.9,tau=0.1",
     "minference",
@@ -271,7 +276,7 @@ def main() -> None:
         action="store_true",
         help="no dense accuracy/perplexity rows (already measured by another run)",
     )
-    ap.add_argument("--out", default=str(HERE / "results" / "attention.json"))
+    ap.add_argument("--name", default="attention-default", help="result name under results/")
     args = ap.parse_args()
     if args.speed_only and args.quality_only:
         ap.error("--speed-only and --quality-only exclude each other")
@@ -336,11 +341,10 @@ def main() -> None:
                 entry["prefill"] = _prefill_speed(model, method, args.speed_length, args.repeats)
                 entry["kernel"] = _kernel_time(method, qkv, args.kernel_layer)
             results["methods"][spec] = entry
-            _write(args.out, results)  # after every method: a long run keeps what it did
+            _write(args.name, results, tasks, lengths)  # a long run keeps what it did
             print(f"done {spec}", flush=True)
     _print(results, tasks, lengths)
-    _write(args.out, results)
-    print(f"wrote {args.out}")
+    print(f"wrote {_write(args.name, results, tasks, lengths)}")
 
 
 def _draft(model: Any, tok: Any, spec: str) -> Any:
@@ -354,41 +358,57 @@ def _draft(model: Any, tok: Any, spec: str) -> Any:
     return draft
 
 
-def _write(out: str, results: dict) -> None:
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(results, indent=2))
+def _write(name: str, results: dict, tasks: list[str], lengths: tuple[int, ...]) -> Path:
+    """results/<name>.json: one row per method (both tables' columns), details beside."""
+    kinds = {e["kind"] for e in results["methods"].values()}
+    tables = zip(("prefill", "kv"), _tables(results, tasks, lengths), strict=True)
+    rows = [
+        {"table": kind, **dict(zip(head, row, strict=True))}
+        for kind, (head, body) in tables
+        if kind in kinds
+        for row in body
+    ]
+    return write_result(name, {"rows": rows, "details": results})
 
 
 def _print(results: dict, tasks: list[str], lengths: tuple[int, ...]) -> None:
+    for head, body in _tables(results, tasks, lengths):
+        print(table(head, body))
+        print()
+
+
+def _tables(results: dict, tasks: list[str], lengths: tuple[int, ...]) -> list[tuple]:
+    """(head, rows) of the prefill table and of the KV table (a missing value is None)."""
     dense = results["dense"]
     cols = [f"{t}@{n}" for t in tasks for n in lengths]
-    head = [
-        "method",
-        "prefill speedup",
-        "attn kernel ×",
-        *cols,
-        *(f"ppl@{n}" for n in dense["ppl"]),
-    ]
+    args = results["args"]
+    ppl_keys = [n for n in args["ppl_lengths"].split(",") if args["ppl_windows"] > 0]
+    head = ["method", "prefill speedup", "attn kernel ×", *cols, *(f"ppl@{n}" for n in ppl_keys)]
     rows = [
-        ["dense sdpa", 1.0, 1.0, *(dense["accuracy"].get(c) for c in cols), *dense["ppl"].values()]
+        [
+            "dense sdpa",
+            1.0,
+            1.0,
+            *(dense["accuracy"].get(c) for c in cols),
+            *(dense["ppl"].get(n) for n in ppl_keys),
+        ]
     ]
     kv_head = ["method", "KV bytes ×smaller", "decode tok/s", "dense tok/s", *cols]
-    kv_head += [f"tail ppl@{n}" for n in dense["tail_ppl"]]
+    kv_head += [f"tail ppl@{n}" for n in ppl_keys]
     kv_rows = [["dense cache", 1.0, None, None, *(dense["accuracy"].get(c) for c in cols)]]
-    kv_rows[0] += list(dense["tail_ppl"].values())
+    kv_rows[0] += [dense["tail_ppl"].get(n) for n in ppl_keys]
     for spec, e in results["methods"].items():
         acc = [e["accuracy"].get(c) for c in cols]
+        ppl = [e["ppl"].get(n) for n in ppl_keys]
         if e["kind"] == "kv":
             tok_s = [e.get("method_tok_s"), e.get("dense_tok_s")]  # absent: --quality-only
-            kv_rows.append([spec, e.get("kv_ratio"), *tok_s, *acc, *e["ppl"].values()])
+            kv_rows.append([spec, e.get("kv_ratio"), *tok_s, *acc, *ppl])
         else:
             kern = e.get("kernel")
             ratio = kern["sdpa_s"] / kern["method_s"] if kern else None
             speedup = e["prefill"]["speedup"] if "prefill" in e else None
-            rows.append([spec, speedup, ratio, *acc, *e["ppl"].values()])
-    print(table(head, rows))
-    print()
-    print(table(kv_head, kv_rows))
+            rows.append([spec, speedup, ratio, *acc, *ppl])
+    return [(head, rows), (kv_head, kv_rows)]
 
 
 if __name__ == "__main__":

@@ -91,11 +91,12 @@ def test_dsee_delta_adds_the_sparse_values_on_their_support():
     assert d[i] == 10.0 and d[j] == 20.0 and d.count_nonzero() == 2
 
 
-def test_dsee_keeps_zeros_and_merges_exactly(calib_ids):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_dsee_keeps_zeros_and_merges_exactly(calib_ids, bf16):
     dense, sparse, zeros = _pruned(calib_ids)
     wrapped = add_dsee(sparse, rank=4, n_sparse=16)
     assert all(w.support.numel() == 16 for w in wrapped)
-    distill(sparse, dense, calib_ids, DistillConfig(steps=10, lr=1e-2, warmup=1))
+    distill(sparse, dense, calib_ids, DistillConfig(steps=10, lr=1e-2, warmup=1, bf16=bf16))
     assert any(w.sparse_values.abs().sum() > 0 for w in wrapped)
     with torch.no_grad():
         trained = sparse(input_ids=calib_ids[:2]).logits

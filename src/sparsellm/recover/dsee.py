@@ -49,7 +49,8 @@ class DSEELinear(MaskedLoRALinear):
 
     def delta(self) -> torch.Tensor:
         low_rank = super().delta()
-        return low_rank.flatten().index_add(0, self.support, self.sparse_values).view_as(low_rank)
+        values = self.sparse_values.to(low_rank.dtype)  # bf16 under autocast
+        return low_rank.flatten().index_add(0, self.support, values).view_as(low_rank)
 
 
 def add_dsee(

@@ -50,7 +50,11 @@ from torch import nn
 from sparsellm.errors import SparseLLMError
 from sparsellm.formats import Packed, choose_kind, concat, embed_rows
 from sparsellm.methods.activation.coreinfer import CoreActivation
-from sparsellm.methods.activation.modules import ActSparseLinear, ThresholdedActivation
+from sparsellm.methods.activation.modules import (
+    ActSparseLinear,
+    TemporalDeltaLinear,
+    ThresholdedActivation,
+)
 from sparsellm.models.adapters import get_blocks, get_layout
 from sparsellm.runtime.kernels import native_kernel
 from sparsellm.runtime.projections import EMPTY, GatedMLP, Proj
@@ -116,6 +120,10 @@ class DecodeRuntime:
         """`fmt` packs the model's block linears and LM head in that format (see
         `sparsellm.formats.choose_kind`); `packed` instead supplies them as stored in a
         compressed checkpoint, by module name."""
+        if any(isinstance(m, TemporalDeltaLinear) for m in model.modules()):
+            raise SparseLLMError(
+                "deltallm (temporal deltas) runs on the reference path only, not the runtime"
+            )
         layout = get_layout(model)
         cfg = model.config
         self.model = model

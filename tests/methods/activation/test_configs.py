@@ -27,6 +27,9 @@ CHANGED: dict[str, Any] = {
     "head": True,
     "rank": 8,
 }
+# keys a method pins to one value (DeltaLLM: uniform levels, no head), left out of its
+# round trip of changed values
+PINNED: dict[str, set[str]] = {"deltallm": {"allocation", "head"}}
 
 
 def test_the_four_methods_are_registered_with_their_handlers() -> None:
@@ -55,7 +58,7 @@ def test_every_activation_config_round_trips(name: str) -> None:
     cls = config_class(name, "activation")
     assert issubclass(cls, ActivationConfig) and cls.family == "activation"
     assert issubclass(handler(cls()), ActivationMethod)
-    keys = spec_keys(cls)
+    keys = [k for k in spec_keys(cls) if k not in PINNED.get(name, set())]
     assert set(keys) <= set(CHANGED), f"add a non-default value for {name}'s new keys"
     for cfg in (cls(), build(cls, {k: CHANGED[k] for k in keys})):
         assert from_spec(cfg.to_spec()) == cfg

@@ -18,8 +18,10 @@ from sparsellm.calib.sequential import run_sequential
 from sparsellm.config import MethodConfig
 from sparsellm.errors import SparseLLMError
 from sparsellm.methods.activation.base import ActivationConfig, ActivationMethod
+from sparsellm.methods.activation.deltallm import calibrate_threshold
 from sparsellm.methods.activation.modules import (
     ActSparseLinear,
+    TemporalDeltaLinear,
     ThresholdedActivation,
     replace_module,
 )
@@ -133,6 +135,36 @@ def _fit_inputs(
     return out
 
 
+def _fit_deltas(
+    block: nn.Module,
+    groups: tuple[tuple[str, ...], ...],
+    firsts: dict[str, nn.Module],
+    forward: Any,
+    config: ActivationConfig,
+) -> dict[str, Any]:
+    """DeltaLLM: per input group, the threshold whose skipped fraction on the calibration
+    sequences (kept in token order, at most `max_tokens` tokens) is the target."""
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in firsts}
+    handles = [
+        mod.register_forward_pre_hook(lambda _m, args, n=name: seen[n].append(args[0].detach()))
+        for name, mod in firsts.items()
+    ]
+    try:
+        forward()
+    finally:
+        for h in handles:
+            h.remove()
+    out: dict[str, Any] = {}
+    for group in groups:
+        x = torch.cat(seen[group[0]]).float()
+        x = x[: max(1, config.max_tokens // x.shape[1])]  # whole sequences, in order
+        thr = calibrate_threshold(x, config.sparsity)
+        for name in group:
+            replace_module(block, name, TemporalDeltaLinear(block.get_submodule(name), thr))
+        out[group[0].rsplit(".", 1)[-1]] = {"level": config.sparsity, "threshold": thr}
+    return out
+
+
 def sparsify_activations(
     model: nn.Module, calib: torch.Tensor, config: ActivationConfig, batch_size: int = 4
 ) -> dict[str, Any]:
@@ -160,6 +192,9 @@ def sparsify_activations(
             per_block.append({"gate": {"level": config.sparsity, "threshold": thr}})
             return
         firsts = {g[0]: block.get_submodule(g[0]) for g in layout.input_groups}
+        if method.target == "delta":
+            per_block.append(_fit_deltas(block, layout.input_groups, firsts, forward, config))
+            return
         with _capture(firsts, outputs=False) as seen:
             forward()
         xs = {n: _rows(v, config.max_tokens, gen) for n, v in seen.items()}

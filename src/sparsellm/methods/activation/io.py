@@ -26,6 +26,7 @@ from sparsellm.export.hf import save
 from sparsellm.methods.activation.base import ActivationConfig
 from sparsellm.methods.activation.modules import (
     ActSparseLinear,
+    TemporalDeltaLinear,
     ThresholdedActivation,
     replace_module,
     wrapped_modules,
@@ -40,7 +41,13 @@ def activation_state(model: nn.Module, config: ActivationConfig) -> tuple[dict, 
     tensors: dict[str, torch.Tensor] = {}
     kinds: dict[str, str] = {}
     for name, mod in wrapped_modules(model):
-        kind = "linear" if isinstance(mod, ActSparseLinear) else "gate"
+        kind = (
+            "linear"
+            if isinstance(mod, ActSparseLinear)
+            else "delta"
+            if isinstance(mod, TemporalDeltaLinear)
+            else "gate"
+        )
         kinds[name] = kind
         for key, buf in mod.named_buffers(recurse=False):
             tensors[f"{name}.{key}"] = buf.detach().contiguous().clone()
@@ -102,6 +109,8 @@ def load_activation_state(model: nn.Module, path: str | Path) -> dict[str, Any] 
             low = (t["lr_a"], t["lr_b"]) if t["lr_b"].numel() else None
             col = t["col_norm"] if t["col_norm"].numel() else None
             wrapper = ActSparseLinear(base, float(t["threshold"]), col, low)
+        elif kind == "delta":
+            wrapper = TemporalDeltaLinear(base, float(t["threshold"]))
         elif kind == "gate":
             wrapper = ThresholdedActivation(
                 base, float(t["threshold"]), int(t["weights_per_channel"])

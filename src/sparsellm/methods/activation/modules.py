@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsellm.methods.activation.deltallm import track_deltas
+
 
 def keep_channels(
     x: torch.Tensor, threshold: torch.Tensor | float, scale: torch.Tensor | None
@@ -109,7 +111,44 @@ class ThresholdedActivation(nn.Module):
         return a * keep
 
 
-WRAPPERS = (ActSparseLinear, ThresholdedActivation)
+class TemporalDeltaLinear(nn.Module):
+    """DeltaLLM: y_t = W x̂_t with x̂ refreshed per channel only where the input moved by
+    more than `threshold` (`sparsellm.methods.activation.deltallm.track_deltas`).
+
+    A forward of several tokens starts a new sequence; a forward of one token continues
+    the last one (decode after prefill), from the reference kept in `ref` (not a buffer:
+    it is per-sequence state, never saved).
+    """
+
+    def __init__(self, base_layer: nn.Linear, threshold: float = 0.0) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.register_buffer("threshold", torch.tensor(float(threshold)))
+        self.weights_per_channel = base_layer.weight.shape[0]
+        self.enabled = True
+        self.ref: torch.Tensor | None = None
+        self.kept = 0
+        self.seen = 0
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled or float(self.threshold) <= 0.0:
+            return self.base_layer(x)
+        seq = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() > 2 else x[None]
+        ref = self.ref
+        if seq.shape[1] > 1 or ref is None or ref.shape[0] != seq.shape[0]:
+            ref = None  # a new sequence
+        x_hat, read = track_deltas(seq.detach(), float(self.threshold), ref)
+        self.ref = x_hat[:, -1].clone()
+        self.kept += int(read.sum())
+        self.seen += read.numel()
+        return self.base_layer(x_hat.view_as(x).to(x.dtype))
+
+
+WRAPPERS = (ActSparseLinear, ThresholdedActivation, TemporalDeltaLinear)
 
 
 def wrapped_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

@@ -1,0 +1,1 @@
+"""Sparse pre-training at tiny scale: SPDF and The Journey Matters (see docs/pretraining.md)."""
