@@ -20,6 +20,7 @@ PREFILL = [
     "anchor",
     "block_topk",
     "flexprefill",
+    "hip",
     "full",
     "minference",
     "moa",
