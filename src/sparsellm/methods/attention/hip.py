@@ -79,10 +79,7 @@ class HiP(PrefillConfig):
     def block_mask(self, query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tensor:
         nb = P.n_blocks(query.shape[2], self.block)
         idx = hierarchical_select(query, key, self.block, min(self.blocks, nb))
-        mask = torch.zeros(*idx.shape[:-1], nb, dtype=torch.bool)
-        mask.scatter_(-1, idx, True)
-        mask &= P.causal_blocks(nb)
-        mask |= torch.eye(nb, dtype=torch.bool)
-        return mask | P.sink_window(
+        always = P.sink_window(
             nb, math.ceil(self.sink / self.block), math.ceil(self.window / self.block)
         )
+        return P.selected_blocks(idx, nb, always)

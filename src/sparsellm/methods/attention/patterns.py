@@ -59,14 +59,18 @@ def topk_blocks(scores: torch.Tensor, k: int, always: torch.Tensor | None = None
     is OR-ed in, and the diagonal is always kept.
     """
     nb = scores.shape[-1]
-    causal = causal_blocks(nb, scores.device)
-    s = scores.masked_fill(~causal, float("-inf"))
-    k = min(k, nb)
-    idx = s.topk(k, dim=-1).indices
-    mask = torch.zeros_like(causal).expand(s.shape).clone()
+    s = scores.masked_fill(~causal_blocks(nb, scores.device), float("-inf"))
+    return selected_blocks(s.topk(min(k, nb), dim=-1).indices, nb, always)
+
+
+def selected_blocks(idx: torch.Tensor, nb: int, always: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``(..., nb, nb)`` block mask keeping key blocks `idx` ``(..., nb, k)`` of each
+    query block, causal entries only, plus the diagonal and `always` (OR-ed in)."""
+    causal = causal_blocks(nb, idx.device)
+    mask = torch.zeros(*idx.shape[:-1], nb, dtype=torch.bool, device=idx.device)
     mask.scatter_(-1, idx, True)
     mask &= causal
-    mask |= torch.eye(nb, dtype=torch.bool, device=scores.device)
+    mask |= torch.eye(nb, dtype=torch.bool, device=idx.device)
     if always is not None:
         mask |= always
     return mask
