@@ -315,13 +315,20 @@ def _observing_full_layers(
 
 
 @torch.no_grad()
+def observe_forward(model: torch.nn.Module, ids: torch.Tensor, observer: AttentionObserver) -> None:
+    """One exact forward over `ids` (1, L) while `observer` sees every full-attention
+    layer's query and key. Observers that learn from several texts (SeerAttention's gate)
+    are fed this way, one window at a time, before their `result`."""
+    with _observing_full_layers(model, observer):
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+
 def run_calibration(
     model: torch.nn.Module, ids: torch.Tensor, calibration: Calibration
 ) -> AttentionConfig:
     """`calibration`'s result after it observed one exact forward over `ids` (1, L); keep
     the calibration object to read what it measured (e.g. MoA's recalls)."""
-    with _observing_full_layers(model, calibration):
-        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    observe_forward(model, ids, calibration)
     return calibration.result(model)
 
 

@@ -25,6 +25,7 @@ PREFILL = [
     "minference",
     "moa",
     "power",
+    "seer",
     "sink_window",
     "vertical_slash",
 ]
@@ -46,7 +47,7 @@ def _changed(cls: type) -> dict[str, typing.Any]:
     hints = typing.get_type_hints(cls)
     out = {}
     for f in dataclasses.fields(cls):
-        if f.name in spec_keys(cls):
+        if f.name in spec_keys(cls) and hints[f.name] is not str:  # a path: no invented one
             out[f.name] = f.default + (0.5 if hints[f.name] is float else 3)
     return out
 

@@ -1,0 +1,291 @@
+"""SeerAttention (Gao et al., 2024): a small learned gate predicts block-level attention.
+
+The frozen model's attention is left alone; only the gate learns, by self-distillation.
+Per full-attention layer the gate pools each block of queries (mean) and each block of
+keys (max, min and mean, concatenated), projects both per head to a few dimensions and
+scores every causal (query block, key block) pair by their dot product. Its target is
+the model's own attention map pooled to blocks: the exact causal softmax, max-pooled over
+each block pair and renormalised per query block, so a block holding one sharp match
+scores high. The loss is the KL divergence from that target to the gate's softmax. At
+prefill the gate's top `blocks` key blocks per query block (plus the sink and the local
+window, the same budget as ``block_topk:blocks=N``) run on the shared block-sparse kernel.
+
+Training data comes from the calibration protocol: `GateTraining` observes the post-RoPE
+query and key of every full-attention layer during ordinary forwards and stores only the
+pooled features and the pooled target, then fits each layer's gate alone (the layers'
+losses are independent: no gradient passes through the model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from sparsellm.errors import SparseLLMError
+from sparsellm.methods.attention import patterns as P
+from sparsellm.methods.attention.prefill import pool
+from sparsellm.methods.attention.protocols import PrefillConfig, attention_method
+from sparsellm.models.adapters import full_attention_layers, get_blocks
+
+Gate = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # wq (Hq, D, G), wk (Hkv, 3D, G), bias
+BUCKETS = 17  # distance buckets 0, 1, 2-3, 4-7, ... (block distances up to 2^16)
+
+
+def distance_buckets(nb: int) -> torch.Tensor:
+    """(nb, nb) log2 bucket of the block distance (query block - key block, >= 0): 0 for
+    the diagonal, then 1 + floor(log2(distance)); the gate learns one bias per bucket."""
+    d = (torch.arange(nb)[:, None] - torch.arange(nb)[None, :]).clamp(min=0)
+    out = torch.zeros(nb, nb, dtype=torch.long)
+    pos = d > 0
+    out[pos] = torch.floor(torch.log2(d[pos].double())).long() + 1
+    return out.clamp(max=BUCKETS - 1)
+
+
+def _padded_blocks(x: torch.Tensor, block: int, fill: float) -> torch.Tensor:
+    """(B, H, L, D) -> (B, H, nb, block, D), the tail block padded with `fill`."""
+    b, h, length, d = x.shape
+    nb = P.n_blocks(length, block)
+    x = torch.nn.functional.pad(x, (0, 0, 0, nb * block - length), value=fill)
+    return x.reshape(b, h, nb, block, d)
+
+
+def gate_features(
+    query: torch.Tensor, key: torch.Tensor, block: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate's inputs: mean-pooled query blocks ``(B, Hq, nb, D)`` and key blocks pooled
+    by max, min and mean ``(B, Hkv, nb, 3D)`` (max and min keep a single outlying key
+    visible that a mean would wash out)."""
+    kmax = _padded_blocks(key, block, float("-inf")).amax(3)
+    kmin = _padded_blocks(key, block, float("inf")).amin(3)
+    return pool(query, block), torch.cat([kmax, kmin, pool(key, block)], -1)
+
+
+def block_truth(
+    query: torch.Tensor, key: torch.Tensor, block: int, scale: float, chunk: int = 8
+) -> torch.Tensor:
+    """The distillation target ``(B, Hkv, nb, nb)``: the exact causal attention max-pooled
+    over each (query block, key block) pair, each query block's row renormalised to sum to
+    one, averaged over the GQA group. Computed `chunk` query blocks at a time so an 8k map
+    never exists whole."""
+    b, hq, length, _ = query.shape
+    hkv = key.shape[1]
+    nb = P.n_blocks(length, block)
+    k = key.repeat_interleave(hq // hkv, 1)
+    rows = []
+    for start in range(0, nb, chunk):
+        lo, hi = start * block, min((start + chunk) * block, length)
+        s = (query[:, :, lo:hi] @ k.transpose(-1, -2)) * scale
+        qpos = torch.arange(lo, hi)[:, None]
+        s = s.masked_fill(torch.arange(length)[None, :] > qpos, float("-inf"))
+        p = torch.softmax(s, -1)
+        rb = P.n_blocks(hi - lo, block)
+        p = torch.nn.functional.pad(p, (0, nb * block - length, 0, rb * block - (hi - lo)))
+        p = p.reshape(b, hq, rb, block, nb, block).amax((3, 5))
+        rows.append(p / p.sum(-1, keepdim=True))
+    out = torch.cat(rows, 2)
+    return out.reshape(b, hkv, hq // hkv, nb, nb).mean(2)
+
+
+def gate_log_probs(gate: Gate, qf: torch.Tensor, kf: torch.Tensor) -> torch.Tensor:
+    """Log of the gate's block distribution ``(B, Hkv, nb, nb)`` (0 off the causal
+    triangle): each query head scores the key blocks of its KV head, the softmaxes are
+    averaged over the group, as the target is."""
+    wq, wk, bias = gate
+    hq, hkv = wq.shape[0], wk.shape[0]
+    qg = torch.einsum("bhnd,hdg->bhng", qf, wq)
+    kg = torch.einsum("bhnd,hdg->bhng", kf, wk).repeat_interleave(hq // hkv, 1)
+    nb = qg.shape[2]
+    s = (qg @ kg.transpose(-1, -2)) / math.sqrt(wq.shape[-1])
+    s = s + bias[:, distance_buckets(nb)]
+    causal = P.causal_blocks(nb, s.device)
+    p = torch.softmax(s.masked_fill(~causal, float("-inf")), -1)
+    p = p.reshape(p.shape[0], hkv, hq // hkv, nb, nb).mean(2)
+    return p.clamp_min(1e-30).log().masked_fill(~causal, 0.0)
+
+
+def kl_to_truth(truth: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
+    """Mean over query blocks (the first, which has one choice, excluded) of
+    KL(truth ‖ gate) — the self-distillation loss."""
+    t = truth[..., 1:, :]
+    kl = (t * (t.clamp_min(1e-30).log() - log_probs[..., 1:, :])).sum(-1)
+    return kl.mean()
+
+
+def fit_gate(
+    data: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    dim: int,
+    steps: int,
+    lr: float,
+    seed: int = 0,
+) -> Gate:
+    """One layer's gate fitted by Adam on every observed window's (query features, key
+    features, target), full batch. Features are scaled by their RMS first (kept in the
+    weights), so one learning rate serves models whose q/k norms differ."""
+    qf0, kf0, _ = data[0]
+    hq, d = qf0.shape[1], qf0.shape[-1]
+    hkv = kf0.shape[1]
+    gen = torch.Generator().manual_seed(seed)
+    qs = torch.cat([q.flatten() for q, _, _ in data]).pow(2).mean().sqrt().clamp_min(1e-6)
+    ks = torch.cat([k.flatten() for _, k, _ in data]).pow(2).mean().sqrt().clamp_min(1e-6)
+    wq = (torch.randn(hq, d, dim, generator=gen) / math.sqrt(d)).requires_grad_()
+    wk = (torch.randn(hkv, 3 * d, dim, generator=gen) / math.sqrt(3 * d)).requires_grad_()
+    bias = torch.zeros(hq, BUCKETS, requires_grad=True)
+    opt = torch.optim.Adam([wq, wk, bias], lr=lr)
+    with torch.enable_grad():  # calibration runs under no_grad; only the gate learns
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = sum(
+                kl_to_truth(t, gate_log_probs((wq, wk, bias), q / qs, k / ks)) for q, k, t in data
+            )
+            (loss / len(data)).backward()
+            opt.step()
+    return (wq.detach() / qs, wk.detach() / ks, bias.detach())
+
+
+def _top_blocks(x: torch.Tensor, density: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The causal blocks each query block keeps at `density` (``ceil(density · causal
+    blocks)``, at least one) ranked by `x` ``(..., nb, nb)``, and that count ``(nb,)``."""
+    nb = x.shape[-1]
+    causal = P.causal_blocks(nb, x.device)
+    keep = torch.ceil(density * torch.arange(1, nb + 1, dtype=torch.float64)).clamp(min=1)
+    keep = keep.long()
+    order = x.masked_fill(~causal, float("-inf")).argsort(-1, descending=True)
+    top = (torch.arange(nb)[None, :] < keep[:, None]).expand_as(order)
+    return torch.zeros_like(order, dtype=torch.bool).scatter(-1, order, top), keep
+
+
+def recall_at_density(scores: torch.Tensor, truth: torch.Tensor, density: float) -> float:
+    """Share of the target's top key blocks that `scores` also ranks top, when each query
+    block keeps ``ceil(density · causal blocks)`` of them (at least one): the gate's
+    recall of the dense model's top attention blocks. Query block 0 (one choice) is left
+    out. Both inputs are ``(..., nb, nb)``; non-causal entries are ignored."""
+    got, keep = _top_blocks(scores, density)
+    want, _ = _top_blocks(truth, density)
+    hit = (got & want).sum(-1)[..., 1:].double()
+    return float((hit / keep[1:]).mean())
+
+
+def mass_recall_at_density(scores: torch.Tensor, truth: torch.Tensor, density: float) -> float:
+    """The target's mass inside the blocks `scores` keeps at `density`, over the mass the
+    best choice of as many blocks would hold (1.0: the gate loses nothing that matters,
+    even where it swaps near-tied blocks). Query block 0 is left out."""
+    got, _ = _top_blocks(scores, density)
+    want, _ = _top_blocks(truth, density)
+    t = truth[..., 1:, :]
+    return float(((t * got[..., 1:, :]).sum(-1) / (t * want[..., 1:, :]).sum(-1)).mean())
+
+
+@attention_method
+@dataclass(frozen=True)
+class Seer(PrefillConfig):
+    """SeerAttention: `blocks` key blocks per query block chosen by a gate learned from the
+    model's own attention (calibration trains it), plus the sink block and the local
+    window. ``gate=PATH`` loads gates saved by `save_gates` instead of training."""
+
+    name: ClassVar[str] = "seer"
+
+    blocks: int = 16
+    sink: int = 64
+    window: int = 128
+    block: int = 64
+    min_length: int = 2048
+    tail: int = 0
+    dim: int = 16
+    steps: int = 300
+    lr: float = 0.01
+    gate: str = ""
+    gates: tuple[Gate | None, ...] = field(default=(), compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.gate and not self.gates:
+            object.__setattr__(self, "gates", load_gates(self.gate))
+
+    def block_mask(self, query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tensor:
+        gate = self.gates[layer] if layer < len(self.gates) else None
+        if gate is None:
+            raise SparseLLMError(f"seer has no gate for layer {layer}: calibrate it first")
+        qf, kf = gate_features(query, key, self.block)
+        scores = gate_log_probs(gate, qf.float(), kf.float())
+        nb = scores.shape[-1]
+        always = P.sink_window(
+            nb, math.ceil(self.sink / self.block), math.ceil(self.window / self.block)
+        )
+        return P.topk_blocks(scores, self.blocks, always)
+
+    def needs_calibration(self) -> bool:
+        return not self.gates
+
+    def calibration(self, tokens: int) -> GateTraining:
+        if tokens < 4 * self.block:
+            raise SparseLLMError(f"seer's gate trains on >= {4 * self.block} tokens")
+        return GateTraining(self)
+
+
+class GateTraining:
+    """SeerAttention's `Calibration`: stores every observed forward's pooled features and
+    target per full-attention layer (any number of forwards), then fits each layer's gate."""
+
+    def __init__(self, base: Seer) -> None:
+        self.base = base
+        self.data: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        self.seconds = 0.0  # time spent on targets and fitting (the forwards excluded)
+
+    def observe(self, layer: int, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
+        t0 = time.perf_counter()
+        q, k = query.float(), key.float()
+        qf, kf = gate_features(q, k, self.base.block)
+        truth = block_truth(q, k, self.base.block, scale)
+        self.data.setdefault(layer, []).append((qf, kf, truth))
+        self.seconds += time.perf_counter() - t0
+
+    def result(self, model: torch.nn.Module) -> Seer:
+        """The base config with a fitted gate per full-attention layer (None for
+        sliding-window layers, which keep their own window under any method)."""
+        if sorted(self.data) != full_attention_layers(model):
+            raise SparseLLMError("calibration did not reach every full-attention layer")
+        t0 = time.perf_counter()
+        b = self.base
+        gates = tuple(
+            fit_gate(self.data[i], b.dim, b.steps, b.lr, seed=i) if i in self.data else None
+            for i in range(len(get_blocks(model)))
+        )
+        self.seconds += time.perf_counter() - t0
+        return dataclasses.replace(b, gates=gates)
+
+
+def save_gates(config: Seer, path: str) -> None:
+    """Write a calibrated config's gates to a safetensors file (``gate=PATH`` reads it)."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for i, g in enumerate(config.gates):
+        if g is not None:
+            for part, t in zip(("wq", "wk", "bias"), g, strict=True):
+                tensors[f"{i}.{part}"] = t.contiguous()
+    save_file(tensors, path, metadata={"method": "seer", "layers": str(len(config.gates))})
+
+
+def load_gates(path: str) -> tuple[Gate | None, ...]:
+    """The per-layer gates saved by `save_gates` (None where a layer has none)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("method") != "seer":
+                raise SparseLLMError(f"{path} holds no seer gates")
+            names = set(f.keys())
+            return tuple(
+                tuple(f.get_tensor(f"{i}.{part}") for part in ("wq", "wk", "bias"))
+                if f"{i}.wq" in names
+                else None
+                for i in range(int(meta["layers"]))
+            )
+    except OSError as exc:
+        raise SparseLLMError(f"cannot read seer gates {path}: {exc}") from exc
