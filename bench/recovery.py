@@ -1,17 +1,19 @@
-"""Recovery of a 2:4 model on the default model: distillation, LoRA, SoRA, DSEE, MaskLLM,
-soft prompt.
+"""Recovery of a 2:4 model on the default model: distillation, LoRA, SoRA, DSEE, PST,
+MaskLLM, soft prompt.
 
 Prunes the default model 2:4 with `--start` (sparsegpt or admm; 32×512 c4), then applies
 each recovery variant to a fresh copy for `--steps` steps of `--batch-size` windows of
 512 tokens (distill/LoRA stop early at `--minutes` of wall time), and reports wiki
 perplexity (32×512), KL and top-1 to dense before and after, the wall time and tokens
 seen, the trainable parameters (and SoRA's surviving ranks), and checks that every
-pruned weight is still exactly zero, also after `sparsellm.save` and reloading. The
-adapters (lora, sora, dsee) all have rank 16 and train under the same distillation loss
+pruned weight is still exactly zero, also after `sparsellm.save` and reloading (PST and
+MaskLLM re-choose the mask: they are checked to keep 2:4, and the share of weights that
+moved is reported). The
+adapters (lora, sora, dsee, pst) all have rank 16 and train under the same distillation loss
 and schedule. Training text: c4 windows after the calibration ones. Writes
 results/recovery-default.json (or --name) through bench/provenance.py.
 
-    python bench/recovery.py [--variants distill,lora,sora,dsee,maskllm,prompt]
+    python bench/recovery.py [--variants distill,lora,sora,dsee,pst,maskllm,prompt]
         [--steps 200] [--start admm] [--lr 1e-3] [--minutes 30] [--bf16]
 """
 
@@ -37,6 +39,7 @@ from sparsellm.recover.dsee import add_dsee  # noqa: E402
 from sparsellm.recover.lora import add_lora, merge_lora  # noqa: E402
 from sparsellm.recover.masks import pruned_weights  # noqa: E402
 from sparsellm.recover.prompt import PromptedLM, train_prompt  # noqa: E402
+from sparsellm.recover.pst import add_pst  # noqa: E402
 from sparsellm.recover.sora import active_ranks, add_sora  # noqa: E402
 from sparsellm.report.markdown import table  # noqa: E402
 
@@ -85,7 +88,8 @@ def main() -> None:
             "dense_ppl": quality["dense_ppl"],
             "kl": quality["kl"],
             "top1_agreement": quality["top1_agreement"],
-            **{k: info.get(k) for k in ("trainable", "ranks_left", "steps", "tokens", "seconds")},
+            **{k: info.get(k) for k in ("trainable", "ranks_left", "changed", "steps")},
+            **{k: info.get(k) for k in ("tokens", "seconds")},
             "zeros_kept": info.get("zeros_kept"),
         }
 
@@ -112,12 +116,14 @@ def main() -> None:
                 steps=steps, batch_size=bs, lr=args.lr or 1e-3, max_seconds=budget, bf16=args.bf16
             )
             info = summary(distill(model, dense, train, cfg)) | {"trainable": n_train}
-        elif variant in ("lora", "sora", "dsee"):
+        elif variant in ("lora", "sora", "dsee", "pst"):
             after_step = None
             if variant == "sora":
                 after_step = add_sora(model, rank=RANK)[1]
             elif variant == "dsee":
                 add_dsee(model, rank=RANK)
+            elif variant == "pst":
+                add_pst(model, rank=RANK)
             else:
                 add_lora(model, rank=RANK)
             cfg = DistillConfig(
@@ -144,7 +150,14 @@ def main() -> None:
             info = train_prompt(evaluated, dense, train, steps, batch_size=bs, max_seconds=budget)
         else:
             raise SystemExit(f"unknown variant {variant}")
-        if variant != "maskllm":  # MaskLLM may move the mask; it keeps N:M instead
+        if variant == "pst":  # PST re-chooses the mask: at most 2 of every 4 inputs kept
+            moved = []
+            for n, p in model.named_parameters():
+                if n in zeros:
+                    assert ((p != 0).view(p.shape[0], -1, 4).sum(-1) <= 2).all(), n
+                    moved.append(((p != 0) & zeros[n]).float().mean())
+            info = {**(info or {}), "changed": float(torch.stack(moved).mean())}
+        elif variant != "maskllm":  # MaskLLM may move the mask; it keeps N:M instead
             for n, p in model.named_parameters():
                 assert n not in zeros or (p[zeros[n]] == 0).all(), n
             with tempfile.TemporaryDirectory() as tmp:

@@ -69,10 +69,12 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--adapter",
-        choices=("lora", "sora", "dsee"),
+        choices=("lora", "sora", "dsee", "pst"),
         default="lora",
         help="with --lora: lora (masked LoRA), sora (rank pruned by an L1-gated vector, "
-        "SoRA) or dsee (low-rank plus a sparse update, DSEE); every kind keeps zeros zero",
+        "SoRA), dsee (low-rank plus a sparse update, DSEE) or pst (LoRA plus a learned "
+        "low-rank importance score that re-chooses the mask in the same N:M pattern, PST); "
+        "every kind keeps the model as sparse as it came",
     )
     p.add_argument(
         "--sora-lambda",
@@ -118,6 +120,7 @@ def run(args: argparse.Namespace) -> Result:
     from sparsellm.recover.dsee import add_dsee
     from sparsellm.recover.lora import add_lora, merge_lora
     from sparsellm.recover.prompt import PromptedLM, train_prompt
+    from sparsellm.recover.pst import add_pst
     from sparsellm.recover.sora import active_ranks, add_sora
     from sparsellm.report.markdown import quality_table
 
@@ -166,6 +169,8 @@ def run(args: argparse.Namespace) -> Result:
             after_step = add_sora(student.model, args.lora, lam=args.sora_lambda)[1]
         elif args.adapter == "dsee":
             add_dsee(student.model, args.lora, n_sparse=args.dsee_sparse)
+        elif args.adapter == "pst":
+            add_pst(student.model, args.lora)
         elif args.lora:
             add_lora(student.model, rank=args.lora)
         log = distill(student.model, teacher.model, data, cfg, after_step)

@@ -98,11 +98,15 @@ def distill(
     data: torch.Tensor,
     cfg: DistillConfig | None = None,
     after_step: Callable[[float], None] | None = None,
+    regularizer: Callable[[float], torch.Tensor] | None = None,
 ) -> DistillLog:
     """Fine-tune `student` in place on token windows `data` (n, seqlen) against `teacher`.
 
     `after_step(lr)` runs after every optimiser step with that step's learning rate: a
     method whose update is AdamW plus a proximal step (SoRA's gates) adds the latter there.
+    `regularizer(progress)` is added to every step's loss right after the student's
+    forward, `progress` ∈ [0, 1] the share of the step or time budget used (whichever is
+    further): ProSparse's L1 on activations, whose factor rises over training.
     """
     cfg = cfg or DistillConfig()
     params = [p for p in student.parameters() if p.requires_grad]
@@ -130,6 +134,11 @@ def distill(
                 loss = loss + cfg.feature_weight * feature_loss(
                     s_out.hidden_states[1:], t_out.hidden_states[1:]
                 )
+            if regularizer is not None:
+                budget = step / cfg.steps
+                if cfg.max_seconds:
+                    budget = max(budget, elapsed / cfg.max_seconds)
+                loss = loss + regularizer(budget)
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, cfg, elapsed)
             opt.zero_grad(set_to_none=True)
