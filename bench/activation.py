@@ -271,6 +271,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sirius", type=int, default=0, help="verify every k tokens (speed part)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--name", default=None, help="result name (default activation_<part>)")
     args = ap.parse_args()
     torch.manual_seed(0)
     result: dict[str, Any] = {"versions": versions(), "args": vars(args), "models": {}}
@@ -297,7 +298,8 @@ def main() -> None:
         print(table(heads, rows))
         table_rows += [{"model": name, **dict(zip(heads, row, strict=True))} for row in rows]
     suffix = "" if args.models == "default" else "-" + args.models.replace(",", "-")
-    write_result(f"activation_{args.part}{suffix}", {"rows": table_rows, "full": result})
+    name = args.name or f"activation_{args.part}{suffix}"
+    write_result(name, {"rows": table_rows, "full": result})
 
 
 if __name__ == "__main__":
