@@ -24,9 +24,12 @@ def _two_four(out_f: int, in_f: int, seed: int = 0) -> nn.Linear:
     return lin
 
 
-def test_nm_pattern_finds_two_four_and_refuses_unstructured() -> None:
+def test_nm_pattern_finds_two_four_even_with_thinner_groups_and_refuses_unstructured() -> None:
     keep = _two_four(3, 8).weight != 0
     assert nm_pattern(keep) == (2, 4)
+    thinner = keep.clone()
+    thinner[0, :4] = torch.tensor([True, False, False, False])  # a kept weight that is 0
+    assert nm_pattern(thinner) == (2, 4)
     uneven = keep.clone()
     uneven[0, :4] = True  # one group with four kept
     assert nm_pattern(uneven) is None
