@@ -13,7 +13,6 @@ local window, as for ``block_topk``) run on the shared block-sparse kernel.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -79,7 +78,5 @@ class HiP(PrefillConfig):
     def block_mask(self, query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tensor:
         nb = P.n_blocks(query.shape[2], self.block)
         idx = hierarchical_select(query, key, self.block, min(self.blocks, nb))
-        always = P.sink_window(
-            nb, math.ceil(self.sink / self.block), math.ceil(self.window / self.block)
-        )
+        always = P.sink_window_tokens(nb, self.sink, self.window, self.block)
         return P.selected_blocks(idx, nb, always)

@@ -42,6 +42,12 @@ def sink_window(nb: int, sink_blocks: int, window_blocks: int) -> torch.Tensor:
     return (d >= 0) & ((d < max(window_blocks, 1)) | (cols < sink_blocks))
 
 
+def sink_window_tokens(nb: int, sink: int, window: int, block: int) -> torch.Tensor:
+    """`sink_window` with the sink and the window given in tokens, each rounded up to
+    whole blocks: the always-kept part shared by the block-selecting methods."""
+    return sink_window(nb, math.ceil(sink / block), math.ceil(window / block))
+
+
 def power_dilated(nb: int, sink_blocks: int = 1, window_blocks: int = 1) -> torch.Tensor:
     """PowerAttention: besides sinks and a local window, key blocks at power-of-two
     distances ``1, 2, 4, …`` from the query block, so information reaches any earlier

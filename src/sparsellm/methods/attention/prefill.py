@@ -137,9 +137,7 @@ class SinkWindow(PrefillConfig):
 
     def block_mask(self, query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tensor:
         nb = P.n_blocks(query.shape[2], self.block)
-        return P.sink_window(
-            nb, math.ceil(self.sink / self.block), math.ceil(self.window / self.block)
-        )
+        return P.sink_window_tokens(nb, self.sink, self.window, self.block)
 
 
 @attention_method
@@ -180,9 +178,7 @@ class BlockTopK(PrefillConfig):
     def block_mask(self, query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tensor:
         probs = _pooled_block_probs(query, key, self.block)
         nb = probs.shape[-1]
-        always = P.sink_window(
-            nb, math.ceil(self.sink / self.block), math.ceil(self.window / self.block)
-        )
+        always = P.sink_window_tokens(nb, self.sink, self.window, self.block)
         return P.topk_blocks(probs, self.blocks, always)
 
 

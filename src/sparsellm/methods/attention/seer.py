@@ -213,9 +213,7 @@ class Seer(PrefillConfig):
         qf, kf = gate_features(query, key, self.block)
         scores = gate_log_probs(gate, qf.float(), kf.float())
         nb = scores.shape[-1]
-        always = P.sink_window(
-            nb, math.ceil(self.sink / self.block), math.ceil(self.window / self.block)
-        )
+        always = P.sink_window_tokens(nb, self.sink, self.window, self.block)
         return P.topk_blocks(scores, self.blocks, always)
 
     def needs_calibration(self) -> bool:
