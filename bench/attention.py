@@ -74,6 +74,7 @@ KV = [
     "h2o:budget=2048,recent=1024",
     "think:keep=0.5,budget=2048",
     "quest:budget=2048",
+    "actqkv:budget=2048",
     "tidal:budget=2048",
     "double_sparsity:budget=2048,channels=16",
     "speckv:budget=2048",

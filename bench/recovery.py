@@ -1,4 +1,4 @@
-"""Recovery of a 2:4 model on the default model: distillation, LoRA, SoRA, DSEE, PST,
+"""Recovery of a 2:4 model on the default model: distillation, LoRA, SoRA, DSEE, PST, PAT,
 MaskLLM, soft prompt.
 
 Prunes the default model 2:4 with `--start` (sparsegpt or admm; 32×512 c4), then applies
@@ -8,12 +8,14 @@ perplexity (32×512), KL and top-1 to dense before and after, the wall time and 
 seen, the trainable parameters (and SoRA's surviving ranks), and checks that every
 pruned weight is still exactly zero, also after `sparsellm.save` and reloading (PST and
 MaskLLM re-choose the mask: they are checked to keep 2:4, and the share of weights that
-moved is reported). The
-adapters (lora, sora, dsee, pst) all have rank 16 and train under the same distillation loss
-and schedule. Training text: c4 windows after the calibration ones. Writes
-results/recovery-default.json (or --name) through bench/provenance.py.
+moved is reported; PAT deletes `--pat-fraction` of the hidden channels on top, folding its
+operators into the o/down projections, so its row reports the new width, the block
+parameters and their zero share instead). The
+adapters (lora, sora, dsee, pst, pat's LoRA and operators) all have rank 16 and train under
+the same distillation loss and schedule. Training text: c4 windows after the calibration
+ones. Writes results/recovery-default.json (or --name) through bench/provenance.py.
 
-    python bench/recovery.py [--variants distill,lora,sora,dsee,pst,maskllm,prompt]
+    python bench/recovery.py [--variants distill,lora,sora,dsee,pst,pat,maskllm,prompt]
         [--steps 200] [--start admm] [--lr 1e-3] [--minutes 30] [--bf16]
 """
 
@@ -38,6 +40,7 @@ from sparsellm.recover.distill import DistillConfig, distill, summary  # noqa: E
 from sparsellm.recover.dsee import add_dsee  # noqa: E402
 from sparsellm.recover.lora import add_lora, merge_lora  # noqa: E402
 from sparsellm.recover.masks import pruned_weights  # noqa: E402
+from sparsellm.recover.pat import add_pat, merge_pat, pat_regularizer  # noqa: E402
 from sparsellm.recover.prompt import PromptedLM, train_prompt  # noqa: E402
 from sparsellm.recover.pst import add_pst  # noqa: E402
 from sparsellm.recover.sora import active_ranks, add_sora  # noqa: E402
@@ -62,6 +65,11 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=None, help="wall-time budget per variant")
     ap.add_argument("--bf16", action="store_true", help="distill/LoRA under bf16 autocast")
     ap.add_argument("--mask-steps", type=int, default=None, help="MaskLLM steps (default --steps)")
+    ap.add_argument("--pat-fraction", type=float, default=0.125, help="hidden channels PAT deletes")
+    ap.add_argument(
+        "--pat-steps", type=int, default=80, help="PAT's mask schedule length (what fits --minutes)"
+    )
+    ap.add_argument("--pat-speed", type=float, default=20.0, help="PAT's mask logit scale")
     ap.add_argument("--name", default="recovery-default", help="result name under results/")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -89,6 +97,7 @@ def main() -> None:
             "kl": quality["kl"],
             "top1_agreement": quality["top1_agreement"],
             **{k: info.get(k) for k in ("trainable", "ranks_left", "changed", "steps")},
+            **{k: info.get(k) for k in ("hidden_size", "block_params", "block_zeros")},
             **{k: info.get(k) for k in ("tokens", "seconds")},
             "zeros_kept": info.get("zeros_kept"),
         }
@@ -116,8 +125,8 @@ def main() -> None:
                 steps=steps, batch_size=bs, lr=args.lr or 1e-3, max_seconds=budget, bf16=args.bf16
             )
             info = summary(distill(model, dense, train, cfg)) | {"trainable": n_train}
-        elif variant in ("lora", "sora", "dsee", "pst"):
-            after_step = None
+        elif variant in ("lora", "sora", "dsee", "pst", "pat"):
+            after_step = regularizer = None
             if variant == "sora":
                 after_step = add_sora(model, rank=RANK)[1]
             elif variant == "dsee":
@@ -126,15 +135,26 @@ def main() -> None:
                 add_pst(model, rank=RANK)
             else:
                 add_lora(model, rank=RANK)
+            if variant == "pat":
+                add_pat(model, args.pat_fraction, args.pat_steps, RANK, args.pat_speed)
+                regularizer = pat_regularizer(model)
             cfg = DistillConfig(
                 steps=steps, batch_size=bs, lr=args.lr or 1e-3, max_seconds=budget, bf16=args.bf16
             )
             n_train = trainable(model)
-            info = summary(distill(model, dense, train, cfg, after_step)) | {"trainable": n_train}
+            log = distill(model, dense, train, cfg, after_step, regularizer)
+            info = summary(log) | {"trainable": n_train}
             if variant == "sora":
                 ranks = active_ranks(model)
                 info["ranks_left"] = sum(ranks) / (RANK * len(ranks))
             merge_lora(model)
+            if variant == "pat":
+                info["hidden_size"] = merge_pat(model)
+                weights = [w for n, w in model.named_parameters() if n in zeros]
+                info["block_params"] = sum(w.numel() for w in weights)
+                info["block_zeros"] = sum(int((w == 0).sum()) for w in weights) / sum(
+                    w.numel() for w in weights
+                )
         elif variant == "maskllm":
             mask_cfg = MaskLLMConfig(
                 steps=args.mask_steps or steps, batch_size=bs, max_seconds=budget
@@ -157,7 +177,7 @@ def main() -> None:
                     assert ((p != 0).view(p.shape[0], -1, 4).sum(-1) <= 2).all(), n
                     moved.append(((p != 0) & zeros[n]).float().mean())
             info = {**(info or {}), "changed": float(torch.stack(moved).mean())}
-        elif variant != "maskllm":  # MaskLLM may move the mask; it keeps N:M instead
+        elif variant not in ("maskllm", "pat"):  # MaskLLM moves the mask; PAT the width
             for n, p in model.named_parameters():
                 assert n not in zeros or (p[zeros[n]] == 0).all(), n
             with tempfile.TemporaryDirectory() as tmp:

@@ -29,7 +29,17 @@ PREFILL = [
     "sink_window",
     "vertical_slash",
 ]
-KV = ["double_sparsity", "h2o", "quest", "snapkv", "speckv", "streaming_kv", "think", "tidal"]
+KV = [
+    "actqkv",
+    "double_sparsity",
+    "h2o",
+    "quest",
+    "snapkv",
+    "speckv",
+    "streaming_kv",
+    "think",
+    "tidal",
+]
 
 
 def test_the_registry_holds_every_attention_method_under_its_family() -> None:
