@@ -95,9 +95,26 @@ def _sparse_forward(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, **kwargs
         )
-    mask = method.prefill_mask(query, key, module.layer_idx)
-    out = block_sparse_attention(query, key, value, mask, method.block, scaling)
+    out = prefill_attention(method, query, key, value, scaling, module.layer_idx)
     return out.transpose(1, 2).contiguous(), None
+
+
+def prefill_attention(
+    method: PrefillConfig,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float | None,
+    layer: int,
+) -> torch.Tensor:
+    """A prefill method's attention ``(B, Hq, L, D)``: its own `attend`, else its block mask
+    on the block-sparse kernel."""
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    out = method.attend(query, key, value, scale, layer)
+    if out is None:
+        mask = method.prefill_mask(query, key, layer)
+        out = block_sparse_attention(query, key, value, mask, method.block, scale)
+    return out
 
 
 def is_window_mask(mask: torch.Tensor | None, window: int, length: int) -> bool:
@@ -172,8 +189,7 @@ def _kv_forward(
     sparse = session.prefill
     prefill_out = None
     if sparse is not None and query.shape[2] >= max(sparse.min_length, 2):
-        mask = sparse.prefill_mask(query, key, module.layer_idx)
-        prefill_out = block_sparse_attention(query, key, value, mask, sparse.block, scale)
+        prefill_out = prefill_attention(sparse, query, key, value, scale, module.layer_idx)
     method = cast(KVConfig, session.method)
     out = kv_attention(module.layer_idx, query, key, value, cache, method, scale, prefill_out)
     return out.transpose(1, 2).contiguous(), None
@@ -241,6 +257,11 @@ def _unregister(name: str) -> None:
     AttentionMaskInterface._global_mapping.pop(name, None)
 
 
+def _bound(method: AttentionConfig, model: torch.nn.Module) -> AttentionConfig:
+    """Prefill methods completed from the model's config (`PrefillConfig.bind`)."""
+    return method.bind(model.config) if isinstance(method, PrefillConfig) else method
+
+
 @contextlib.contextmanager
 def sparse_attention(
     model: torch.nn.Module, method: AttentionMethod, prefill: AttentionMethod | None = None
@@ -250,8 +271,8 @@ def sparse_attention(
     restored on exit, even on error. KV methods act only on caches made by the yielded
     session's `new_cache`; a KV method may take a sparse `prefill` method too (a recipe's
     ``{prefill, kv}``), which then computes the prefill it compresses."""
-    method = attention_config(method)
-    paired = None if prefill is None else attention_config(prefill)
+    method = _bound(attention_config(method), model)
+    paired = None if prefill is None else _bound(attention_config(prefill), model)
     for m in (method, paired):
         if m is not None and m.needs_calibration():
             raise SparseLLMError(

@@ -21,6 +21,7 @@ PREFILL = [
     "block_topk",
     "flexprefill",
     "hip",
+    "longheads",
     "full",
     "minference",
     "moa",

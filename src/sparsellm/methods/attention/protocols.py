@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 import torch
 
@@ -112,6 +112,19 @@ class PrefillConfig(AttentionConfig):
         """Bool ``(…, nq_blocks, nk_blocks)`` mask of layer `layer` from its post-RoPE
         ``query (B, Hq, L, D)`` and ``key (B, Hkv, L, D)``; leading dims broadcast to
         ``(B, Hkv)``."""
+
+    def bind(self, config: Any) -> PrefillConfig:
+        """This config completed from the model's `config` when a session starts (LongHeads
+        reads the rotary base); most methods need nothing from it."""
+        return self
+
+    def attend(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, layer: int
+    ) -> torch.Tensor | None:
+        """The prefill attention ``(B, Hq, L, D)`` when the method computes it itself
+        (LongHeads re-rotates the keys it reads); None: the block-sparse kernel runs
+        `prefill_mask`."""
+        return None
 
     def prefill_mask(self, query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tensor:
         """The mask the kernel runs: `block_mask` with the ``tail`` query blocks made dense
