@@ -8,7 +8,10 @@ along quarter sines through `--stages`. Every `--log-every` steps the zero fract
 the training batches is logged. After training: wiki perplexity (32×512), KL and top-1
 to dense, and the exact-zero fraction of the gate activations on those windows. The
 baselines run on the dense model at that fraction: TEAL (every block linear's input) and
-CATS (the MLP gate, the reads a zero ProSparse activation saves). Writes
+CATS (the MLP gate, the reads a zero ProSparse activation saves). Then decode speed on
+our runtime: the ProSparse model with its exact zeros skipped (the fused decoder skips the
+down projection's zero inputs of a ReLU model) and dense, beside the dense model with
+TEAL at that level. Writes
 results/prosparse-default.json (or --name) through bench/provenance.py.
 
     python bench/prosparse.py [--minutes 20] [--stages 25,50,75] [--lr 3e-4]
@@ -29,9 +32,11 @@ from provenance import write_result  # noqa: E402
 
 import sparsellm as sl  # noqa: E402
 from sparsellm.eval.kl import compare_models  # noqa: E402
+from sparsellm.eval.speed import alternate_medians  # noqa: E402
 from sparsellm.recover.distill import DistillConfig, distill, summary  # noqa: E402
 from sparsellm.recover.prosparse import ActivationL1, progressive_lambda, relufy  # noqa: E402
 from sparsellm.report.markdown import table  # noqa: E402
+from sparsellm.runtime.decode import DecodeRuntime  # noqa: E402
 
 
 @torch.no_grad()
@@ -55,6 +60,27 @@ def row(model: str, zeros: float, q: dict) -> dict:
     return out | {"top1": q["top1_agreement"]}
 
 
+def decode_speeds(runs: dict, prompt: torch.Tensor, args: argparse.Namespace) -> list[dict]:
+    """Batch-1 greedy decode on our runtime (`--new-tokens` after a 32-token wiki prompt),
+    every run alternated with the others (median of `--repeats`): tok/s, the ratio to the
+    dense model's dense run and the skipped share of the thresholded reads."""
+    stats: dict[str, float | None] = {}
+
+    def job(name: str, rt: DecodeRuntime, sparse: bool) -> float:
+        out = rt.generate(prompt, args.new_tokens, sparse=sparse)
+        stats[name] = out.get("skipped_fraction")
+        return out["decode_s"]
+
+    runtimes = {name: (DecodeRuntime(m, max_len=256), sp) for name, (m, sp) in runs.items()}
+    jobs = {n: (lambda n=n, rt=rt, sp=sp: job(n, rt, sp)) for n, (rt, sp) in runtimes.items()}
+    med = alternate_medians(jobs, args.repeats)
+    base = med["dense, runtime dense"]
+    return [
+        {"run": k, "decode tok/s": args.new_tokens / v, "vs dense": base / v, "skipped": stats[k]}
+        for k, v in med.items()
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=20.0, help="training wall time")
@@ -63,6 +89,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--train-windows", type=int, default=256)
     ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--new-tokens", type=int, default=128, help="decode speed (0: skip it)")
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--name", default="prosparse-default", help="result name under results/")
     args = ap.parse_args()
     stages = [float(x) for x in args.stages.split(",")]
@@ -117,15 +145,29 @@ def main() -> None:
     after = compare_models(dense, student, windows)
     record(row(f"ProSparse {args.minutes:g} min", zeros, after))
     level = round(min(zeros, 0.9), 4)  # 0.9: the highest level TEAL calibrates
+    baselines = {}
     for method in ("teal", "cats"):
         model = copy.deepcopy(dense)
         sl.sparsify(model, [{"method": method, "sparsity": level}], calib)
         q = compare_models(dense, model, windows)
         record(row(f"dense + {method} {level}", level, q))
+        baselines[method] = model
     record({"model": "dense", "zero fraction": 0.0, "ppl": start["dense_ppl"], "kl": 0.0,
             "top1": 1.0})  # fmt: skip
     headers = list(rows[0])
     print(table(headers, [[r[h] for h in headers] for r in rows]))
+    if args.new_tokens:
+        runs = {
+            "dense, runtime dense": (dense, False),
+            f"dense + teal {level}, runtime sparse": (baselines["teal"], True),
+            "ProSparse, runtime dense": (student, False),
+            "ProSparse, zeros skipped": (student, True),
+        }
+        training["decode"] = decode_speeds(runs, windows[0, :32][None], args)
+        record_speed = training["decode"]
+        print(table(list(record_speed[0]), [list(r.values()) for r in record_speed]))
+        write_result(args.name, {"rows": rows, "training": training, "trace": trace,
+                                 "note": NOTE})  # fmt: skip
 
 
 if __name__ == "__main__":

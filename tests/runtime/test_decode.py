@@ -132,6 +132,24 @@ def test_native_decode_step_equals_python_blocks(
         assert (fused_skip is None) == (not sparse)
 
 
+def test_relu_model_decodes_fused_and_skips_its_zeros_exactly() -> None:
+    """A ReLU-gated model (ProSparse) runs on the one-call Decoder: sparse steps skip the
+    down projection's exact zeros and still compute HF's logits, which dense steps match."""
+    from sparsellm.recover.prosparse import relufy
+
+    model = tiny_model("llama", 2).eval()
+    relufy(model)
+    ids = _prompt()
+    ref = model(ids).logits
+    rt = DecodeRuntime(model, max_len=32)
+    assert rt.fusable()
+    for sparse in (False, True):
+        got = _stepwise(rt, ids, 5, sparse)
+        torch.testing.assert_close(got, ref[:, 5:], rtol=1e-4, atol=1e-5)
+    skipped = rt.skipped_fraction()
+    assert skipped is not None and 0.3 < skipped < 1.0, skipped  # about half the ReLU zeros
+
+
 def test_native_decode_long_context_attention(calib_ids: torch.Tensor) -> None:
     """From 512 cached positions the Decoder's attention splits heads over threads;
     steps on both sides of that switch still equal the Python blocks (SDPA)."""

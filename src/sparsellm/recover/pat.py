@@ -23,6 +23,7 @@ embedding and the head stay one matrix.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -163,10 +164,13 @@ def add_pat(
 
 
 def hsms(model: nn.Module) -> list[HSM]:
+    """Every HSM `add_pat` inserted (embedding first, then block by block)."""
     return [m for m in model.modules() if isinstance(m, HSM)]
 
 
-def pat_regularizer(model: nn.Module, identity_weight: float = 1.0):
+def pat_regularizer(
+    model: nn.Module, identity_weight: float = 1.0
+) -> Callable[[float], torch.Tensor]:
     """``regularizer(progress)`` for `sparsellm.recover.distill.distill`: advances the mask
     schedule (the next forward uses it) and returns the mask plus identity losses."""
     mask: UnifiedMask = model.pat_mask

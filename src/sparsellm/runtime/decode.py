@@ -87,12 +87,12 @@ class Layer:
     v_cache: torch.Tensor = field(default_factory=lambda: torch.empty(0))
 
 
-def _is_silu(act: nn.Module) -> bool:
-    """Whether `act` computes SiLU (the Decoder hard-codes it). Checked on values, since
-    transformers wraps SiLU in classes of its own that change between versions."""
+def _computes(act: nn.Module, ref: Any) -> bool:
+    """Whether `act` computes `ref` (SiLU or ReLU: what the Decoder implements). Checked on
+    values, since transformers wraps activations in classes that change between versions."""
     probe = torch.linspace(-8, 8, 65)
     with torch.no_grad():
-        return torch.allclose(act(probe), F.silu(probe), rtol=1e-6, atol=1e-7)
+        return torch.allclose(act(probe), ref(probe), rtol=1e-6, atol=1e-7)
 
 
 def _block(layer: Layer) -> list[Proj]:
@@ -160,21 +160,31 @@ class DecodeRuntime:
 
     def fusable(self) -> bool:
         """Whether decode steps can run as one native call (`sparse_gemv.cpp`'s Decoder):
-        the extension is built and every block is a SiLU-gated MLP with at most a
+        the extension is built and every block is a SiLU- or ReLU-gated MLP with at most a
         (scaled) threshold per projection; CATS, R-Sparse and CoreInfer use the Python
         path."""
         if self.native is None or not hasattr(self.native, "Decoder"):
             return False
+        relu = self._relu()
         for layer in self.layers:
             mlp = layer.mlp
-            if mlp.gate_threshold > 0 or mlp.core is not None or not _is_silu(mlp.act):
+            if mlp.gate_threshold > 0 or mlp.core is not None:
+                return False
+            if not _computes(mlp.act, F.relu if relu else F.silu):
                 return False
             if any(p.rule is not None and p.rule.lr_b is not None for p in _block(layer)):
                 return False
         return True
 
+    def _relu(self) -> bool:
+        """A ReLU-gated model (ProSparse): exact zeros in the down projection's input."""
+        return bool(self.layers) and _computes(self.layers[0].mlp.act, F.relu)
+
     def _build_decoder(self) -> Any:
-        """Hand the block weights and rules to the Decoder."""
+        """Hand the block weights and rules to the Decoder. In a ReLU-gated model the down
+        projection skips its exact zeros on sparse steps (the smallest positive threshold,
+        so nothing else is skipped) unless a rule sets one."""
+        relu = self._relu()
         tensors: list[torch.Tensor] = []
         thresholds: list[float] = []
         eps: list[float] = []
@@ -189,6 +199,8 @@ class DecodeRuntime:
                 ]
                 weights.append(p.native_w)
                 thresholds.append(0.0 if p.rule is None else p.rule.threshold)
+            if relu and thresholds[-1] <= 0:
+                thresholds[-1] = torch.finfo(torch.float32).tiny
         norm = self.final_norm
         return self.native.Decoder(
             tensors,
@@ -200,6 +212,7 @@ class DecodeRuntime:
             self.head_dim,
             norm.weight,
             norm.eps,
+            relu,
         )
 
     def _fold_counts(self) -> None:

@@ -1002,7 +1002,7 @@ std::string set_isa(const std::string& isa) {
 // skipped, so only this overhead is left): 2.3 ms a step when it still called ATen's
 // SDPA and allocated its intermediates (perf: SDPA's GEMV, malloc and autograd view
 // bookkeeping), 1.1 ms now, against ~11 ms for a 50%-sparse step. Supports what the
-// runtime's fast path needs: SiLU-gated MLP, TEAL/WINA thresholds (optionally scaled),
+// runtime's fast path needs: SiLU- or ReLU-gated MLP, TEAL/WINA thresholds (optionally scaled),
 // biases, GQA; everything else (CATS, R-Sparse, CoreInfer) stays on the Python path.
 class Decoder {
  public:
@@ -1012,10 +1012,10 @@ class Decoder {
   // the step's output.
   Decoder(std::vector<torch::Tensor> tensors, std::vector<PackedWeight> weights,
           std::vector<double> thresholds, std::vector<double> eps, int64_t hq, int64_t hk, int64_t d,
-          torch::Tensor final_norm, double final_eps)
+          torch::Tensor final_norm, double final_eps, bool relu)
       : t_(std::move(tensors)), pw_(std::move(weights)), thr_(std::move(thresholds)),
-        eps_(std::move(eps)),
-        final_norm_(std::move(final_norm)), final_eps_(final_eps), hq_(hq), hk_(hk), d_(d) {
+        eps_(std::move(eps)), final_norm_(std::move(final_norm)), final_eps_(final_eps),
+        hq_(hq), hk_(hk), d_(d), relu_(relu) {
     TORCH_CHECK(t_.size() % kPerLayer == 0, "10 tensors per layer expected");
     layers_ = static_cast<int64_t>(t_.size()) / kPerLayer;
     TORCH_CHECK(static_cast<int64_t>(pw_.size()) == 4 * layers_ &&
@@ -1093,7 +1093,8 @@ class Decoder {
       for (int64_t r = 0; r < b; ++r)
         for (int64_t i = 0; i < inter; ++i) {
           const float g = gu[r * 2 * inter + i];
-          a[r * inter + i] = g / (1.0f + std::exp(-g)) * gu[r * 2 * inter + inter + i];
+          const float act = relu_ ? (g > 0.0f ? g : 0.0f) : g / (1.0f + std::exp(-g));
+          a[r * inter + i] = act * gu[r * 2 * inter + inter + i];
         }
       proj(l, 3, a, b, inter, y, sparse, cnt);
       for (int64_t i = 0; i < b * hid; ++i) xp[i] += y[i];
@@ -1243,7 +1244,9 @@ class Decoder {
   torch::Tensor final_norm_;
   double final_eps_;
   std::vector<torch::Tensor> caches_;
-  int64_t hq_, hk_, d_, layers_ = 0;
+  int64_t hq_, hk_, d_;
+  bool relu_;  // ReLU-gated MLP (ProSparse) instead of SiLU
+  int64_t layers_ = 0;
   Scratch scratch_;
   std::vector<float> h_, qkv_, att_, y_, gu_, a_, tmp_;
 };
@@ -1262,7 +1265,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Decoder>(m, "Decoder")
       .def(py::init<std::vector<torch::Tensor>, std::vector<PackedWeight>,
                     std::vector<double>, std::vector<double>, int64_t,
-                    int64_t, int64_t, torch::Tensor, double>())
+                    int64_t, int64_t, torch::Tensor, double, bool>())
       .def("set_caches", &Decoder::set_caches)
       .def("step", &Decoder::step);
 }
