@@ -35,12 +35,12 @@ from provenance import write_result  # noqa: E402
 import sparsellm as sl  # noqa: E402
 from sparsellm.data.corpora import read_text, resolve_corpus  # noqa: E402
 from sparsellm.eval.zeroshot import PACKAGE  # noqa: E402
-from sparsellm.models.compressed import PACKED_FORMATS  # noqa: E402
 from sparsellm.runtime.decode import DecodeRuntime  # noqa: E402
 from sparsellm.runtime.speculative import (  # noqa: E402
     Stats,
     build_draft,
     prepare_target,
+    self_parts,
     speculative_stream,
 )
 
@@ -114,7 +114,7 @@ def main() -> None:
     cost = pass_cost(rt)
     print(f"a pass of n rows, in steps: {cost}", flush=True)
     sparse = False  # the target is the dense model in every row
-    assert dense or not any(d.startswith("self:") and d[5:] not in PACKED_FORMATS for d in drafts)
+    assert dense or not any(d.startswith("self:") and self_parts(d[5:])[2] for d in drafts)
 
     per: dict[str, list[dict[str, Any]]] = {"target": [], **{d: [] for d in drafts}}
     mismatches: dict[str, int] = {d: 0 for d in drafts}

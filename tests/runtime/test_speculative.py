@@ -86,6 +86,64 @@ def test_packed_self_draft_is_the_targets_weights_in_another_format() -> None:
     assert stats.accepted > stats.drafted / 2  # an int8 copy mostly agrees with fp32
 
 
+def test_self_spec_parts() -> None:
+    from sparsellm.errors import SparseLLMError
+    from sparsellm.runtime.speculative import self_parts
+
+    assert self_parts("int8") == ("int8", None, None)
+    recipe = "teal:sparsity=0.4,nsamples=8"
+    assert self_parts(recipe) == (None, None, recipe)
+    assert self_parts("int8+skip:ratio=0.25,score=ppl+teal:sparsity=0.4") == (
+        "int8",
+        {"ratio": "0.25", "score": "ppl"},
+        "teal:sparsity=0.4",
+    )
+    for bad in ("", "int8+bf16", "skip:ratio=0.1+skip:ratio=0.2"):
+        with pytest.raises(SparseLLMError):
+            self_parts(bad)
+
+
+def test_skip_draft_leaves_out_the_block_that_does_nothing() -> None:
+    from sparsellm.models.tiny import byte_tokenizer
+    from sparsellm.runtime.speculative import skipped_blocks
+
+    model = tiny_model("llama", layers=4)
+    with torch.no_grad():  # block 2 adds nothing to the residual stream: angle 0
+        model.model.layers[2].self_attn.o_proj.weight.zero_()
+        model.model.layers[2].mlp.down_proj.weight.zero_()
+    rt = DecodeRuntime(model, max_len=96)
+    loaded = SimpleNamespace(model=model, tokenizer=byte_tokenizer())
+    spec = "self:skip:ratio=0.25,nsamples=2,seqlen=32"
+    assert prepare_target(spec, loaded) is False
+    draft = build_draft(spec, rt, loaded)
+    assert isinstance(draft, ModelDraft) and len(draft.rt.layers) == 3
+    assert skipped_blocks(loaded, {"ratio": "0.25", "nsamples": "2", "seqlen": "32"}) == [2]
+    ids = _prompt()
+    want = _plain(rt, ids, 30)
+    assert _plain(draft.rt, ids, 30) == want  # the skipped block changed nothing
+    stats = Stats()
+    assert list(speculative_stream(rt, draft, ids, 30, stats=stats, switch=False)) == want
+    assert stats.accepted == stats.drafted  # a draft equal to the target is always right
+
+
+def test_int8_teal_self_draft_skips_channels_and_stays_exact() -> None:
+    from sparsellm.models.tiny import byte_tokenizer
+
+    model = tiny_model("qwen2", layers=2)
+    want = _plain(DecodeRuntime(model, max_len=96), _prompt(), 40)
+    loaded = SimpleNamespace(model=model, tokenizer=byte_tokenizer())
+    spec = "self:int8+teal:sparsity=0.5,nsamples=2,seqlen=32"
+    assert prepare_target(spec, loaded) is True  # the model now holds thresholds
+    rt = DecodeRuntime(model, max_len=96)
+    draft = build_draft(spec, rt, loaded)
+    assert isinstance(draft, ModelDraft) and draft.rt.fmt == "int8" and draft.sparse
+    stats = Stats()
+    got = list(speculative_stream(rt, draft, _prompt(), 40, stats=stats, switch=False))
+    assert got == want
+    assert draft.rt.skipped_fraction() > 0.3  # its steps skipped channels
+    assert stats.accepted > 0
+
+
 def test_packed_self_draft_needs_the_weights_in_memory() -> None:
     from sparsellm.errors import SparseLLMError
 

@@ -39,7 +39,7 @@ head (~the model's size again). Batches must be unpadded (equal prompt lengths).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,10 +116,12 @@ class DecodeRuntime:
         native: bool = True,
         fmt: str = "fp32",
         packed: dict[str, Packed] | None = None,
+        layers: Collection[int] | None = None,
     ) -> None:
         """`fmt` packs the model's block linears and LM head in that format (see
         `sparsellm.formats.choose_kind`); `packed` instead supplies them as stored in a
-        compressed checkpoint, by module name."""
+        compressed checkpoint, by module name. `layers` keeps only those blocks (a
+        layer-skipping draft: the others pass the residual stream through)."""
         if any(isinstance(m, TemporalDeltaLinear) for m in model.modules()):
             raise SparseLLMError(
                 "deltallm (temporal deltas) runs on the reference path only, not the runtime"
@@ -149,7 +151,9 @@ class DecodeRuntime:
             self.embed_packed = self.lm_head.packed
         elif packed is not None and self._names[id(self.embed)] in packed:
             self.embed_packed = packed[self._names[id(self.embed)]]
-        self.layers = [self._layer(block, layout) for block in get_blocks(model)]
+        blocks = get_blocks(model)
+        keep = range(len(blocks)) if layers is None else sorted(set(layers))
+        self.layers = [self._layer(blocks[i], layout) for i in keep]
         self._names = {}
         self.native = native_kernel() if native else None
         for proj in self._all_projs():

@@ -32,6 +32,11 @@ Drafts (`build_draft` parses the `--draft` spec):
   packed in a smaller format, on their own runtime and cache (a quantized self-draft, as
   in QSpec, Zhao et al. 2024): a few times faster than a fp32 target, and close enough to
   it that most of its tokens are accepted.
+- `self:skip:ratio=R`: the target without round(R·n) of its blocks (a layer-skipping
+  self-draft, as in Draft & Verify and SWIFT), chosen by depth pruning's training-free
+  scores, on its own runtime and cache.
+- parts joined by '+' combine: `self:int8+teal:sparsity=0.4` (int8 weights skipping
+  channels), `self:int8+skip:ratio=0.2`.
 - a model directory: any model with the target's vocabulary, on its own runtime and cache.
 
 The draft length adapts (`Pacer`): one more than the running mean of accepted draft
@@ -490,12 +495,13 @@ def build_draft(spec: str, rt: Any, loaded: Any, load: Callable[[str], Any] | No
         return TokenRecycling(
             rt.lm_head.out_features, int(opts.get("top_k", 3)), opts.get("tree", "small")
         )
-    if name == "self" and rest in PACKED_FORMATS:
-        return _packed_self(rest, rt, loaded)
     if name == "self":
-        if not any(p.rule is not None for p in rt.projections() if hasattr(p, "rule")):
+        fmt, skip, recipe = self_parts(rest)
+        if recipe and not any(getattr(p, "rule", None) is not None for p in rt.projections()):
             raise SparseLLMError(f"{spec}: call prepare_target before building the runtime")
-        return ModelDraft(rt, sparse=True, shares_cache=True)
+        if fmt is None and skip is None:
+            return ModelDraft(rt, sparse=True, shares_cache=True)
+        return _own_self(fmt or "fp32", skip, rt, loaded, sparse=recipe is not None)
     if load is None:
         raise SparseLLMError(f"unknown draft {spec!r} (lookup, ngram, token-recycling, self:SPEC, "
                              "or a model directory)")  # fmt: skip
@@ -509,17 +515,73 @@ def build_draft(spec: str, rt: Any, loaded: Any, load: Callable[[str], Any] | No
     return ModelDraft(drt, sparse=True, shares_cache=False)
 
 
-def _packed_self(fmt: str, rt: Any, loaded: Any) -> Draft:
-    """The target's weights packed as `fmt`, on a runtime of their own."""
+def self_parts(rest: str) -> tuple[str | None, dict[str, str] | None, str | None]:
+    """Split a ``self:`` draft spec's rest into its '+'-joined parts, each at most once: a
+    packed format (``int8``), a layer skip (``skip:ratio=R[,score=angular|ppl]``) and an
+    activation recipe (``teal:sparsity=0.4``). ``self:int8+skip:ratio=0.25+teal:...``
+    is the target's weights in int8, without a quarter of its blocks, skipping channels."""
+    fmt = skip = recipe = None
+    for part in rest.split("+") if rest else []:
+        head, _, opts = part.partition(":")
+        if part in PACKED_FORMATS and fmt is None:
+            fmt = part
+        elif head == "skip" and skip is None:
+            skip = dict(kv.split("=", 1) for kv in opts.split(",") if "=" in kv)
+        elif head not in PACKED_FORMATS and head != "skip" and recipe is None and part:
+            recipe = part
+        else:
+            raise SparseLLMError(f"self:{rest}: one format, one skip and one recipe at most")
+    if fmt is None and skip is None and recipe is None:
+        raise SparseLLMError("self drafts need a recipe, e.g. self:teal:sparsity=0.6")
+    return fmt, skip, recipe
+
+
+def skipped_blocks(loaded: Any, opts: dict[str, str]) -> list[int]:
+    """The blocks a layer-skipping self draft leaves out (Draft & Verify / SWIFT, with
+    depth pruning's training-free scores instead of their search): round(ratio·n) of
+    them, lowest first by `score` (``angular``: the angle each block turns the residual
+    stream by; ``ppl``: the calibration loss rise when it alone is skipped) on
+    `nsamples` c4 windows of `seqlen` tokens."""
+    from sparsellm.data.corpora import resolve_corpus, token_windows
+    from sparsellm.methods.structured.common import block_distances
+    from sparsellm.methods.structured.depth import blocks_to_drop, loss_deltas
+
+    unknown = set(opts) - {"ratio", "score", "nsamples", "seqlen"}
+    if unknown or "ratio" not in opts:
+        raise SparseLLMError(f"skip:{opts}: takes ratio=R (required), score, nsamples, seqlen")
+    ratio, score = float(opts["ratio"]), opts.get("score", "angular")
+    if not 0 < ratio < 1:
+        raise SparseLLMError(f"skip ratio {ratio} must lie in (0, 1)")
+    if score not in ("angular", "ppl"):
+        raise SparseLLMError(f"skip score {score!r}: angular or ppl")
+    n, seqlen = int(opts.get("nsamples", 8)), int(opts.get("seqlen", 256))
+    calib = token_windows(loaded.tokenizer, resolve_corpus("c4"), n, seqlen)
+    with torch.no_grad():
+        scores = (
+            block_distances(loaded.model, calib, 4)
+            if score == "angular"
+            else loss_deltas(loaded.model, calib, 4)
+        )
+    return blocks_to_drop(scores, ratio).tolist()
+
+
+def _own_self(fmt: str, skip: dict[str, str] | None, rt: Any, loaded: Any, sparse: bool) -> Draft:
+    """The target's weights packed as `fmt` (and without the skipped blocks), on a runtime
+    and KV cache of their own; `sparse`: its steps skip channels by the recipe's rules."""
     from sparsellm.models.adapters import block_linears, get_blocks
     from sparsellm.runtime.decode import DecodeRuntime
 
-    weights = [lin.weight for b in get_blocks(loaded.model) for lin in block_linears(b).values()]
+    blocks = get_blocks(loaded.model)
+    weights = [lin.weight for b in blocks for lin in block_linears(b).values()]
     if any(w.numel() == 0 for w in weights):  # released: the target runs packed weights
         raise SparseLLMError(f"self:{fmt} drafts pack a plain (unpacked) target; this one is "
                              "stored packed: export a draft and pass its directory")  # fmt: skip
-    drt = DecodeRuntime(loaded.model, max_len=rt.max_len, fmt=fmt)
-    return ModelDraft(drt, sparse=False, shares_cache=False)
+    keep = None
+    if skip is not None:
+        gone = set(skipped_blocks(loaded, skip))
+        keep = [i for i in range(len(blocks)) if i not in gone]
+    drt = DecodeRuntime(loaded.model, max_len=rt.max_len, fmt=fmt, layers=keep)
+    return ModelDraft(drt, sparse=sparse, shares_cache=False)
 
 
 def prepare_target(spec: str, loaded: Any) -> bool:
@@ -527,16 +589,17 @@ def prepare_target(spec: str, loaded: Any) -> bool:
     wrap the loaded model's modules with it, before its runtime is built: the runtime then
     holds the thresholds, its dense path is the target and its sparse path the draft.
     Returns whether the target must now run dense. Other drafts need nothing."""
-    name, _, recipe = spec.partition(":")
-    if name != "self" or recipe in PACKED_FORMATS:
+    name, _, rest = spec.partition(":")
+    if name != "self":
+        return False
+    recipe = self_parts(rest)[2]
+    if recipe is None:
         return False
     from sparsellm.config import from_spec
     from sparsellm.data.corpora import resolve_corpus, token_windows
     from sparsellm.methods.activation.apply import sparsify_activations
     from sparsellm.methods.activation.modules import ActSparseLinear
 
-    if not recipe:
-        raise SparseLLMError("self drafts need a recipe, e.g. self:teal:sparsity=0.6")
     if any(isinstance(m, ActSparseLinear) for m in loaded.model.modules()):
         raise SparseLLMError("the target already skips channels; draft from a model directory")
     cfg = from_spec(recipe, family="activation")
