@@ -273,16 +273,18 @@ class ModelDraft(Draft):
         if self.valid:
             self.rt.forward(ids[:, :-1], 0, self.sparse)
 
-    def _feed(self, token: int, at: int) -> torch.Tensor:
-        t = torch.tensor([token])
-        pos = torch.tensor([at])
-        return self.rt.step(t, torch.zeros(1, dtype=torch.int64), pos, pos, self.sparse)[0]
+    def _feed(self, tokens: list[int], at: int) -> torch.Tensor:
+        """Feed `tokens` at slots at, at+1, ... as rows of one step (the weights are read
+        once for all of them); the last row's logits."""
+        pos = torch.arange(at, at + len(tokens))
+        zeros = torch.zeros(len(tokens), dtype=torch.int64)
+        return self.rt.step(torch.tensor(tokens), zeros, pos, pos, self.sparse)[-1]
 
     def propose(self, context: list[int], k: int, sample: Any) -> Tree:
-        # catch up on accepted tokens the draft has not fed (all but the last, then it)
-        for at in range(self.valid, len(context) - 1):
-            self._feed(context[at], at)
-        logits = self._feed(context[-1], len(context) - 1)
+        # catch up on the accepted tokens the draft has not fed, the last one included, in
+        # passes of up to MAX_ROWS rows
+        for at in range(self.valid, len(context), MAX_ROWS):
+            logits = self._feed(context[at : min(at + MAX_ROWS, len(context))], at)
         tokens: list[int] = []
         qs: list[torch.Tensor] = []
         for i in range(k):
@@ -291,7 +293,7 @@ class ModelDraft(Draft):
             if q is not None:
                 qs.append(q)
             if i < k - 1:
-                logits = self._feed(token, len(context) + i)
+                logits = self._feed([token], len(context) + i)
         self.valid = len(context) - 1 + k  # the root and all but the last draft token
         return chain(tokens, qs or None)
 
