@@ -545,8 +545,7 @@ def skipped_blocks(loaded: Any, opts: dict[str, str]) -> list[int]:
     stream by; ``ppl``: the calibration loss rise when it alone is skipped) on
     `nsamples` c4 windows of `seqlen` tokens."""
     from sparsellm.data.corpora import resolve_corpus, token_windows
-    from sparsellm.methods.structured.common import block_distances
-    from sparsellm.methods.structured.depth import blocks_to_drop, loss_deltas
+    from sparsellm.methods.structured.depth import choose_blocks
 
     unknown = set(opts) - {"ratio", "score", "nsamples", "seqlen"}
     if unknown or "ratio" not in opts:
@@ -558,13 +557,7 @@ def skipped_blocks(loaded: Any, opts: dict[str, str]) -> list[int]:
         raise SparseLLMError(f"skip score {score!r}: angular or ppl")
     n, seqlen = int(opts.get("nsamples", 8)), int(opts.get("seqlen", 256))
     calib = token_windows(loaded.tokenizer, resolve_corpus("c4"), n, seqlen)
-    with torch.no_grad():
-        scores = (
-            block_distances(loaded.model, calib, 4)
-            if score == "angular"
-            else loss_deltas(loaded.model, calib, 4)
-        )
-    return blocks_to_drop(scores, ratio).tolist()
+    return choose_blocks(loaded.model, ratio, calib, score).tolist()
 
 
 def _own_self(fmt: str, skip: dict[str, str] | None, rt: Any, loaded: Any, sparse: bool) -> Draft:

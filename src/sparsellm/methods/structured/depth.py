@@ -102,10 +102,12 @@ def drop_blocks(model: nn.Module, drop: torch.Tensor) -> None:
     cfg.num_hidden_layers = len(kept)
 
 
-def prune_depth(
+@torch.no_grad()
+def choose_blocks(
     model: nn.Module, ratio: float, calib_ids: torch.Tensor, score: str, batch_size: int = 4
-) -> list[int]:
-    """Drop about `ratio` of the blocks by `score` ("angular" or "ppl"); returns their indices."""
+) -> torch.Tensor:
+    """The about `ratio` of the blocks that `score` ("angular" or "ppl") ranks least
+    important, sorted; the model is left as it is (a layer-skipping draft uses this too)."""
     block_layout(model)  # fail early on unsupported families
     if score == "angular":
         scores = block_distances(model, calib_ids, batch_size)
@@ -113,7 +115,14 @@ def prune_depth(
         scores = loss_deltas(model, calib_ids, batch_size)
     else:
         raise ValueError(f"unknown depth score {score!r}")
-    drop = blocks_to_drop(scores, ratio)
+    return blocks_to_drop(scores, ratio)
+
+
+def prune_depth(
+    model: nn.Module, ratio: float, calib_ids: torch.Tensor, score: str, batch_size: int = 4
+) -> list[int]:
+    """Drop about `ratio` of the blocks by `score` ("angular" or "ppl"); returns their indices."""
+    drop = choose_blocks(model, ratio, calib_ids, score, batch_size)
     drop_blocks(model, drop)
     return drop.tolist()
 
