@@ -226,15 +226,15 @@ inline void prefetch4(const T* const* pf, int64_t o) {
 }
 
 // Dense kinds, four rows at a time so acc is loaded and stored once per four weight rows.
-// `nb` activation rows share the call (row r reads vp + r * vstride and accumulates into
-// acc + r * astride): a batch or a speculative verification pass reads the weights from
-// memory once, and every row gets exactly the operations a lone row gets, in the same
-// order per output, so its result does not depend on the rows beside it (greedy
-// speculative decoding is then token-identical to plain decoding). Loop order: fp32 (and
-// any kind for one row) takes a row's four broadcasts once per weight-row group and
-// streams the outputs, later rows re-reading the group's weights from L1 (on the CPUs
-// measured, broadcasts per output block were what bounded a multi-row pass); converted
-// kinds convert each weight vector once and apply it to every row.
+// Every output accumulates its kept rows in order, one FMA each (acc = v_j * w_j + acc),
+// whatever the kernel, ISA or loop order: `nb` activation rows share the call (row r
+// reads vp + r * vstride and accumulates into acc + r * astride), a batch or a speculative
+// verification pass reads the weights from memory once, and a row's result does not
+// depend on the rows beside it (greedy speculative decoding is then token-identical to
+// plain decoding). Loop order: fp32 (and any kind for one row) takes a row's four
+// broadcasts once per weight-row group and streams the outputs, later rows re-reading the
+// group's weights from L1; converted kinds convert each weight vector once and apply it
+// to every row. (On AVX-512, several rows go through `dense_tiles_avx512` instead.)
 template <class T, class Load>
 void dense_rows_avx2(const T* values, int64_t out, float* acc, const int64_t* ip,
                      const float* vp, int64_t j0, int64_t j1, int64_t o0, int64_t o1,
@@ -249,12 +249,10 @@ void dense_rows_avx2(const T* values, int64_t out, float* acc, const int64_t* ip
     const __m256 v2 = _mm256_set1_ps(v[2]), v3 = _mm256_set1_ps(v[3]);
     for (int64_t o = o0; o < o8; o += 8) {
       if (fetch) prefetch4(pf, o);
-      __m256 a = _mm256_loadu_ps(ar + o);
-      __m256 b = _mm256_mul_ps(v1, load(r1 + o));
-      a = _mm256_fmadd_ps(v0, load(r0 + o), a);
-      b = _mm256_fmadd_ps(v3, load(r3 + o), b);
+      __m256 a = _mm256_fmadd_ps(v0, load(r0 + o), _mm256_loadu_ps(ar + o));
+      a = _mm256_fmadd_ps(v1, load(r1 + o), a);
       a = _mm256_fmadd_ps(v2, load(r2 + o), a);
-      _mm256_storeu_ps(ar + o, _mm256_add_ps(a, b));
+      _mm256_storeu_ps(ar + o, _mm256_fmadd_ps(v3, load(r3 + o), a));
     }
   };
   for (; j + 4 <= j1; j += 4) {
@@ -275,12 +273,10 @@ void dense_rows_avx2(const T* values, int64_t out, float* acc, const int64_t* ip
       for (int64_t r = 0; r < nb; ++r) {
         const float* v = vp + r * vstride + j;
         float* ar = acc + r * astride + o;
-        __m256 a = _mm256_loadu_ps(ar);
-        __m256 b = _mm256_mul_ps(_mm256_set1_ps(v[1]), w1);
-        a = _mm256_fmadd_ps(_mm256_set1_ps(v[0]), w0, a);
-        b = _mm256_fmadd_ps(_mm256_set1_ps(v[3]), w3, b);
+        __m256 a = _mm256_fmadd_ps(_mm256_set1_ps(v[0]), w0, _mm256_loadu_ps(ar));
+        a = _mm256_fmadd_ps(_mm256_set1_ps(v[1]), w1, a);
         a = _mm256_fmadd_ps(_mm256_set1_ps(v[2]), w2, a);
-        _mm256_storeu_ps(ar, _mm256_add_ps(a, b));
+        _mm256_storeu_ps(ar, _mm256_fmadd_ps(_mm256_set1_ps(v[3]), w3, a));
       }
     }
   }
@@ -484,12 +480,11 @@ void rows_avx2(const Weight& w, float* acc, const int64_t* ip, const float* vp, 
 #if SPARSELLM_X86
 // ---------------------------------------------------------------- AVX-512 dense kernels
 // dense_rows_avx2's loops with 16 outputs per vector. Every output lane gets the same
-// operations in the same order as in the AVX2 kernel (a = acc + v0 w0 + v2 w2 as FMAs,
-// b = v1 w1 + v3 w3, acc = a + b), so the two ISAs give bit-identical results and a
-// call may mix them (a slice's last 8 outputs go to AVX2). Why: a verification pass
-// or a batch is bound by instructions per weight and row once the weights are in L1
-// (measured on a Xeon with AVX-512: each extra row of a fp32 step cost a fifth of the
-// memory-bound first row); 16 lanes halve them.
+// operations in the same order as in the AVX2 kernel (one FMA per kept row, in order),
+// so the two ISAs give bit-identical results and a call may mix them (a slice's last 8
+// outputs go to AVX2). Why: a verification pass or a batch is bound by instructions per
+// weight and row once the weights are in L1 (measured on a Xeon with AVX-512: each extra
+// row of a fp32 step cost a fifth of the memory-bound first row); 16 lanes halve them.
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx2,fma,popcnt")
 
@@ -517,12 +512,10 @@ int64_t dense_rows_avx512(const T* values, int64_t out, float* acc, const int64_
     const __m512 v2 = _mm512_set1_ps(v[2]), v3 = _mm512_set1_ps(v[3]);
     for (int64_t o = o0; o < o16; o += 16) {
       if (fetch) prefetch4(pf, o);
-      __m512 a = _mm512_loadu_ps(ar + o);
-      __m512 b = _mm512_mul_ps(v1, load(r1 + o));
-      a = _mm512_fmadd_ps(v0, load(r0 + o), a);
-      b = _mm512_fmadd_ps(v3, load(r3 + o), b);
+      __m512 a = _mm512_fmadd_ps(v0, load(r0 + o), _mm512_loadu_ps(ar + o));
+      a = _mm512_fmadd_ps(v1, load(r1 + o), a);
       a = _mm512_fmadd_ps(v2, load(r2 + o), a);
-      _mm512_storeu_ps(ar + o, _mm512_add_ps(a, b));
+      _mm512_storeu_ps(ar + o, _mm512_fmadd_ps(v3, load(r3 + o), a));
     }
   };
   int64_t j = j0;
@@ -544,12 +537,10 @@ int64_t dense_rows_avx512(const T* values, int64_t out, float* acc, const int64_
       for (int64_t r = 0; r < nb; ++r) {
         const float* v = vp + r * vstride + j;
         float* ar = acc + r * astride + o;
-        __m512 a = _mm512_loadu_ps(ar);
-        __m512 b = _mm512_mul_ps(_mm512_set1_ps(v[1]), w1);
-        a = _mm512_fmadd_ps(_mm512_set1_ps(v[0]), w0, a);
-        b = _mm512_fmadd_ps(_mm512_set1_ps(v[3]), w3, b);
+        __m512 a = _mm512_fmadd_ps(_mm512_set1_ps(v[0]), w0, _mm512_loadu_ps(ar));
+        a = _mm512_fmadd_ps(_mm512_set1_ps(v[1]), w1, a);
         a = _mm512_fmadd_ps(_mm512_set1_ps(v[2]), w2, a);
-        _mm512_storeu_ps(ar, _mm512_add_ps(a, b));
+        _mm512_storeu_ps(ar, _mm512_fmadd_ps(_mm512_set1_ps(v[3]), w3, a));
       }
     }
   }
@@ -584,6 +575,117 @@ int64_t dense_avx512(const Weight& w, float* acc, const int64_t* ip, const float
       return dense_rows_avx512(static_cast<const int8_t*>(w.values), w.out, acc, ip, vp, j0,
                                j1, o0, o1, [](const int8_t* p) { return load16_i8(p); }, nb,
                                vstride, astride);
+    default:
+      return o0;
+  }
+}
+
+// Several activation rows of a dense weight, register-blocked: the accumulators of R rows
+// by K vectors of 16 outputs stay in registers while kTileRows weight rows go by, each
+// weight vector loaded once for the R rows and each activation broadcast once for the K
+// vectors. The streaming kernel above loads and stores its accumulator and re-loads the
+// weights for every row, which left a 9-row fp32 verification pass at 1.65 decode steps
+// where its FMAs alone need well under one (measured on the default model). Each output
+// still gets one FMA per kept row, in order (an accumulator spilled between chunks of
+// rows is the same float), so results are bit-identical to the one-row kernels.
+constexpr int64_t kTileRows = 32;  // weight rows per chunk: R x K x kTileRows FMAs per spill
+constexpr int kTileMaxR = 8;       // activation rows per register block (R x K + K + 1 regs)
+
+template <int R, int K, class T, class Load>
+inline void dense_tile(const T* const* wr, int64_t jn, int64_t o, const float* vp,
+                       int64_t vstride, float* acc, int64_t astride, Load load, bool fetch) {
+  __m512 c[R][K];
+  for (int r = 0; r < R; ++r)
+    for (int k = 0; k < K; ++k) c[r][k] = _mm512_loadu_ps(acc + r * astride + o + 16 * k);
+  for (int64_t j = 0; j < jn; ++j) {
+    const T* p = wr[j] + o;
+    // the first row block pulls the weights in from memory: fetch this row's lines four
+    // tiles ahead
+    if (fetch)
+      for (int64_t b = 0; b < 16 * K * static_cast<int64_t>(sizeof(T)); b += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(p + 64 * K) + b, _MM_HINT_T0);
+    __m512 w[K];
+    for (int k = 0; k < K; ++k) w[k] = load(p + 16 * k);
+    for (int r = 0; r < R; ++r) {
+      const __m512 v = _mm512_set1_ps(vp[r * vstride + j]);
+      for (int k = 0; k < K; ++k) c[r][k] = _mm512_fmadd_ps(v, w[k], c[r][k]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int k = 0; k < K; ++k) _mm512_storeu_ps(acc + r * astride + o + 16 * k, c[r][k]);
+}
+
+template <int K, class T, class Load>
+void dense_tile_rows(int64_t rows, const T* const* wr, int64_t jn, int64_t o, const float* vp,
+                     int64_t vstride, float* acc, int64_t astride, Load load, bool fetch) {
+  switch (rows) {
+#define SPARSELLM_TILE(R)                                                        \
+  case R:                                                                        \
+    dense_tile<R, K>(wr, jn, o, vp, vstride, acc, astride, load, fetch);         \
+    break;
+    SPARSELLM_TILE(1)
+    SPARSELLM_TILE(2)
+    SPARSELLM_TILE(3)
+    SPARSELLM_TILE(4)
+    SPARSELLM_TILE(5)
+    SPARSELLM_TILE(6)
+    SPARSELLM_TILE(7)
+    SPARSELLM_TILE(8)
+#undef SPARSELLM_TILE
+    default:
+      break;
+  }
+}
+
+// Outputs [o0, o16) of nb activation rows (nb > 1) for the kept rows j0..j1 of a dense
+// weight; returns o16. Loop order: a chunk of kTileRows weight rows, then 32-output tiles
+// across the slice (each weight row read front to back, so memory streams), then blocks
+// of rows balanced to at most kTileMaxR (9 rows: 5 + 4), the later blocks finding the
+// tile's weights in L1.
+template <class T, class Load>
+int64_t dense_tiles_avx512(const T* values, int64_t out, float* acc, const int64_t* ip,
+                           const float* vp, int64_t j0, int64_t j1, int64_t o0, int64_t o1,
+                           Load load, int64_t nb, int64_t vstride, int64_t astride) {
+  const int64_t o16 = o0 + (o1 - o0) / 16 * 16;
+  const int64_t blocks = (nb + kTileMaxR - 1) / kTileMaxR;
+  const T* wr[kTileRows];
+  for (int64_t j = j0; j < j1; j += kTileRows) {
+    const int64_t jn = std::min(kTileRows, j1 - j);
+    for (int64_t q = 0; q < jn; ++q) wr[q] = values + ip[j + q] * out;
+    for (int64_t o = o0; o < o16;) {
+      const int K = o + 32 <= o16 ? 2 : 1;
+      for (int64_t b = 0, r0 = 0; b < blocks; ++b) {
+        const int64_t r1 = nb * (b + 1) / blocks;
+        const float* v = vp + r0 * vstride + j;
+        float* a = acc + r0 * astride;
+        if (K == 2) dense_tile_rows<2>(r1 - r0, wr, jn, o, v, vstride, a, astride, load, b == 0);
+        else dense_tile_rows<1>(r1 - r0, wr, jn, o, v, vstride, a, astride, load, b == 0);
+        r0 = r1;
+      }
+      o += 16 * K;
+    }
+  }
+  return o16;
+}
+
+// dense_avx512 for nb > 1 rows through the register-blocked tiles.
+int64_t dense_tiles(const Weight& w, float* acc, const int64_t* ip, const float* vp,
+                    int64_t j0, int64_t j1, int64_t o0, int64_t o1, int64_t nb,
+                    int64_t vstride, int64_t astride) {
+  switch (w.kind) {
+    case kF32:
+      return dense_tiles_avx512(static_cast<const float*>(w.values), w.out, acc, ip, vp, j0,
+                                j1, o0, o1, [](const float* p) { return load16_f32(p); }, nb,
+                                vstride, astride);
+    case kBF16:
+      return dense_tiles_avx512(static_cast<const uint16_t*>(w.values), w.out, acc, ip, vp,
+                                j0, j1, o0, o1,
+                                [](const uint16_t* p) { return load16_bf16(p); }, nb,
+                                vstride, astride);
+    case kI8:
+      return dense_tiles_avx512(static_cast<const int8_t*>(w.values), w.out, acc, ip, vp, j0,
+                                j1, o0, o1, [](const int8_t* p) { return load16_i8(p); }, nb,
+                                vstride, astride);
     default:
       return o0;
   }
@@ -760,6 +862,11 @@ void rows_multi(const Weight& w, float* acc, const int64_t* ip, const float* vp,
                 int64_t j1, int64_t o0, int64_t o1, int64_t nb, int64_t vstride,
                 int64_t astride) {
 #if SPARSELLM_X86
+  if (g_avx512 && nb > 1 && (w.kind == kF32 || w.kind == kBF16 || w.kind == kI8)) {
+    const int64_t o16 = dense_tiles(w, acc, ip, vp, j0, j1, o0, o1, nb, vstride, astride);
+    if (o16 == o1) return;
+    o0 = o16;  // the last 8 outputs (and any odd tail) go on below
+  }
   // Several rows: outputs in slices whose accumulators (nb rows) and current weight rows
   // stay in L1; a slice changes the loop order, not any output's arithmetic.
   const int64_t slice =
