@@ -114,7 +114,7 @@ def main() -> None:
     cost = pass_cost(rt)
     print(f"a pass of n rows, in steps: {cost}", flush=True)
     sparse = False  # the target is the dense model in every row
-    assert dense or not any(d.startswith("self:") and self_parts(d[5:])[2] for d in drafts)
+    assert dense or not any(d.startswith("self:") and self_parts(d[5:]).recipe for d in drafts)
 
     per: dict[str, list[dict[str, Any]]] = {"target": [], **{d: [] for d in drafts}}
     mismatches: dict[str, int] = {d: 0 for d in drafts}

@@ -90,15 +90,16 @@ def test_self_spec_parts() -> None:
     from sparsellm.errors import SparseLLMError
     from sparsellm.runtime.speculative import self_parts
 
-    assert self_parts("int8") == ("int8", None, None)
+    assert self_parts("int8") == ("int8", None, None, None)
     recipe = "teal:sparsity=0.4,nsamples=8"
-    assert self_parts(recipe) == (None, None, recipe)
-    assert self_parts("int8+skip:ratio=0.25,score=ppl+teal:sparsity=0.4") == (
+    assert self_parts(recipe) == (None, None, recipe, None)
+    assert self_parts("int8+skip:ratio=0.25,score=ppl+teal:sparsity=0.4+vocab:size=64") == (
         "int8",
         {"ratio": "0.25", "score": "ppl"},
         "teal:sparsity=0.4",
+        {"size": "64"},
     )
-    for bad in ("", "int8+bf16", "skip:ratio=0.1+skip:ratio=0.2"):
+    for bad in ("", "int8+bf16", "skip:ratio=0.1+skip:ratio=0.2", "vocab:size=2+vocab:size=3"):
         with pytest.raises(SparseLLMError):
             self_parts(bad)
 
@@ -142,6 +143,62 @@ def test_int8_teal_self_draft_skips_channels_and_stays_exact() -> None:
     assert got == want
     assert draft.rt.skipped_fraction() > 0.3  # its steps skipped channels
     assert stats.accepted > 0
+
+
+def test_frequent_tokens_by_hand() -> None:
+    from sparsellm.models.tiny import byte_tokenizer
+    from sparsellm.runtime.speculative import frequent_tokens
+
+    tok = byte_tokenizer()  # "a" "b" "c" are ids 64, 65, 66; end of sequence is 0
+    assert tok("abbccc").input_ids == [64, 65, 65, 66, 66, 66] and tok.eos_token_id == 0
+    assert frequent_tokens(tok, "abbccc", 2).tolist() == [0, 66]  # eos kept, then c (3)
+    assert frequent_tokens(tok, "abbccc", 3).tolist() == [0, 65, 66]
+    assert frequent_tokens(tok, "aabbc", 3).tolist() == [0, 64, 65]  # a = b: lower id first
+
+
+def test_reduced_vocab_draft_stays_exact_and_maps_its_rows_back() -> None:
+    """FR-Spec: the draft's head keeps some rows and its picks are mapped back to token
+    ids. A head holding every token the target emits drafts exactly the target's tokens;
+    one missing them still gives the target's output (the target verifies everything)."""
+    from sparsellm.runtime.speculative import reduce_head
+
+    model = tiny_model("qwen2", layers=2)
+    rt = DecodeRuntime(model, max_len=96)
+    want = _plain(rt, _prompt(), 40)
+    head = model.get_output_embeddings()
+    full = head.weight.shape[0]
+    for ids, all_right in [
+        (torch.tensor(sorted(set(want) | {1, 2, 3})), True),
+        (torch.tensor([t for t in range(full) if t not in set(want[5:])]), False),
+    ]:
+        draft = ModelDraft(DecodeRuntime(model, max_len=96), sparse=False, shares_cache=False,
+                           vocab=ids, full_vocab=full)  # fmt: skip
+        reduce_head(draft.rt, head, ids)
+        assert draft.rt.lm_head.out_features == len(ids)
+        stats = Stats()
+        got = list(speculative_stream(rt, draft, _prompt(), 40, stats=stats, switch=False))
+        assert got == want
+        assert (stats.accepted == stats.drafted) == all_right
+    # sampling: the draft distribution is spread back over the whole vocabulary
+    ids = torch.tensor([5, 7, 9])
+    draft = ModelDraft(rt, sparse=False, shares_cache=False, vocab=ids, full_vocab=full)
+    logits = torch.tensor([0.0, 2.0, 1.0])
+    token, q = draft._pick(logits, lambda x: (int(x.argmax()), torch.softmax(x, -1)))
+    assert token == 7 and q is not None and q.shape == (full,)
+    assert torch.equal(q[ids], torch.softmax(logits, -1)) and float(q.sum()) == pytest.approx(1)
+
+
+def test_vocab_self_draft_spec_builds_a_reduced_head() -> None:
+    from sparsellm.models.tiny import byte_tokenizer
+
+    model = tiny_model("llama", layers=2)
+    rt = DecodeRuntime(model, max_len=96)
+    loaded = SimpleNamespace(model=model, tokenizer=byte_tokenizer())
+    draft = build_draft("self:int8+vocab:size=40,chars=4000", rt, loaded)
+    assert isinstance(draft, ModelDraft) and draft.rt.fmt == "int8" and draft.vocab is not None
+    assert draft.rt.lm_head.out_features == 40 and 0 in draft.vocab.tolist()
+    got = list(speculative_stream(rt, draft, _prompt(), 30, switch=False))
+    assert got == _plain(rt, _prompt(), 30)
 
 
 def test_packed_self_draft_needs_the_weights_in_memory() -> None:

@@ -35,6 +35,9 @@ Drafts (`build_draft` parses the `--draft` spec):
 - `self:skip:ratio=R`: the target without round(R·n) of its blocks (a layer-skipping
   self-draft, as in Draft & Verify and SWIFT), chosen by depth pruning's training-free
   scores, on its own runtime and cache.
+- `self:int8+vocab:size=N[,corpus=c4]`: the draft's LM head keeps only the N tokens most
+  frequent in a bundled corpus (FR-Spec, Zhao et al. 2025): a small model's head is a
+  fifth of its weights, and the target still verifies over the whole vocabulary.
 - parts joined by '+' combine: `self:int8+teal:sparsity=0.4` (int8 weights skipping
   channels), `self:int8+skip:ratio=0.2`.
 - a model directory: any model with the target's vocabulary, on its own runtime and cache.
@@ -50,7 +53,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -260,8 +263,14 @@ class ModelDraft(Draft):
     its steps skip channels and write the shared cache row, which the verification pass
     then rewrites), or another model with its own runtime and cache."""
 
-    def __init__(self, rt: Any, sparse: bool, shares_cache: bool) -> None:
+    def __init__(
+        self, rt: Any, sparse: bool, shares_cache: bool, vocab: torch.Tensor | None = None,
+        full_vocab: int = 0,
+    ) -> None:  # fmt: skip
+        """`vocab`: the token ids of the rows of a reduced LM head (`reduce_head`), of a
+        vocabulary of `full_vocab` tokens."""
         self.rt, self.sparse, self.shares_cache = rt, sparse, shares_cache
+        self.vocab, self.full_vocab = vocab, full_vocab
         self.valid = 0  # context tokens whose KV entries the draft's cache holds
 
     def prompt(self, ids: torch.Tensor) -> None:
@@ -288,7 +297,7 @@ class ModelDraft(Draft):
         tokens: list[int] = []
         qs: list[torch.Tensor] = []
         for i in range(k):
-            token, q = sample(logits)
+            token, q = self._pick(logits, sample)
             tokens.append(token)
             if q is not None:
                 qs.append(q)
@@ -296,6 +305,16 @@ class ModelDraft(Draft):
                 logits = self._feed([token], len(context) + i)
         self.valid = len(context) - 1 + k  # the root and all but the last draft token
         return chain(tokens, qs or None)
+
+    def _pick(self, logits: torch.Tensor, sample: Any) -> tuple[int, torch.Tensor | None]:
+        """`sample` over the head's rows, as a token id and (sampling) a distribution over
+        the whole vocabulary (zero off the reduced head: rejection stays exact)."""
+        token, q = sample(logits)
+        if self.vocab is None:
+            return token, q
+        if q is not None:
+            q = torch.zeros(self.full_vocab, dtype=q.dtype).index_copy_(0, self.vocab, q)
+        return int(self.vocab[token]), q
 
     def update(self, context: list[int], inputs: list[int], logits: torch.Tensor) -> None:
         # valid: everything before the new last token (its own KV comes with the next pass)
@@ -498,12 +517,12 @@ def build_draft(spec: str, rt: Any, loaded: Any, load: Callable[[str], Any] | No
             rt.lm_head.out_features, int(opts.get("top_k", 3)), opts.get("tree", "small")
         )
     if name == "self":
-        fmt, skip, recipe = self_parts(rest)
-        if recipe and not any(getattr(p, "rule", None) is not None for p in rt.projections()):
+        parts = self_parts(rest)
+        if parts.recipe and not any(getattr(p, "rule", None) is not None for p in rt.projections()):
             raise SparseLLMError(f"{spec}: call prepare_target before building the runtime")
-        if fmt is None and skip is None:
+        if parts.fmt is None and parts.skip is None and parts.vocab is None:
             return ModelDraft(rt, sparse=True, shares_cache=True)
-        return _own_self(fmt or "fp32", skip, rt, loaded, sparse=recipe is not None)
+        return _own_self(parts, rt, loaded)
     if load is None:
         raise SparseLLMError(f"unknown draft {spec!r} (lookup, ngram, token-recycling, self:SPEC, "
                              "or a model directory)")  # fmt: skip
@@ -517,25 +536,85 @@ def build_draft(spec: str, rt: Any, loaded: Any, load: Callable[[str], Any] | No
     return ModelDraft(drt, sparse=True, shares_cache=False)
 
 
-def self_parts(rest: str) -> tuple[str | None, dict[str, str] | None, str | None]:
+class SelfSpec(NamedTuple):
+    """The parts of a ``self:`` draft spec (None: absent)."""
+
+    fmt: str | None
+    skip: dict[str, str] | None
+    recipe: str | None
+    vocab: dict[str, str] | None = None
+
+
+def self_parts(rest: str) -> SelfSpec:
     """Split a ``self:`` draft spec's rest into its '+'-joined parts, each at most once: a
-    packed format (``int8``), a layer skip (``skip:ratio=R[,score=angular|ppl]``) and an
-    activation recipe (``teal:sparsity=0.4``). ``self:int8+skip:ratio=0.25+teal:...``
-    is the target's weights in int8, without a quarter of its blocks, skipping channels."""
-    fmt = skip = recipe = None
+    packed format (``int8``), a layer skip (``skip:ratio=R[,score=angular|ppl]``), a
+    reduced draft vocabulary (``vocab:size=N[,corpus=C]``) and an activation recipe
+    (``teal:sparsity=0.4``). ``self:int8+skip:ratio=0.25+teal:...`` is the target's
+    weights in int8, without a quarter of its blocks, skipping channels."""
+    fmt = recipe = None
+    opts: dict[str, dict[str, str]] = {}
     for part in rest.split("+") if rest else []:
-        head, _, opts = part.partition(":")
+        head, _, tail = part.partition(":")
         if part in PACKED_FORMATS and fmt is None:
             fmt = part
-        elif head == "skip" and skip is None:
-            skip = dict(kv.split("=", 1) for kv in opts.split(",") if "=" in kv)
-        elif head not in PACKED_FORMATS and head != "skip" and recipe is None and part:
+        elif head in ("skip", "vocab") and head not in opts:
+            opts[head] = dict(kv.split("=", 1) for kv in tail.split(",") if "=" in kv)
+        elif head not in (*PACKED_FORMATS, "skip", "vocab") and recipe is None and part:
             recipe = part
         else:
-            raise SparseLLMError(f"self:{rest}: one format, one skip and one recipe at most")
-    if fmt is None and skip is None and recipe is None:
+            raise SparseLLMError(
+                f"self:{rest}: one format, one skip, one vocab and one recipe at most"
+            )
+    if fmt is None and not opts and recipe is None:
         raise SparseLLMError("self drafts need a recipe, e.g. self:teal:sparsity=0.6")
-    return fmt, skip, recipe
+    return SelfSpec(fmt, opts.get("skip"), recipe, opts.get("vocab"))
+
+
+def frequent_tokens(tokenizer: Any, text: str, size: int) -> torch.Tensor:
+    """The `size` token ids most frequent in `text` (ties: lower id first), the tokenizer's
+    end-of-sequence id always among them (a draft that cannot end a text drafts past
+    every end), sorted ascending."""
+    ids = torch.tensor(tokenizer(text).input_ids, dtype=torch.int64)
+    vocab = max(int(ids.max()) + 1, getattr(tokenizer, "vocab_size", 0) or 0)
+    counts = torch.bincount(ids, minlength=vocab).double()
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(eos, int) and 0 <= eos < vocab:
+        counts[eos] = float("inf")
+    # stable descending sort: equal counts keep ascending ids
+    order = torch.sort(-counts, stable=True).indices[: min(size, vocab)]
+    return order.sort().values
+
+
+def draft_vocab(loaded: Any, opts: dict[str, str]) -> torch.Tensor:
+    """A `vocab:size=N[,corpus=C,chars=K]` part's token ids: the N most frequent in the first
+    K characters of the bundled corpus C (FR-Spec ranks by corpus frequency, Zhao et al.
+    2025)."""
+    from sparsellm.data.corpora import read_text, resolve_corpus
+
+    unknown = set(opts) - {"size", "corpus", "chars"}
+    if unknown or "size" not in opts:
+        raise SparseLLMError(f"vocab:{opts}: takes size=N (required), corpus, chars")
+    size, full = int(opts["size"]), loaded.model.get_output_embeddings().weight.shape[0]
+    if not 0 < size <= full:
+        raise SparseLLMError(f"vocab size {size} must lie in [1, {full}]")
+    text = read_text(resolve_corpus(opts.get("corpus", "c4")))[: int(opts.get("chars", 2_000_000))]
+    return frequent_tokens(loaded.tokenizer, text, size)
+
+
+def reduce_head(drt: Any, head: torch.nn.Module, ids: torch.Tensor) -> None:
+    """Give the draft runtime `drt` an LM head of `head`'s rows `ids` only, packed in the
+    draft's format (its embedding keeps every row): a draft step then reads len(ids) of
+    the vocabulary's rows."""
+    from sparsellm.formats import choose_kind
+    from sparsellm.runtime.projections import Proj
+
+    rows = torch.nn.Linear(head.in_features, len(ids), bias=head.bias is not None)
+    with torch.no_grad():
+        rows.weight.copy_(head.weight[ids])
+        if head.bias is not None:
+            rows.bias.copy_(head.bias[ids])
+    drt.lm_head = Proj.fuse([rows], kind=choose_kind(drt.fmt, rows.weight, head=True))
+    drt.lm_head.bind(drt.native)
 
 
 def skipped_blocks(loaded: Any, opts: dict[str, str]) -> list[int]:
@@ -560,23 +639,31 @@ def skipped_blocks(loaded: Any, opts: dict[str, str]) -> list[int]:
     return choose_blocks(loaded.model, ratio, calib, score).tolist()
 
 
-def _own_self(fmt: str, skip: dict[str, str] | None, rt: Any, loaded: Any, sparse: bool) -> Draft:
-    """The target's weights packed as `fmt` (and without the skipped blocks), on a runtime
-    and KV cache of their own; `sparse`: its steps skip channels by the recipe's rules."""
+def _own_self(parts: SelfSpec, rt: Any, loaded: Any) -> Draft:
+    """The target's weights packed in the spec's format (fp32 without one), without the
+    skipped blocks and with the reduced head, on a runtime and KV cache of their own; its
+    steps skip channels by the recipe's rules when there is one."""
     from sparsellm.models.adapters import block_linears, get_blocks
     from sparsellm.runtime.decode import DecodeRuntime
 
+    fmt = parts.fmt or "fp32"
     blocks = get_blocks(loaded.model)
     weights = [lin.weight for b in blocks for lin in block_linears(b).values()]
     if any(w.numel() == 0 for w in weights):  # released: the target runs packed weights
         raise SparseLLMError(f"self:{fmt} drafts pack a plain (unpacked) target; this one is "
                              "stored packed: export a draft and pass its directory")  # fmt: skip
     keep = None
-    if skip is not None:
-        gone = set(skipped_blocks(loaded, skip))
+    if parts.skip is not None:
+        gone = set(skipped_blocks(loaded, parts.skip))
         keep = [i for i in range(len(blocks)) if i not in gone]
     drt = DecodeRuntime(loaded.model, max_len=rt.max_len, fmt=fmt, layers=keep)
-    return ModelDraft(drt, sparse=sparse, shares_cache=False)
+    head = loaded.model.get_output_embeddings()
+    vocab = None
+    if parts.vocab is not None:
+        vocab = draft_vocab(loaded, parts.vocab)
+        reduce_head(drt, head, vocab)
+    return ModelDraft(drt, sparse=parts.recipe is not None, shares_cache=False, vocab=vocab,
+                      full_vocab=head.weight.shape[0])  # fmt: skip
 
 
 def prepare_target(spec: str, loaded: Any) -> bool:
@@ -587,7 +674,7 @@ def prepare_target(spec: str, loaded: Any) -> bool:
     name, _, rest = spec.partition(":")
     if name != "self":
         return False
-    recipe = self_parts(rest)[2]
+    recipe = self_parts(rest).recipe
     if recipe is None:
         return False
     from sparsellm.config import from_spec
