@@ -199,6 +199,9 @@ def test_vocab_self_draft_spec_builds_a_reduced_head() -> None:
     assert draft.rt.lm_head.out_features == 40 and 0 in draft.vocab.tolist()
     got = list(speculative_stream(rt, draft, _prompt(), 30, switch=False))
     assert got == _plain(rt, _prompt(), 30)
+    # the prompt's tokens joined the head's rows for that generation
+    want = torch.unique(torch.cat([draft.static, _prompt()[0]]))
+    assert torch.equal(draft.vocab, want) and draft.rt.lm_head.out_features == len(want) > 40
 
 
 def test_packed_self_draft_needs_the_weights_in_memory() -> None:

@@ -36,8 +36,9 @@ Drafts (`build_draft` parses the `--draft` spec):
   self-draft, as in Draft & Verify and SWIFT), chosen by depth pruning's training-free
   scores, on its own runtime and cache.
 - `self:int8+vocab:size=N[,corpus=c4]`: the draft's LM head keeps only the N tokens most
-  frequent in a bundled corpus (FR-Spec, Zhao et al. 2025): a small model's head is a
-  fifth of its weights, and the target still verifies over the whole vocabulary.
+  frequent in a bundled corpus (FR-Spec, Zhao et al. 2025), plus the prompt's own: a
+  small model's head is a fifth of its weights, and the target still verifies over the
+  whole vocabulary.
 - parts joined by '+' combine: `self:int8+teal:sparsity=0.4` (int8 weights skipping
   channels), `self:int8+skip:ratio=0.2`.
 - a model directory: any model with the target's vocabulary, on its own runtime and cache.
@@ -265,22 +266,28 @@ class ModelDraft(Draft):
 
     def __init__(
         self, rt: Any, sparse: bool, shares_cache: bool, vocab: torch.Tensor | None = None,
-        full_vocab: int = 0,
+        full_vocab: int = 0, head: torch.nn.Module | None = None,
     ) -> None:  # fmt: skip
         """`vocab`: the token ids of the rows of a reduced LM head (`reduce_head`), of a
-        vocabulary of `full_vocab` tokens."""
+        vocabulary of `full_vocab` tokens; with the full `head` given, each prompt's own
+        tokens join those rows (names and code identifiers a corpus ranks low are the
+        tokens a continuation repeats)."""
         self.rt, self.sparse, self.shares_cache = rt, sparse, shares_cache
-        self.vocab, self.full_vocab = vocab, full_vocab
+        self.vocab, self.full_vocab, self.head = vocab, full_vocab, head
+        self.static = vocab
         self.valid = 0  # context tokens whose KV entries the draft's cache holds
 
     def prompt(self, ids: torch.Tensor) -> None:
         if self.shares_cache:  # the target's prefill filled the cache row
             self.valid = ids.shape[1]
             return
+        if self.head is not None and self.static is not None:
+            self.vocab = torch.unique(torch.cat([self.static, ids[0]]))
+            reduce_head(self.rt, self.head, self.vocab)
         self.rt.reset(1)
         self.valid = ids.shape[1] - 1  # the last prompt token is fed by `propose`
         if self.valid:
-            self.rt.forward(ids[:, :-1], 0, self.sparse)
+            self.rt.forward(ids[:, :-1], 0, self.sparse, last_only=True)
 
     def _feed(self, tokens: list[int], at: int) -> torch.Tensor:
         """Feed `tokens` at slots at, at+1, ... as rows of one step (the weights are read
@@ -663,7 +670,7 @@ def _own_self(parts: SelfSpec, rt: Any, loaded: Any) -> Draft:
         vocab = draft_vocab(loaded, parts.vocab)
         reduce_head(drt, head, vocab)
     return ModelDraft(drt, sparse=parts.recipe is not None, shares_cache=False, vocab=vocab,
-                      full_vocab=head.weight.shape[0])  # fmt: skip
+                      full_vocab=head.weight.shape[0], head=head)  # fmt: skip
 
 
 def prepare_target(spec: str, loaded: Any) -> bool:
