@@ -13,7 +13,14 @@ What it measures, in one run with nothing else on the machine:
    the context window, n=2), counted as 4xx or anything else, then whether /health still
    answers.
 
+With ``--draft D`` a second server (``sparsellm serve --draft D``) runs beside the plain
+one, both up for the whole run, and every concurrency level goes to the plain server then
+to the speculative one (its rows are labelled ``draft``): what speculative decoding adds
+on top of batching, same run, same prompts; the answers of the two must be equal (greedy,
+lossless), and the bench counts those that are not.
+
     .venv/bin/python bench/serve.py --model default
+    .venv/bin/python bench/serve.py --model default --draft lookup --requests 100
     .venv/bin/python bench/serve.py --requests 8 --max-tokens 8 --concurrency 1,2 \\
         --out /tmp/serve-smoke                         # a smoke run, not a result
 """
@@ -60,7 +67,9 @@ def prompts(n: int) -> list[str]:
     return list(itertools.islice(itertools.cycle(out), n))
 
 
-def start_server(model: str, port: int, max_batch: int, log: Path) -> subprocess.Popen:
+def start_server(
+    model: str, port: int, max_batch: int, log: Path, draft: str | None = None
+) -> subprocess.Popen:
     """`sparsellm serve` in the background; returns once /health answers."""
     cmd = [
         str(Path(sys.executable).with_name("sparsellm")),
@@ -71,6 +80,7 @@ def start_server(model: str, port: int, max_batch: int, log: Path) -> subprocess
         str(port),
         "--max-batch",
         str(max_batch),
+        *(["--draft", draft] if draft else []),
     ]
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 600  # the first load of a GGUF de-quantises it
@@ -96,10 +106,11 @@ def percentile(xs: list[float], q: float) -> float | None:
 
 
 def one_request(client: openai.OpenAI, model: str, prompt: str, max_tokens: int) -> dict:
-    """One streamed greedy completion: time to first token, latency, tokens."""
+    """One streamed greedy completion: time to first token, latency, tokens, text."""
     t0 = time.perf_counter()
     ttft = None
     tokens = 0
+    text = []
     stream = client.completions.create(
         model=model,
         prompt=prompt,
@@ -109,21 +120,26 @@ def one_request(client: openai.OpenAI, model: str, prompt: str, max_tokens: int)
         stream_options={"include_usage": True},
     )
     for chunk in stream:
-        if ttft is None and chunk.choices and chunk.choices[0].text:
-            ttft = time.perf_counter() - t0
+        if chunk.choices and chunk.choices[0].text:
+            ttft = ttft if ttft is not None else time.perf_counter() - t0
+            text.append(chunk.choices[0].text)
         if chunk.usage is not None:
             tokens = chunk.usage.completion_tokens
-    return {"ttft": ttft, "latency": time.perf_counter() - t0, "tokens": tokens}
+    return {"ttft": ttft, "latency": time.perf_counter() - t0, "tokens": tokens,
+            "text": "".join(text)}  # fmt: skip
 
 
 def load_level(
-    client: openai.OpenAI, model: str, texts: list[str], max_tokens: int, clients: int
-) -> dict[str, Any]:
-    """All `texts` through `clients` concurrent clients (a bounded closed loop)."""
+    client: openai.OpenAI, model: str, texts: list[str], max_tokens: int, clients: int,
+    answers: dict[int, str] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """All `texts` through `clients` concurrent clients (a bounded closed loop); each
+    answer's text lands in `answers` by prompt index."""
     todo = iter(enumerate(texts))
     lock = threading.Lock()
     done: list[dict] = []
     errors: list[str] = []
+    answers = {} if answers is None else answers
 
     def worker() -> None:
         while True:
@@ -138,6 +154,7 @@ def load_level(
                 continue
             with lock:
                 done.append(r)
+                answers[item[0]] = r["text"]
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(clients)]
@@ -202,35 +219,83 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32, help="tokens per request")
     ap.add_argument("--concurrency", default="1,4,8", help="client counts, comma-separated")
     ap.add_argument(
+        "--draft", default=None, metavar="D",
+        help="also run `sparsellm serve --draft D` beside the plain server, level by level",
+    )  # fmt: skip
+    ap.add_argument(
         "--out", default=None, help="result path without .json (default results/serve-MODEL)"
     )
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     out = Path(args.out or HERE.parent / "results" / f"serve-{Path(args.model).name}")
+    servers = {"plain": None, **({"draft": args.draft} if args.draft else {})}
 
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:
-        log = Path(tmp) / "server.log"
-        proc = start_server(args.model, port, max(levels), log)
+        procs: dict[str, subprocess.Popen] = {}
+        bases: dict[str, str] = {}
         try:
-            client = openai.OpenAI(
-                base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=600
-            )
+            for label, draft in servers.items():
+                port = free_port()
+                bases[label] = f"http://127.0.0.1:{port}"
+                log = Path(tmp) / f"server-{label}.log"
+                procs[label] = start_server(args.model, port, max(levels), log, draft)
+            clients = {
+                label: openai.OpenAI(base_url=f"{b}/v1", api_key="none", max_retries=0, timeout=600)
+                for label, b in bases.items()
+            }
             texts = prompts(args.requests)
-            one_request(client, args.model, texts[0], 2)  # warm-up: kernels, allocator
-            rows = [load_level(client, args.model, texts, args.max_tokens, c) for c in levels]
+            for c in clients.values():
+                one_request(c, args.model, texts[0], 2)  # warm-up: kernels, allocator
+            rows: list[dict[str, Any]] = []
+            answers: dict[tuple[str, int], dict[int, str]] = {}
+            for level in levels:
+                for label, c in clients.items():
+                    got = answers[label, level] = {}
+                    row = {"server": label, **load_level(c, args.model, texts, args.max_tokens,
+                                                         level, got)}  # fmt: skip
+                    rows.append(row)
+            first = {r["server"]: r["tok/s"] for r in rows if r["clients"] == levels[0]}
             for row in rows:
-                row["x first level tok/s"] = round(row["tok/s"] / rows[0]["tok/s"], 2)
-            bad = malformed(base, args.model, MALFORMED)
-            healthy = httpx.get(f"{base}/health", timeout=10).status_code == 200
+                row["x first level tok/s"] = round(row["tok/s"] / first[row["server"]], 2)
+                if args.draft:
+                    same = [r for r in rows if r["clients"] == row["clients"]]
+                    plain = next(r for r in same if r["server"] == "plain")
+                    row["x plain tok/s"] = round(row["tok/s"] / plain["tok/s"], 2)
+            bad = malformed(bases["plain"], args.model, MALFORMED)
+            healthy = httpx.get(f"{bases['plain']}/health", timeout=10).status_code == 200
+            extra: dict[str, Any] = {}
+            if args.draft:
+                differ = sum(
+                    answers["draft", lv].get(i) != text
+                    for lv in levels
+                    for i, text in answers["plain", lv].items()
+                )
+                bad_d = malformed(bases["draft"], args.model, MALFORMED)
+                ok_d = httpx.get(f"{bases['draft']}/health", timeout=10).status_code == 200
+                extra = {
+                    "draft": args.draft,
+                    "draft answers differing from plain": differ,
+                    "malformed, draft server": {"sent": MALFORMED, **bad_d, "health_after": ok_d},
+                }
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            for proc in procs.values():
+                proc.terminate()
+                proc.wait(timeout=30)
 
+    if not args.draft:
+        for row in rows:
+            del row["server"]
     print(table(list(rows[0]), [list(r.values()) for r in rows]))
     health = "ok" if healthy else "FAILED"
     print(f"\nmalformed: {bad['4xx']} answered 4xx, {bad['other']} otherwise; /health: {health}")
+    if args.draft:
+        differ, bad_d = (
+            extra["draft answers differing from plain"],
+            extra["malformed, draft server"],
+        )
+        print(f"speculative answers differing from the plain server's: {differ}; "
+              f"malformed to it: {bad_d}")  # fmt: skip
+    last = [r for r in rows if r["clients"] == levels[-1]]
     path = write_result(
         out.name,
         {
@@ -240,8 +305,11 @@ def main() -> None:
             "sampling": "greedy, streamed completions",
             "prompts": "wiki paragraphs cut to ~200 characters",
             "malformed": {"sent": MALFORMED, **bad, "health_after": healthy},
+            **extra,
             "scaling": f"{levels[-1]} vs {levels[0]} clients: "
-            f"{rows[-1]['tok/s'] / rows[0]['tok/s']:.2f}x aggregate tok/s",
+            + ", ".join(
+                f"{r.get('server', 'plain')} {r['x first level tok/s']:.2f}x" for r in last
+            ),
         },
         out_dir=out.parent,
     )

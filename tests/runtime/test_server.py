@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -345,28 +346,30 @@ def test_cli_serves_a_saved_model(tiny_dir: Path) -> None:
     assert "Application shutdown complete" in err.decode(), err.decode()[-2000:]
 
 
-def test_a_speculative_server_answers_as_the_model_alone(served: Served) -> None:
-    """With a draft (lossless greedy), answers equal the batching server's; requests queue."""
+@pytest.mark.parametrize("spec", ["lookup", "ngram", "token-recycling", "self:int8"])
+def test_a_speculative_server_batches_and_answers_as_the_model_alone(
+    served: Served, spec: str
+) -> None:
+    """With a draft (lossless greedy), concurrent requests decode as lanes verified in one
+    pass (chains and trees side by side) and each answer equals the plain server's."""
     speculative = pytest.importorskip("sparsellm.runtime.speculative")
-    rt = DecodeRuntime(tiny_model("llama", seed=0), max_len=MAX_LEN, fmt="fp32")
-    draft = speculative.build_draft("lookup", rt, None)
-
-    def stream(ids: torch.Tensor, n: int, **kw: Any) -> Iterator[int]:
-        return speculative.speculative_stream(rt, draft, ids, n, sparse=True, **kw)
-
+    model = tiny_model("llama", seed=0)
+    rt = DecodeRuntime(model, max_len=MAX_LEN, fmt="fp32")
+    draft = speculative.build_draft(spec, rt, SimpleNamespace(model=model, tokenizer=None))
     app = create_app(
         rt,
         served.tokenizer,
         NAME,
         sampler=sampler,
         stop_ids=frozenset(),
-        speculative=stream,
+        max_batch=4,
+        draft=draft,
         context=MAX_LEN - speculative.MAX_ROWS,
     )
-    prompts = [("abcabcabc", 12), ("two words", 6)]
+    prompts = [("abcabcabc", 12), ("two words", 6), ("xyzxyzxyzxyz", 20), ("hello", 9)] * 2
     with _running(app) as base:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
-        with ThreadPoolExecutor(2) as pool:
+        with ThreadPoolExecutor(len(prompts)) as pool:
             got = list(
                 pool.map(
                     lambda pn: (
@@ -382,3 +385,4 @@ def test_a_speculative_server_answers_as_the_model_alone(served: Served) -> None
         with pytest.raises(openai.BadRequestError, match="context window"):
             client.completions.create(model=NAME, prompt="x" * (MAX_LEN - 10), max_tokens=4)
     assert got == [_complete(served, p, n) for p, n in prompts]
+    assert app.state.scheduler.peak_batch > 1  # requests shared verification passes

@@ -2,8 +2,8 @@
 
 Serves /v1/completions and /v1/chat/completions (streaming with ``stream: true``),
 /v1/models, /health and Prometheus /metrics. Concurrent requests share the runtime by
-continuous batching, up to ``--max-batch`` at a time. With ``--draft`` (speculative
-decoding) requests are served one at a time, without batching. Binds to 127.0.0.1
+continuous batching, up to ``--max-batch`` at a time; with ``--draft`` (speculative
+decoding) every running request's draft is verified in one shared pass. Binds to 127.0.0.1
 unless ``--host`` says otherwise. Needs the ``serve`` extra (FastAPI, uvicorn,
 prometheus-client).
 """
@@ -31,7 +31,7 @@ def add_parser(sub: Any) -> None:
         "--draft",
         default=None,
         metavar="D",
-        help="speculative decoding with this draft (requests then run one at a time)",
+        help="speculative decoding with this draft, as in generate (lossless; requests batch)",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -40,7 +40,7 @@ def add_parser(sub: Any) -> None:
         type=int,
         default=8,
         metavar="N",
-        help="requests decoded together (default 8; 1 with --draft)",
+        help="requests decoded together (default 8)",
     )
     p.set_defaults(json=False)  # `main` reads it; a server prints no result
 
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> None:
 
     loaded = sl.load(args.model)
     window = min(context_window(loaded.model) or 4096, 4096)
-    speculative, reserve, dense_target = None, 0, False
+    reserve, dense_target = 0, False
     if args.draft is not None:  # imported only here: the module is heavier than serving
         from sparsellm.runtime.speculative import MAX_ROWS, build_draft, prepare_target
 
@@ -78,14 +78,7 @@ def run(args: argparse.Namespace) -> None:
         reserve = MAX_ROWS  # cache room for a verification pass's draft rows
     rt, fmt = build_runtime(loaded, None, window)
     sparse = not dense_target
-    if args.draft is not None:
-        from sparsellm.runtime.speculative import speculative_stream
-
-        draft = build_draft(args.draft, rt, loaded, load=sl.load)
-
-        def speculative(ids: Any, max_new_tokens: int, **kw: Any) -> Any:
-            return speculative_stream(rt, draft, ids, max_new_tokens, sparse=sparse, **kw)
-
+    draft = None if args.draft is None else build_draft(args.draft, rt, loaded, load=sl.load)
     app = create_app(
         rt,
         loaded.tokenizer,
@@ -94,9 +87,11 @@ def run(args: argparse.Namespace) -> None:
         stop_ids=stop_ids(loaded.model, loaded.tokenizer),
         max_batch=args.max_batch,
         sparse=sparse,
-        speculative=speculative,
+        draft=draft,
         context=window - reserve,
     )
-    batching = "one at a time (--draft)" if speculative else f"up to {args.max_batch} at once"
+    batching = f"up to {args.max_batch} at once" + (
+        f", drafting with {args.draft}" if draft else ""
+    )
     log.info(f"serving {args.model} ({fmt}) on http://{args.host}:{args.port}/v1, {batching}")
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

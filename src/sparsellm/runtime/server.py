@@ -19,8 +19,11 @@ on a memory-bound CPU. Each request owns one cache row ("slot") from its prefill
 last token; every loop iteration admits waiting requests into free slots (prefill), then
 runs one step over all running slots at their own positions, delivers the tokens and
 frees the slots of finished or cancelled requests. Rows never interact in the step, so
-a request gets exactly the tokens it would get alone. With a speculative ``draft``
-requests run one at a time instead: the draft/verify loop owns the whole runtime.
+a request gets exactly the tokens it would get alone. With a speculative ``draft`` each
+running request is a `Lane` (`sparsellm.runtime.speculative`): every iteration each lane's
+draft proposes, one step verifies all the lanes' rows together, and each lane keeps its
+accepted tokens, so a request still gets exactly its greedy tokens (or, sampling, tokens
+from the target's distribution) while requests share the weight reads.
 
 Bad input (malformed JSON, a negative ``max_tokens``, ``n > 1``, an unknown model, a
 prompt over the context window) is a 4xx in OpenAI's error shape, never a crash; a
@@ -40,7 +43,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -66,7 +69,6 @@ Picker = Callable[[torch.Tensor], int]
 """Maps last-position logits (vocab,) to the next token id."""
 SamplerFactory = Callable[[float, float, int], Picker]
 """(temperature, top_p, seed) -> a picker; one per request, so seeds do not interfere."""
-SpeculativeStream = Callable[..., Iterator[int]]
 """(ids (1, P), max_new_tokens, temperature=, top_p=, seed=, stop=) -> tokens."""
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
@@ -104,6 +106,7 @@ class Job:
     made: int = 0
     last: int = 0
     pick: Picker | None = None
+    lane: Any = None  # its speculative `Lane`, with a draft
 
 
 @dataclass
@@ -115,17 +118,19 @@ class Scheduler:
     stop_ids: frozenset[int]
     max_batch: int = 8
     sparse: bool = True
-    speculative: SpeculativeStream | None = None
+    draft: Any = None  # a speculative `Draft`: requests decode as lanes
     on_batch: Callable[[int], None] = lambda size: None
     inbox: queue.Queue[Job | None] = field(default_factory=queue.Queue)
     waiting: collections.deque[Job] = field(default_factory=collections.deque)
     running: list[Job] = field(default_factory=list)
     peak_batch: int = 0
     thread: threading.Thread | None = field(default=None, init=False)
+    drafts: list[Any] = field(default_factory=list, init=False)  # per cache row, with `draft`
 
     def start(self) -> None:
-        if self.speculative is None:
-            self.rt.reset(self.max_batch)  # once: each request then owns one cache row
+        self.rt.reset(self.max_batch)  # once: each request then owns one cache row
+        # one draft per cache row (shared where its state does not depend on the sequence)
+        self.drafts = self.draft.for_rows(self.max_batch) if self.draft is not None else []
         self.thread = threading.Thread(target=self._loop, name="sparsellm-scheduler", daemon=True)
         self.thread.start()
 
@@ -154,11 +159,8 @@ class Scheduler:
             except queue.Empty:
                 pass
             try:
-                if self.speculative is not None:
-                    self._one_speculative(self.waiting.popleft())
-                else:
-                    self._admit()
-                    self._step()
+                self._admit()
+                self._step()
             except Exception as exc:  # the runtime failed: fail its requests, keep serving
                 log.exception("generation failed")
                 for job in self.running:
@@ -177,15 +179,28 @@ class Scheduler:
             job.pick = self.sampler(job.temperature, job.top_p, job.seed)
             ids = torch.tensor([job.ids], dtype=torch.int64)
             try:
-                logits = self.rt.forward(ids, 0, self.sparse, last_only=True, seq=job.slot)
+                first = self._prefill(job, ids)
             except Exception as exc:  # this prompt failed: the running requests go on
                 log.exception("prefill failed")
                 job.deliver(exc)
                 free.insert(0, job.slot)
                 continue
             self.running.append(job)
-            if self._emit(job, job.pick(logits[0, -1])):
+            if self._emit(job, first):
                 self.running.remove(job)
+
+    def _prefill(self, job: Job, ids: torch.Tensor) -> int:
+        """Fill the job's cache row with its prompt; its first token."""
+        if self.draft is None:
+            logits = self.rt.forward(ids, 0, self.sparse, last_only=True, seq=job.slot)
+            assert job.pick is not None
+            return job.pick(logits[0, -1])
+        from sparsellm.runtime.speculative import Lane
+
+        job.lane = Lane(self.rt, self.drafts[job.slot], job.max_tokens, job.slot,
+                        job.temperature, job.top_p, job.seed, self.stop_ids,
+                        sparse=self.sparse)  # fmt: skip
+        return job.lane.start(ids)
 
     def _step(self) -> None:
         """One decode step over every running request, each at its own position."""
@@ -197,6 +212,9 @@ class Scheduler:
         rows = list(self.running)
         self.peak_batch = max(self.peak_batch, len(rows))
         self.on_batch(len(rows))
+        if self.draft is not None:
+            self._verify(rows)
+            return
         at = torch.tensor([j.pos for j in rows], dtype=torch.int64)
         if self.rt.fusable():
             tokens = torch.tensor([j.last for j in rows], dtype=torch.int64)
@@ -228,31 +246,43 @@ class Scheduler:
             return True
         return False
 
-    def _one_speculative(self, job: Job) -> None:
-        """Serve one request through the draft/verify loop (it resets the runtime)."""
-        assert self.speculative is not None
-        if job.cancelled:
-            job.deliver(Finish("cancelled", 0))
-            return
-        self.on_batch(1)
-        self.running.append(job)  # where `_loop` finds it if the runtime fails
-        tokens = self.speculative(
-            torch.tensor([job.ids], dtype=torch.int64),
-            job.max_tokens,
-            temperature=job.temperature,
-            top_p=job.top_p,
-            seed=job.seed,
-            stop=self.stop_ids,
+    def _verify(self, jobs: list[Job]) -> None:
+        """One speculative pass for every running request: each lane's draft proposes,
+        one step checks every lane's rows (a chain row sees its own sequence's slots up
+        to its own; a tree row the ones its lane marks), each lane keeps what it accepts.
+        The lanes share one pass's worth of draft rows (16 in all, at least one each):
+        every extra row costs compute, and a batch is already past the memory-bound
+        regime where a row comes almost free."""
+        from sparsellm.runtime.speculative import MAX_ROWS
+
+        share = max(1, MAX_ROWS // len(jobs) - 1)
+        passes = [j.lane.plan(share) for j in jobs]
+        sizes = [len(p.tokens) for p in passes]
+        tokens = torch.tensor([t for p in passes for t in p.tokens], dtype=torch.int64)
+        seq = torch.cat(
+            [torch.full((n,), p.seq, dtype=torch.int64) for p, n in zip(passes, sizes, strict=True)]
         )
-        for token in tokens:
-            if job.cancelled:
-                job.deliver(Finish("cancelled", job.made))
-                break
-            if self._emit(job, token):
-                break
-        else:  # the stream ended without a stop token or the full budget
-            job.deliver(Finish("length", job.made))
-        self.running.remove(job)
+        at = torch.cat([p.at for p in passes])
+        rope = torch.cat([p.rope for p in passes])
+        visible = None
+        if any(p.visible is not None for p in passes):
+            visible = torch.zeros(len(tokens), int(at.max()) + 1, dtype=torch.bool)
+            r = 0
+            for p, n in zip(passes, sizes, strict=True):
+                if p.visible is None:
+                    for i in range(n):
+                        visible[r + i, : int(p.at[i]) + 1] = True
+                else:
+                    visible[r : r + n, : p.visible.shape[1]] = p.visible
+                r += n
+        logits = self.rt.step(tokens, seq, at, rope, self.sparse, visible)
+        r = 0
+        for job, n in zip(jobs, sizes, strict=True):
+            for token in job.lane.settle(logits[r : r + n]):
+                if self._emit(job, token):
+                    self.running.remove(job)
+                    break
+            r += n
 
 
 # --- requests and errors -------------------------------------------------------------
@@ -428,16 +458,17 @@ def create_app(
     stop_ids: frozenset[int],
     max_batch: int = 8,
     sparse: bool = True,
-    speculative: SpeculativeStream | None = None,
+    draft: Any = None,
     context: int | None = None,
 ) -> FastAPI:
     """The server over `rt` (a `DecodeRuntime`), serving `model_name`.
 
     `sampler` and `stop_ids` come from the caller (the CLI passes `generate`'s), so the
-    server samples exactly as `sparsellm generate` does. With `speculative` (tokens of
-    one request through a draft model) requests are served one at a time. `context` is
-    the most tokens a request may span (default `rt.max_len`; a speculative server keeps
-    room for a verification pass's draft rows beyond it). The scheduler
+    server samples exactly as `sparsellm generate` does. With a speculative `draft`
+    (`sparsellm.runtime.speculative.build_draft`), running requests decode as lanes
+    verified together. `context` is the most tokens a request may span (default
+    `rt.max_len`; a speculative server keeps room for a verification pass's draft rows
+    beyond it). The scheduler
     thread starts and stops with the app's lifespan; it is ``app.state.scheduler``.
     """
     metrics = Metrics()
@@ -445,9 +476,9 @@ def create_app(
         rt,
         sampler,
         stop_ids,
-        max_batch=1 if speculative is not None else max_batch,
+        max_batch=max_batch,
         sparse=sparse,
-        speculative=speculative,
+        draft=draft,
         on_batch=metrics.batch.observe,
     )
     metrics.running.set_function(lambda: len(sched.running))

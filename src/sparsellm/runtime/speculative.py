@@ -50,6 +50,7 @@ tokens faster (a wide pass costs more than a step on a CPU).
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
@@ -61,8 +62,8 @@ import torch
 from sparsellm.errors import SparseLLMError
 from sparsellm.models.compressed import PACKED_FORMATS
 
-# Rows of one verification pass, root included (`DecodeRuntime.step` runs up to this many
-# tokens on the kernels; a pass costs about 1 + 0.3 per extra row of a lone step here).
+# Rows of one verification pass, root included (each extra row costs a fraction of a lone
+# step: `pass_cost_in_steps` in results/speculative-default.md).
 MAX_ROWS = 16
 
 
@@ -157,6 +158,11 @@ class Draft:
     def prompt(self, ids: torch.Tensor) -> None:
         """A new generation starts from prompt `ids` (1, P)."""
 
+    def for_rows(self, rows: int) -> list[Draft]:
+        """Drafts for `rows` sequences decoded together (a batching server's cache rows,
+        sequence r on row r): by default this one for all, its state being shared."""
+        return [self] * rows
+
 
 class Lookup(Draft):
     """Prompt lookup: copy what followed the latest earlier match of the last n-gram."""
@@ -195,6 +201,10 @@ class NGram(Draft):
     def prompt(self, ids: torch.Tensor) -> None:
         self.table = defaultdict(Counter)
         self.seen = 0
+
+    def for_rows(self, rows: int) -> list[Draft]:
+        # the counts of the prompt and output so far are per sequence; the corpus's shared
+        return [copy.copy(self) for _ in range(rows)]
 
     def _next(self, context: list[int], top: int) -> list[int]:
         for m in range(self.n - 1, 0, -1):
@@ -276,6 +286,20 @@ class ModelDraft(Draft):
         self.vocab, self.full_vocab, self.head = vocab, full_vocab, head
         self.static = vocab
         self.valid = 0  # context tokens whose KV entries the draft's cache holds
+        self.seq = 0  # the cache row it drafts on
+        self.batched = False  # one of several sequences sharing the runtime (`for_rows`)
+
+    def for_rows(self, rows: int) -> list[Draft]:
+        """One draft per cache row, sharing the runtime (its own is reset to `rows` rows;
+        a reduced head stays the corpus's, as rows decode different prompts at once)."""
+        if not self.shares_cache:
+            self.rt.reset(rows)
+        out: list[Draft] = []
+        for r in range(rows):
+            d = copy.copy(self)
+            d.seq, d.batched, d.head, d.vocab = r, True, None, self.static
+            out.append(d)
+        return out
 
     def prompt(self, ids: torch.Tensor) -> None:
         if self.shares_cache:  # the target's prefill filled the cache row
@@ -284,17 +308,18 @@ class ModelDraft(Draft):
         if self.head is not None and self.static is not None:
             self.vocab = torch.unique(torch.cat([self.static, ids[0]]))
             reduce_head(self.rt, self.head, self.vocab)
-        self.rt.reset(1)
+        if not self.batched:
+            self.rt.reset(1)
         self.valid = ids.shape[1] - 1  # the last prompt token is fed by `propose`
         if self.valid:
-            self.rt.forward(ids[:, :-1], 0, self.sparse, last_only=True)
+            self.rt.forward(ids[:, :-1], 0, self.sparse, last_only=True, seq=self.seq)
 
     def _feed(self, tokens: list[int], at: int) -> torch.Tensor:
         """Feed `tokens` at slots at, at+1, ... as rows of one step (the weights are read
         once for all of them); the last row's logits."""
         pos = torch.arange(at, at + len(tokens))
-        zeros = torch.zeros(len(tokens), dtype=torch.int64)
-        return self.rt.step(torch.tensor(tokens), zeros, pos, pos, self.sparse)[-1]
+        rows = torch.full((len(tokens),), self.seq, dtype=torch.int64)
+        return self.rt.step(torch.tensor(tokens), rows, pos, pos, self.sparse)[-1]
 
     def propose(self, context: list[int], k: int, sample: Any) -> Tree:
         # catch up on the accepted tokens the draft has not fed, the last one included, in
@@ -363,6 +388,137 @@ def _visible(tree: Tree, pos: int) -> torch.Tensor:
     return vis
 
 
+@dataclass
+class Pass:
+    """A lane's rows of one verification pass: its last token then the draft's nodes, at
+    cache slots `at` of row `seq`, rotated as `rope`; `visible` (rows, slots) for a tree
+    (None for a chain: each row sees the slots up to its own)."""
+
+    tokens: list[int]
+    seq: int
+    at: torch.Tensor
+    rope: torch.Tensor
+    visible: torch.Tensor | None
+
+
+class Lane:
+    """One sequence's speculative decoding on cache row `seq` of the target's runtime:
+    `start` prefills the prompt and picks the first token, then each pass is `plan` (the
+    draft proposes), one `DecodeRuntime.step` over `Pass` rows (this lane's alone, or
+    several lanes' together in a batching server: rows never interact), and `settle`
+    (accept, roll the cache back, tell the draft). `speculative_stream` drives one lane."""
+
+    def __init__(
+        self,
+        rt: Any,
+        draft: Draft,
+        max_new_tokens: int,
+        seq: int = 0,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stop: frozenset[int] = frozenset(),
+        stats: Stats | None = None,
+        sparse: bool = False,
+        max_draft: int = 8,
+        switch: bool = True,
+    ) -> None:
+        self.rt, self.draft, self.seq, self.sparse = rt, draft, seq, sparse
+        self.max_new, self.stop = max_new_tokens, stop
+        self.temperature, self.top_p = temperature, top_p
+        self.greedy = temperature <= 0
+        self.gen = torch.Generator().manual_seed(seed)
+        self.stats = stats if stats is not None else Stats()
+        self.pace = Pacer(max_draft, switch=switch)
+        self.context: list[int] = []
+        self.emitted = 0
+        self.done = False
+        self._tree, self._room, self._t1 = Tree(), 0, 0.0
+
+    def _pick_draft(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        if self.greedy:
+            return int(logits.argmax()), None
+        q = target_probs(logits, self.temperature, self.top_p)
+        return int(torch.multinomial(q, 1, generator=self.gen)), q
+
+    def start(self, ids: torch.Tensor) -> int:
+        """Prefill the prompt `ids` (1, P) into the lane's cache row; the first token."""
+        if ids.shape[1] + self.max_new + MAX_ROWS > self.rt.max_len:
+            raise ValueError(
+                f"{ids.shape[1]} prompt + {self.max_new} new tokens exceed the context"
+            )
+        self.draft.prompt(ids)
+        t0 = time.perf_counter()
+        logits = self.rt.forward(ids, 0, self.sparse, last_only=True, seq=self.seq)[0, -1]
+        self.stats.prefill_s = time.perf_counter() - t0
+        first = int(logits.argmax()) if self.greedy else self._pick_draft(logits)[0]
+        self.context = [*ids[0].tolist(), first]
+        self.emitted = 1
+        self.done = first in self.stop or self.max_new == 1
+        return first
+
+    def plan(self, nodes: int = MAX_ROWS - 1) -> Pass:
+        """Draft this pass's tokens, at most `nodes` of them (lanes sharing a pass split
+        its rows); the rows the target must check."""
+        self._t1 = time.perf_counter()
+        pos = len(self.context) - 1  # slot of the last token, not yet in the cache
+        self._room = min(self.pace.next_k(), self.max_new - self.emitted - 1, nodes)
+        tree = (
+            self.draft.propose(self.context, self._room, self._pick_draft)
+            if self._room > 0
+            else Tree()
+        )
+        self.stats.draft_s += time.perf_counter() - self._t1
+        self._tree = tree = _trim(tree, nodes)
+        at = torch.arange(pos, pos + 1 + len(tree.tokens))
+        if tree.is_chain():
+            return Pass([self.context[-1], *tree.tokens], self.seq, at, at, None)
+        rope = pos + torch.tensor([0, *[1 + d for d in tree.depth()]])
+        return Pass([self.context[-1], *tree.tokens], self.seq, at, rope, _visible(tree, pos))
+
+    def settle(self, rows: torch.Tensor) -> list[int]:
+        """Given the target's logits for the planned rows, the tokens this pass emits (the
+        accepted draft tokens and one of the target's own), up to a stop token or the
+        budget; the cache keeps the accepted path."""
+        tree, n = self._tree, len(self._tree.tokens)
+        pos = len(self.context) - 1
+        # walk the tree from the root: accept while a child matches the target's pick
+        node, path, out = -1, [], []
+        while True:
+            row = rows[node + 1]
+            kids = [(i, tree.tokens[i]) for i in range(n) if tree.parents[i] == node]
+            if self.greedy:
+                token = int(row.argmax())
+                child = next((i for i, t in kids if t == token), -1)
+            else:
+                p = target_probs(row, self.temperature, self.top_p)
+                child, token = accept_node(p, kids, tree.q, self.gen)
+            out.append(token)
+            if child < 0 or token in self.stop:
+                break
+            path.append(child)
+            node = child
+        self.rt.move_slots(self.seq, [pos + 1 + i for i in path], pos + 1)
+        st = self.stats
+        st.passes += 1
+        st.drafted += n
+        st.accepted += len(path)
+        emitted: list[int] = []
+        for token in out:
+            self.context.append(token)
+            self.emitted += 1
+            st.emitted += 1
+            emitted.append(token)
+            if token in self.stop or self.emitted >= self.max_new:
+                self.done = True
+                break
+        self.draft.update(self.context, [self.context[pos], *tree.tokens], rows)
+        seconds = time.perf_counter() - self._t1
+        st.decode_s += seconds
+        self.pace.record(self._room, len(path), len(out), seconds)
+        return emitted
+
+
 def speculative_stream(
     rt: Any,
     draft: Draft,
@@ -382,92 +538,22 @@ def speculative_stream(
     time. Uses cache row 0 of `rt` and resets it. `sparse` runs the target with its own
     activation sparsity (the output is then that sparse model's). `switch=False` drafts
     on every pass (`Pacer`; its timing-based choice is off, e.g. for reproducible tests)."""
-    if ids.shape[1] + max_new_tokens + MAX_ROWS > rt.max_len:
-        raise ValueError(f"{ids.shape[1]} prompt + {max_new_tokens} new tokens exceed the context")
-    st = stats if stats is not None else Stats()
-    gen = torch.Generator().manual_seed(seed)
-    greedy = temperature <= 0
-
-    def pick_draft(logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
-        if greedy:
-            return int(logits.argmax()), None
-        q = target_probs(logits, temperature, top_p)
-        return int(torch.multinomial(q, 1, generator=gen)), q
-
-    def pick_root(logits: torch.Tensor) -> int:
-        if greedy:
-            return int(logits.argmax())
-        return int(torch.multinomial(target_probs(logits, temperature, top_p), 1, generator=gen))
-
+    lane = Lane(rt, draft, max_new_tokens, 0, temperature, top_p, seed, stop, stats, sparse,
+                max_draft, switch)  # fmt: skip
     rt.reset(1)
-    draft.prompt(ids)
-    t0 = time.perf_counter()
-    logits = rt.forward(ids, 0, sparse, last_only=True)[0, -1]
-    st.prefill_s = time.perf_counter() - t0
-    context = ids[0].tolist()
-    context.append(pick_root(logits))
-    emitted, pace = 1, Pacer(max_draft, switch=switch)
-    yield context[-1]
-    if context[-1] in stop or max_new_tokens == 1:
-        return
-    while emitted < max_new_tokens:
-        t1 = time.perf_counter()
-        pos = len(context) - 1  # slot of the last token, not yet in the cache
-        room = min(pace.next_k(), max_new_tokens - emitted - 1)
-        tree = draft.propose(context, room, pick_draft) if room > 0 else Tree()
-        st.draft_s += time.perf_counter() - t1
-        tree = _trim(tree, MAX_ROWS - 1)
-        n = len(tree.tokens)
-        inputs = [context[-1], *tree.tokens]
-        at = torch.arange(pos, pos + 1 + n)
-        if tree.is_chain():
-            rope, vis = at, None
-        else:
-            rope = pos + torch.tensor([0, *[1 + d for d in tree.depth()]])
-            vis = _visible(tree, pos)
-        rows = rt.step(torch.tensor(inputs), torch.zeros(1 + n, dtype=torch.int64), at, rope,
-                       sparse, vis)  # fmt: skip
-        # walk the tree from the root: accept while a child matches the target's pick
-        node, path, out = -1, [], []
-        while True:
-            row = rows[node + 1]
-            kids = [(i, tree.tokens[i]) for i in range(n) if tree.parents[i] == node]
-            if greedy:
-                token = int(row.argmax())
-                child = next((i for i, t in kids if t == token), -1)
-            else:
-                p = target_probs(row, temperature, top_p)
-                child, token = accept_node(p, kids, tree.q, gen)
-            out.append(token)
-            if child < 0 or token in stop:
-                break
-            path.append(child)
-            node = child
-        rt.move_slots(0, [pos + 1 + i for i in path], pos + 1)
-        st.passes += 1
-        st.drafted += n
-        st.accepted += len(path)
-        done = False
-        for token in out:
-            context.append(token)
-            emitted += 1
-            st.emitted += 1
-            yield token
-            if token in stop or emitted >= max_new_tokens:
-                done = True
-                break
-        draft.update(context, inputs, rows)
-        seconds = time.perf_counter() - t1
-        st.decode_s += seconds
-        pace.record(room, len(path), len(out), seconds)
-        if done:
-            return
+    yield lane.start(ids)
+    while not lane.done:
+        p = lane.plan()
+        n = len(p.tokens)
+        rows = rt.step(torch.tensor(p.tokens), torch.zeros(n, dtype=torch.int64), p.at, p.rope,
+                       sparse, p.visible)  # fmt: skip
+        yield from lane.settle(rows)
 
 
 class Pacer:
     """Each pass's draft length. While drafting: one more than the running mean of
     accepted draft tokens (SWIFT/ADED-style). Whether to draft at all: a pass of n rows
-    costs more than a step here (about 0.3 of one per extra row on the CPUs measured), so
+    costs more than a step here (a fraction of one per extra row on the CPUs measured), so
     a draft that is rarely right makes decoding slower; the pacer keeps running means of
     tokens per second with and without drafting, uses the faster mode, and tries the
     other every `probe` passes (text that starts repeating itself turns drafting back on).
