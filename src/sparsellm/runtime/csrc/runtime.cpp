@@ -556,28 +556,32 @@ int64_t dense_rows_avx512(const T* values, int64_t out, float* acc, const int64_
   return o16;
 }
 
+// `f(values, load)` with a dense fp32 / bf16 / int8 weight's typed values and its 16-lane
+// load (one dispatch for every AVX-512 dense kernel); `other` for other kinds.
+template <class F>
+int64_t with_dense512(const Weight& w, int64_t other, F f) {
+  switch (w.kind) {
+    case kF32:
+      return f(static_cast<const float*>(w.values), [](const float* p) { return load16_f32(p); });
+    case kBF16:
+      return f(static_cast<const uint16_t*>(w.values),
+               [](const uint16_t* p) { return load16_bf16(p); });
+    case kI8:
+      return f(static_cast<const int8_t*>(w.values), [](const int8_t* p) { return load16_i8(p); });
+    default:
+      return other;
+  }
+}
+
 // The AVX-512 part of a dense fp32 / bf16 / int8 weight's outputs [o0, o1); returns where
-// it stopped (o1 for other kinds: nothing done).
+// it stopped (o0 for other kinds: nothing done).
 int64_t dense_avx512(const Weight& w, float* acc, const int64_t* ip, const float* vp,
                      int64_t j0, int64_t j1, int64_t o0, int64_t o1, int64_t nb,
                      int64_t vstride, int64_t astride) {
-  switch (w.kind) {
-    case kF32:
-      return dense_rows_avx512(static_cast<const float*>(w.values), w.out, acc, ip, vp, j0,
-                               j1, o0, o1, [](const float* p) { return load16_f32(p); }, nb,
-                               vstride, astride);
-    case kBF16:
-      return dense_rows_avx512(static_cast<const uint16_t*>(w.values), w.out, acc, ip, vp,
-                               j0, j1, o0, o1,
-                               [](const uint16_t* p) { return load16_bf16(p); }, nb, vstride,
-                               astride);
-    case kI8:
-      return dense_rows_avx512(static_cast<const int8_t*>(w.values), w.out, acc, ip, vp, j0,
-                               j1, o0, o1, [](const int8_t* p) { return load16_i8(p); }, nb,
-                               vstride, astride);
-    default:
-      return o0;
-  }
+  return with_dense512(w, o0, [&](auto values, auto load) {
+    return dense_rows_avx512(values, w.out, acc, ip, vp, j0, j1, o0, o1, load, nb, vstride,
+                             astride);
+  });
 }
 
 // Several activation rows of a dense weight, register-blocked: the accumulators of R rows
@@ -672,23 +676,10 @@ int64_t dense_tiles_avx512(const T* values, int64_t out, float* acc, const int64
 int64_t dense_tiles(const Weight& w, float* acc, const int64_t* ip, const float* vp,
                     int64_t j0, int64_t j1, int64_t o0, int64_t o1, int64_t nb,
                     int64_t vstride, int64_t astride) {
-  switch (w.kind) {
-    case kF32:
-      return dense_tiles_avx512(static_cast<const float*>(w.values), w.out, acc, ip, vp, j0,
-                                j1, o0, o1, [](const float* p) { return load16_f32(p); }, nb,
-                                vstride, astride);
-    case kBF16:
-      return dense_tiles_avx512(static_cast<const uint16_t*>(w.values), w.out, acc, ip, vp,
-                                j0, j1, o0, o1,
-                                [](const uint16_t* p) { return load16_bf16(p); }, nb,
-                                vstride, astride);
-    case kI8:
-      return dense_tiles_avx512(static_cast<const int8_t*>(w.values), w.out, acc, ip, vp, j0,
-                                j1, o0, o1, [](const int8_t* p) { return load16_i8(p); }, nb,
-                                vstride, astride);
-    default:
-      return o0;
-  }
+  return with_dense512(w, o0, [&](auto values, auto load) {
+    return dense_tiles_avx512(values, w.out, acc, ip, vp, j0, j1, o0, o1, load, nb, vstride,
+                              astride);
+  });
 }
 
 #pragma GCC pop_options
