@@ -479,12 +479,12 @@ void rows_avx2(const Weight& w, float* acc, const int64_t* ip, const float* vp, 
 
 #if SPARSELLM_X86
 // ---------------------------------------------------------------- AVX-512 dense kernels
-// dense_rows_avx2's loops with 16 outputs per vector. Every output lane gets the same
-// operations in the same order as in the AVX2 kernel (one FMA per kept row, in order),
-// so the two ISAs give bit-identical results and a call may mix them (a slice's last 8
-// outputs go to AVX2). Why: a verification pass or a batch is bound by instructions per
-// weight and row once the weights are in L1 (measured on a Xeon with AVX-512: each extra
-// row of a fp32 step cost a fifth of the memory-bound first row); 16 lanes halve them.
+// dense_rows_avx2's one-row loops with 16 outputs per vector. Every output lane gets the
+// same operations in the same order as in the AVX2 kernel (one FMA per kept row, in
+// order), so the two ISAs give bit-identical results and a call may mix them (a slice's
+// last 8 outputs go to AVX2). Several rows go through the register-blocked tiles below
+// (measured on a Xeon with AVX-512: with the streaming loop each extra row of a fp32 step
+// cost a fifth of the memory-bound first row).
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx2,fma,popcnt")
 
@@ -498,60 +498,36 @@ inline __m512 load16_i8(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
 }
 
-// Outputs [o0, o16) of dense_rows_avx2 (o16: o0 plus the largest multiple of 16 that
-// fits); returns o16.
+// Outputs [o0, o16) of one activation row of dense_rows_avx2 (o16: o0 plus the largest
+// multiple of 16 that fits); returns o16.
 template <class T, class Load>
 int64_t dense_rows_avx512(const T* values, int64_t out, float* acc, const int64_t* ip,
                           const float* vp, int64_t j0, int64_t j1, int64_t o0, int64_t o1,
-                          Load load, int64_t nb, int64_t vstride, int64_t astride) {
+                          Load load) {
   const int64_t o16 = o0 + (o1 - o0) / 16 * 16;
-  const bool row_outer = nb == 1 || std::is_same_v<T, float>;
-  auto group_row = [&](const T* r0, const T* r1, const T* r2, const T* r3, const float* v,
-                       float* ar, const T* const* pf, bool fetch) {
-    const __m512 v0 = _mm512_set1_ps(v[0]), v1 = _mm512_set1_ps(v[1]);
-    const __m512 v2 = _mm512_set1_ps(v[2]), v3 = _mm512_set1_ps(v[3]);
-    for (int64_t o = o0; o < o16; o += 16) {
-      if (fetch) prefetch4(pf, o);
-      __m512 a = _mm512_fmadd_ps(v0, load(r0 + o), _mm512_loadu_ps(ar + o));
-      a = _mm512_fmadd_ps(v1, load(r1 + o), a);
-      a = _mm512_fmadd_ps(v2, load(r2 + o), a);
-      _mm512_storeu_ps(ar + o, _mm512_fmadd_ps(v3, load(r3 + o), a));
-    }
-  };
   int64_t j = j0;
   for (; j + 4 <= j1; j += 4) {
     const T* r0 = values + ip[j] * out;
     const T* r1 = values + ip[j + 1] * out;
     const T* r2 = values + ip[j + 2] * out;
     const T* r3 = values + ip[j + 3] * out;
-    if (row_outer) {
-      const T* next[4];
-      const bool ahead = rows_ahead(values, ip, j, j1, out, next);
-      for (int64_t r = 0; r < nb; ++r)
-        group_row(r0, r1, r2, r3, vp + r * vstride + j, acc + r * astride, next,
-                  ahead && r == 0);
-      continue;
-    }
+    const T* next[4];
+    const bool ahead = rows_ahead(values, ip, j, j1, out, next);
+    const __m512 v0 = _mm512_set1_ps(vp[j]), v1 = _mm512_set1_ps(vp[j + 1]);
+    const __m512 v2 = _mm512_set1_ps(vp[j + 2]), v3 = _mm512_set1_ps(vp[j + 3]);
     for (int64_t o = o0; o < o16; o += 16) {
-      const __m512 w0 = load(r0 + o), w1 = load(r1 + o), w2 = load(r2 + o), w3 = load(r3 + o);
-      for (int64_t r = 0; r < nb; ++r) {
-        const float* v = vp + r * vstride + j;
-        float* ar = acc + r * astride + o;
-        __m512 a = _mm512_fmadd_ps(_mm512_set1_ps(v[0]), w0, _mm512_loadu_ps(ar));
-        a = _mm512_fmadd_ps(_mm512_set1_ps(v[1]), w1, a);
-        a = _mm512_fmadd_ps(_mm512_set1_ps(v[2]), w2, a);
-        _mm512_storeu_ps(ar, _mm512_fmadd_ps(_mm512_set1_ps(v[3]), w3, a));
-      }
+      if (ahead) prefetch4(next, o);
+      __m512 a = _mm512_fmadd_ps(v0, load(r0 + o), _mm512_loadu_ps(acc + o));
+      a = _mm512_fmadd_ps(v1, load(r1 + o), a);
+      a = _mm512_fmadd_ps(v2, load(r2 + o), a);
+      _mm512_storeu_ps(acc + o, _mm512_fmadd_ps(v3, load(r3 + o), a));
     }
   }
   for (; j < j1; ++j) {
     const T* rw = values + ip[j] * out;
-    for (int64_t r = 0; r < nb; ++r) {
-      const __m512 v = _mm512_set1_ps(vp[r * vstride + j]);
-      float* ar = acc + r * astride;
-      for (int64_t o = o0; o < o16; o += 16)
-        _mm512_storeu_ps(ar + o, _mm512_fmadd_ps(v, load(rw + o), _mm512_loadu_ps(ar + o)));
-    }
+    const __m512 v = _mm512_set1_ps(vp[j]);
+    for (int64_t o = o0; o < o16; o += 16)
+      _mm512_storeu_ps(acc + o, _mm512_fmadd_ps(v, load(rw + o), _mm512_loadu_ps(acc + o)));
   }
   return o16;
 }
@@ -573,14 +549,12 @@ int64_t with_dense512(const Weight& w, int64_t other, F f) {
   }
 }
 
-// The AVX-512 part of a dense fp32 / bf16 / int8 weight's outputs [o0, o1); returns where
-// it stopped (o0 for other kinds: nothing done).
+// The AVX-512 part of one activation row over a dense fp32 / bf16 / int8 weight's outputs
+// [o0, o1); returns where it stopped (o0 for other kinds: nothing done).
 int64_t dense_avx512(const Weight& w, float* acc, const int64_t* ip, const float* vp,
-                     int64_t j0, int64_t j1, int64_t o0, int64_t o1, int64_t nb,
-                     int64_t vstride, int64_t astride) {
+                     int64_t j0, int64_t j1, int64_t o0, int64_t o1) {
   return with_dense512(w, o0, [&](auto values, auto load) {
-    return dense_rows_avx512(values, w.out, acc, ip, vp, j0, j1, o0, o1, load, nb, vstride,
-                             astride);
+    return dense_rows_avx512(values, w.out, acc, ip, vp, j0, j1, o0, o1, load);
   });
 }
 
@@ -672,7 +646,7 @@ int64_t dense_tiles_avx512(const T* values, int64_t out, float* acc, const int64
   return o16;
 }
 
-// dense_avx512 for nb > 1 rows through the register-blocked tiles.
+// The AVX-512 part of nb > 1 activation rows (see dense_avx512), through the tiles.
 int64_t dense_tiles(const Weight& w, float* acc, const int64_t* ip, const float* vp,
                     int64_t j0, int64_t j1, int64_t o0, int64_t o1, int64_t nb,
                     int64_t vstride, int64_t astride) {
@@ -826,7 +800,7 @@ void rows(const Weight& w, float* acc, const int64_t* ip, const float* vp, int64
 #if SPARSELLM_X86
   if (g_vbmi2 && sparse_avx512(w, acc, ip, vp, j0, j1, o0, o1)) return;
   if (g_avx512 && !sparse_kind(w.kind) && w.kind != kI4) {
-    o0 = dense_avx512(w, acc, ip, vp, j0, j1, o0, o1, 1, 0, 0);
+    o0 = dense_avx512(w, acc, ip, vp, j0, j1, o0, o1);
     if (o0 == o1) return;
   }
   if (g_avx2) {
@@ -846,30 +820,26 @@ void rows(const Weight& w, float* acc, const int64_t* ip, const float* vp, int64
 constexpr int64_t kMultiL1Floats = 6144;
 
 // `rows` for nb activation rows that keep the same channels (ip shared; row r's values at
-// vp + r * vstride, its accumulator at acc + r * astride): dense AVX2 kinds read each
-// weight once for all rows, other kinds and ISAs run row by row. Either way a row's
-// result is the one `rows` gives it alone.
+// vp + r * vstride, its accumulator at acc + r * astride): dense kinds read each weight
+// once for all rows (AVX-512 tiles, else AVX2 slices), other kinds and the portable path
+// run row by row. Either way a row's result is the one `rows` gives it alone.
 void rows_multi(const Weight& w, float* acc, const int64_t* ip, const float* vp, int64_t j0,
                 int64_t j1, int64_t o0, int64_t o1, int64_t nb, int64_t vstride,
                 int64_t astride) {
 #if SPARSELLM_X86
-  if (g_avx512 && nb > 1 && (w.kind == kF32 || w.kind == kBF16 || w.kind == kI8)) {
-    const int64_t o16 = dense_tiles(w, acc, ip, vp, j0, j1, o0, o1, nb, vstride, astride);
-    if (o16 == o1) return;
-    o0 = o16;  // the last 8 outputs (and any odd tail) go on below
+  if (g_avx512) {  // dense kinds: one row streams, several go through the tiles
+    o0 = nb > 1 ? dense_tiles(w, acc, ip, vp, j0, j1, o0, o1, nb, vstride, astride)
+                : dense_avx512(w, acc, ip, vp, j0, j1, o0, o1);
+    if (o0 == o1) return;  // what is left: the last 8 outputs, or a kind without them
   }
-  // Several rows: outputs in slices whose accumulators (nb rows) and current weight rows
-  // stay in L1; a slice changes the loop order, not any output's arithmetic.
+  // Several rows on AVX2: outputs in slices whose accumulators (nb rows) and current
+  // weight rows stay in L1; a slice changes the loop order, not any output's arithmetic.
   const int64_t slice =
       nb > 1 ? std::max<int64_t>(64, kMultiL1Floats / (nb + 4) / 16 * 16) : o1 - o0;
   bool done = g_avx2;
-  for (int64_t a = o0; done && a < o1; a += slice) {
-    const int64_t b = std::min(o1, a + slice);
-    const int64_t from = g_avx512 ? dense_avx512(w, acc, ip, vp, j0, j1, a, b, nb, vstride,
-                                                 astride)
-                                  : a;
-    done = from == b || dense_multi_avx2(w, acc, ip, vp, j0, j1, from, b, nb, vstride, astride);
-  }
+  for (int64_t a = o0; done && a < o1; a += slice)
+    done = dense_multi_avx2(w, acc, ip, vp, j0, j1, a, std::min(o1, a + slice), nb, vstride,
+                            astride);
   if (done) {
     const int64_t o8 = o0 + (o1 - o0) / 8 * 8;
     if (o8 < o1)
@@ -1327,7 +1297,9 @@ class Decoder {
     const float* vp = caches_[2 * l + 1].data_ptr<float>();
     const float scale = 1.0f / std::sqrt(static_cast<float>(d));
     constexpr int kLanes = 16;  // fixed-width partial sums vectorise without -ffast-math
+#if SPARSELLM_X86
     const bool vec = g_avx512 && d % 16 == 0 && d <= 512;
+#endif
     auto body = [&](int64_t u0, int64_t u1) {
       std::vector<float> sc(static_cast<size_t>(longest));
       std::vector<float> acc(static_cast<size_t>(d));
