@@ -202,6 +202,11 @@ def test_vocab_self_draft_spec_builds_a_reduced_head() -> None:
     # the prompt's tokens joined the head's rows for that generation
     want = torch.unique(torch.cat([draft.static, _prompt()[0]]))
     assert torch.equal(draft.vocab, want) and draft.rt.lm_head.out_features == len(want) > 40
+    # rows of a batching server share the runtime: its head goes back to the corpus's rows
+    rows = draft.for_rows(2)
+    assert draft.rt.lm_head.out_features == 40
+    assert all(isinstance(d, ModelDraft) and d.vocab is draft.static for d in rows)
+    assert [d.seq for d in rows] == [0, 1] and all(d.head is None for d in rows)
 
 
 def test_packed_self_draft_needs_the_weights_in_memory() -> None:

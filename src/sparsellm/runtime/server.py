@@ -176,7 +176,6 @@ class Scheduler:
                 job.deliver(Finish("cancelled", 0))
                 continue
             job.slot, job.pos = free.pop(0), len(job.ids)
-            job.pick = self.sampler(job.temperature, job.top_p, job.seed)
             ids = torch.tensor([job.ids], dtype=torch.int64)
             try:
                 first = self._prefill(job, ids)
@@ -192,8 +191,8 @@ class Scheduler:
     def _prefill(self, job: Job, ids: torch.Tensor) -> int:
         """Fill the job's cache row with its prompt; its first token."""
         if self.draft is None:
+            job.pick = self.sampler(job.temperature, job.top_p, job.seed)
             logits = self.rt.forward(ids, 0, self.sparse, last_only=True, seq=job.slot)
-            assert job.pick is not None
             return job.pick(logits[0, -1])
         from sparsellm.runtime.speculative import Lane
 

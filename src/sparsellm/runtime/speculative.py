@@ -294,6 +294,8 @@ class ModelDraft(Draft):
         a reduced head stays the corpus's, as rows decode different prompts at once)."""
         if not self.shares_cache:
             self.rt.reset(rows)
+        if self.head is not None and self.vocab is not self.static:  # a prompt's rows in it
+            reduce_head(self.rt, self.head, self.static)
         out: list[Draft] = []
         for r in range(rows):
             d = copy.copy(self)
@@ -305,7 +307,7 @@ class ModelDraft(Draft):
         if self.shares_cache:  # the target's prefill filled the cache row
             self.valid = ids.shape[1]
             return
-        if self.head is not None and self.static is not None:
+        if self.head is not None and self.static is not None:  # set together (FR-Spec)
             self.vocab = torch.unique(torch.cat([self.static, ids[0]]))
             reduce_head(self.rt, self.head, self.vocab)
         if not self.batched:
@@ -451,7 +453,7 @@ class Lane:
         t0 = time.perf_counter()
         logits = self.rt.forward(ids, 0, self.sparse, last_only=True, seq=self.seq)[0, -1]
         self.stats.prefill_s = time.perf_counter() - t0
-        first = int(logits.argmax()) if self.greedy else self._pick_draft(logits)[0]
+        first = self._pick_draft(logits)[0]
         self.context = [*ids[0].tolist(), first]
         self.emitted = 1
         self.done = first in self.stop or self.max_new == 1
@@ -756,7 +758,8 @@ def _own_self(parts: SelfSpec, rt: Any, loaded: Any) -> Draft:
         vocab = draft_vocab(loaded, parts.vocab)
         reduce_head(drt, head, vocab)
     return ModelDraft(drt, sparse=parts.recipe is not None, shares_cache=False, vocab=vocab,
-                      full_vocab=head.weight.shape[0], head=head)  # fmt: skip
+                      full_vocab=head.weight.shape[0],
+                      head=None if vocab is None else head)  # fmt: skip
 
 
 def prepare_target(spec: str, loaded: Any) -> bool:
