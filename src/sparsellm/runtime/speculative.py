@@ -63,7 +63,7 @@ from sparsellm.errors import SparseLLMError
 from sparsellm.models.compressed import PACKED_FORMATS
 
 # Rows of one verification pass, root included (each extra row costs a fraction of a lone
-# step: `pass_cost_in_steps` in results/speculative-default.md).
+# step: `pass_cost_in_steps` in results/speculative-qwen0.5b.md).
 MAX_ROWS = 16
 
 
