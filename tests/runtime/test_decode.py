@@ -224,3 +224,47 @@ def test_tree_rows_see_only_their_ancestors() -> None:
     ref = rt.step(torch.tensor([t0, t1b, 5]), torch.zeros(3, dtype=torch.int64),
                   torch.arange(8, 11), torch.arange(8, 11), False)  # fmt: skip
     torch.testing.assert_close(nxt[0], ref[2], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 96, 128, 256, 48])
+def test_avx512_attention_matches_portable(head_dim: int) -> None:
+    """The AVX-512 attention (16 slots per reduction, a 16-lane exp) computes the portable
+    loops' softmax attention: a decode step over 37 slots (two full blocks of 16 and a
+    tail) and a draft tree whose hidden slots fall inside a block, for every head
+    dimension it specialises (48 runs the portable loops on both settings)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sparsellm.runtime.kernels import native_kernel
+
+    mod = native_kernel()
+    if mod is None:
+        pytest.skip("no C++ compiler here")
+    try:
+        mod.set_isa("avx512")
+    except RuntimeError:
+        pytest.skip("this CPU has no AVX-512")
+    mod.set_isa("auto")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=head_dim)  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (1, 37), generator=torch.Generator().manual_seed(7))
+    visible = torch.ones(3, 40, dtype=torch.bool)
+    visible[:, 3:9] = False  # a tree row's ancestors need not be every slot before it
+    visible[0, 38:] = visible[1, 39] = visible[2, 38] = False
+    out = {}
+    for isa in ("portable", "avx512"):
+        mod.set_isa(isa)
+        try:
+            rt = DecodeRuntime(model, max_len=48)
+            step = _stepwise(rt, ids, 36, sparse=False)
+            rt.reset(1)
+            rt.forward(ids[:, :37], 0, False)
+            slots = torch.arange(37, 40)
+            tree = rt.step(torch.tensor([1, 2, 3]), torch.zeros(3, dtype=torch.int64), slots,
+                           slots, False, visible)  # fmt: skip
+            out[isa] = (step, tree)
+        finally:
+            mod.set_isa("auto")
+    for got, ref in zip(out["avx512"], out["portable"], strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)

@@ -1075,44 +1075,141 @@ std::string set_isa(const std::string& isa) {
 #if SPARSELLM_X86
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx2,fma")
-// One (row, head) of Decoder::attend with 16-lane FMAs (d a multiple of 16): q . k per
-// visible slot, softmax, the weighted sum of v. Why: the portable loops compile to 4-lane
-// SSE (the file has no -march), and a verification pass's rows x heads x slots made
-// attention 15% of a 9-row fp32 pass on the default model (perf). Rows stay
+// exp(x) in 16 lanes, for softmax arguments (x <= 0 after the max is subtracted): n =
+// round(x / ln 2), r = x - n ln 2 in two parts (Cody-Waite), e^r by Cephes' degree-6
+// polynomial, times 2^n (vscalefps); within 2 ulp of expf. Lanes below ln(FLT_MIN), -inf
+// (hidden slots) included, give exactly 0. Why: std::exp one slot at a time was the
+// largest part of a decode step's attention at 600 slots (perf).
+inline __m512 exp16(__m512 x) {
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_GE_OQ);
+  x = _mm512_maskz_mov_ps(live, x);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
+}
+
+// The 16 lane sums of a[0..15], lane s holding a[s]'s, each summed with the pairing of
+// _mm512_reduce_add_ps (lanes i + 8, then + 4, + 2, + 1; float addition commutes), so a
+// score is the same bits as one reduced alone, for a quarter of the shuffles. The
+// butterfly leaves slot q + 4p in lane 4q + p; the inputs are read in that order.
+inline __m512 reduce16(const __m512* a) {
+  __m512 w[8], x[4], z[2];
+  auto at = [&](int s) { return a[4 * (s % 4) + s / 4]; };  // input position s: slot
+  for (int k = 0; k < 8; ++k) {
+    const __m512 u = at(2 * k), v = at(2 * k + 1);
+    w[k] = _mm512_add_ps(_mm512_shuffle_f32x4(u, v, 0x44), _mm512_shuffle_f32x4(u, v, 0xEE));
+  }
+  for (int k = 0; k < 4; ++k) {
+    const __m512 u = w[2 * k], v = w[2 * k + 1];
+    x[k] = _mm512_add_ps(_mm512_shuffle_f32x4(u, v, 0x88), _mm512_shuffle_f32x4(u, v, 0xDD));
+  }
+  for (int k = 0; k < 2; ++k) {
+    const __m512 u = x[2 * k], v = x[2 * k + 1];
+    z[k] = _mm512_add_ps(_mm512_shuffle_ps(u, v, 0x44), _mm512_shuffle_ps(u, v, 0xEE));
+  }
+  return _mm512_add_ps(_mm512_shuffle_ps(z[0], z[1], 0x88), _mm512_shuffle_ps(z[0], z[1], 0xDD));
+}
+
+// One (row, head) of Decoder::attend with 16-lane FMAs (d = 16 NV): q . k per visible
+// slot, softmax, the weighted sum of v. Scores go 16 slots at a time (reduce16), exp and
+// the softmax sum 16 at a time, and v is summed into two interleaved accumulators (even
+// and odd slots) so consecutive FMAs do not wait on each other. Why: the portable loops
+// compile to 4-lane SSE (the file has no -march), and with one reduction and one scalar
+// exp per slot, attention took 2.3 ms of a 6.7 ms int8 decode step at 600 slots on the
+// default model, and most of a verification pass's growth with its rows. Rows stay
 // batch-invariant: a (row, head) is computed the same way whatever shares the pass.
-void attend_one_avx512(const float* q, const float* K, const float* V, int64_t n, int64_t d,
-                       const uint8_t* vis, float scale, float* sc, float* o) {
-  float m = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < n; ++j) {
-    if (vis && !vis[j]) {
-      sc[j] = -std::numeric_limits<float>::infinity();
-      continue;
+template <int NV>
+void attend_head16(const float* q, const float* K, const float* V, int64_t n,
+                   const uint8_t* vis, float scale, float* sc, float* o) {
+  constexpr int64_t d = 16 * NV;
+  __m512 qv[NV];
+  for (int i = 0; i < NV; ++i) qv[i] = _mm512_loadu_ps(q + 16 * i);
+  auto dot = [&](const float* kj) {
+    __m512 a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kj));
+    for (int i = 1; i < NV; ++i) a = _mm512_fmadd_ps(qv[i], _mm512_loadu_ps(kj + 16 * i), a);
+    return a;
+  };
+  const __m512 vscale = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-INFINITY);
+  __m512 vmax = ninf;
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    __m512 a[16];
+    for (int s = 0; s < 16; ++s) a[s] = dot(K + (j + s) * d);
+    __m512 s16 = _mm512_mul_ps(reduce16(a), vscale);
+    if (vis) {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(vis + j));
+      const __m512i b = _mm512_cvtepu8_epi32(bytes);
+      s16 = _mm512_mask_mov_ps(ninf, _mm512_test_epi32_mask(b, b), s16);
     }
-    const float* kj = K + j * d;
-    __m512 a = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(kj));
-    for (int64_t i = 16; i < d; i += 16)
-      a = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_loadu_ps(kj + i), a);
-    sc[j] = _mm512_reduce_add_ps(a) * scale;
+    _mm512_storeu_ps(sc + j, s16);
+    vmax = _mm512_max_ps(vmax, s16);
+  }
+  float m = _mm512_reduce_max_ps(vmax);
+  for (; j < n; ++j) {
+    sc[j] = vis && !vis[j] ? -INFINITY : _mm512_reduce_add_ps(dot(K + j * d)) * scale;
     m = std::max(m, sc[j]);
   }
-  float sum = 0.0f;
-  for (int64_t j = 0; j < n; ++j) {
-    sc[j] = std::exp(sc[j] - m);
-    sum += sc[j];
+  const __m512 vm = _mm512_set1_ps(m);
+  __m512 vsum = _mm512_setzero_ps();
+  for (j = 0; j < n; j += 16) {
+    const __mmask16 k = n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_mask_loadu_ps(ninf, k, sc + j), vm));
+    _mm512_mask_storeu_ps(sc + j, k, e);
+    vsum = _mm512_add_ps(vsum, e);
   }
-  constexpr int64_t kMaxVec = 32;  // head_dim up to 512 in registers / on the stack
-  __m512 acc[kMaxVec];
-  const int64_t nv = d / 16;
-  for (int64_t i = 0; i < nv; ++i) acc[i] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < n; ++j) {
-    if (sc[j] == 0.0f) continue;  // a hidden slot (exp(-inf)): its v may be stale
+  __m512 even[NV], odd[NV];  // named arrays of compile-time size stay in registers
+  for (int i = 0; i < NV; ++i) even[i] = odd[i] = _mm512_setzero_ps();
+  auto add = [&](__m512* acc, int64_t j) {
+    if (sc[j] == 0.0f) return;  // a hidden slot (exp(-inf)): its v may be stale
     const __m512 w = _mm512_set1_ps(sc[j]);
     const float* vj = V + j * d;
-    for (int64_t i = 0; i < nv; ++i)
+    for (int i = 0; i < NV; ++i)
       acc[i] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vj + 16 * i), acc[i]);
+  };
+  for (j = 0; j + 1 < n; j += 2) {
+    add(even, j);
+    add(odd, j + 1);
   }
-  const __m512 inv = _mm512_set1_ps(1.0f / sum);
-  for (int64_t i = 0; i < nv; ++i) _mm512_storeu_ps(o + 16 * i, _mm512_mul_ps(acc[i], inv));
+  if (j < n) add(even, j);
+  const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
+  for (int i = 0; i < NV; ++i)
+    _mm512_storeu_ps(o + 16 * i, _mm512_mul_ps(_mm512_add_ps(even[i], odd[i]), inv));
+}
+
+// attend_head16 for a head dimension d of 16, 32, 64, 96, 128 or 256; false for others.
+bool attend_one_avx512(const float* q, const float* K, const float* V, int64_t n, int64_t d,
+                       const uint8_t* vis, float scale, float* sc, float* o) {
+  switch (d) {
+    case 16:
+      attend_head16<1>(q, K, V, n, vis, scale, sc, o);
+      return true;
+    case 32:
+      attend_head16<2>(q, K, V, n, vis, scale, sc, o);
+      return true;
+    case 96:
+      attend_head16<6>(q, K, V, n, vis, scale, sc, o);
+      return true;
+    case 64:
+      attend_head16<4>(q, K, V, n, vis, scale, sc, o);
+      return true;
+    case 128:
+      attend_head16<8>(q, K, V, n, vis, scale, sc, o);
+      return true;
+    case 256:
+      attend_head16<16>(q, K, V, n, vis, scale, sc, o);
+      return true;
+    default:
+      return false;
+  }
 }
 #pragma GCC pop_options
 #endif  // SPARSELLM_X86
@@ -1298,7 +1395,7 @@ class Decoder {
     const float scale = 1.0f / std::sqrt(static_cast<float>(d));
     constexpr int kLanes = 16;  // fixed-width partial sums vectorise without -ffast-math
 #if SPARSELLM_X86
-    const bool vec = g_avx512 && d % 16 == 0 && d <= 512;
+    const bool vec = g_avx512;
 #endif
     auto body = [&](int64_t u0, int64_t u1) {
       std::vector<float> sc(static_cast<size_t>(longest));
@@ -1311,10 +1408,8 @@ class Decoder {
         const float* K = kp + (where.seq[r] * hk_ + g) * max_len * d;
         const float* V = vp + (where.seq[r] * hk_ + g) * max_len * d;
 #if SPARSELLM_X86
-        if (vec) {
-          attend_one_avx512(q, K, V, n, d, vis, scale, sc.data(), att + (r * hq_ + h) * d);
-          continue;
-        }
+        float* o = att + (r * hq_ + h) * d;
+        if (vec && attend_one_avx512(q, K, V, n, d, vis, scale, sc.data(), o)) continue;
 #endif
         float m = -std::numeric_limits<float>::infinity();
         for (int64_t j = 0; j < n; ++j) {
@@ -1345,7 +1440,6 @@ class Decoder {
           const float* vj = V + j * d;
           for (int64_t i = 0; i < d; ++i) acc[i] += w * vj[i];
         }
-        float* o = att + (r * hq_ + h) * d;
         const float inv = 1.0f / sum;
         for (int64_t i = 0; i < d; ++i) o[i] = acc[i] * inv;
       }
