@@ -346,7 +346,9 @@ def test_cli_serves_a_saved_model(tiny_dir: Path) -> None:
     assert "Application shutdown complete" in err.decode(), err.decode()[-2000:]
 
 
-@pytest.mark.parametrize("spec", ["lookup", "ngram", "token-recycling", "self:int8"])
+@pytest.mark.parametrize(
+    "spec", ["lookup", "ngram", "token-recycling", "self:int8", "self:int8+lookup"]
+)
 def test_a_speculative_server_batches_and_answers_as_the_model_alone(
     served: Served, spec: str
 ) -> None:

@@ -86,20 +86,59 @@ def test_packed_self_draft_is_the_targets_weights_in_another_format() -> None:
     assert stats.accepted > stats.drafted / 2  # an int8 copy mostly agrees with fp32
 
 
+def test_lookup_first_model_draft_copies_repeats_and_stays_exact() -> None:
+    """`self:int8+lookup`: where the context's last trigram occurred before, the pass
+    copies what followed it and the int8 model takes no step; elsewhere the model drafts.
+    The output is the target's, token for token."""
+    from sparsellm.errors import SparseLLMError
+
+    model = tiny_model("qwen2", layers=2)
+    rt = DecodeRuntime(model, max_len=96)
+    loaded = SimpleNamespace(model=model)
+    draft = build_draft("self:int8+lookup", rt, loaded)
+    assert isinstance(draft, ModelDraft) and draft.copy_n == 3
+    steps = 0
+    step = draft.rt.step
+
+    def counted(*args: object, **kw: object) -> torch.Tensor:
+        nonlocal steps
+        steps += 1
+        return step(*args, **kw)
+
+    draft.rt.step = counted
+    context = [5, 6, 7, 8, 9, 5, 6, 7]
+    draft.prompt(torch.tensor([context]))
+    assert draft.propose(context, 3, lambda x: (int(x.argmax()), None)).tokens == [8, 9, 5]
+    assert steps == 0 and draft.copied == 1
+    assert len(draft.propose([*context, 1], 2, lambda x: (int(x.argmax()), None)).tokens) == 2
+    assert steps > 0  # no earlier (7, 1): the model drafted
+    stats = Stats()
+    draft = build_draft("self:int8+lookup", rt, loaded)
+    got = list(speculative_stream(rt, draft, _prompt(), 40, stats=stats, switch=False))
+    assert got == _plain(rt, _prompt(), 40)
+    assert draft.copied > 0 and stats.accepted > 0
+    with pytest.raises(SparseLLMError, match="n=N"):
+        build_draft("self:int8+lookup:n=0", rt, loaded)
+
+
 def test_self_spec_parts() -> None:
     from sparsellm.errors import SparseLLMError
     from sparsellm.runtime.speculative import self_parts
 
-    assert self_parts("int8") == ("int8", None, None, None)
+    assert self_parts("int8") == ("int8", None, None, None, None)
     recipe = "teal:sparsity=0.4,nsamples=8"
-    assert self_parts(recipe) == (None, None, recipe, None)
+    assert self_parts(recipe) == (None, None, recipe, None, None)
     assert self_parts("int8+skip:ratio=0.25,score=ppl+teal:sparsity=0.4+vocab:size=64") == (
         "int8",
         {"ratio": "0.25", "score": "ppl"},
         "teal:sparsity=0.4",
         {"size": "64"},
+        None,
     )
-    for bad in ("", "int8+bf16", "skip:ratio=0.1+skip:ratio=0.2", "vocab:size=2+vocab:size=3"):
+    assert self_parts("int8+lookup:n=4").lookup == {"n": "4"}
+    assert self_parts("teal:sparsity=0.4+lookup").lookup == {}
+    for bad in ("", "int8+bf16", "skip:ratio=0.1+skip:ratio=0.2", "vocab:size=2+vocab:size=3",
+                "lookup", "int8+lookup+lookup"):  # fmt: skip
         with pytest.raises(SparseLLMError):
             self_parts(bad)
 

@@ -39,6 +39,9 @@ Drafts (`build_draft` parses the `--draft` spec):
   frequent in a bundled corpus (FR-Spec, Zhao et al. 2025), plus the prompt's own: a
   small model's head is a fifth of its weights, and the target still verifies over the
   whole vocabulary.
+- `self:int8+lookup[:n=N]`: prompt lookup first: a pass whose context's last N tokens
+  (3) occurred before copies what followed them, and the model drafts only the others
+  (the copied tokens cost no draft step).
 - parts joined by '+' combine: `self:int8+teal:sparsity=0.4` (int8 weights skipping
   channels), `self:int8+skip:ratio=0.2`.
 - a model directory: any model with the target's vocabulary, on its own runtime and cache.
@@ -171,13 +174,21 @@ class Lookup(Draft):
         self.max_ngram = max_ngram
 
     def propose(self, context: list[int], k: int, sample: Any) -> Tree:
-        n_ctx = len(context)
-        for n in range(min(self.max_ngram, n_ctx - 1), 0, -1):
-            tail = context[-n:]
-            for start in range(n_ctx - n - 1, -1, -1):
-                if context[start : start + n] == tail:
-                    return chain(context[start + n : start + n + k])
+        for n in range(min(self.max_ngram, len(context) - 1), 0, -1):
+            copied = copy_after(context, n, k)
+            if copied:
+                return chain(copied)
         return Tree()
+
+
+def copy_after(context: list[int], n: int, k: int) -> list[int]:
+    """Up to `k` tokens that followed the latest earlier occurrence of the context's last
+    `n` tokens (none without one)."""
+    tail = context[-n:]
+    for start in range(len(context) - n - 1, -1, -1):
+        if context[start : start + n] == tail:
+            return context[start + n : start + n + k]
+    return []
 
 
 class NGram(Draft):
@@ -276,14 +287,19 @@ class ModelDraft(Draft):
 
     def __init__(
         self, rt: Any, sparse: bool, shares_cache: bool, vocab: torch.Tensor | None = None,
-        full_vocab: int = 0, head: torch.nn.Module | None = None,
+        full_vocab: int = 0, head: torch.nn.Module | None = None, copy_n: int = 0,
     ) -> None:  # fmt: skip
         """`vocab`: the token ids of the rows of a reduced LM head (`reduce_head`), of a
         vocabulary of `full_vocab` tokens; with the full `head` given, each prompt's own
         tokens join those rows (names and code identifiers a corpus ranks low are the
-        tokens a continuation repeats)."""
+        tokens a continuation repeats). `copy_n` > 0: a pass whose context's last
+        `copy_n` tokens occurred before copies what followed them (prompt lookup) instead
+        of running the model: those tokens cost no draft step, and the model catches up
+        on the accepted ones in one pass of several rows when it next drafts."""
         self.rt, self.sparse, self.shares_cache = rt, sparse, shares_cache
         self.vocab, self.full_vocab, self.head = vocab, full_vocab, head
+        self.copy_n = copy_n
+        self.copied = 0  # passes drafted by copying
         self.static = vocab
         self.valid = 0  # context tokens whose KV entries the draft's cache holds
         self.seq = 0  # the cache row it drafts on
@@ -324,6 +340,10 @@ class ModelDraft(Draft):
         return self.rt.step(torch.tensor(tokens), rows, pos, pos, self.sparse)[-1]
 
     def propose(self, context: list[int], k: int, sample: Any) -> Tree:
+        copied = copy_after(context, self.copy_n, k) if 0 < self.copy_n < len(context) else []
+        if len(copied) >= min(k, 2):
+            self.copied += 1
+            return chain(copied)
         # catch up on the accepted tokens the draft has not fed, the last one included, in
         # passes of up to MAX_ROWS rows
         for at in range(self.valid, len(context), MAX_ROWS):
@@ -616,7 +636,8 @@ def build_draft(spec: str, rt: Any, loaded: Any, load: Callable[[str], Any] | No
         if parts.recipe and not any(getattr(p, "rule", None) is not None for p in rt.projections()):
             raise SparseLLMError(f"{spec}: call prepare_target before building the runtime")
         if parts.fmt is None and parts.skip is None and parts.vocab is None:
-            return ModelDraft(rt, sparse=True, shares_cache=True)
+            return ModelDraft(rt, sparse=True, shares_cache=True,
+                              copy_n=copy_length(parts.lookup))  # fmt: skip
         return _own_self(parts, rt, loaded)
     if load is None:
         raise SparseLLMError(f"unknown draft {spec!r} (lookup, ngram, token-recycling, self:SPEC, "
@@ -638,12 +659,14 @@ class SelfSpec(NamedTuple):
     skip: dict[str, str] | None
     recipe: str | None
     vocab: dict[str, str] | None = None
+    lookup: dict[str, str] | None = None
 
 
 def self_parts(rest: str) -> SelfSpec:
     """Split a ``self:`` draft spec's rest into its '+'-joined parts, each at most once: a
     packed format (``int8``), a layer skip (``skip:ratio=R[,score=angular|ppl]``), a
-    reduced draft vocabulary (``vocab:size=N[,corpus=C]``) and an activation recipe
+    reduced draft vocabulary (``vocab:size=N[,corpus=C]``), prompt lookup first
+    (``lookup[:n=N]``, see `ModelDraft`'s `copy_n`) and an activation recipe
     (``teal:sparsity=0.4``). ``self:int8+skip:ratio=0.25+teal:...`` is the target's
     weights in int8, without a quarter of its blocks, skipping channels."""
     fmt = recipe = None
@@ -652,17 +675,26 @@ def self_parts(rest: str) -> SelfSpec:
         head, _, tail = part.partition(":")
         if part in PACKED_FORMATS and fmt is None:
             fmt = part
-        elif head in ("skip", "vocab") and head not in opts:
+        elif head in ("skip", "vocab", "lookup") and head not in opts:
             opts[head] = dict(kv.split("=", 1) for kv in tail.split(",") if "=" in kv)
-        elif head not in (*PACKED_FORMATS, "skip", "vocab") and recipe is None and part:
+        elif head not in (*PACKED_FORMATS, "skip", "vocab", "lookup") and recipe is None and part:
             recipe = part
         else:
             raise SparseLLMError(
-                f"self:{rest}: one format, one skip, one vocab and one recipe at most"
+                f"self:{rest}: one format, one skip, one vocab, one lookup and one recipe at most"
             )
-    if fmt is None and not opts and recipe is None:
+    if fmt is None and not set(opts) - {"lookup"} and recipe is None:
         raise SparseLLMError("self drafts need a recipe, e.g. self:teal:sparsity=0.6")
-    return SelfSpec(fmt, opts.get("skip"), recipe, opts.get("vocab"))
+    return SelfSpec(fmt, opts.get("skip"), recipe, opts.get("vocab"), opts.get("lookup"))
+
+
+def copy_length(opts: dict[str, str] | None) -> int:
+    """A `lookup[:n=N]` part's n-gram length (3; 0 without the part)."""
+    if opts is None:
+        return 0
+    if set(opts) - {"n"} or int(opts.get("n", 3)) < 1:
+        raise SparseLLMError(f"lookup:{opts}: takes n=N (N >= 1, default 3)")
+    return int(opts.get("n", 3))
 
 
 def frequent_tokens(tokenizer: Any, text: str, size: int) -> torch.Tensor:
@@ -758,8 +790,8 @@ def _own_self(parts: SelfSpec, rt: Any, loaded: Any) -> Draft:
         vocab = draft_vocab(loaded, parts.vocab)
         reduce_head(drt, head, vocab)
     return ModelDraft(drt, sparse=parts.recipe is not None, shares_cache=False, vocab=vocab,
-                      full_vocab=head.weight.shape[0],
-                      head=None if vocab is None else head)  # fmt: skip
+                      full_vocab=head.weight.shape[0], head=None if vocab is None else head,
+                      copy_n=copy_length(parts.lookup))  # fmt: skip
 
 
 def prepare_target(spec: str, loaded: Any) -> bool:
