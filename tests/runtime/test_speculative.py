@@ -110,7 +110,9 @@ def test_lookup_first_model_draft_copies_repeats_and_stays_exact() -> None:
     draft.prompt(torch.tensor([context]))
     assert draft.propose(context, 3, lambda x: (int(x.argmax()), None)).tokens == [8, 9, 5]
     assert steps == 0 and draft.copied == 1
-    assert len(draft.propose([*context, 1], 2, lambda x: (int(x.argmax()), None)).tokens) == 2
+    assert draft.propose(context, 3, lambda x: (int(x.argmax()), None)).copied
+    drafted = draft.propose([*context, 1], 2, lambda x: (int(x.argmax()), None))
+    assert len(drafted.tokens) == 2 and not drafted.copied
     assert steps > 0  # no earlier (7, 1): the model drafted
     stats = Stats()
     draft = build_draft("self:int8+lookup", rt, loaded)
@@ -374,3 +376,5 @@ def test_pacer_stops_drafting_when_plain_passes_are_faster() -> None:
         k = pace.next_k()
         pace.record(k, 3 if k else 0, 4 if k else 1, 1.5 if k else 1.0)
     assert pace.next_k() == 4  # accepting ~3 a pass: draft 4
+    pace.record(4, 0, 1, 1.0, learn=False)  # a copied pass that failed
+    assert pace.next_k() == 4  # the model's draft length is unchanged

@@ -74,11 +74,14 @@ MAX_ROWS = 16
 class Tree:
     """Draft tokens after the last accepted token: node i has parent parents[i] (-1: the
     root, i.e. the last accepted token); parents come before children. `q[i]`, for model
-    drafts, is the distribution node i's token was drawn from (sampling only)."""
+    drafts, is the distribution node i's token was drawn from (sampling only). `copied`:
+    a model draft's pass that copied the context instead (its acceptance says nothing
+    about the model's, so the draft length does not learn from it)."""
 
     tokens: list[int] = field(default_factory=list)
     parents: list[int] = field(default_factory=list)
     q: list[torch.Tensor] | None = None
+    copied: bool = False
 
     def add(self, token: int, parent: int) -> int:
         self.tokens.append(token)
@@ -343,7 +346,7 @@ class ModelDraft(Draft):
         copied = copy_after(context, self.copy_n, k) if 0 < self.copy_n < len(context) else []
         if len(copied) >= min(k, 2):
             self.copied += 1
-            return chain(copied)
+            return Tree(copied, list(range(-1, len(copied) - 1)), copied=True)
         # catch up on the accepted tokens the draft has not fed, the last one included, in
         # passes of up to MAX_ROWS rows
         for at in range(self.valid, len(context), MAX_ROWS):
@@ -537,7 +540,7 @@ class Lane:
         self.draft.update(self.context, [self.context[pos], *tree.tokens], rows)
         seconds = time.perf_counter() - self._t1
         st.decode_s += seconds
-        self.pace.record(self._room, len(path), len(out), seconds)
+        self.pace.record(self._room, len(path), len(out), seconds, learn=not tree.copied)
         return emitted
 
 
@@ -596,8 +599,13 @@ class Pacer:
             drafting = not drafting
         return max(1, min(self.max_draft, round(self.mean_accepted) + 1)) if drafting else 0
 
-    def record(self, k: int, accepted: int, tokens: int, seconds: float) -> None:
-        if k > 0:
+    def record(
+        self, k: int, accepted: int, tokens: int, seconds: float, learn: bool = True
+    ) -> None:
+        """A pass drafted `k` tokens (0: none) of which `accepted` were; `learn=False`
+        keeps its acceptance out of the draft length (the pass still counts as drafting
+        for the speed of each mode)."""
+        if k > 0 and learn:
             self.mean_accepted = 0.5 * self.mean_accepted + 0.5 * accepted
         rate, old = tokens / max(seconds, 1e-9), self.rate[k > 0]
         self.rate[k > 0] = rate if old is None else 0.7 * old + 0.3 * rate
@@ -608,7 +616,7 @@ def _trim(tree: Tree, limit: int) -> Tree:
     if len(tree.tokens) <= limit:
         return tree
     q = None if tree.q is None else tree.q[:limit]
-    return Tree(tree.tokens[:limit], tree.parents[:limit], q)
+    return Tree(tree.tokens[:limit], tree.parents[:limit], q, tree.copied)
 
 
 def build_draft(spec: str, rt: Any, loaded: Any, load: Callable[[str], Any] | None = None) -> Draft:
