@@ -56,7 +56,8 @@ def add_parser(sub: Any) -> None:
         help="speculative decoding, lossless: lookup (prompt lookup), ngram[:n=3,width=2,"
         "corpus=c4] (retrieval), token-recycling, self:RECIPE (the model with activation "
         "sparsity, e.g. self:teal:sparsity=0.6), self:FORMAT (the model's own weights "
-        "packed smaller, e.g. self:int8), or a model dir / hub id with the same "
+        "packed smaller, e.g. self:int8; self:int8+lookup copies repeats and drafts the "
+        "rest), or a model dir / hub id with the same "
         "vocabulary (e.g. a 70%% sparse-int8 export)",
     )
     p.add_argument(
