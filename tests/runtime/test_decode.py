@@ -226,12 +226,12 @@ def test_tree_rows_see_only_their_ancestors() -> None:
     torch.testing.assert_close(nxt[0], ref[2], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("head_dim", [16, 32, 64, 96, 128, 256, 48])
+@pytest.mark.parametrize("head_dim", [16, 32, 48, 64, 96, 128, 256, 40])
 def test_avx512_attention_matches_portable(head_dim: int) -> None:
     """The AVX-512 attention (16 slots per reduction, a 16-lane exp) computes the portable
     loops' softmax attention: a decode step over 37 slots (two full blocks of 16 and a
-    tail) and a draft tree whose hidden slots fall inside a block, for every head
-    dimension it specialises (48 runs the portable loops on both settings)."""
+    tail) and a draft tree whose hidden slots fall inside a block, for head dimensions
+    it specialises (40, not a multiple of 16, runs the portable loops on both)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from sparsellm.runtime.kernels import native_kernel

@@ -119,8 +119,9 @@ def test_lookup_first_model_draft_copies_repeats_and_stays_exact() -> None:
     got = list(speculative_stream(rt, draft, _prompt(), 40, stats=stats, switch=False))
     assert got == _plain(rt, _prompt(), 40)
     assert draft.copied > 0 and stats.accepted > 0
-    with pytest.raises(SparseLLMError, match="n=N"):
-        build_draft("self:int8+lookup:n=0", rt, loaded)
+    for bad in ("n=0", "n=x", "m=3"):
+        with pytest.raises(SparseLLMError, match="n=N"):
+            build_draft(f"self:int8+lookup:{bad}", rt, loaded)
 
 
 def test_self_spec_parts() -> None:

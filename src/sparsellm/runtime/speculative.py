@@ -186,7 +186,9 @@ class Lookup(Draft):
 
 def copy_after(context: list[int], n: int, k: int) -> list[int]:
     """Up to `k` tokens that followed the latest earlier occurrence of the context's last
-    `n` tokens (none without one)."""
+    `n` >= 1 tokens (none without one)."""
+    if n < 1:
+        return []
     tail = context[-n:]
     for start in range(len(context) - n - 1, -1, -1):
         if context[start : start + n] == tail:
@@ -700,9 +702,10 @@ def copy_length(opts: dict[str, str] | None) -> int:
     """A `lookup[:n=N]` part's n-gram length (3; 0 without the part)."""
     if opts is None:
         return 0
-    if set(opts) - {"n"} or int(opts.get("n", 3)) < 1:
-        raise SparseLLMError(f"lookup:{opts}: takes n=N (N >= 1, default 3)")
-    return int(opts.get("n", 3))
+    n = opts.get("n", "3")
+    if set(opts) - {"n"} or not n.isdigit() or int(n) < 1:
+        raise SparseLLMError(f"lookup: takes n=N (an integer >= 1, default 3), not {opts}")
+    return int(n)
 
 
 def frequent_tokens(tokenizer: Any, text: str, size: int) -> torch.Tensor:

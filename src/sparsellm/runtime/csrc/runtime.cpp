@@ -1166,7 +1166,9 @@ void attend_head16(const float* q, const float* K, const float* V, int64_t n,
     _mm512_mask_storeu_ps(sc + j, k, e);
     vsum = _mm512_add_ps(vsum, e);
   }
-  __m512 even[NV], odd[NV];  // named arrays of compile-time size stay in registers
+  // named arrays of compile-time size: registers up to d = 128 (not a runtime-indexed
+  // acc[j & 1], which the compiler kept on the stack)
+  __m512 even[NV], odd[NV];
   for (int i = 0; i < NV; ++i) even[i] = odd[i] = _mm512_setzero_ps();
   auto add = [&](__m512* acc, int64_t j) {
     if (sc[j] == 0.0f) return;  // a hidden slot (exp(-inf)): its v may be stale
@@ -1185,28 +1187,20 @@ void attend_head16(const float* q, const float* K, const float* V, int64_t n,
     _mm512_storeu_ps(o + 16 * i, _mm512_mul_ps(_mm512_add_ps(even[i], odd[i]), inv));
 }
 
-// attend_head16 for a head dimension d of 16, 32, 64, 96, 128 or 256; false for others.
+// attend_head16 for a head dimension d that is a multiple of 16 up to 256; false for
+// others (the portable loops).
 bool attend_one_avx512(const float* q, const float* K, const float* V, int64_t n, int64_t d,
                        const uint8_t* vis, float scale, float* sc, float* o) {
-  switch (d) {
-    case 16:
-      attend_head16<1>(q, K, V, n, vis, scale, sc, o);
-      return true;
-    case 32:
-      attend_head16<2>(q, K, V, n, vis, scale, sc, o);
-      return true;
-    case 96:
-      attend_head16<6>(q, K, V, n, vis, scale, sc, o);
-      return true;
-    case 64:
-      attend_head16<4>(q, K, V, n, vis, scale, sc, o);
-      return true;
-    case 128:
-      attend_head16<8>(q, K, V, n, vis, scale, sc, o);
-      return true;
-    case 256:
-      attend_head16<16>(q, K, V, n, vis, scale, sc, o);
-      return true;
+  switch (d / 16 * (d % 16 == 0)) {
+#define SPARSELLM_HEAD(NV)                          \
+  case NV:                                          \
+    attend_head16<NV>(q, K, V, n, vis, scale, sc, o); \
+    return true;
+    SPARSELLM_HEAD(1) SPARSELLM_HEAD(2) SPARSELLM_HEAD(3) SPARSELLM_HEAD(4)
+    SPARSELLM_HEAD(5) SPARSELLM_HEAD(6) SPARSELLM_HEAD(7) SPARSELLM_HEAD(8)
+    SPARSELLM_HEAD(9) SPARSELLM_HEAD(10) SPARSELLM_HEAD(11) SPARSELLM_HEAD(12)
+    SPARSELLM_HEAD(13) SPARSELLM_HEAD(14) SPARSELLM_HEAD(15) SPARSELLM_HEAD(16)
+#undef SPARSELLM_HEAD
     default:
       return false;
   }
