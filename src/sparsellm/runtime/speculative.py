@@ -643,12 +643,12 @@ def build_draft(spec: str, rt: Any, loaded: Any, load: Callable[[str], Any] | No
         )
     if name == "self":
         parts = self_parts(rest)
+        copy_n = copy_length(parts.lookup)  # a bad option fails before any packing
         if parts.recipe and not any(getattr(p, "rule", None) is not None for p in rt.projections()):
             raise SparseLLMError(f"{spec}: call prepare_target before building the runtime")
         if parts.fmt is None and parts.skip is None and parts.vocab is None:
-            return ModelDraft(rt, sparse=True, shares_cache=True,
-                              copy_n=copy_length(parts.lookup))  # fmt: skip
-        return _own_self(parts, rt, loaded)
+            return ModelDraft(rt, sparse=True, shares_cache=True, copy_n=copy_n)
+        return _own_self(parts, rt, loaded, copy_n)
     if load is None:
         raise SparseLLMError(f"unknown draft {spec!r} (lookup, ngram, token-recycling, self:SPEC, "
                              "or a model directory)")  # fmt: skip
@@ -777,7 +777,7 @@ def skipped_blocks(loaded: Any, opts: dict[str, str]) -> list[int]:
     return choose_blocks(loaded.model, ratio, calib, score).tolist()
 
 
-def _own_self(parts: SelfSpec, rt: Any, loaded: Any) -> Draft:
+def _own_self(parts: SelfSpec, rt: Any, loaded: Any, copy_n: int = 0) -> Draft:
     """The target's weights packed in the spec's format (fp32 without one), without the
     skipped blocks and with the reduced head, on a runtime and KV cache of their own; its
     steps skip channels by the recipe's rules when there is one."""
@@ -802,7 +802,7 @@ def _own_self(parts: SelfSpec, rt: Any, loaded: Any) -> Draft:
         reduce_head(drt, head, vocab)
     return ModelDraft(drt, sparse=parts.recipe is not None, shares_cache=False, vocab=vocab,
                       full_vocab=head.weight.shape[0], head=None if vocab is None else head,
-                      copy_n=copy_length(parts.lookup))  # fmt: skip
+                      copy_n=copy_n)  # fmt: skip
 
 
 def prepare_target(spec: str, loaded: Any) -> bool:
