@@ -98,8 +98,8 @@ class Tree:
         return all(p == i - 1 for i, p in enumerate(self.parents))
 
 
-def chain(tokens: list[int], q: list[torch.Tensor] | None = None) -> Tree:
-    return Tree(list(tokens), list(range(-1, len(tokens) - 1)), q)
+def chain(tokens: list[int], q: list[torch.Tensor] | None = None, copied: bool = False) -> Tree:
+    return Tree(list(tokens), list(range(-1, len(tokens) - 1)), q, copied)
 
 
 def target_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -345,10 +345,10 @@ class ModelDraft(Draft):
         return self.rt.step(torch.tensor(tokens), rows, pos, pos, self.sparse)[-1]
 
     def propose(self, context: list[int], k: int, sample: Any) -> Tree:
-        copied = copy_after(context, self.copy_n, k) if 0 < self.copy_n < len(context) else []
-        if len(copied) >= min(k, 2):
+        repeat = copy_after(context, self.copy_n, k) if 0 < self.copy_n < len(context) else []
+        if len(repeat) >= min(k, 2):
             self.copied += 1
-            return Tree(copied, list(range(-1, len(copied) - 1)), copied=True)
+            return chain(repeat, copied=True)
         # catch up on the accepted tokens the draft has not fed, the last one included, in
         # passes of up to MAX_ROWS rows
         for at in range(self.valid, len(context), MAX_ROWS):
@@ -672,6 +672,9 @@ class SelfSpec(NamedTuple):
     lookup: dict[str, str] | None = None
 
 
+SELF_OPTIONS = ("skip", "vocab", "lookup")  # the `self:` parts written NAME[:KEY=VALUE,...]
+
+
 def self_parts(rest: str) -> SelfSpec:
     """Split a ``self:`` draft spec's rest into its '+'-joined parts, each at most once: a
     packed format (``int8``), a layer skip (``skip:ratio=R[,score=angular|ppl]``), a
@@ -685,9 +688,9 @@ def self_parts(rest: str) -> SelfSpec:
         head, _, tail = part.partition(":")
         if part in PACKED_FORMATS and fmt is None:
             fmt = part
-        elif head in ("skip", "vocab", "lookup") and head not in opts:
+        elif head in SELF_OPTIONS and head not in opts:
             opts[head] = dict(kv.split("=", 1) for kv in tail.split(",") if "=" in kv)
-        elif head not in (*PACKED_FORMATS, "skip", "vocab", "lookup") and recipe is None and part:
+        elif head not in (*PACKED_FORMATS, *SELF_OPTIONS) and recipe is None and part:
             recipe = part
         else:
             raise SparseLLMError(
