@@ -79,11 +79,51 @@ def test_packed_self_draft_is_the_targets_weights_in_another_format() -> None:
     loaded = SimpleNamespace(model=model)
     assert prepare_target("self:int8", loaded) is False  # nothing to calibrate, target as is
     draft = build_draft("self:int8", rt, loaded)
-    assert isinstance(draft, ModelDraft) and draft.rt.fmt == "int8" and not draft.shares_cache
+    assert isinstance(draft, ModelDraft) and draft.rt.fmt == "int8" and draft.target is rt
     stats = Stats()
     got = list(speculative_stream(rt, draft, _prompt(), 40, stats=stats, switch=False))
     assert got == _plain(rt, _prompt(), 40)
     assert stats.accepted > stats.drafted / 2  # an int8 copy mostly agrees with fp32
+
+
+def test_shared_cache_draft_reads_the_targets_keys_and_feeds_one_token_per_pass() -> None:
+    """`share_cache`: a runtime of the same blocks attends over the target's cache, so
+    with the same weights its step is the target's step exactly; a block subset shares
+    only its blocks. A packed self-draft on it feeds one row per pass (the pass's last
+    token), not every accepted token, and the output stays the target's."""
+    from sparsellm.errors import SparseLLMError
+
+    model = tiny_model("llama", layers=4)
+    rt = DecodeRuntime(model, max_len=96)
+    ids = _prompt()
+    rt.reset(1)
+    rt.forward(ids, 0, False)
+    same = DecodeRuntime(model, max_len=96)
+    same.share_cache(rt)
+    at = torch.tensor([ids.shape[1]])
+    zero = torch.zeros(1, dtype=torch.int64)
+    mine = same.step(torch.tensor([3]), zero, at, at, False)
+    assert torch.equal(mine, rt.step(torch.tensor([3]), zero, at, at, False))
+    part = DecodeRuntime(model, max_len=96, layers=[0, 2, 3])
+    part.share_cache(rt)
+    assert part.layers[1].k_cache is rt.layers[2].k_cache
+    with pytest.raises(SparseLLMError, match="lacks"):
+        rt.share_cache(part)
+
+    loaded = SimpleNamespace(model=model)
+    draft = build_draft("self:int8", rt, loaded)
+    rows: list[int] = []
+    step = draft.rt.step
+
+    def counted(tokens: torch.Tensor, *args: object, **kw: object) -> torch.Tensor:
+        rows.append(len(tokens))
+        return step(tokens, *args, **kw)
+
+    draft.rt.step = counted
+    stats = Stats()
+    got = list(speculative_stream(rt, draft, ids, 40, stats=stats, switch=False))
+    assert got == _plain(rt, ids, 40)
+    assert stats.accepted > stats.drafted / 2 and set(rows) == {1}
 
 
 def test_lookup_first_model_draft_copies_repeats_and_stays_exact() -> None:
@@ -107,6 +147,7 @@ def test_lookup_first_model_draft_copies_repeats_and_stays_exact() -> None:
 
     draft.rt.step = counted
     context = [5, 6, 7, 8, 9, 5, 6, 7]
+    rt.reset(1)  # the draft attends over the target's cache
     draft.prompt(torch.tensor([context]))
     assert draft.propose(context, 3, lambda x: (int(x.argmax()), None)).tokens == [8, 9, 5]
     assert steps == 0 and draft.copied == 1

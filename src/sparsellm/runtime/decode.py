@@ -153,6 +153,7 @@ class DecodeRuntime:
             self.embed_packed = packed[self._names[id(self.embed)]]
         blocks = get_blocks(model)
         keep = range(len(blocks)) if layers is None else sorted(set(layers))
+        self.blocks = list(keep)  # the model's block index of each of self.layers
         self.layers = [self._layer(blocks[i], layout) for i in keep]
         self._names = {}
         self.native = native_kernel() if native else None
@@ -283,10 +284,26 @@ class DecodeRuntime:
         for layer in self.layers:
             layer.mlp.core_mlp = None  # CoreInfer: a new prompt picks a new core
         self._counts.zero_()
+        self._bind_caches()
+
+    def _bind_caches(self) -> None:
         # rebuilt per prompt: cheap, and it picks up changed dense-kernel choices
         self._decoder = self._build_decoder() if self.fusable() else None
         if self._decoder is not None:
             self._decoder.set_caches([c for ly in self.layers for c in (ly.k_cache, ly.v_cache)])
+
+    def share_cache(self, other: DecodeRuntime) -> None:
+        """Attend over `other`'s KV cache, block by block (this runtime holds the same
+        model's blocks or a subset of them, e.g. in another weight format): a self-draft
+        then reads the target's exact keys and values for its context, and only its own
+        draft tokens' entries, which the target's verification pass rewrites, come from
+        its weights (Draft & Verify, LayerSkip). Call after each `other.reset`."""
+        theirs = dict(zip(other.blocks, other.layers, strict=True))
+        if any(b not in theirs for b in self.blocks):
+            raise SparseLLMError("share_cache: the other runtime lacks some of these blocks")
+        for b, layer in zip(self.blocks, self.layers, strict=True):
+            layer.k_cache, layer.v_cache = theirs[b].k_cache, theirs[b].v_cache
+        self._bind_caches()
 
     def _all_projs(self) -> list[Proj]:
         out = [self.lm_head]

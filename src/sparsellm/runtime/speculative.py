@@ -293,6 +293,7 @@ class ModelDraft(Draft):
     def __init__(
         self, rt: Any, sparse: bool, shares_cache: bool, vocab: torch.Tensor | None = None,
         full_vocab: int = 0, head: torch.nn.Module | None = None, copy_n: int = 0,
+        target: Any = None,
     ) -> None:  # fmt: skip
         """`vocab`: the token ids of the rows of a reduced LM head (`reduce_head`), of a
         vocabulary of `full_vocab` tokens; with the full `head` given, each prompt's own
@@ -300,8 +301,12 @@ class ModelDraft(Draft):
         tokens a continuation repeats). `copy_n` > 0: a pass whose context's last
         `copy_n` tokens occurred before copies what followed them (prompt lookup) instead
         of running the model: those tokens cost no draft step, and the model catches up
-        on the accepted ones in one pass of several rows when it next drafts."""
-        self.rt, self.sparse, self.shares_cache = rt, sparse, shares_cache
+        on the accepted ones in one pass of several rows when it next drafts. `target`:
+        the target's runtime, whose KV cache this draft's own runtime (the target's
+        blocks in another format) attends over (`DecodeRuntime.share_cache`), so after a
+        pass it feeds one token, not every accepted one."""
+        self.rt, self.sparse, self.shares_cache = rt, sparse, shares_cache or target is not None
+        self.target = target
         self.vocab, self.full_vocab, self.head = vocab, full_vocab, head
         self.copy_n = copy_n
         self.copied = 0  # passes drafted by copying
@@ -313,7 +318,9 @@ class ModelDraft(Draft):
     def for_rows(self, rows: int) -> list[Draft]:
         """One draft per cache row, sharing the runtime (its own is reset to `rows` rows;
         a reduced head stays the corpus's, as rows decode different prompts at once)."""
-        if not self.shares_cache:
+        if self.target is not None:
+            self.rt.share_cache(self.target)
+        elif not self.shares_cache:
             self.rt.reset(rows)
         if self.head is not None and self.vocab is not self.static:  # a prompt's rows in it
             reduce_head(self.rt, self.head, self.static)
@@ -325,12 +332,14 @@ class ModelDraft(Draft):
         return out
 
     def prompt(self, ids: torch.Tensor) -> None:
-        if self.shares_cache:  # the target's prefill filled the cache row
-            self.valid = ids.shape[1]
-            return
         if self.head is not None and self.static is not None:  # set together (FR-Spec)
             self.vocab = torch.unique(torch.cat([self.static, ids[0]]))
             reduce_head(self.rt, self.head, self.vocab)
+        if self.shares_cache:  # the target's prefill fills the cache row
+            if self.target is not None and not self.batched:  # the target's reset made a new one
+                self.rt.share_cache(self.target)
+            self.valid = ids.shape[1]
+            return
         if not self.batched:
             self.rt.reset(1)
         self.valid = ids.shape[1] - 1  # the last prompt token is fed by `propose`
@@ -805,7 +814,7 @@ def _own_self(parts: SelfSpec, rt: Any, loaded: Any, copy_n: int = 0) -> Draft:
         reduce_head(drt, head, vocab)
     return ModelDraft(drt, sparse=parts.recipe is not None, shares_cache=False, vocab=vocab,
                       full_vocab=head.weight.shape[0], head=None if vocab is None else head,
-                      copy_n=copy_n)  # fmt: skip
+                      copy_n=copy_n, target=rt)  # fmt: skip
 
 
 def prepare_target(spec: str, loaded: Any) -> bool:
