@@ -1321,8 +1321,10 @@ class Decoder {
     int64_t n_visible;
   };
   // Rows times cache length from which attention splits its (row, head) pairs over
-  // threads (below, waking the other thread costs about what it saves).
-  static constexpr int64_t kParallelAttention = 512;
+  // threads (below, waking the other thread costs about what it saves). Where the cache
+  // streams from DRAM (an AMD EPYC, 32 MB L3), one row over 300 slots on one thread was
+  // 8% of an int8 step while the other thread spun; split, the step ran ~5% faster.
+  static constexpr int64_t kParallelAttention = 128;
 
   // Size a reusable buffer (grows once, then stays) and return its data.
   static float* buf(std::vector<float>& v, int64_t n) {
