@@ -13,6 +13,7 @@ from sparsellm.models.tiny import tiny_model
 from sparsellm.runtime.decode import DecodeRuntime
 from sparsellm.runtime.speculative import (
     RECYCLING_TREES,
+    Lane,
     Lookup,
     ModelDraft,
     NGram,
@@ -23,6 +24,7 @@ from sparsellm.runtime.speculative import (
     accept_node,
     build_draft,
     chain,
+    plan_lanes,
     prepare_target,
     speculative_stream,
 )
@@ -124,6 +126,39 @@ def test_shared_cache_draft_reads_the_targets_keys_and_feeds_one_token_per_pass(
     got = list(speculative_stream(rt, draft, ids, 40, stats=stats, switch=False))
     assert got == _plain(rt, ids, 40)
     assert stats.accepted > stats.drafted / 2 and set(rows) == {1}
+
+
+def test_model_drafts_of_several_lanes_step_together_and_draft_what_they_would_alone() -> None:
+    """A batching server's lanes with copies of one model draft (`for_rows`) draft in
+    steps of a row per lane, and each lane's chain is the one it drafts alone."""
+    model = tiny_model("qwen2", layers=2)
+    loaded = SimpleNamespace(model=model)
+    prompts = [_prompt(seed) for seed in (1, 2, 3)]
+
+    def lanes() -> list[Lane]:
+        rt = DecodeRuntime(model, max_len=96)
+        rt.reset(3)
+        drafts = build_draft("self:int8", rt, loaded).for_rows(3)
+        out = [Lane(rt, d, 20, seq=i, switch=False) for i, d in enumerate(drafts)]
+        for lane, ids in zip(out, prompts, strict=True):
+            lane.start(ids)
+        return out
+
+    together = lanes()
+    rows: list[int] = []
+    draft_rt = together[0].draft.rt
+    step = draft_rt.step
+
+    def counted(tokens: torch.Tensor, *args: object, **kw: object) -> torch.Tensor:
+        rows.append(len(tokens))
+        return step(tokens, *args, **kw)
+
+    draft_rt.step = counted
+    passes = plan_lanes(together, 4)
+    alone = [plan_lanes([lane], 4)[0] for lane in lanes()]
+    assert [p.tokens for p in passes] == [p.tokens for p in alone]
+    assert all(len(p.tokens) == 4 for p in passes)  # the last token and 3 drafted
+    assert rows == [3, 3, 3]  # the pass's last token, then two drafted ones, per lane
 
 
 def test_lookup_first_model_draft_copies_repeats_and_stays_exact() -> None:

@@ -246,16 +246,17 @@ class Scheduler:
         return False
 
     def _verify(self, jobs: list[Job]) -> None:
-        """One speculative pass for every running request: each lane's draft proposes,
-        one step checks every lane's rows (a chain row sees its own sequence's slots up
+        """One speculative pass for every running request: each lane's draft proposes
+        (model drafts in steps taken together, a row per request), one step checks every
+        lane's rows (a chain row sees its own sequence's slots up
         to its own; a tree row the ones its lane marks), each lane keeps what it accepts.
         The lanes share one pass's worth of draft rows (16 in all, at least one each):
         every extra row costs compute, and a batch is already past the memory-bound
         regime where a row comes almost free."""
-        from sparsellm.runtime.speculative import MAX_ROWS
+        from sparsellm.runtime.speculative import MAX_ROWS, plan_lanes
 
         share = max(1, MAX_ROWS // len(jobs) - 1)
-        passes = [j.lane.plan(share) for j in jobs]
+        passes = plan_lanes([j.lane for j in jobs], share)
         sizes = [len(p.tokens) for p in passes]
         tokens = torch.tensor([t for p in passes for t in p.tokens], dtype=torch.int64)
         seq = torch.cat(

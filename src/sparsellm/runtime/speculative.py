@@ -29,12 +29,12 @@ Drafts (`build_draft` parses the `--draft` spec):
   the same weights and KV cache, decode steps that skip channels; the verification pass
   rewrites the cache with dense entries.
 - `self:FORMAT` (`self:int8`, `self:bf16`, `self:int4`, ...): the target's own weights
-  packed in a smaller format, on their own runtime and cache (a quantized self-draft, as
-  in QSpec, Zhao et al. 2024): a few times faster than a fp32 target, and close enough to
-  it that most of its tokens are accepted.
+  packed in a smaller format, on their own runtime over the target's KV cache (a
+  quantized self-draft, as in QSpec, Zhao et al. 2024): a few times faster than a fp32
+  target, and close enough to it that most of its tokens are accepted.
 - `self:skip:ratio=R`: the target without round(R·n) of its blocks (a layer-skipping
   self-draft, as in Draft & Verify and SWIFT), chosen by depth pruning's training-free
-  scores, on its own runtime and cache.
+  scores, on its own runtime over the target's KV cache.
 - `self:int8+vocab:size=N[,corpus=c4]`: the draft's LM head keeps only the N tokens most
   frequent in a bundled corpus (FR-Spec, Zhao et al. 2025), plus the prompt's own: a
   small model's head is a fifth of its weights, and the target still verifies over the
@@ -58,7 +58,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 
@@ -346,33 +346,8 @@ class ModelDraft(Draft):
         if self.valid:
             self.rt.forward(ids[:, :-1], 0, self.sparse, last_only=True, seq=self.seq)
 
-    def _feed(self, tokens: list[int], at: int) -> torch.Tensor:
-        """Feed `tokens` at slots at, at+1, ... as rows of one step (the weights are read
-        once for all of them); the last row's logits."""
-        pos = torch.arange(at, at + len(tokens))
-        rows = torch.full((len(tokens),), self.seq, dtype=torch.int64)
-        return self.rt.step(torch.tensor(tokens), rows, pos, pos, self.sparse)[-1]
-
     def propose(self, context: list[int], k: int, sample: Any) -> Tree:
-        repeat = copy_after(context, self.copy_n, k) if 0 < self.copy_n < len(context) else []
-        if len(repeat) >= min(k, 2):
-            self.copied += 1
-            return chain(repeat, copied=True)
-        # catch up on the accepted tokens the draft has not fed, the last one included, in
-        # passes of up to MAX_ROWS rows
-        for at in range(self.valid, len(context), MAX_ROWS):
-            logits = self._feed(context[at : min(at + MAX_ROWS, len(context))], at)
-        tokens: list[int] = []
-        qs: list[torch.Tensor] = []
-        for i in range(k):
-            token, q = self._pick(logits, sample)
-            tokens.append(token)
-            if q is not None:
-                qs.append(q)
-            if i < k - 1:
-                logits = self._feed([token], len(context) + i)
-        self.valid = len(context) - 1 + k  # the root and all but the last draft token
-        return chain(tokens, qs or None)
+        return draft_together([self], [context], [k], [sample])[0]
 
     def _pick(self, logits: torch.Tensor, sample: Any) -> tuple[int, torch.Tensor | None]:
         """`sample` over the head's rows, as a token id and (sampling) a distribution over
@@ -387,6 +362,68 @@ class ModelDraft(Draft):
     def update(self, context: list[int], inputs: list[int], logits: torch.Tensor) -> None:
         # valid: everything before the new last token (its own KV comes with the next pass)
         self.valid = len(context) - 1 if self.shares_cache else min(self.valid, len(context) - 1)
+
+
+def _feed_rows(drafts: list[ModelDraft], feeds: list[tuple[list[int], int]]) -> list[torch.Tensor]:
+    """One step of the drafts' shared runtime: draft i feeds tokens feeds[i][0] at slots
+    feeds[i][1], +1, ... of its cache row (the weights are read once for every row);
+    each draft's last row's logits."""
+    seq = torch.tensor([d.seq for d, (ts, _) in zip(drafts, feeds, strict=True) for _ in ts])
+    pos = torch.cat([torch.arange(at, at + len(ts)) for ts, at in feeds])
+    out = drafts[0].rt.step(torch.tensor([t for ts, _ in feeds for t in ts]), seq, pos, pos,
+                            drafts[0].sparse)  # fmt: skip
+    ends = torch.tensor([len(ts) for ts, _ in feeds]).cumsum(0) - 1
+    return list(out[ends])
+
+
+def draft_together(
+    drafts: list[ModelDraft], contexts: list[list[int]], ks: list[int], samples: list[Any]
+) -> list[Tree]:
+    """Each model draft's chain of up to ks[i] tokens after contexts[i], picked by
+    samples[i]. Drafts on one runtime (a batching server's `for_rows` copies, each on its
+    own cache row) take their steps together, a row per draft per step, so the draft's
+    weights are read once per step for all of them rather than once per request; the
+    kernels are batch-invariant, so each chain is the one its draft makes alone.
+
+    A draft with `copy_n` whose context's last tokens occurred before copies what
+    followed them instead (no step). The others first feed the accepted tokens they
+    have not fed, the last one included (one token on a shared cache), in steps of up
+    to MAX_ROWS rows each, then one token per step."""
+    trees: list[Tree] = [Tree() for _ in drafts]
+    live: list[int] = []
+    for i, (d, context, k) in enumerate(zip(drafts, contexts, ks, strict=True)):
+        repeat = copy_after(context, d.copy_n, k) if 0 < d.copy_n < len(context) else []
+        if len(repeat) >= min(k, 2):
+            d.copied += 1
+            trees[i] = chain(repeat, copied=True)
+        elif k > 0:
+            live.append(i)
+    logits: dict[int, torch.Tensor] = {}
+    at = {i: drafts[i].valid for i in live}
+    while any(at[i] < len(contexts[i]) for i in live):
+        group = [i for i in live if at[i] < len(contexts[i])]
+        feeds = [(contexts[i][at[i] : at[i] + MAX_ROWS], at[i]) for i in group]
+        for i, row in zip(group, _feed_rows([drafts[i] for i in group], feeds), strict=True):
+            logits[i] = row
+            at[i] += MAX_ROWS
+    tokens: dict[int, list[int]] = {i: [] for i in live}
+    qs: dict[int, list[torch.Tensor]] = {i: [] for i in live}
+    for step in range(max((ks[i] for i in live), default=0)):
+        group = [i for i in live if step < ks[i]]
+        for i in group:
+            token, q = drafts[i]._pick(logits[i], samples[i])
+            tokens[i].append(token)
+            if q is not None:
+                qs[i].append(q)
+        group = [i for i in group if step < ks[i] - 1]
+        if group:
+            feeds = [([tokens[i][-1]], len(contexts[i]) + step) for i in group]
+            rows = _feed_rows([drafts[i] for i in group], feeds)
+            logits.update(zip(group, rows, strict=True))
+    for i in live:
+        drafts[i].valid = len(contexts[i]) - 1 + ks[i]  # the root and all but the last token
+        trees[i] = chain(tokens[i], qs[i] or None)
+    return trees
 
 
 @dataclass
@@ -496,15 +533,18 @@ class Lane:
     def plan(self, nodes: int = MAX_ROWS - 1) -> Pass:
         """Draft this pass's tokens, at most `nodes` of them (lanes sharing a pass split
         its rows); the rows the target must check."""
+        return plan_lanes([self], nodes)[0]
+
+    def _room_for(self, nodes: int) -> int:
+        """Start a pass: how many tokens to draft (the pacer's length, within budget)."""
         self._t1 = time.perf_counter()
-        pos = len(self.context) - 1  # slot of the last token, not yet in the cache
         self._room = min(self.pace.next_k(), self.max_new - self.emitted - 1, nodes)
-        tree = (
-            self.draft.propose(self.context, self._room, self._pick_draft)
-            if self._room > 0
-            else Tree()
-        )
-        self.stats.draft_s += time.perf_counter() - self._t1
+        return self._room
+
+    def _pass(self, tree: Tree, nodes: int, draft_s: float) -> Pass:
+        """The pass's rows for the drafted `tree`."""
+        self.stats.draft_s += draft_s
+        pos = len(self.context) - 1  # slot of the last token, not yet in the cache
         self._tree = tree = _trim(tree, nodes)
         at = torch.arange(pos, pos + 1 + len(tree.tokens))
         if tree.is_chain():
@@ -553,6 +593,34 @@ class Lane:
         st.decode_s += seconds
         self.pace.record(self._room, len(path), len(out), seconds, learn=not tree.copied)
         return emitted
+
+
+def plan_lanes(lanes: list[Lane], nodes: int = MAX_ROWS - 1) -> list[Pass]:
+    """Each lane's pass of at most `nodes` draft tokens. Lanes whose model drafts share
+    one runtime draft together (`draft_together`); other drafts propose lane by lane.
+    The drafting time is split evenly over the lanes."""
+    t0 = time.perf_counter()
+    rooms = [lane._room_for(nodes) for lane in lanes]
+    trees: list[Tree] = [Tree() for _ in lanes]
+    groups: dict[int, list[int]] = {}
+    for i, lane in enumerate(lanes):
+        if rooms[i] <= 0:
+            continue
+        if isinstance(lane.draft, ModelDraft):
+            groups.setdefault(id(lane.draft.rt), []).append(i)
+        else:
+            trees[i] = lane.draft.propose(lane.context, rooms[i], lane._pick_draft)
+    for group in groups.values():
+        made = draft_together(
+            [cast(ModelDraft, lanes[i].draft) for i in group],
+            [lanes[i].context for i in group],
+            [rooms[i] for i in group],
+            [lanes[i]._pick_draft for i in group],
+        )
+        for i, tree in zip(group, made, strict=True):
+            trees[i] = tree
+    share = (time.perf_counter() - t0) / max(len(lanes), 1)
+    return [lane._pass(tree, nodes, share) for lane, tree in zip(lanes, trees, strict=True)]
 
 
 def speculative_stream(
@@ -791,8 +859,9 @@ def skipped_blocks(loaded: Any, opts: dict[str, str]) -> list[int]:
 
 def _own_self(parts: SelfSpec, rt: Any, loaded: Any, copy_n: int = 0) -> Draft:
     """The target's weights packed in the spec's format (fp32 without one), without the
-    skipped blocks and with the reduced head, on a runtime and KV cache of their own; its
-    steps skip channels by the recipe's rules when there is one."""
+    skipped blocks and with the reduced head, on a runtime of their own that attends over
+    the target's KV cache; its steps skip channels by the recipe's rules when there is
+    one."""
     from sparsellm.models.adapters import block_linears, get_blocks
     from sparsellm.runtime.decode import DecodeRuntime
 
