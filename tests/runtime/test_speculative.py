@@ -24,6 +24,7 @@ from sparsellm.runtime.speculative import (
     accept_node,
     build_draft,
     chain,
+    draft_together,
     plan_lanes,
     prepare_target,
     speculative_stream,
@@ -159,6 +160,35 @@ def test_model_drafts_of_several_lanes_step_together_and_draft_what_they_would_a
     assert [p.tokens for p in passes] == [p.tokens for p in alone]
     assert all(len(p.tokens) == 4 for p in passes)  # the last token and 3 drafted
     assert rows == [3, 3, 3]  # the pass's last token, then two drafted ones, per lane
+
+    # different lengths, and a lane whose context repeats itself (copied, no step)
+    def together_or_alone(together: bool) -> tuple[list[Tree], list[int]]:
+        rt = DecodeRuntime(model, max_len=96)
+        rt.reset(3)
+        drafts = build_draft("self:int8+lookup", rt, loaded).for_rows(3)
+        made: list[int] = []
+        step = drafts[0].rt.step
+
+        def counted(tokens: torch.Tensor, *args: object, **kw: object) -> torch.Tensor:
+            made.append(len(tokens))
+            return step(tokens, *args, **kw)
+
+        drafts[0].rt.step = counted
+        contexts = []
+        for r, (draft, ids) in enumerate(zip(drafts, prompts, strict=True)):
+            rt.forward(ids, 0, False, seq=r)
+            draft.prompt(ids)
+            contexts.append([*ids[0].tolist(), 7] if r < 2 else ids[0].tolist())
+        greedy = [lambda x: (int(x.argmax()), None)] * 3
+        if together:
+            return draft_together(drafts, contexts, [1, 3, 2], greedy), made
+        pairs = zip(drafts, contexts, [1, 3, 2], strict=True)
+        return [draft_together([d], [c], [k], greedy[:1])[0] for d, c, k in pairs], made
+
+    (mixed, made), (alone_trees, _) = together_or_alone(True), together_or_alone(False)
+    assert [t.tokens for t in mixed] == [t.tokens for t in alone_trees]
+    assert [len(t.tokens) for t in mixed[:2]] == [1, 3] and mixed[2].copied
+    assert made == [2, 1, 1]  # lanes 0 and 1 feed their last token, then lane 1 alone
 
 
 def test_lookup_first_model_draft_copies_repeats_and_stays_exact() -> None:

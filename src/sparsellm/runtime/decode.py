@@ -297,12 +297,16 @@ class DecodeRuntime:
         model's blocks or a subset of them, e.g. in another weight format): a self-draft
         then reads the target's exact keys and values for its context, and only its own
         draft tokens' entries, which the target's verification pass rewrites, come from
-        its weights (Draft & Verify, LayerSkip). Call after each `other.reset`."""
+        its weights (Draft & Verify, LayerSkip). Call after each `other.reset` (a reset
+        allocates new tensors); a call while they are already shared does nothing."""
         theirs = dict(zip(other.blocks, other.layers, strict=True))
         if any(b not in theirs for b in self.blocks):
             raise SparseLLMError("share_cache: the other runtime lacks some of these blocks")
-        for b, layer in zip(self.blocks, self.layers, strict=True):
-            layer.k_cache, layer.v_cache = theirs[b].k_cache, theirs[b].v_cache
+        pairs = list(zip(self.layers, [theirs[b] for b in self.blocks], strict=True))
+        if all(mine.k_cache is src.k_cache for mine, src in pairs):
+            return
+        for mine, src in pairs:
+            mine.k_cache, mine.v_cache = src.k_cache, src.v_cache
         self._bind_caches()
 
     def _all_projs(self) -> list[Proj]:

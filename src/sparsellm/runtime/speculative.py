@@ -288,7 +288,9 @@ class TokenRecycling(Draft):
 class ModelDraft(Draft):
     """A model on a runtime: the target itself with activation sparsity (`shares_cache`:
     its steps skip channels and write the shared cache row, which the verification pass
-    then rewrites), or another model with its own runtime and cache."""
+    then rewrites), the target's blocks packed in another format on a runtime of their
+    own over the target's cache (`target`), or another model with its own runtime and
+    cache."""
 
     def __init__(
         self, rt: Any, sparse: bool, shares_cache: bool, vocab: torch.Tensor | None = None,
@@ -300,8 +302,9 @@ class ModelDraft(Draft):
         tokens join those rows (names and code identifiers a corpus ranks low are the
         tokens a continuation repeats). `copy_n` > 0: a pass whose context's last
         `copy_n` tokens occurred before copies what followed them (prompt lookup) instead
-        of running the model: those tokens cost no draft step, and the model catches up
-        on the accepted ones in one pass of several rows when it next drafts. `target`:
+        of running the model: those tokens cost no draft step, and a model with a cache of
+        its own catches up on the accepted ones in one pass of several rows when it next
+        drafts. `target`:
         the target's runtime, whose KV cache this draft's own runtime (the target's
         blocks in another format) attends over (`DecodeRuntime.share_cache`), so after a
         pass it feeds one token, not every accepted one."""
@@ -336,7 +339,7 @@ class ModelDraft(Draft):
             self.vocab = torch.unique(torch.cat([self.static, ids[0]]))
             reduce_head(self.rt, self.head, self.vocab)
         if self.shares_cache:  # the target's prefill fills the cache row
-            if self.target is not None and not self.batched:  # the target's reset made a new one
+            if self.target is not None:  # after the target's reset: its new tensors
                 self.rt.share_cache(self.target)
             self.valid = ids.shape[1]
             return
@@ -393,13 +396,19 @@ def draft_together(
     live: list[int] = []
     for i, (d, context, k) in enumerate(zip(drafts, contexts, ks, strict=True)):
         repeat = copy_after(context, d.copy_n, k) if 0 < d.copy_n < len(context) else []
+        if k <= 0:
+            continue
         if len(repeat) >= min(k, 2):
             d.copied += 1
             trees[i] = chain(repeat, copied=True)
-        elif k > 0:
+        else:
             live.append(i)
+    for i in live:  # a target reset since the last pass gave the shared cache new tensors
+        if drafts[i].target is not None:
+            drafts[i].rt.share_cache(drafts[i].target)
     logits: dict[int, torch.Tensor] = {}
-    at = {i: drafts[i].valid for i in live}
+    # the last context token is always fed: it gives the first draft token's logits
+    at = {i: min(drafts[i].valid, len(contexts[i]) - 1) for i in live}
     while any(at[i] < len(contexts[i]) for i in live):
         group = [i for i in live if at[i] < len(contexts[i])]
         feeds = [(contexts[i][at[i] : at[i] + MAX_ROWS], at[i]) for i in group]
@@ -598,7 +607,8 @@ class Lane:
 def plan_lanes(lanes: list[Lane], nodes: int = MAX_ROWS - 1) -> list[Pass]:
     """Each lane's pass of at most `nodes` draft tokens. Lanes whose model drafts share
     one runtime draft together (`draft_together`); other drafts propose lane by lane.
-    The drafting time is split evenly over the lanes."""
+    The drafting time is split evenly over the lanes that drafted; a lane that did not
+    draft starts its pass's clock after them (its pacer times plain passes)."""
     t0 = time.perf_counter()
     rooms = [lane._room_for(nodes) for lane in lanes]
     trees: list[Tree] = [Tree() for _ in lanes]
@@ -619,8 +629,15 @@ def plan_lanes(lanes: list[Lane], nodes: int = MAX_ROWS - 1) -> list[Pass]:
         )
         for i, tree in zip(group, made, strict=True):
             trees[i] = tree
-    share = (time.perf_counter() - t0) / max(len(lanes), 1)
-    return [lane._pass(tree, nodes, share) for lane, tree in zip(lanes, trees, strict=True)]
+    t1 = time.perf_counter()
+    share = (t1 - t0) / max(sum(r > 0 for r in rooms), 1)
+    for lane, room in zip(lanes, rooms, strict=True):
+        if room <= 0:
+            lane._t1 = t1
+    return [
+        lane._pass(tree, nodes, share if room > 0 else 0.0)
+        for lane, tree, room in zip(lanes, trees, rooms, strict=True)
+    ]
 
 
 def speculative_stream(
