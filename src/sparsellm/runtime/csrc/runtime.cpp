@@ -580,8 +580,9 @@ inline void dense_tile(const T* const* wr, int64_t jn, int64_t o, const float* v
     // the first row block pulls the weights in from memory: fetch this row's lines four
     // tiles ahead into L2, not L1. A tile walks kTileRows rows at once, and prefetches to
     // L1 hold the core's few L1 miss buffers: on an AMD EPYC (32 MB L3, weights streamed
-    // from DRAM) a 2-row fp32 pass read 19 GB/s against one row's 30-35 and cost 1.69
-    // decode steps; fetched into L2 it costs 1.05 (9 rows: 2.29 -> 1.35 steps).
+    // from DRAM) 2 to 16 fp32 rows read 17-19 GB/s against one row's 30-35 (microbench);
+    // fetched into L2, the speculative bench's pass costs 2 rows 1.14 decode steps and 9
+    // rows 1.50.
     if (fetch)
       for (int64_t b = 0; b < 16 * K * static_cast<int64_t>(sizeof(T)); b += 64)
         _mm_prefetch(reinterpret_cast<const char*>(p + 64 * K) + b, _MM_HINT_T1);
