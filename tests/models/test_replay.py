@@ -1,4 +1,4 @@
-"""Slice-wise log-probabilities equal the model's own full forward, for every family."""
+"""Slice-wise log-probabilities equal the full forward (to rounding), for every family."""
 
 from __future__ import annotations
 
@@ -22,8 +22,11 @@ def test_slices_equal_full_forward(family: str) -> None:
     assert len(slices) > 2
     got = torch.cat([lp[0].view(3, -1, 256) for _, lp in slices], 1)
     targets = torch.cat([t.view(3, -1) for t, _ in slices], 1)
-    assert torch.equal(got, full)
-    assert torch.equal(torch.cat([lp[1].view(3, -1, 256) for _, lp in slices], 1), full)
+    # to rounding: BLAS picks its kernel by shape, so a slice's head matmul may round
+    # differently from the full one's (1 ulp on an AMD EPYC's MKL; bit-equal on a Xeon)
+    torch.testing.assert_close(got, full, rtol=0, atol=4e-6)
+    second = torch.cat([lp[1].view(3, -1, 256) for _, lp in slices], 1)
+    torch.testing.assert_close(second, full, rtol=0, atol=4e-6)
     assert torch.equal(targets, ids[:, 1:])
     # the model is left as it was: its blocks are back
     assert list(replay.get_blocks(model)) == blocks
