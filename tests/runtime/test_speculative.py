@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import cast
 
 import pytest
 import torch
@@ -49,6 +50,19 @@ def _drafts(model: torch.nn.Module, rt: DecodeRuntime) -> dict[str, object]:
         "token-recycling": TokenRecycling(rt.lm_head.out_features),
         "model": ModelDraft(other, sparse=False, shares_cache=False),
     }
+
+
+def _rows_per_step(rt: DecodeRuntime) -> list[int]:
+    """Record the number of rows of each `rt.step` call from now on."""
+    rows: list[int] = []
+    step = rt.step
+
+    def counted(tokens: torch.Tensor, *args: object, **kw: object) -> torch.Tensor:
+        rows.append(len(tokens))
+        return step(tokens, *args, **kw)
+
+    rt.step = counted
+    return rows
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])  # the runtime's families
@@ -115,14 +129,7 @@ def test_shared_cache_draft_reads_the_targets_keys_and_feeds_one_token_per_pass(
 
     loaded = SimpleNamespace(model=model)
     draft = build_draft("self:int8", rt, loaded)
-    rows: list[int] = []
-    step = draft.rt.step
-
-    def counted(tokens: torch.Tensor, *args: object, **kw: object) -> torch.Tensor:
-        rows.append(len(tokens))
-        return step(tokens, *args, **kw)
-
-    draft.rt.step = counted
+    rows = _rows_per_step(draft.rt)
     stats = Stats()
     got = list(speculative_stream(rt, draft, ids, 40, stats=stats, switch=False))
     assert got == _plain(rt, ids, 40)
@@ -146,15 +153,7 @@ def test_model_drafts_of_several_lanes_step_together_and_draft_what_they_would_a
         return out
 
     together = lanes()
-    rows: list[int] = []
-    draft_rt = together[0].draft.rt
-    step = draft_rt.step
-
-    def counted(tokens: torch.Tensor, *args: object, **kw: object) -> torch.Tensor:
-        rows.append(len(tokens))
-        return step(tokens, *args, **kw)
-
-    draft_rt.step = counted
+    rows = _rows_per_step(cast(ModelDraft, together[0].draft).rt)
     passes = plan_lanes(together, 4)
     alone = [plan_lanes([lane], 4)[0] for lane in lanes()]
     assert [p.tokens for p in passes] == [p.tokens for p in alone]
@@ -166,14 +165,7 @@ def test_model_drafts_of_several_lanes_step_together_and_draft_what_they_would_a
         rt = DecodeRuntime(model, max_len=96)
         rt.reset(3)
         drafts = build_draft("self:int8+lookup", rt, loaded).for_rows(3)
-        made: list[int] = []
-        step = drafts[0].rt.step
-
-        def counted(tokens: torch.Tensor, *args: object, **kw: object) -> torch.Tensor:
-            made.append(len(tokens))
-            return step(tokens, *args, **kw)
-
-        drafts[0].rt.step = counted
+        made = _rows_per_step(cast(ModelDraft, drafts[0]).rt)
         contexts = []
         for r, (draft, ids) in enumerate(zip(drafts, prompts, strict=True)):
             rt.forward(ids, 0, False, seq=r)
@@ -202,24 +194,16 @@ def test_lookup_first_model_draft_copies_repeats_and_stays_exact() -> None:
     loaded = SimpleNamespace(model=model)
     draft = build_draft("self:int8+lookup", rt, loaded)
     assert isinstance(draft, ModelDraft) and draft.copy_n == 3
-    steps = 0
-    step = draft.rt.step
-
-    def counted(*args: object, **kw: object) -> torch.Tensor:
-        nonlocal steps
-        steps += 1
-        return step(*args, **kw)
-
-    draft.rt.step = counted
+    steps = _rows_per_step(draft.rt)
     context = [5, 6, 7, 8, 9, 5, 6, 7]
     rt.reset(1)  # the draft attends over the target's cache
     draft.prompt(torch.tensor([context]))
     assert draft.propose(context, 3, lambda x: (int(x.argmax()), None)).tokens == [8, 9, 5]
-    assert steps == 0 and draft.copied == 1
+    assert not steps and draft.copied == 1
     assert draft.propose(context, 3, lambda x: (int(x.argmax()), None)).copied
     drafted = draft.propose([*context, 1], 2, lambda x: (int(x.argmax()), None))
     assert len(drafted.tokens) == 2 and not drafted.copied
-    assert steps > 0  # no earlier (7, 1): the model drafted
+    assert steps  # no earlier (7, 1): the model drafted
     stats = Stats()
     draft = build_draft("self:int8+lookup", rt, loaded)
     got = list(speculative_stream(rt, draft, _prompt(), 40, stats=stats, switch=False))

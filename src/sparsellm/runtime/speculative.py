@@ -395,17 +395,19 @@ def draft_together(
     trees: list[Tree] = [Tree() for _ in drafts]
     live: list[int] = []
     for i, (d, context, k) in enumerate(zip(drafts, contexts, ks, strict=True)):
-        repeat = copy_after(context, d.copy_n, k) if 0 < d.copy_n < len(context) else []
         if k <= 0:
             continue
+        repeat = copy_after(context, d.copy_n, k) if 0 < d.copy_n < len(context) else []
         if len(repeat) >= min(k, 2):
             d.copied += 1
             trees[i] = chain(repeat, copied=True)
         else:
             live.append(i)
-    for i in live:  # a target reset since the last pass gave the shared cache new tensors
-        if drafts[i].target is not None:
-            drafts[i].rt.share_cache(drafts[i].target)
+    # a target reset since the last pass gave the shared cache new tensors (once per
+    # runtime: a server's lanes share one)
+    shared = {id(drafts[i].rt): drafts[i] for i in live if drafts[i].target is not None}
+    for d in shared.values():
+        d.rt.share_cache(d.target)
     logits: dict[int, torch.Tensor] = {}
     # the last context token is always fed: it gives the first draft token's logits
     at = {i: min(drafts[i].valid, len(contexts[i]) - 1) for i in live}
