@@ -8,6 +8,7 @@ from typing import cast
 import pytest
 import torch
 
+from sparsellm.errors import SparseLLMError
 from sparsellm.methods.activation.apply import sparsify_activations
 from sparsellm.methods.activation.teal import TEALConfig
 from sparsellm.models.tiny import tiny_model
@@ -108,8 +109,6 @@ def test_shared_cache_draft_reads_the_targets_keys_and_feeds_one_token_per_pass(
     with the same weights its step is the target's step exactly; a block subset shares
     only its blocks. A packed self-draft on it feeds one row per pass (the pass's last
     token), not every accepted token, and the output stays the target's."""
-    from sparsellm.errors import SparseLLMError
-
     model = tiny_model("llama", layers=4)
     rt = DecodeRuntime(model, max_len=96)
     ids = _prompt()
@@ -392,6 +391,30 @@ def test_token_recycling_reads_its_static_tree_out_of_the_matrix() -> None:
     small = TokenRecycling(vocab=10, top_k=3)
     small.update([], [1, 4], logits)
     assert small.propose([0, 1], 4, None).tokens == [4, 5, 7]  # top-1 path, root's second
+
+
+def test_token_recycling_takes_a_tree_as_pairs_and_names_each_node_s_position() -> None:
+    # positions: 0 = rank 0 at the root, 1 = rank 2 at the root, 2 = rank 0 under 1,
+    # 3 = rank 1 under 0
+    draft = TokenRecycling(vocab=10, top_k=3, tree=[(-1, 0), (-1, 2), (1, 0), (0, 1)])
+    logits = torch.zeros(3, 10)
+    logits[0, [4, 5, 6]] = torch.tensor([3.0, 2.0, 1.0])  # after token 1: 4, 5, 6
+    logits[1, [7, 8, 9]] = torch.tensor([3.0, 2.0, 1.0])  # after token 4: 7, 8, 9
+    logits[2, [2, 3, 0]] = torch.tensor([3.0, 2.0, 1.0])  # after token 6: 2, 3, 0
+    draft.update([], [1, 4, 6], logits)
+    tree = draft.propose([0, 1], 4, None)
+    assert tree.tokens == [4, 6, 2, 8]
+    assert tree.parents == [-1, -1, 1, 0]
+    assert draft.nodes == [0, 1, 2, 3]
+    # a token without a row yet places nothing under it; `nodes` skips those positions
+    draft.adj[6] = -1
+    tree = draft.propose([0, 1], 4, None)
+    assert tree.tokens == [4, 6, 8] and draft.nodes == [0, 1, 3]
+    for bad in ([(0, 0)], [(-1, 3)], [(-1, 0), (2, 0), (-1, 1)]):
+        with pytest.raises(SparseLLMError, match="parents first"):
+            TokenRecycling(vocab=10, top_k=3, tree=bad)
+    with pytest.raises(SparseLLMError, match="must be one of"):
+        TokenRecycling(vocab=10, tree="huge")
 
 
 def _empirical(sample, n: int, vocab: int) -> torch.Tensor:

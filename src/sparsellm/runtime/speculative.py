@@ -247,10 +247,11 @@ class NGram(Draft):
 
 # Token Recycling's static trees: (parent, rank) per node, rank r meaning the parent's r-th
 # most likely next token in the adjacency matrix. The paper's tree has ~80 nodes for a GPU,
-# where a pass costs about a step whatever its size; here each extra row costs about 0.3
+# where a pass costs about a step whatever its size; here each extra row adds a fraction
 # of a step, so a node must be accepted that often to pay for itself. The default keeps
-# the top-1 path (cut to the adaptive draft length) and the root's second candidate;
-# `tree=wide` is a 9-node tree in the paper's shape.
+# the top-1 path (cut to the adaptive draft length) and the root's second candidate, the
+# positions bench/recycling_tree.py finds accepted most; `tree=wide` is a 9-node tree in
+# the paper's shape.
 RECYCLING_TREES = {
     "small": [(-1, 0), (-1, 1), (0, 0), (2, 0), (3, 0), (4, 0), (5, 0), (6, 0), (7, 0)],
     "wide": [(-1, 0), (-1, 1), (-1, 2), (0, 0), (0, 1), (1, 0), (3, 0), (3, 1), (6, 0)],
@@ -259,25 +260,44 @@ RECYCLING_TREES = {
 
 class TokenRecycling(Draft):
     """Candidate tokens recycled: row v of the adjacency matrix holds the target's top-k
-    next tokens from the last pass in which v was an input."""
+    next tokens from the last pass in which v was an input. `tree` names a static tree of
+    RECYCLING_TREES or gives one as (parent, rank) pairs, parents first. After `propose`,
+    `nodes[i]` is the tree position of the proposal's node i (bench/recycling_tree.py
+    counts which positions the target accepts, to fit a tree to a CPU's pass costs)."""
 
-    def __init__(self, vocab: int, top_k: int = 3, tree: str = "small") -> None:
-        if tree not in RECYCLING_TREES:
-            raise SparseLLMError(f"token-recycling tree must be one of {sorted(RECYCLING_TREES)}")
+    def __init__(
+        self, vocab: int, top_k: int = 3, tree: str | list[tuple[int, int]] = "small"
+    ) -> None:
+        if isinstance(tree, str):
+            if tree not in RECYCLING_TREES:
+                raise SparseLLMError(
+                    f"token-recycling tree must be one of {sorted(RECYCLING_TREES)}"
+                )
+            tree = RECYCLING_TREES[tree]
+        if any(
+            not -1 <= parent < i or not 0 <= rank < top_k for i, (parent, rank) in enumerate(tree)
+        ):
+            raise SparseLLMError(
+                f"a token-recycling tree lists parents first and ranks below top_k={top_k}"
+            )
         self.top_k = top_k
-        self.tree = RECYCLING_TREES[tree]
+        self.tree = tree
         self.adj = torch.full((vocab, top_k), -1, dtype=torch.int64)
+        self.nodes: list[int] = []
 
     def propose(self, context: list[int], k: int, sample: Any) -> Tree:
         out = Tree()
-        placed: list[int] = []  # template node -> its index in `out` (-1: not placed)
+        placed: list[int] = []  # tree position -> its index in `out` (-1: not placed)
         depth: list[int] = []
-        for parent, rank in self.tree:
+        self.nodes = []
+        for i, (parent, rank) in enumerate(self.tree):
             where = -1 if parent < 0 else placed[parent]
             d = 0 if parent < 0 else depth[parent] + 1
             prev = context[-1] if parent < 0 else (out.tokens[where] if where >= 0 else -1)
             token = int(self.adj[prev, rank]) if prev >= 0 and d < k else -1
             placed.append(out.add(token, where) if token >= 0 else -1)
+            if token >= 0:
+                self.nodes.append(i)
             depth.append(d)
         return out
 
