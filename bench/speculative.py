@@ -37,11 +37,11 @@ from sparsellm.data.corpora import read_text, resolve_corpus  # noqa: E402
 from sparsellm.eval.zeroshot import PACKAGE  # noqa: E402
 from sparsellm.runtime.decode import DecodeRuntime  # noqa: E402
 from sparsellm.runtime.speculative import (  # noqa: E402
+    Lane,
     Stats,
     build_draft,
     prepare_target,
     self_parts,
-    speculative_stream,
 )
 
 TASKS = {  # category -> request file directory, variant
@@ -124,8 +124,7 @@ def main() -> None:
         per["target"].append({"category": category, "tok_s": rate(want, times["decode_s"])})
         for d in drafts:
             stats = Stats()
-            got = list(speculative_stream(rt, built[d], ids, args.new_tokens, stats=stats,
-                                          sparse=sparse))  # fmt: skip
+            got = list(Lane(rt, built[d], args.new_tokens, stats=stats, sparse=sparse).stream(ids))
             mismatches[d] += got != want
             per[d].append(
                 {

@@ -29,7 +29,6 @@ from sparsellm.runtime.speculative import (
     draft_together,
     plan_lanes,
     prepare_target,
-    speculative_stream,
 )
 
 
@@ -74,7 +73,7 @@ def test_greedy_output_is_the_targets_token_for_token(family: str) -> None:
     want = _plain(rt, ids, 40)
     for name, draft in _drafts(model, rt).items():
         stats = Stats()
-        got = list(speculative_stream(rt, draft, ids, 40, stats=stats, switch=False))
+        got = list(Lane(rt, draft, 40, stats=stats, switch=False).stream(ids))
         assert got == want, name
         assert stats.passes < 39 or name == "model", name  # some drafts were accepted
 
@@ -87,7 +86,7 @@ def test_self_sparse_draft_shares_the_cache_and_stays_exact(calib_ids: torch.Ten
     rt = DecodeRuntime(model, max_len=96)  # dense path = target, sparse path = draft
     stats = Stats()
     draft = ModelDraft(rt, sparse=True, shares_cache=True)
-    assert list(speculative_stream(rt, draft, _prompt(), 40, stats=stats, switch=False)) == want
+    assert list(Lane(rt, draft, 40, stats=stats, switch=False).stream(_prompt())) == want
     assert stats.accepted > 0
 
 
@@ -99,7 +98,7 @@ def test_packed_self_draft_is_the_targets_weights_in_another_format() -> None:
     draft = build_draft("self:int8", rt, loaded)
     assert isinstance(draft, ModelDraft) and draft.rt.fmt == "int8" and draft.target is rt
     stats = Stats()
-    got = list(speculative_stream(rt, draft, _prompt(), 40, stats=stats, switch=False))
+    got = list(Lane(rt, draft, 40, stats=stats, switch=False).stream(_prompt()))
     assert got == _plain(rt, _prompt(), 40)
     assert stats.accepted > stats.drafted / 2  # an int8 copy mostly agrees with fp32
 
@@ -130,7 +129,7 @@ def test_shared_cache_draft_reads_the_targets_keys_and_feeds_one_token_per_pass(
     draft = build_draft("self:int8", rt, loaded)
     rows = _rows_per_step(draft.rt)
     stats = Stats()
-    got = list(speculative_stream(rt, draft, ids, 40, stats=stats, switch=False))
+    got = list(Lane(rt, draft, 40, stats=stats, switch=False).stream(ids))
     assert got == _plain(rt, ids, 40)
     assert stats.accepted > stats.drafted / 2 and set(rows) == {1}
 
@@ -205,7 +204,7 @@ def test_lookup_first_model_draft_copies_repeats_and_stays_exact() -> None:
     assert steps  # no earlier (7, 1): the model drafted
     stats = Stats()
     draft = build_draft("self:int8+lookup", rt, loaded)
-    got = list(speculative_stream(rt, draft, _prompt(), 40, stats=stats, switch=False))
+    got = list(Lane(rt, draft, 40, stats=stats, switch=False).stream(_prompt()))
     assert got == _plain(rt, _prompt(), 40)
     assert draft.copied > 0 and stats.accepted > 0
     for bad in ("n=0", "n=x", "m=3"):
@@ -254,7 +253,7 @@ def test_skip_draft_leaves_out_the_block_that_does_nothing() -> None:
     want = _plain(rt, ids, 30)
     assert _plain(draft.rt, ids, 30) == want  # the skipped block changed nothing
     stats = Stats()
-    assert list(speculative_stream(rt, draft, ids, 30, stats=stats, switch=False)) == want
+    assert list(Lane(rt, draft, 30, stats=stats, switch=False).stream(ids)) == want
     assert stats.accepted == stats.drafted  # a draft equal to the target is always right
 
 
@@ -270,7 +269,7 @@ def test_int8_teal_self_draft_skips_channels_and_stays_exact() -> None:
     draft = build_draft(spec, rt, loaded)
     assert isinstance(draft, ModelDraft) and draft.rt.fmt == "int8" and draft.sparse
     stats = Stats()
-    got = list(speculative_stream(rt, draft, _prompt(), 40, stats=stats, switch=False))
+    got = list(Lane(rt, draft, 40, stats=stats, switch=False).stream(_prompt()))
     assert got == want
     assert draft.rt.skipped_fraction() > 0.3  # its steps skipped channels
     assert stats.accepted > 0
@@ -307,7 +306,7 @@ def test_reduced_vocab_draft_stays_exact_and_maps_its_rows_back() -> None:
         reduce_head(draft.rt, head, ids)
         assert draft.rt.lm_head.out_features == len(ids)
         stats = Stats()
-        got = list(speculative_stream(rt, draft, _prompt(), 40, stats=stats, switch=False))
+        got = list(Lane(rt, draft, 40, stats=stats, switch=False).stream(_prompt()))
         assert got == want
         assert (stats.accepted == stats.drafted) == all_right
     # sampling: the draft distribution is spread back over the whole vocabulary
@@ -328,7 +327,7 @@ def test_vocab_self_draft_spec_builds_a_reduced_head() -> None:
     draft = build_draft("self:int8+vocab:size=40,chars=4000", rt, loaded)
     assert isinstance(draft, ModelDraft) and draft.rt.fmt == "int8" and draft.vocab is not None
     assert draft.rt.lm_head.out_features == 40 and 0 in draft.vocab.tolist()
-    got = list(speculative_stream(rt, draft, _prompt(), 30, switch=False))
+    got = list(Lane(rt, draft, 30, switch=False).stream(_prompt()))
     assert got == _plain(rt, _prompt(), 30)
     # the prompt's tokens joined the head's rows for that generation
     want = torch.unique(torch.cat([draft.static, _prompt()[0]]))
@@ -356,9 +355,9 @@ def test_stop_token_and_length_are_respected() -> None:
     ids = _prompt()
     want = _plain(rt, ids, 30)
     stop = want[12]
-    got = list(speculative_stream(rt, Lookup(), ids, 30, stop=frozenset({stop})))
+    got = list(Lane(rt, Lookup(), 30, stop=frozenset({stop})).stream(ids))
     assert got == want[: want.index(stop) + 1]
-    assert len(list(speculative_stream(rt, Lookup(), ids, 5))) == 5
+    assert len(list(Lane(rt, Lookup(), 5).stream(ids))) == 5
 
 
 def test_lookup_copies_what_followed_the_last_match() -> None:
@@ -458,7 +457,7 @@ def test_sampled_speculative_tokens_follow_the_target_distribution() -> None:
     hits = 0
     n = 600
     for seed in range(n):
-        out = list(speculative_stream(rt, Lookup(), ids, 2, temperature=1.5, seed=seed))
+        out = list(Lane(rt, Lookup(), 2, temperature=1.5, seed=seed).stream(ids))
         hits += out[0] == top
     # binomial check of the first token's most likely value: within 4 sigma
     mean, sd = n * float(first[top]), (n * float(first[top]) * (1 - float(first[top]))) ** 0.5

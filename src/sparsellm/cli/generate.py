@@ -224,14 +224,14 @@ def _speculative(
     sparse: bool,
     times: dict[str, Any],
 ) -> Iterator[int]:
-    """`speculative_stream` with the timings `rt.stream` reports (prefill_s, decode_s)."""
-    from sparsellm.runtime.speculative import speculative_stream
+    """A speculative `Lane`'s stream with the timings `rt.stream` reports (prefill_s,
+    decode_s)."""
+    from sparsellm.runtime.speculative import Lane
 
     times["prefill_s"] = times["decode_s"] = 0.0
-    gen = speculative_stream(
-        rt, draft, ids, n, args.temperature, args.top_p, args.seed, stop, stats, sparse
-    )
-    for token in gen:
+    lane = Lane(rt, draft, n, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                stop=stop, stats=stats, sparse=sparse)  # fmt: skip
+    for token in lane.stream(ids):
         times["prefill_s"], times["decode_s"] = stats.prefill_s, stats.decode_s
         yield token
     times["prefill_s"], times["decode_s"] = stats.prefill_s, stats.decode_s

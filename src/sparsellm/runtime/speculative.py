@@ -510,7 +510,7 @@ class Lane:
     `start` prefills the prompt and picks the first token, then each pass is `plan` (the
     draft proposes), one `DecodeRuntime.step` over `Pass` rows (this lane's alone, or
     several lanes' together in a batching server: rows never interact), and `settle`
-    (accept, roll the cache back, tell the draft). `speculative_stream` drives one lane."""
+    (accept, roll the cache back, tell the draft). `stream` drives a lane alone."""
 
     def __init__(
         self,
@@ -625,6 +625,19 @@ class Lane:
         self.pace.record(self._room, len(path), len(out), seconds, learn=not tree.copied)
         return emitted
 
+    def stream(self, ids: torch.Tensor) -> Iterator[int]:
+        """Decode the prompt `ids` (1, P) alone: the runtime is reset to `seq` + 1 cache
+        rows, then up to `max_new_tokens` tokens come a pass's worth at a time, the
+        target's own (greedy at temperature 0, else sampled from its distribution)."""
+        self.rt.reset(self.seq + 1)
+        yield self.start(ids)
+        while not self.done:
+            p = self.plan()
+            n = len(p.tokens)
+            rows = self.rt.step(torch.tensor(p.tokens), torch.full((n,), self.seq), p.at,
+                                p.rope, self.sparse, p.visible)  # fmt: skip
+            yield from self.settle(rows)
+
 
 def plan_lanes(lanes: list[Lane], nodes: int = MAX_ROWS - 1) -> list[Pass]:
     """Each lane's pass of at most `nodes` draft tokens. Lanes whose model drafts share
@@ -660,37 +673,6 @@ def plan_lanes(lanes: list[Lane], nodes: int = MAX_ROWS - 1) -> list[Pass]:
         lane._pass(tree, nodes, share if room > 0 else 0.0)
         for lane, tree, room in zip(lanes, trees, rooms, strict=True)
     ]
-
-
-def speculative_stream(
-    rt: Any,
-    draft: Draft,
-    ids: torch.Tensor,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    stop: frozenset[int] = frozenset(),
-    stats: Stats | None = None,
-    sparse: bool = False,
-    max_draft: int = 8,
-    switch: bool = True,
-) -> Iterator[int]:
-    """Yield up to `max_new_tokens` tokens after the prompt `ids` (1, P), the target's own
-    (greedy at temperature 0, else sampled from its distribution), a pass's worth at a
-    time. Uses cache row 0 of `rt` and resets it. `sparse` runs the target with its own
-    activation sparsity (the output is then that sparse model's). `switch=False` drafts
-    on every pass (`Pacer`; its timing-based choice is off, e.g. for reproducible tests)."""
-    lane = Lane(rt, draft, max_new_tokens, 0, temperature, top_p, seed, stop, stats, sparse,
-                max_draft, switch)  # fmt: skip
-    rt.reset(1)
-    yield lane.start(ids)
-    while not lane.done:
-        p = lane.plan()
-        n = len(p.tokens)
-        rows = rt.step(torch.tensor(p.tokens), torch.zeros(n, dtype=torch.int64), p.at, p.rope,
-                       sparse, p.visible)  # fmt: skip
-        yield from lane.settle(rows)
 
 
 class Pacer:
