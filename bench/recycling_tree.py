@@ -125,7 +125,8 @@ def main() -> None:
         lane.start(ids)
         while not lane.done:
             p = lane.plan(nodes=len(template))
-            tree, nodes = lane._tree, draft.nodes
+            tree = lane._tree
+            nodes = draft.nodes if tree.tokens else []  # no proposal near the budget
             n = len(p.tokens)
             rows = rt.step(torch.tensor(p.tokens), torch.zeros(n, dtype=torch.int64), p.at,
                            p.rope, False, p.visible)  # fmt: skip

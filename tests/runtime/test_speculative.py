@@ -358,6 +358,8 @@ def test_stop_token_and_length_are_respected() -> None:
     got = list(Lane(rt, Lookup(), 30, stop=frozenset({stop})).stream(ids))
     assert got == want[: want.index(stop) + 1]
     assert len(list(Lane(rt, Lookup(), 5).stream(ids))) == 5
+    with pytest.raises(SparseLLMError, match="row 0"):
+        next(Lane(rt, Lookup(), 5, seq=1).stream(ids))
 
 
 def test_lookup_copies_what_followed_the_last_match() -> None:

@@ -249,9 +249,9 @@ class NGram(Draft):
 # most likely next token in the adjacency matrix. The paper's tree has ~80 nodes for a GPU,
 # where a pass costs about a step whatever its size; here each extra row adds a fraction
 # of a step, so a node must be accepted that often to pay for itself. The default keeps
-# the top-1 path (cut to the adaptive draft length) and the root's second candidate, the
-# positions bench/recycling_tree.py finds accepted most; `tree=wide` is a 9-node tree in
-# the paper's shape.
+# the top-1 path (cut to the adaptive draft length) and the root's second candidate: its
+# first four nodes are the four positions bench/recycling_tree.py finds accepted most;
+# `tree=wide` is a 9-node tree in the paper's shape.
 RECYCLING_TREES = {
     "small": [(-1, 0), (-1, 1), (0, 0), (2, 0), (3, 0), (4, 0), (5, 0), (6, 0), (7, 0)],
     "wide": [(-1, 0), (-1, 1), (-1, 2), (0, 0), (0, 1), (1, 0), (3, 0), (3, 1), (6, 0)],
@@ -510,7 +510,12 @@ class Lane:
     `start` prefills the prompt and picks the first token, then each pass is `plan` (the
     draft proposes), one `DecodeRuntime.step` over `Pass` rows (this lane's alone, or
     several lanes' together in a batching server: rows never interact), and `settle`
-    (accept, roll the cache back, tell the draft). `stream` drives a lane alone."""
+    (accept, roll the cache back, tell the draft). `stream` drives a lane alone.
+
+    Tokens are the target's own: greedy at temperature 0, else sampled from its
+    distribution. `sparse` runs the target with its own activation sparsity (the output is
+    then that sparse model's). `switch=False` drafts on every pass (`Pacer`: its
+    timing-based choice is off, e.g. for reproducible tests)."""
 
     def __init__(
         self,
@@ -626,15 +631,18 @@ class Lane:
         return emitted
 
     def stream(self, ids: torch.Tensor) -> Iterator[int]:
-        """Decode the prompt `ids` (1, P) alone: the runtime is reset to `seq` + 1 cache
-        rows, then up to `max_new_tokens` tokens come a pass's worth at a time, the
-        target's own (greedy at temperature 0, else sampled from its distribution)."""
-        self.rt.reset(self.seq + 1)
+        """Decode the prompt `ids` (1, P) alone on cache row 0 (the runtime is reset to
+        one row): the first token, then up to `max_new_tokens` in all, a pass's worth at a
+        time. Row 0 only, because a model draft not copied by `for_rows` drafts on its own
+        row 0."""
+        if self.seq != 0:
+            raise SparseLLMError("Lane.stream decodes alone, on cache row 0 (seq=0)")
+        self.rt.reset(1)
         yield self.start(ids)
         while not self.done:
             p = self.plan()
             n = len(p.tokens)
-            rows = self.rt.step(torch.tensor(p.tokens), torch.full((n,), self.seq), p.at,
+            rows = self.rt.step(torch.tensor(p.tokens), torch.zeros(n, dtype=torch.int64), p.at,
                                 p.rope, self.sparse, p.visible)  # fmt: skip
             yield from self.settle(rows)
 
