@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -60,15 +61,11 @@ def best_trees(
     (the cost of a pass of n + 1 rows interpolated between the measured sizes)."""
     order = sorted(range(len(paths)), key=lambda i: (-rates[i], len(paths[i]), paths[i]))
     sizes = sorted(int(n) for n in cost)
-    steps = torch.tensor([cost[str(n)] for n in sizes])
+    steps = [cost[str(n)] for n in sizes]
     rows, total = [], 1.0
     for n, i in enumerate(order[:largest], start=1):
         total += rates[i]
-        at = min(max(n + 1, sizes[0]), sizes[-1])
-        j = next(k for k, s in enumerate(sizes) if s >= at)
-        lo = max(j - 1, 0)
-        frac = 0.0 if sizes[j] == sizes[lo] else (at - sizes[lo]) / (sizes[j] - sizes[lo])
-        pass_steps = float(steps[lo] + frac * (steps[j] - steps[lo]))
+        pass_steps = float(np.interp(n + 1, sizes, steps))  # held flat past the ends
         rows.append(
             {
                 "draft nodes": n,
