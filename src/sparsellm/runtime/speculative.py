@@ -358,9 +358,8 @@ class ModelDraft(Draft):
         if self.head is not None and self.static is not None:  # set together (FR-Spec)
             self.vocab = torch.unique(torch.cat([self.static, ids[0]]))
             reduce_head(self.rt, self.head, self.vocab)
-        if self.shares_cache:  # the target's prefill fills the cache row
-            if self.target is not None:  # after the target's reset: its new tensors
-                self.rt.share_cache(self.target)
+        if self.shares_cache:  # the target's prefill fills the cache row (a packed
+            # draft binds the target's new tensors in `draft_together`, before it steps)
             self.valid = ids.shape[1]
             return
         if not self.batched:
