@@ -13,8 +13,10 @@ What it measures, per model, in one run with nothing else on the machine:
 3. prefill tok/s at 512 (and 2048 with --long-prefill) for our formats;
 4. quality on the pinned protocol's corpus (wiki, --windows windows of 512): ppl and the
    mean token KL to the dense fp32 model, of exactly the weights each format stores
-   (dequantized: our kernels compute in fp32 from them, so the runtime computes the same
-   function up to summation order).
+   (dequantized, in fp32), and "decode ppl" / "decode KL to dense" of the same windows
+   read by our decode kernels (16 tokens per verification-style pass, each row's bits
+   those of plain decoding): where the CPU has AVX-512 VNNI the int8 kinds multiply
+   int8-quantized activations, which the dequantized model does not show.
 
 Setup once: python3 -m venv bench/.venv-llamacpp &&
 CMAKE_ARGS="-DGGML_NATIVE=ON" bench/.venv-llamacpp/bin/pip install llama-cpp-python
@@ -55,6 +57,7 @@ from sparsellm.formats import choose_kind, pack, unpack  # noqa: E402
 from sparsellm.models.adapters import block_linears, get_blocks  # noqa: E402
 from sparsellm.models.load import resolve_source  # noqa: E402
 from sparsellm.runtime.decode import DecodeRuntime  # noqa: E402
+from sparsellm.runtime.kernels import native_kernel  # noqa: E402
 
 LLAMA_PY = HERE / ".venv-llamacpp" / "bin" / "python"
 NEW_TOKENS = 128
@@ -109,12 +112,37 @@ def dequantized(model: torch.nn.Module, fmt: str) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def quality(dense_lp: list[torch.Tensor], model: torch.nn.Module, windows: torch.Tensor) -> dict:
-    """ppl of `model` and mean token KL(dense || model) over `windows`."""
+def decode_logits(rt: DecodeRuntime, ids: torch.Tensor, rows: int = 16) -> torch.Tensor:
+    """Next-token logits (L - 1, vocab) of one window (1, L) through the decode kernels,
+    `rows` tokens per pass: row r sees the slots up to its own, as in a speculative
+    verification pass, and gets the bits it would get decoded alone."""
+    n_ids = ids.shape[1]
+    rt.reset(1)
+    out = []
+    for c in range(0, n_ids - 1, rows):
+        n = min(rows, n_ids - 1 - c)
+        slots = torch.arange(c, c + n)
+        visible = torch.ones(n, c + n, dtype=torch.bool).tril(c)
+        seq = torch.zeros(n, dtype=torch.int64)
+        out.append(rt.step(ids[0, c : c + n], seq, slots, slots, True, visible))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def quality(
+    dense_lp: list[torch.Tensor], model: torch.nn.Module | DecodeRuntime, windows: torch.Tensor
+) -> dict:
+    """ppl of `model` (a torch model, or a runtime read by its decode kernels) and mean
+    token KL(dense || model) over `windows`."""
     nll = kl = 0.0
     tokens = 0
     for lp_d, ids in zip(dense_lp, windows.split(1), strict=True):
-        lp = F.log_softmax(next_token_logits(model, ids), dim=-1)
+        logits = (
+            decode_logits(model, ids)
+            if isinstance(model, DecodeRuntime)
+            else next_token_logits(model, ids)
+        )
+        lp = F.log_softmax(logits, dim=-1)
         targets = ids[:, 1:].reshape(-1)
         nll -= lp.gather(1, targets[:, None]).double().sum().item()
         kl += F.kl_div(lp, lp_d, log_target=True, reduction="sum").double().item()
@@ -220,7 +248,9 @@ def main() -> None:
     with torch.no_grad():
         dense_lp = [F.log_softmax(next_token_logits(dense, w), dim=-1) for w in windows.split(1)]
     qual = {"HF generate fp32": quality(dense_lp, dense, windows)}
+    decode_qual = {}
     for name, key, fmt in configs:
+        decode_qual[name] = quality(dense_lp, runtimes[name], windows)
         runtimes[name] = None  # free the packed copy before making a dequantized one
         qual[name] = quality(dense_lp, dequantized(models[key], fmt), windows)
 
@@ -252,12 +282,16 @@ def main() -> None:
         if name in qual:
             row["ppl"] = round(qual[name]["ppl"], 3)
             row["KL to dense"] = round(qual[name]["kl"], 4)
+        if name in decode_qual:
+            row["decode ppl"] = round(decode_qual[name]["ppl"], 3)
+            row["decode KL to dense"] = round(decode_qual[name]["kl"], 4)
         rows.append(row)
     write_result(
         args.name or f"runtime-{args.model}",
         {
             "rows": rows,
             "read_bandwidth_GBps": round(bandwidth / 1e9, 2),
+            "kernels": native_kernel().isa(),
             "model": args.model,
             "new_tokens": NEW_TOKENS,
             "prompt_tokens": PROMPT,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,25 @@ from sparsellm.models.tiny import byte_tokenizer, tiny_model
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def fp32_activations() -> Iterator[None]:
+    """The native kernels with fp32 activations: on CPUs with AVX-512 VNNI the int8 kinds
+    otherwise multiply int8-quantized activations (tested against their own reference in
+    tests/runtime/test_kernels.py), so the runtime no longer computes the dequantized
+    model's function to fp32 rounding, which these tests pin."""
+    from sparsellm.runtime.kernels import native_kernel
+
+    mod = native_kernel()
+    if mod is None or mod.isa() != "avx512vnni":
+        yield
+        return
+    mod.set_isa("avx512")
+    try:
+        yield
+    finally:
+        mod.set_isa("auto")
 
 
 @pytest.fixture

@@ -40,6 +40,7 @@ def _pruned(tied: bool = False) -> torch.nn.Module:
 
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("fmt", PACKED)
+@pytest.mark.usefixtures("fp32_activations")
 def test_export_load_gives_the_packed_weights(tmp_path: Path, fmt: str, tied: bool) -> None:
     model = _pruned(tied)
     out, packed = write_compressed(model, byte_tokenizer(), tmp_path / fmt, fmt, {"k": 1})
@@ -86,6 +87,7 @@ def test_export_cli_json_keys_and_hf_exact(tiny_dir: Path, tmp_path: Path, capsy
         assert torch.equal(a, b)
 
 
+@pytest.mark.usefixtures("fp32_activations")
 def test_generate_greedy_equals_hf_generate(tiny_dir: Path, tmp_path: Path, capsys) -> None:
     """On the same (dequantized) weights, our runtime's greedy text is HF's."""
     out = tmp_path / "int8"

@@ -17,6 +17,7 @@ from sparsellm.runtime.kernels import (
     masked_linear_reference,
     native_weight,
     pick_chunks,
+    quantized_activations,
     select_channels,
 )
 
@@ -67,9 +68,9 @@ def test_pick_chunks_divides() -> None:
     assert 3072 % pick_chunks(3072) == 0
 
 
-@pytest.fixture(params=["avx512", "avx2", "portable"])
+@pytest.fixture(params=["avx512vnni", "avx512", "avx2", "portable"])
 def ext(request: pytest.FixtureRequest) -> Iterator[Any]:
-    """The native extension with one ISA's kernels (AVX2 skipped on CPUs without it)."""
+    """The native extension with one ISA's kernels (skipped on CPUs without it)."""
     from sparsellm.runtime.kernels import native_kernel
 
     mod = native_kernel()
@@ -115,14 +116,68 @@ def test_native_kernel_equals_masked_reference(
     # rounding grows like sqrt(n_in) (2e-5 seen at n_in=517 on an EPYC); a wrong or
     # missed weight would be off by O(1)
     tol = {"rtol": 1e-5, "atol": 5e-6 * n_in**0.5}
+    # int8 kinds on VNNI multiply int8 activations: the reference takes the same ones
+    a8 = ext.isa() == "avx512vnni" and kind in ("int8", "sparse-int8")
     y, kept = ext.gemv(x, nw, scale, 0.4, bias)
     keep = x.abs() * scale > 0.4
-    torch.testing.assert_close(y, masked_linear_reference(x, ref_w, keep, bias), **tol)
+    xk = quantized_activations(x, keep) if a8 else x
+    torch.testing.assert_close(y, masked_linear_reference(xk, ref_w, keep, bias), **tol)
     assert kept == int(keep.sum())
     y, kept = ext.gemv(x, nw, torch.empty(0), -1.0, torch.empty(0))  # dense
-    torch.testing.assert_close(y, F.linear(x, ref_w), **tol)
+    xd = quantized_activations(x, torch.ones_like(keep)) if a8 else x
+    torch.testing.assert_close(y, F.linear(xd, ref_w), **tol)
     assert kept == b * n_in
     torch.testing.assert_close(ext.dequantize(nw), ref_w.t(), rtol=0, atol=0)
+
+
+def test_vnni_int8_kernels_quantize_activations_per_group_of_32_kept_channels() -> None:
+    """Hand-checked: weights of scale 1 (each output's largest |w| is 127), activations
+    127, -63.5, 1, 0 in the first group (max 127: q = x, -63.5 rounds half to even, to
+    -64) and 0.3 alone in the second (q = 127, s = 0.3 / 127). Dense and bitmask int8
+    give sum q * w * s, where fp32 activations would give sum x * w."""
+    from sparsellm.runtime.kernels import native_kernel
+
+    mod = native_kernel()
+    if mod is None:
+        pytest.skip("no C++ compiler here")
+    try:
+        mod.set_isa("avx512vnni")
+    except RuntimeError:
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    try:
+        out = torch.arange(16)
+        w = torch.zeros(16, 33)
+        w[:, 0] = 127.0
+        w[:, 1] = (out % 5 - 2).float()  # -2..2
+        w[:, 2] = -(out.float())
+        w[:, 5] = 3.0  # times x = 0: nothing
+        w[:, 32] = (out % 3 + 1).float()  # 1..3
+        x = torch.zeros(1, 33)
+        x[0, :3] = torch.tensor([127.0, -63.5, 1.0])
+        x[0, 32] = 0.3
+        want = 127.0 * 127 - 64 * w[:, 1] + w[:, 2] + 127 * w[:, 32] * (0.3 / 127)
+        for kind in ("int8", "sparse-int8"):
+            p = pack(w, kind)
+            assert torch.equal(unpack(p), w)  # integers of scale 1: exact
+            y, kept = mod.gemv(x, native_weight(mod, p), torch.empty(0), -1.0, torch.empty(0))
+            assert kept == 33
+            torch.testing.assert_close(y[0], want, rtol=1e-6, atol=1e-4)
+            assert not torch.allclose(y[0], F.linear(x, w)[0])  # -63.5 became -64
+    finally:
+        mod.set_isa("auto")
+
+
+def test_native_weight_rejects_int8_minus_128() -> None:
+    """The VNNI kernels negate weights, and -128 has no int8 negative."""
+    from sparsellm.runtime.kernels import native_kernel
+
+    mod = native_kernel()
+    if mod is None:
+        pytest.skip("no C++ compiler here")
+    p = pack(torch.randn(32, 16), "int8")
+    p.values[3, 5] = -128
+    with pytest.raises(RuntimeError, match=r"\[-127, 127\]"):
+        native_weight(mod, p)
 
 
 def test_native_weight_rejects_mismatched_parts() -> None:
@@ -157,7 +212,8 @@ def test_rows_are_batch_and_isa_invariant(kind: str, n_in: int, n_out: int) -> N
     """A row's product with every channel kept is bit-identical whatever rows share the
     call (a speculative pass verifies 1-16 tokens at once and must reproduce plain decoding
     exactly) and on AVX-512 and on AVX2 (AVX-512 lanes repeat AVX2's operations; bitmask
-    kinds there use the VBMI2 expand-load kernel where the CPU has it)."""
+    kinds there use the VBMI2 expand-load kernel where the CPU has it). The VNNI int8
+    kernels are batch-invariant too (exact int32 sums per activation group)."""
     from sparsellm.runtime.kernels import native_kernel
 
     mod = native_kernel()
@@ -171,7 +227,7 @@ def test_rows_are_batch_and_isa_invariant(kind: str, n_in: int, n_out: int) -> N
     nw = native_weight(mod, pack(w, kind))
     x = torch.randn(16, n_in, generator=g)
     results = []
-    for isa in ["avx512", "avx2"]:
+    for isa in ["avx512vnni", "avx512", "avx2"]:
         try:
             mod.set_isa(isa)
         except RuntimeError:
@@ -184,7 +240,9 @@ def test_rows_are_batch_and_isa_invariant(kind: str, n_in: int, n_out: int) -> N
                 assert torch.equal(together, alone[:nb]), (isa, nb)
         finally:
             mod.set_isa("auto")
-        results.append(alone)
+        # VNNI int8 kinds multiply int8 activations: batch-invariant, not equal to the rest
+        if not (isa == "avx512vnni" and "int8" in kind):
+            results.append(alone)
     if not results:
         pytest.skip("no vector ISA on this CPU")
     assert all(torch.equal(r, results[0]) for r in results)

@@ -20,8 +20,11 @@ saving on the default model. `native_kernel()` therefore compiles a small C++ ex
 (`csrc/runtime.cpp`: threshold, select and row-skipping GEMV over any packed weight
 format in one call) the first time it is needed, with the machine's compiler, into the
 sparsellm cache. It is compiled for plain x86-64 and picks its AVX2+FMA kernels (and
-AVX-512 for dense weights) at run time when the CPU has them; `SPARSELLM_ISA=avx2` or
-`portable` forces the narrower kernels. Without a
+AVX-512 for dense weights, VBMI2 expand-loads for bitmask weights) at run time when the
+CPU has them. Where it has AVX-512 VNNI, int8 weights multiply int8 activations
+(`quantized_activations`: per 32 kept channels, as llama.cpp's Q8_0 does);
+`SPARSELLM_ISA=avx512` keeps fp32 activations, `avx2` or `portable` forces the narrower
+kernels. Without a
 compiler it warns once and the pure-torch path is used; `SPARSELLM_NATIVE=0` forces that
 path.
 """
@@ -51,6 +54,24 @@ def masked_linear_reference(
     """The definition: the dense product with skipped inputs zeroed. Used by tests and
     as the fallback when the fast path does not apply."""
     return F.linear(x * mask, weight, bias)
+
+
+def quantized_activations(x: torch.Tensor, keep: torch.Tensor, group: int = 32) -> torch.Tensor:
+    """The activations the native int8 kernels multiply on CPUs with AVX-512 VNNI: each
+    row's kept values, in channel order, quantized per `group` of them to int8
+    (symmetric, q = round-half-even(v * 127 / max |v|)) and scaled back (q * max |v| /
+    127); skipped channels are zero. The fp32 arithmetic is the extension's, so the
+    kernels' results equal the masked product of these up to summation order."""
+    out = torch.zeros_like(x)
+    for r in range(x.shape[0]):
+        idx = keep[r].nonzero().view(-1)
+        for g in range(0, len(idx), group):
+            sel = idx[g : g + group]
+            v = x[r, sel]
+            amax = v.abs().max()
+            if amax > 0:
+                out[r, sel] = torch.round(v * (127.0 / amax)) * (amax / 127.0)
+    return out
 
 
 def pick_chunks(out_features: int, threads: int | None = None) -> int:
@@ -157,7 +178,8 @@ def _build_tag() -> str:
 def native_kernel() -> Any | None:
     """The compiled runtime extension, or None (one warning) when it cannot build.
 
-    Its kernels follow `SPARSELLM_ISA` (auto, avx512, avx2, portable; default auto)."""
+    Its kernels follow `SPARSELLM_ISA` (auto, avx512vnni, avx512, avx2, portable; default
+    auto: the widest the CPU has)."""
     if os.environ.get("SPARSELLM_NATIVE", "1") == "0":
         return None
     from sparsellm.models.load import cache_root
