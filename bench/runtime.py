@@ -16,7 +16,9 @@ What it measures, per model, in one run with nothing else on the machine:
    (dequantized, in fp32), and "decode ppl" / "decode KL to dense" of the same windows
    read by our decode kernels (16 tokens per verification-style pass, each row's bits
    those of plain decoding): where the CPU has AVX-512 VNNI the int8 kinds multiply
-   int8-quantized activations, which the dequantized model does not show.
+   int8-quantized activations, which the dequantized model does not show. There, int8
+   and 50% sparse-int8 also decode with fp32 activations ("..., fp32 activations" rows,
+   alternated with the rest).
 
 Setup once: python3 -m venv bench/.venv-llamacpp &&
 CMAKE_ARGS="-DGGML_NATIVE=ON" bench/.venv-llamacpp/bin/pip install llama-cpp-python
@@ -212,6 +214,23 @@ def main() -> None:
         return run(NEW_TOKENS) - run(1)  # the NEW_TOKENS - 1 decode steps
 
     jobs = {name: (lambda n=name: ours(n)) for name in runtimes}
+    ext = native_kernel()
+    isa = ext.isa()
+    # On VNNI CPUs the int8 kinds multiply int8 activations: the same runtimes with fp32
+    # activations (the float kernels), alternated with the rest, show what that buys.
+    float_rows = {}
+    if isa == "avx512vnni":
+        for name in ("ours int8", "50% sparse-int8"):
+
+            def floats(n: str = name) -> float:
+                ext.set_isa("avx512")
+                try:
+                    return ours(n)
+                finally:
+                    ext.set_isa(isa)
+
+            float_rows[f"{name}, fp32 activations"] = name
+            jobs[f"{name}, fp32 activations"] = floats
     jobs["HF generate fp32"] = hf
     workers: dict[str, LlamaCpp] = {}
     tmp = Path(tempfile.mkdtemp(prefix="bench-runtime-"))
@@ -265,7 +284,7 @@ def main() -> None:
         elif name == "HF generate fp32":
             nbytes = 4 * sum(p.numel() for p in dense.parameters())
         else:
-            nbytes = runtimes_bytes[name]
+            nbytes = runtimes_bytes[float_rows.get(name, name)]
         row = {
             "config": name,
             "MB/token": round(nbytes / 1e6, 1),
@@ -291,7 +310,7 @@ def main() -> None:
         {
             "rows": rows,
             "read_bandwidth_GBps": round(bandwidth / 1e9, 2),
-            "kernels": native_kernel().isa(),
+            "kernels": isa,
             "model": args.model,
             "new_tokens": NEW_TOKENS,
             "prompt_tokens": PROMPT,
