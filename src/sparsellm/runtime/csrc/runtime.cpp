@@ -96,7 +96,6 @@ bool cpu_has_vnni() {
 // A packed W^T, pointers into tensors owned by a PackedWeight.
 struct Weight {
   int64_t kind = kF32, in = 0, out = 0, group = 0, n_units = 0;
-  int64_t n_values = 0;  // bitmask kinds: packed values stored (the end of the last row's)
   const void* values = nullptr;
   const float* scale = nullptr;
   const uint8_t* mask = nullptr;
@@ -1333,9 +1332,6 @@ struct PackedWeight {
                   "offsets (in, chunks) int64 expected");
       w.mask = mask.data_ptr<uint8_t>();
       derive_units(offsets.data_ptr<int64_t>(), offsets.size(1));
-      w.n_values = units.data_ptr<int64_t>()[(in - 1) * w.n_units];  // last row's start,
-      const uint8_t* lm = w.mask + (in - 1) * (out / 8);              // plus its count
-      for (int64_t b = 0; b < out / 8; ++b) w.n_values += __builtin_popcount(lm[b]);
     } else {
       const int64_t per_row = kind == kF32 ? 4 * out : kind == kBF16 ? 2 * out
                               : kind == kI8 ? out : out / 2;
