@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from itertools import product
 from typing import Any
 
 import pytest
@@ -110,7 +111,7 @@ def test_native_kernel_equals_masked_reference(
     w[torch.rand(n_out, n_in, generator=g) < 0.5] = 0  # pruned weights
     x, scale = torch.randn(b, n_in, generator=g), torch.rand(n_in, generator=g)
     p = pack(w, kind, group=32)
-    nw = native_weight(ext, p)
+    nw = native_weight(ext, p, tiles=True)  # dense int8 on VNNI: tiles; thresholded: rows
     ref_w = unpack(p)
     # fp32 sums of n_in unit-variance products, added in a different order than BLAS:
     # rounding grows like sqrt(n_in) (2e-5 seen at n_in=517 on an EPYC); a wrong or
@@ -156,13 +157,70 @@ def test_vnni_int8_kernels_quantize_activations_per_group_of_32_kept_channels() 
         x[0, :3] = torch.tensor([127.0, -63.5, 1.0])
         x[0, 32] = 0.3
         want = 127.0 * 127 - 64 * w[:, 1] + w[:, 2] + 127 * w[:, 32] * (0.3 / 127)
-        for kind in ("int8", "sparse-int8"):
+        for kind, tiles in product(("int8", "sparse-int8"), (False, True)):
             p = pack(w, kind)
             assert torch.equal(unpack(p), w)  # integers of scale 1: exact
-            y, kept = mod.gemv(x, native_weight(mod, p), torch.empty(0), -1.0, torch.empty(0))
+            nw = native_weight(mod, p, tiles=tiles)
+            # 2 groups of 32 rows; bitmask: their masks, the 76 nonzero weights (16 in
+            # each of 5 columns but for 3 zeros in column 1 and 1 in column 2), 64 bytes
+            # of padding, 2 starts
+            tile_bytes = 2 * 16 * 32 if kind == "int8" else 2 * 64 + 76 + 64 + 2 * 8
+            assert nw.extra_bytes == (tile_bytes if tiles else 0)
+            y, kept = mod.gemv(x, nw, torch.empty(0), -1.0, torch.empty(0))
             assert kept == 33
             torch.testing.assert_close(y[0], want, rtol=1e-6, atol=1e-4)
             assert not torch.allclose(y[0], F.linear(x, w)[0])  # -63.5 became -64
+    finally:
+        mod.set_isa("auto")
+
+
+@pytest.mark.parametrize(
+    ("seed", "n_in", "n_out"),
+    # rows split over threads (with a short last group), outputs split (wide), a tail
+    # past the last multiple of 16, and -127 / 127 weights (the +128 offset's edges)
+    [(0, 64, 48), (1, 517, 340), (2, 45, 4999), (3, 33, 9000), (4, 70, 4864)],
+)
+@pytest.mark.parametrize("kind", ["int8", "sparse-int8"])
+def test_vnni_int8_tiles_give_the_row_kernels_bits(
+    kind: str, seed: int, n_in: int, n_out: int
+) -> None:
+    """The tiled layout changes how int8 kinds are read, not what is computed: for 1 to
+    8 rows (a decode step, a batch, a verification pass) its outputs are bit-identical
+    to the row-layout VNNI kernels', and each row's to what it gets alone."""
+    from sparsellm.runtime.kernels import native_kernel
+
+    mod = native_kernel()
+    if mod is None:
+        pytest.skip("no C++ compiler here")
+    try:
+        mod.set_isa("avx512vnni")
+    except RuntimeError:
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    try:
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(n_out, n_in, generator=g)
+        if kind == "sparse-int8":
+            if n_out % 16:
+                pytest.skip("bitmask kinds need out % 16 == 0")
+            w[torch.rand(n_out, n_in, generator=g) < 0.6] = 0
+        w[:, 0] = 127.0 * torch.sign(torch.randn(n_out, generator=g))
+        p = pack(w, kind)
+        assert {-127, 127} <= set(p.values.unique().tolist())
+        rows, tiles = native_weight(mod, p), native_weight(mod, p, tiles=True)
+        groups, chunks = -(-n_in // 32), -(-n_out // 16)
+        nnz = int((w != 0).sum())
+        want_bytes = groups * chunks * (32 * 16 if kind == "int8" else 64 + 8) + (
+            0 if kind == "int8" else nnz + 64  # + 64 bytes of padding
+        )
+        assert tiles.extra_bytes == want_bytes
+        bias = torch.randn(n_out, generator=g)
+        x = torch.randn(8, n_in, generator=g)
+        for b in (1, 3, 8):
+            want = mod.gemv(x[:b], rows, torch.empty(0), -1.0, bias)[0]
+            got = mod.gemv(x[:b], tiles, torch.empty(0), -1.0, bias)[0]
+            assert torch.equal(got, want)
+            alone = mod.gemv(x[b - 1 : b], tiles, torch.empty(0), -1.0, bias)[0]
+            assert torch.equal(got[b - 1 : b], alone)
     finally:
         mod.set_isa("auto")
 

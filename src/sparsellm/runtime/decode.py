@@ -526,9 +526,10 @@ class DecodeRuntime:
 
     def resident_bytes(self) -> int:
         """Bytes of weights this runtime keeps for decoding: its packed projections, the
-        model tensors fp32 projections share, the embedding (unless read from the packed
-        head) and the norms."""
+        model tensors fp32 projections share, the native kernels' second copies (dense
+        int8 tiles), the embedding (unless read from the packed head) and the norms."""
         total = self.weight_bytes()
+        total += sum(p.native_w.extra_bytes for p in self._all_projs() if p.native_w is not None)
         total += sum(
             p.weight_fp32.numel() * 4 for p in self._all_projs() if p.weight_fp32 is not None
         )

@@ -88,7 +88,9 @@ class Proj:
     def bind(self, native: Any) -> None:
         """Use the compiled extension (or None for pure torch)."""
         self.native = native
-        self.native_w = None if native is None else native_weight(native, self.packed)
+        self.native_w = (
+            None if native is None else native_weight(native, self.packed, self.rule is None)
+        )
 
     @classmethod
     def dense(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Proj:

@@ -100,6 +100,8 @@ struct Weight {
   const float* scale = nullptr;
   const uint8_t* mask = nullptr;
   const int64_t* offsets = nullptr;
+  const uint8_t* tiles = nullptr;     // int8 kinds on VNNI CPUs: see `make_tiles`
+  const int64_t* tile_at = nullptr;  // bitmask int8: where each tile starts in `tiles`
 };
 
 inline bool sparse_kind(int64_t k) { return k >= kSBF16; }
@@ -1059,12 +1061,131 @@ void sparse_vnni_row(const Weight& w, float* acc, const int64_t* ip, const int8_
   }
 }
 
+// Bytes of one tile of `make_tiles`: a group of kQGroup rows times 16 outputs.
+constexpr int64_t kTileBytes = kQGroup * 16;
+// How far ahead the tile kernels prefetch, in dense tiles (4 KB), into L2. On an AMD
+// EPYC (2 threads, the default model's 120 block projections in a row, cold) dense int8
+// tiles ran at 24-26 GB/s with it, 20 with the same prefetch into L1 and 24 without;
+// 4 to 64 tiles ahead ran alike.
+constexpr int64_t kPfTiles = 8;
+
+// One row's quantized activations of a group (cnt <= kQGroup of them at q, scale s) as
+// the tile kernels multiply them: step t's four (signed) bytes broadcast to every lane,
+// the 128 * sum q that the weights' +128 offset adds to each output, and the scale.
+inline void group_activations(const int8_t* q, int64_t cnt, float s, __m512i* a, __m512i& corr,
+                              __m512& sc) {
+  int32_t sum = 0;
+  for (int64_t t = 0; t < kQGroup / 4; ++t) {
+    uint32_t word = 0;
+    for (int64_t k = 0; k < 4 && 4 * t + k < cnt; ++k) {
+      word |= static_cast<uint32_t>(static_cast<uint8_t>(q[4 * t + k])) << (8 * k);
+      sum += q[4 * t + k];
+    }
+    a[t] = _mm512_set1_epi32(static_cast<int>(word));
+  }
+  corr = _mm512_set1_epi32(128 * sum);
+  sc = _mm512_set1_ps(s);
+}
+
+// One tile (the chunk of 16 outputs whose tile starts at p) times R activation rows,
+// folded into acc: y[r] += sc[r] * (sum over the tile - corr[r]). A step's 64 bytes are
+// what vpdpbusd multiplies as they lie (dense), or its 64 mask bits expand its packed
+// values (vpexpandb, 128 where a bit is clear: weight 0) into them (bitmask). Why NP
+// sums a row: one vpdpbusd waits for the previous one's result (5 cycles on an AMD
+// EPYC), so a single chain of 8 per tile ran at a third of the loads' pace; integer
+// sums in any order are the same, so this changes no bit.
+template <int R, bool kSparse>
+inline void tile_rows(const uint8_t* p, const __m512i (*a)[kQGroup / 4], const __m512i* corr,
+                      const __m512* sc, float* acc, int64_t astride, __mmask16 k) {
+  constexpr int NP = R >= 4 ? 1 : 4 / R;
+  for (int64_t f = 0; f < kTileBytes; f += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(p + kPfTiles * kTileBytes + f), _MM_HINT_T1);
+  __m512i sum[R][NP];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < NP; ++i) sum[r][i] = _mm512_setzero_si512();
+  [[maybe_unused]] const auto* mk = reinterpret_cast<const uint64_t*>(p);
+  if constexpr (kSparse) p += 64;
+  for (int t = 0; t < kQGroup / 4; ++t) {
+    __m512i v;
+    if constexpr (kSparse) {
+      // a full 64-byte load: what lies past the step's values is not expanded (the
+      // buffer ends with 64 bytes of padding)
+      v = _mm512_mask_expand_epi8(_mm512_set1_epi8(static_cast<char>(128)), mk[t],
+                                  _mm512_loadu_si512(p));
+      p += __builtin_popcountll(mk[t]);
+    } else {
+      v = _mm512_loadu_si512(p + 64 * t);
+    }
+    for (int r = 0; r < R; ++r) sum[r][t % NP] = _mm512_dpbusd_epi32(sum[r][t % NP], v, a[r][t]);
+  }
+  for (int r = 0; r < R; ++r) {
+    __m512i total = sum[r][0];
+    for (int i = 1; i < NP; ++i) total = _mm512_add_epi32(total, sum[r][i]);
+    float* y = acc + r * astride;
+    const __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(total, corr[r]));
+    _mm512_mask_storeu_ps(y, k, _mm512_fmadd_ps(f, sc[r], _mm512_maskz_loadu_ps(k, y)));
+  }
+}
+
+// Int8 kinds over `make_tiles`' layout, for rows that keep every channel (ip[j] == j;
+// arguments as dense_vnni's, o0 and o1 multiples of 16 or o1 == out). No shuffle, no
+// sign fix-up: one vpdpbusd per 64 weight positions, a group's tiles read in address
+// order. The weights are stored plus 128 (unsigned), so a step computes sum (w + 128) q
+// and the group's sum is that minus 128 * sum q: exactly the int32 that dense_vnni and
+// sparse_vnni_row fold, in the same group order, so these give their bits.
+template <bool kSparse>
+void tiles_vnni(const Weight& w, float* acc, const int8_t* qv, const float* qs, int64_t j0,
+                int64_t j1, int64_t o0, int64_t o1, int64_t nb, int64_t vstride,
+                int64_t qstride, int64_t astride) {
+  constexpr int kRows = 8;  // activation rows per pass over a tile (Decoder steps: <= 8)
+  const int64_t chunks = (w.out + 15) / 16;
+  for (int64_t g0 = j0; g0 < j1; g0 += kQGroup) {
+    const int64_t cnt = std::min(kQGroup, w.in - g0), g = g0 / kQGroup;
+    for (int64_t r0 = 0; r0 < nb; r0 += kRows) {
+      const int64_t rn = std::min<int64_t>(kRows, nb - r0);
+      __m512i a[kRows][kQGroup / 4];
+      __m512i corr[kRows];
+      __m512 sc[kRows];
+      for (int64_t r = 0; r < rn; ++r)
+        group_activations(qv + (r0 + r) * vstride + g0, cnt, qs[(r0 + r) * qstride + g], a[r],
+                          corr[r], sc[r]);
+      for (int64_t o = o0; o < o1; o += 16) {
+        const int64_t tile = g * chunks + o / 16;
+        const uint8_t* p = w.tiles + (kSparse ? w.tile_at[tile] : tile * kTileBytes);
+        const __mmask16 k = o1 - o >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (o1 - o)) - 1);
+        float* y = acc + r0 * astride + o;
+        switch (rn) {
+#define SPARSELLM_TILE(R)                                                \
+  case R:                                                                \
+    tile_rows<R, kSparse>(p, a, corr, sc, y, astride, k);                \
+    break;
+          SPARSELLM_TILE(1)
+          SPARSELLM_TILE(2)
+          SPARSELLM_TILE(3)
+          SPARSELLM_TILE(4)
+          SPARSELLM_TILE(5)
+          SPARSELLM_TILE(6)
+          SPARSELLM_TILE(7)
+          SPARSELLM_TILE(8)
+#undef SPARSELLM_TILE
+          default:
+            break;
+        }
+      }
+    }
+  }
+}
+
 // The VNNI kernels of an int8 / bitmask-int8 weight (arguments as dense_vnni's); false
 // for other kinds. Bitmask rows go one at a time: a batch re-reads their weights.
 bool int8_vnni(const Weight& w, float* acc, const int64_t* ip, const int8_t* qv,
                const float* qs, int64_t j0, int64_t j1, int64_t o0, int64_t o1, int64_t nb,
-               int64_t vstride, int64_t qstride, int64_t astride) {
-  if (w.kind == kI8) {
+               int64_t vstride, int64_t qstride, int64_t astride, bool every) {
+  if (w.kind == kI8 && w.tiles && every) {
+    tiles_vnni<false>(w, acc, qv, qs, j0, j1, o0, o1, nb, vstride, qstride, astride);
+  } else if (w.kind == kSI8 && w.tiles && every) {
+    tiles_vnni<true>(w, acc, qv, qs, j0, j1, o0, o1, nb, vstride, qstride, astride);
+  } else if (w.kind == kI8) {
     dense_vnni(w, acc, ip, qv, qs, j0, j1, o0, o1, nb, vstride, qstride, astride);
   } else if (w.kind == kSI8) {
     for (int64_t r = 0; r < nb; ++r)
@@ -1176,11 +1297,20 @@ void quantize_groups(int64_t b, const int64_t* st, Scratch& s) {
 int64_t gemv_into(const float* xp, int64_t b, const Weight& w, const float* sp, float thr,
                   const float* bias, float* yp, Scratch& s) {
   const int64_t in = w.in, out = w.out;
+  // every channel kept (a dense call): all rows share the channel list, so they go
+  // through the kernels together and the weights are read once (see rows_multi)
+  const bool shared = thr < 0;
   s.idx.resize(static_cast<size_t>(b * in));
   s.val.resize(static_cast<size_t>(b * in));
   s.start.assign(static_cast<size_t>(b + 1), 0);
   int64_t n = 0;
-  for (int64_t r = 0; r < b; ++r) {
+  if (shared) {  // the kernels read only the first row's channel list: 0 .. in - 1
+    for (int64_t i = 0; i < in; ++i) s.idx[i] = i;
+    std::copy_n(xp, b * in, s.val.data());
+    n = b * in;
+    for (int64_t r = 0; r < b; ++r) s.start[r + 1] = (r + 1) * in;
+  }
+  for (int64_t r = 0; r < b && !shared; ++r) {
     const float* xr = xp + r * in;
     for (int64_t i = 0; i < in; ++i) {
       const float v = xr[i];
@@ -1191,14 +1321,10 @@ int64_t gemv_into(const float* xp, int64_t b, const Weight& w, const float* sp, 
     }
     s.start[r + 1] = n;
   }
-  std::fill_n(yp, b * out, 0.0f);
   const int64_t* ip = s.idx.data();
   const float* vp = s.val.data();
   const int64_t* st = s.start.data();
   const int nt = at::get_num_threads();
-  // every channel kept (a dense call): all rows share the channel list, so they go
-  // through the kernels together and the weights are read once (see rows_multi)
-  const bool shared = thr < 0;
 #if SPARSELLM_X86
   const bool a8 = g_vnni && (w.kind == kI8 || w.kind == kSI8);
 #else
@@ -1212,7 +1338,7 @@ int64_t gemv_into(const float* xp, int64_t b, const Weight& w, const float* sp, 
     if (a8) {
       const int64_t nb = shared ? b : 1, row = shared ? 0 : r;
       int8_vnni(w, acc, ip + st[row], s.q.data() + st[row], s.qs.data() + s.gstart[row], j0,
-                j1, o0, o1, nb, in, s.gstart[1] - s.gstart[0], out);
+                j1, o0, o1, nb, in, s.gstart[1] - s.gstart[0], out, shared);
       return;
     }
 #endif
@@ -1223,15 +1349,30 @@ int64_t gemv_into(const float* xp, int64_t b, const Weight& w, const float* sp, 
   // groups on the VNNI path, so each group's scale applies to its complete sum)
   const int64_t grain = a8 ? kQGroup : 32;
   const int64_t n_rows = shared ? 1 : b;
+  // y[r, o0 .. o1) = its sum times the int8 row scales, plus the bias
+  auto finish = [&](int64_t o0, int64_t o1) {
+    for (int64_t r = 0; r < b; ++r) {
+      float* yr = yp + r * out;
+      if (row_scaled(w.kind))
+        for (int64_t o = o0; o < o1; ++o) yr[o] *= w.scale[o];
+      if (bias)
+        for (int64_t o = o0; o < o1; ++o) yr[o] += bias[o];
+    }
+  };
   if (out >= kOutSplit * nt) {
-    // Wide output: each thread owns an equal run of kUnit-wide slices of y, no reduction.
+    // Wide output: each thread owns an equal run of kUnit-wide slices of y, no reduction;
+    // it also zeroes and finishes its own slices (an LM head's y is 49152 floats a row).
     const int64_t n_units = (out + kUnit - 1) / kUnit;
     at::parallel_for(0, n_units, 1, [&](int64_t c0, int64_t c1) {
       const int64_t o0 = c0 * kUnit, o1 = std::min(out, c1 * kUnit);
+      for (int64_t r = 0; r < b; ++r) std::fill(yp + r * out + o0, yp + r * out + o1, 0.0f);
       for (int64_t r = 0; r < n_rows; ++r)
         run(r, yp + r * out, 0, shared ? in : st[r + 1] - st[r], o0, o1);
+      finish(o0, o1);
     });
-  } else {
+    return n;
+  }
+  {
     // Narrow output (e.g. down_proj, 576 wide): threads split the kept rows, each into
     // its own full-width partial sum, added at the end (out floats per thread: a few KB).
     s.part.assign(static_cast<size_t>(nt) * b * out, 0.0f);
@@ -1243,16 +1384,11 @@ int64_t gemv_into(const float* xp, int64_t b, const Weight& w, const float* sp, 
         run(r, acc, t0 * grain, std::min(kept, t1 * grain), 0, out);
       });
     }
-    for (int t = 0; t < nt; ++t)
+    std::copy_n(part, b * out, yp);
+    for (int t = 1; t < nt; ++t)
       for (int64_t k = 0; k < b * out; ++k) yp[k] += part[static_cast<size_t>(t) * b * out + k];
   }
-  for (int64_t r = 0; r < b; ++r) {
-    float* yr = yp + r * out;
-    if (row_scaled(w.kind))
-      for (int64_t o = 0; o < out; ++o) yr[o] *= w.scale[o];
-    if (bias)
-      for (int64_t o = 0; o < out; ++o) yr[o] += bias[o];
-  }
+  finish(0, out);
   return n;
 }
 
@@ -1275,7 +1411,71 @@ void rms_norm(const float* xp, int64_t b, int64_t n, const float* wp, double eps
 struct PackedWeight {
   torch::Tensor values, scale, mask, offsets;
   torch::Tensor units;  // bitmask kinds (in, n_units): row i's start at output u * kUnit
+  torch::Tensor tiles, tile_at;  // int8 kinds on VNNI CPUs (see make_tiles)
   Weight w;
+
+  // Int8 kinds rearranged for the tile kernels, a second copy of the weight (the row
+  // layout stays for the kernels that skip input channels). Per group of kQGroup rows
+  // and 16 outputs (group-major), a tile of kQGroup / 4 steps of 64 bytes: byte 4l + r of
+  // step t is W^T[kQGroup g + 4t + r, 16c + l] + 128 (128, weight 0, past the edge).
+  // Bitmask int8 keeps, per tile, its steps' 64-bit masks (8 x 8 bytes) followed by the
+  // set positions' bytes in order, the tile's start in tile_at.
+  void make_tiles() {
+    const int64_t groups = (w.in + kQGroup - 1) / kQGroup, chunks = (w.out + 15) / 16;
+    const int64_t n_tiles = groups * chunks, out = w.out;
+    auto pos = [&](int64_t i, int64_t o) {
+      return (i / kQGroup * chunks + o / 16) * kTileBytes + 64 * ((i % kQGroup) / 4) +
+             4 * (o % 16) + i % 4;
+    };
+    const bool sparse = w.kind == kSI8;
+    std::vector<uint8_t> dense(static_cast<size_t>(n_tiles * kTileBytes), 128);
+    std::vector<uint8_t> set(sparse ? dense.size() : 0, 0);
+    const auto* v = static_cast<const int8_t*>(w.values);
+    for (int64_t i = 0; i < w.in; ++i) {
+      if (!sparse) {
+        for (int64_t o = 0; o < out; ++o) dense[pos(i, o)] = static_cast<uint8_t>(v[i * out + o] + 128);
+        continue;
+      }
+      const uint8_t* m = w.mask + i * (out / 8);  // set bits take the row's values in turn
+      int64_t p = sparse_start(w, i, 0);
+      for (int64_t o = 0; o < out; o += 8)
+        for (unsigned mb = m[o / 8]; mb; mb &= mb - 1, ++p) {
+          const int64_t at = pos(i, o + __builtin_ctz(mb));
+          dense[at] = static_cast<uint8_t>(v[p] + 128);
+          set[at] = 1;
+        }
+      TORCH_CHECK(p <= values.numel(), "the mask sets more weights than there are values");
+    }
+    if (!sparse) {
+      tiles = torch::empty({static_cast<int64_t>(dense.size())}, torch::kByte);
+      std::copy(dense.begin(), dense.end(), tiles.data_ptr<uint8_t>());
+      w.tiles = tiles.data_ptr<uint8_t>();
+      return;
+    }
+    const int64_t nnz = std::count(set.begin(), set.end(), 1);
+    tiles = torch::zeros({n_tiles * 64 + nnz + 64}, torch::kByte);  // + tiles_vnni's overread
+    tile_at = torch::empty({n_tiles}, torch::kLong);
+    uint8_t* t = tiles.data_ptr<uint8_t>();
+    int64_t* ta = tile_at.data_ptr<int64_t>();
+    int64_t cur = 0;
+    for (int64_t k = 0; k < n_tiles; ++k) {
+      ta[k] = cur;
+      uint8_t* vals = t + cur + 64;
+      for (int64_t st = 0; st < kQGroup / 4; ++st) {
+        uint64_t m = 0;
+        for (int64_t b = 0; b < 64; ++b) {
+          const size_t at = static_cast<size_t>(k * kTileBytes + 64 * st + b);
+          if (!set[at]) continue;
+          m |= 1ull << b;
+          *vals++ = dense[at];
+        }
+        std::memcpy(t + cur + 8 * st, &m, 8);
+      }
+      cur = vals - t;
+    }
+    w.tiles = t;
+    w.tile_at = ta;
+  }
 
   // Per row, the packed-value start of every kUnit outputs: the stored chunk start plus
   // the mask bits before it, checked against the next stored chunk start.
@@ -1299,8 +1499,11 @@ struct PackedWeight {
     w.offsets = up;
   }
 
+  // `with_tiles`: also lay dense int8 out for tiles_vnni (on CPUs with VNNI), for a
+  // weight whose decode calls keep every input channel.
   PackedWeight(int64_t kind, int64_t out, int64_t in, int64_t group, torch::Tensor values_,
-               torch::Tensor scale_, torch::Tensor mask_, torch::Tensor offsets_)
+               torch::Tensor scale_, torch::Tensor mask_, torch::Tensor offsets_,
+               bool with_tiles)
       : values(values_.contiguous()), scale(scale_.contiguous()), mask(mask_.contiguous()),
         offsets(offsets_.contiguous()) {
     TORCH_CHECK(kind >= kF32 && kind <= kSI4, "unknown kind ", kind);
@@ -1338,6 +1541,7 @@ struct PackedWeight {
       TORCH_CHECK(values.numel() * values.element_size() == in * per_row,
                   "values do not match the weight's shape");
     }
+    if ((kind == kI8 || kind == kSI8) && with_tiles && cpu_has_vnni()) make_tiles();
   }
 };
 
@@ -1811,7 +2015,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   set_isa("auto");
   py::class_<PackedWeight>(m, "PackedWeight")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, torch::Tensor, torch::Tensor,
-                    torch::Tensor, torch::Tensor>());
+                    torch::Tensor, torch::Tensor, bool>())
+      .def_property_readonly("extra_bytes", [](const PackedWeight& pw) {
+                               return (pw.tiles.defined() ? pw.tiles.numel() : 0) +
+                                      (pw.tile_at.defined() ? 8 * pw.tile_at.numel() : 0);
+                             },
+                             "bytes held beside the packed tensors (int8 tiles)");
   m.def("gemv", &gemv, "thresholded input-skipping GEMV over a packed weight (CPU)");
   m.def("dequantize", &dequantize, "a packed weight as W^T (in, out) fp32");
   m.def("isa", &isa_in_use, "the kernels in use: avx512vnni, avx512, avx2 or portable");
