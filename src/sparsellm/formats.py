@@ -331,7 +331,9 @@ def embed_rows(p: Packed, ids: torch.Tensor) -> torch.Tensor:
     rows = p.values.index_select(1, flat).t().float()
     if p.scale is not None:
         rows = rows * p.scale[flat, None]
-    return rows.view(*ids.shape, -1)
+    # row-major, as an embedding table's rows are (a transposed result would reach the
+    # norms' reductions in another order: last-bit differences from the same weights)
+    return rows.contiguous().view(*ids.shape, -1)
 
 
 def choose_kind(fmt: str, weight: torch.Tensor, *, head: bool = False) -> str:

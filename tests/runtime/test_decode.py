@@ -10,6 +10,7 @@ from sparsellm.methods.activation.teal import TEALConfig
 from sparsellm.models.tiny import tiny_model
 from sparsellm.runtime.decode import DecodeRuntime
 from tests.methods.activation.helpers import act_config
+from tests.runtime.helpers import native_isa
 
 
 def _prompt() -> torch.Tensor:
@@ -185,6 +186,36 @@ def test_rows_of_one_pass_get_the_bits_of_lone_steps(fmt: str) -> None:
     assert torch.equal(both, lone[[3, 0]])
 
 
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("fmt", ["int8", "sparse-int8"])
+def test_vnni_tiles_replace_the_rows_and_keep_the_logits(
+    fmt: str, tied: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On VNNI CPUs projections without a skipping rule decode from tiles and release the
+    row layout, so RAM holds about one copy (not two); decode steps give the row
+    kernels' bits, and a prompt longer than a step (matmuls over the weights dequantized
+    from the tiles) the same logits too. The tied head's tiles serve the embedding."""
+    import sparsellm.runtime.projections as projections
+    from sparsellm.runtime.kernels import native_kernel, native_weight
+
+    mod = native_kernel()
+    if mod is None or mod.isa() != "avx512vnni":
+        pytest.skip("needs the AVX-512 VNNI kernels")
+    model = tiny_model("qwen2").eval()
+    if tied:  # the head's rows are also the embedding
+        model.lm_head.weight = model.model.embed_tokens.weight
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(5))
+    with monkeypatch.context() as m:  # the same runtime on the row layout
+        m.setattr(projections, "native_weight", lambda ext, p, tiles=False: native_weight(ext, p))
+        rows = DecodeRuntime(model, max_len=32, fmt=fmt)
+    rt = DecodeRuntime(model, max_len=32, fmt=fmt)
+    assert all(p.tiled and p.packed.values.numel() == 0 for p in rt._all_projs())
+    assert (rt._embed_tiles is not None) == tied  # a tied head's tiles: the embedding
+    assert not any(p.tiled for p in rows._all_projs())
+    assert rt.resident_bytes() < 1.1 * rows.resident_bytes()
+    assert torch.equal(_stepwise(rt, ids, 10, sparse=False), _stepwise(rows, ids, 10, sparse=False))
+
+
 def test_tree_rows_see_only_their_ancestors() -> None:
     """A draft tree after the prefix: root t0 with children t1 and t1', t1 with child t2.
     Each node's logits equal those of its path verified as a chain."""
@@ -234,16 +265,8 @@ def test_avx512_attention_matches_portable(head_dim: int) -> None:
     it specialises (40, not a multiple of 16, runs the portable loops on both)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sparsellm.runtime.kernels import native_kernel
-
-    mod = native_kernel()
-    if mod is None:
-        pytest.skip("no C++ compiler here")
-    try:
-        mod.set_isa("avx512")
-    except RuntimeError:
-        pytest.skip("this CPU has no AVX-512")
-    mod.set_isa("auto")
+    with native_isa("avx512") as mod:
+        pass
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, head_dim=head_dim)  # fmt: skip

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sysconfig
 from collections.abc import Iterator
 from itertools import product
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +23,7 @@ from sparsellm.runtime.kernels import (
     quantized_activations,
     select_channels,
 )
+from tests.runtime.helpers import native_isa
 
 
 @pytest.mark.parametrize(("b", "n_in", "n_out", "bias"), [(1, 64, 96, False), (3, 40, 30, True)])
@@ -72,17 +75,8 @@ def test_pick_chunks_divides() -> None:
 @pytest.fixture(params=["avx512vnni", "avx512", "avx2", "portable"])
 def ext(request: pytest.FixtureRequest) -> Iterator[Any]:
     """The native extension with one ISA's kernels (skipped on CPUs without it)."""
-    from sparsellm.runtime.kernels import native_kernel
-
-    mod = native_kernel()
-    if mod is None:
-        pytest.skip("no C++ compiler here: the pure-torch path is tested above")
-    try:
-        mod.set_isa(request.param)
-    except RuntimeError:
-        pytest.skip(f"this CPU has no {request.param}")
-    yield mod
-    mod.set_isa("auto")
+    with native_isa(request.param) as mod:
+        yield mod
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -136,16 +130,7 @@ def test_vnni_int8_kernels_quantize_activations_per_group_of_32_kept_channels() 
     127, -63.5, 1, 0 in the first group (max 127: q = x, -63.5 rounds half to even, to
     -64) and 0.3 alone in the second (q = 127, s = 0.3 / 127). Dense and bitmask int8
     give sum q * w * s, where fp32 activations would give sum x * w."""
-    from sparsellm.runtime.kernels import native_kernel
-
-    mod = native_kernel()
-    if mod is None:
-        pytest.skip("no C++ compiler here")
-    try:
-        mod.set_isa("avx512vnni")
-    except RuntimeError:
-        pytest.skip("this CPU has no AVX-512 VNNI")
-    try:
+    with native_isa("avx512vnni") as mod:
         out = torch.arange(16)
         w = torch.zeros(16, 33)
         w[:, 0] = 127.0
@@ -170,8 +155,6 @@ def test_vnni_int8_kernels_quantize_activations_per_group_of_32_kept_channels() 
             assert kept == 33
             torch.testing.assert_close(y[0], want, rtol=1e-6, atol=1e-4)
             assert not torch.allclose(y[0], F.linear(x, w)[0])  # -63.5 became -64
-    finally:
-        mod.set_isa("auto")
 
 
 @pytest.mark.parametrize(
@@ -187,16 +170,7 @@ def test_vnni_int8_tiles_give_the_row_kernels_bits(
     """The tiled layout changes how int8 kinds are read, not what is computed: for 1 to
     8 rows (a decode step, a batch, a verification pass) its outputs are bit-identical
     to the row-layout VNNI kernels', and each row's to what it gets alone."""
-    from sparsellm.runtime.kernels import native_kernel
-
-    mod = native_kernel()
-    if mod is None:
-        pytest.skip("no C++ compiler here")
-    try:
-        mod.set_isa("avx512vnni")
-    except RuntimeError:
-        pytest.skip("this CPU has no AVX-512 VNNI")
-    try:
+    with native_isa("avx512vnni") as mod:
         g = torch.Generator().manual_seed(seed)
         w = torch.randn(n_out, n_in, generator=g)
         if kind == "sparse-int8":
@@ -221,8 +195,36 @@ def test_vnni_int8_tiles_give_the_row_kernels_bits(
             assert torch.equal(got, want)
             alone = mod.gemv(x[b - 1 : b], tiles, torch.empty(0), -1.0, bias)[0]
             assert torch.equal(got[b - 1 : b], alone)
-    finally:
-        mod.set_isa("auto")
+
+
+@pytest.mark.parametrize("kind", ["int8", "sparse-int8"])
+def test_released_rows_leave_tiles_that_serve_dense_vnni_calls_only(kind: str) -> None:
+    """After `release_rows` a weight keeps its tiles: dense calls and `dequantize` give
+    what they gave before, and `tile_rows` the rows of W; a call that skips channels,
+    or one on other kernels, is a clear error rather than a read of freed rows."""
+    with native_isa("avx512vnni") as mod:
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(96, 70, generator=g)
+        w[torch.rand(96, 70, generator=g) < 0.5] = 0
+        p = pack(w, kind)
+        x = torch.randn(3, 70, generator=g)
+        with pytest.raises(RuntimeError, match="no tiles"):
+            native_weight(mod, p).release_rows()
+        nw = native_weight(mod, p, tiles=True)
+        dense, deq = mod.gemv(x, nw, torch.empty(0), -1.0, torch.empty(0))[0], mod.dequantize(nw)
+        nw.release_rows()
+        assert torch.equal(mod.gemv(x, nw, torch.empty(0), -1.0, torch.empty(0))[0], dense)
+        assert torch.equal(mod.dequantize(nw), deq)
+        assert torch.equal(deq, unpack(p).t())
+        ids = torch.tensor([0, 17, 95, 17])  # rows of W (a tied head's embedding)
+        assert torch.equal(mod.tile_rows(nw, ids), unpack(p)[ids])
+        with pytest.raises(RuntimeError, match="out of range"):
+            mod.tile_rows(nw, torch.tensor([96]))
+        with pytest.raises(RuntimeError, match="only its VNNI tiles"):
+            mod.gemv(x, nw, torch.empty(0), 0.5, torch.empty(0))
+        mod.set_isa("avx512")
+        with pytest.raises(RuntimeError, match="only its VNNI tiles"):
+            mod.gemv(x, nw, torch.empty(0), -1.0, torch.empty(0))
 
 
 def test_native_weight_rejects_int8_minus_128() -> None:
@@ -282,7 +284,7 @@ def test_rows_are_batch_and_isa_invariant(kind: str, n_in: int, n_out: int) -> N
         n_out -= n_out % 16  # bitmask kinds need out % 16 == 0
     w = torch.randn(n_out, n_in, generator=g)
     w[torch.rand(n_out, n_in, generator=g) < 0.5] = 0
-    nw = native_weight(mod, pack(w, kind))
+    nw = native_weight(mod, pack(w, kind), tiles=True)  # VNNI: tiles; the rest: rows
     x = torch.randn(16, n_in, generator=g)
     results = []
     for isa in ["avx512vnni", "avx512", "avx2"]:
@@ -304,3 +306,23 @@ def test_rows_are_batch_and_isa_invariant(kind: str, n_in: int, n_out: int) -> N
     if not results:
         pytest.skip("no vector ISA on this CPU")
     assert all(torch.equal(r, results[0]) for r in results)
+
+
+def test_the_extension_compiles_without_x86_kernels(tmp_path: Path) -> None:
+    """Other CPUs (ARM) build only the portable kernels: that build must compile too,
+    though no CPU here runs it (a syntax-only compile with the x86 paths switched off)."""
+    import shutil
+    import subprocess
+
+    from torch.utils.cpp_extension import include_paths
+
+    from sparsellm.runtime.kernels import SOURCE
+
+    cxx = shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler here")
+    includes = [f"-I{p}" for p in [*include_paths(), sysconfig.get_paths()["include"]]]
+    cmd = [cxx, "-fsyntax-only", "-std=c++20", "-fopenmp", "-DSPARSELLM_NO_X86",
+           "-DTORCH_EXTENSION_NAME=probe", *includes, str(SOURCE)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -157,8 +157,15 @@ class DecodeRuntime:
         self.layers = [self._layer(blocks[i], layout) for i in keep]
         self._names = {}
         self.native = native_kernel() if native else None
+        tied = self.embed_packed is not None and self.embed_packed is self.lm_head.packed
         for proj in self._all_projs():
             proj.bind(self.native)
+        # a tied head whose rows went to tiles is the embedding from there (see _embed;
+        # kept apart from lm_head, which a draft may swap for a smaller one)
+        self._embed_tiles: Any = None
+        if tied and self.lm_head.tiled:
+            self._embed_tiles = self.lm_head.native_w
+            self.embed_packed = self.lm_head.packed
         self.cos, self.sin = self._rope()
         self._decoder: Any = None  # the native whole-step decoder, built by `reset`
         self._counts = torch.zeros(4 * len(self.layers), 2, dtype=torch.int64)
@@ -372,7 +379,7 @@ class DecodeRuntime:
             rows = torch.arange(seq, seq + b)
             at = torch.full((b,), pos, dtype=torch.int64)
             return self.step(ids.view(b), rows, at, at, sparse).view(b, 1, -1)
-        x = self.embed(ids) if self.embed_packed is None else embed_rows(self.embed_packed, ids)
+        x = self._embed(ids)
         x = self._blocks(x, pos, sparse, seq)
         if last_only:
             x, n = x[:, -1:], 1
@@ -409,16 +416,22 @@ class DecodeRuntime:
         limit = self.layers[0].k_cache.shape[0]
         if int(at.max()) >= self.max_len or int(seq.max()) >= limit:
             raise ValueError(f"a row is beyond the cache ({limit} rows of {self.max_len})")
-        x = (
-            self.embed(tokens)
-            if self.embed_packed is None
-            else embed_rows(self.embed_packed, tokens.view(1, b))[0]
-        )
+        x = self._embed(tokens.view(1, b))[0]
         cos, sin = self.cos[0, 0, rope_pos], self.sin[0, 0, rope_pos]
         vis = EMPTY if visible is None else visible.to(torch.uint8)
         # the step ends with the final norm applied
         h = self._decoder.step(x.view(b, -1), seq, at, vis, sparse, cos, sin, self._counts)
         return self.lm_head(h, sparse)
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings of `ids` (b, n): the model's table, the packed head's rows (tied), or
+        those rows read from the head's tiles."""
+        if self._embed_tiles is not None:
+            rows = self.native.tile_rows(self._embed_tiles, ids.reshape(-1))
+            return rows.view(*ids.shape, -1)
+        if self.embed_packed is None:
+            return self.embed(ids)
+        return embed_rows(self.embed_packed, ids)
 
     def move_slots(self, seq: int, src: list[int], dst: int) -> None:
         """Copy cache slots `src` of cache row `seq` to slots dst, dst+1, ... (the accepted
@@ -522,14 +535,13 @@ class DecodeRuntime:
 
     def weight_bytes(self) -> int:
         """Bytes of packed weights a decode step reads (block projections and LM head)."""
-        return sum(p.packed.nbytes for p in self._all_projs())
+        return sum(p.read_bytes for p in self._all_projs())
 
     def resident_bytes(self) -> int:
         """Bytes of weights this runtime keeps for decoding: its packed projections, the
-        model tensors fp32 projections share, the native kernels' second copies (dense
-        int8 tiles), the embedding (unless read from the packed head) and the norms."""
-        total = self.weight_bytes()
-        total += sum(p.native_w.extra_bytes for p in self._all_projs() if p.native_w is not None)
+        model tensors fp32 projections share, the embedding (unless read from the packed
+        head) and the norms."""
+        total = sum(p.held_bytes for p in self._all_projs())
         total += sum(
             p.weight_fp32.numel() * 4 for p in self._all_projs() if p.weight_fp32 is not None
         )

@@ -211,11 +211,12 @@ KIND_CODES = {kind: code for code, kind in enumerate(KINDS)}
 def native_weight(ext: Any, p: Packed, tiles: bool = False) -> Any:
     """The extension's PackedWeight over `p`'s tensors (shared, not copied).
 
-    `tiles` (for a weight whose decode calls keep every input channel): on CPUs with
-    AVX-512 VNNI, dense int8 is also laid out as the integer kernels read it (groups of
-    32 input rows times 16 outputs, 4 rows interleaved per 32-bit lane), a second copy of
-    the weight (`extra_bytes`) that decoded the default model ~10% faster; the row layout
-    stays for calls that skip input channels."""
+    `tiles` (for a weight whose decode calls keep every input channel): where the VNNI
+    kernels are in use, int8 and bitmask-int8 are also laid out as those kernels read
+    them (tiles of 32 input rows times 16 outputs, 4 rows interleaved per 32-bit lane,
+    each tile's mask beside its values), `extra_bytes` of them. `release_rows()` then
+    drops the row layout, which only calls that skip input channels, other kernels and
+    nothing else need (see `Proj.bind`)."""
     out, inp = p.shape
     return ext.PackedWeight(
         KIND_CODES[p.kind],

@@ -10,7 +10,7 @@ extension's fused call), several at once through masked matmuls.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -86,11 +86,41 @@ class Proj:
         return unpack(self.packed)
 
     def bind(self, native: Any) -> None:
-        """Use the compiled extension (or None for pure torch)."""
+        """Use the compiled extension (or None for pure torch).
+
+        Without a skipping rule every decode call keeps every channel, so where the VNNI
+        kernels are in use int8 kinds get tiles (see `native_weight`) and give up the
+        row layout: RAM then holds one copy, and `packed` keeps only the row scales."""
         self.native = native
-        self.native_w = (
-            None if native is None else native_weight(native, self.packed, self.rule is None)
-        )
+        if native is None:
+            self.native_w = None
+            return
+        self.native_w = native_weight(native, self.packed, tiles=self.rule is None)
+        if self.native_w.extra_bytes:
+            self.native_w.release_rows()
+            self.packed = replace(
+                self.packed, values=self.packed.values[:0], mask=None, offsets=None
+            )
+
+    @property
+    def tiled(self) -> bool:
+        """Whether decode reads this weight's VNNI tiles (see `bind`)."""
+        return self.native_w is not None and self.native_w.extra_bytes > 0
+
+    @property
+    def read_bytes(self) -> int:
+        """Bytes of the weight one decode step reads: its tiles and scales, or its packed
+        tensors."""
+        if not self.tiled:
+            return self.packed.nbytes
+        scale = self.packed.scale
+        return self.native_w.extra_bytes + (0 if scale is None else scale.numel() * 4)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the weight this projection keeps: the packed tensors (rows released:
+        only the scales) and the tiles."""
+        return self.packed.nbytes + (self.native_w.extra_bytes if self.tiled else 0)
 
     @classmethod
     def dense(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Proj:

@@ -18,7 +18,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#if defined(__x86_64__) || defined(_M_X64)
+// SPARSELLM_NO_X86 builds what other CPUs (ARM) build, here too (a test compiles it)
+#if (defined(__x86_64__) || defined(_M_X64)) && !defined(SPARSELLM_NO_X86)
 #include <immintrin.h>
 #define SPARSELLM_X86 1
 #endif
@@ -53,6 +54,8 @@ bool g_vnni = false;    // int8 kinds by integer dot products on int8 activation
 
 // Kept channels of a row per activation scale on the VNNI path (llama.cpp's Q8_0 block).
 constexpr int64_t kQGroup = 32;
+// Bytes of one tile of `make_tiles`: a group of kQGroup rows times 16 outputs.
+constexpr int64_t kTileBytes = kQGroup * 16;
 
 bool cpu_has_avx2() {
 #if SPARSELLM_X86
@@ -1061,8 +1064,6 @@ void sparse_vnni_row(const Weight& w, float* acc, const int64_t* ip, const int8_
   }
 }
 
-// Bytes of one tile of `make_tiles`: a group of kQGroup rows times 16 outputs.
-constexpr int64_t kTileBytes = kQGroup * 16;
 // How far ahead the tile kernels prefetch, in dense tiles (4 KB), into L2. On an AMD
 // EPYC (2 threads, the default model's 120 block projections in a row, cold) dense int8
 // tiles ran at 24-26 GB/s with it, 20 with the same prefetch into L1 and 24 without;
@@ -1095,7 +1096,7 @@ inline void group_activations(const int8_t* q, int64_t cnt, float s, __m512i* a,
 // EPYC), so a single chain of 8 per tile ran at a third of the loads' pace; integer
 // sums in any order are the same, so this changes no bit.
 template <int R, bool kSparse>
-inline void tile_rows(const uint8_t* p, const __m512i (*a)[kQGroup / 4], const __m512i* corr,
+inline void tile_dot(const uint8_t* p, const __m512i (*a)[kQGroup / 4], const __m512i* corr,
                       const __m512* sc, float* acc, int64_t astride, __mmask16 k) {
   constexpr int NP = R >= 4 ? 1 : 4 / R;
   for (int64_t f = 0; f < kTileBytes; f += 64)
@@ -1157,7 +1158,7 @@ void tiles_vnni(const Weight& w, float* acc, const int8_t* qv, const float* qs, 
         switch (rn) {
 #define SPARSELLM_TILE(R)                                                \
   case R:                                                                \
-    tile_rows<R, kSparse>(p, a, corr, sc, y, astride, k);                \
+    tile_dot<R, kSparse>(p, a, corr, sc, y, astride, k);                 \
     break;
           SPARSELLM_TILE(1)
           SPARSELLM_TILE(2)
@@ -1171,6 +1172,40 @@ void tiles_vnni(const Weight& w, float* acc, const int8_t* qv, const float* qs, 
           default:
             break;
         }
+      }
+    }
+  }
+}
+
+// Rows kQGroup g .. of W^T, fp32 times the row scales, from a weight's tiles into tp
+// (in, out): what `dequantize` gives from the rows, bit for bit (a weight whose rows
+// were released still serves prompts, which run as matmuls over it).
+void dequantize_tile_group(const Weight& w, int64_t g, float* tp) {
+  const int64_t chunks = (w.out + 15) / 16;
+  const bool sparse = w.kind == kSI8;
+  for (int64_t o = 0; o < w.out; o += 16) {
+    const int64_t tile = g * chunks + o / 16;
+    const __mmask16 k = w.out - o >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (w.out - o)) - 1);
+    const __m512 sc = _mm512_maskz_loadu_ps(k, w.scale + o);
+    const uint8_t* p = w.tiles + (sparse ? w.tile_at[tile] : tile * kTileBytes);
+    const auto* mk = reinterpret_cast<const uint64_t*>(p);
+    if (sparse) p += 64;
+    for (int64_t st = 0; st < kQGroup / 4; ++st) {
+      __m512i v;
+      if (sparse) {
+        v = _mm512_mask_expand_epi8(_mm512_set1_epi8(static_cast<char>(128)), mk[st],
+                                    _mm512_loadu_si512(p));
+        p += __builtin_popcountll(mk[st]);
+      } else {
+        v = _mm512_loadu_si512(p + 64 * st);
+      }
+      for (int64_t r = 0; r < 4 && kQGroup * g + 4 * st + r < w.in; ++r) {
+        // byte r of each lane is row 4st + r's weight of one output, plus 128
+        const __m512i b = _mm512_and_si512(_mm512_srlv_epi32(v, _mm512_set1_epi32(8 * r)),
+                                           _mm512_set1_epi32(0xFF));
+        const __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(b, _mm512_set1_epi32(128)));
+        _mm512_mask_storeu_ps(tp + (kQGroup * g + 4 * st + r) * w.out + o, k,
+                              _mm512_mul_ps(f, sc));
       }
     }
   }
@@ -1297,6 +1332,9 @@ void quantize_groups(int64_t b, const int64_t* st, Scratch& s) {
 int64_t gemv_into(const float* xp, int64_t b, const Weight& w, const float* sp, float thr,
                   const float* bias, float* yp, Scratch& s) {
   const int64_t in = w.in, out = w.out;
+  TORCH_CHECK(w.values || (g_vnni && thr < 0),
+              "this weight keeps only its VNNI tiles (rows released): it serves calls that keep "
+              "every channel on the avx512vnni kernels");
   // every channel kept (a dense call): all rows share the channel list, so they go
   // through the kernels together and the weights are read once (see rows_multi)
   const bool shared = thr < 0;
@@ -1423,56 +1461,71 @@ struct PackedWeight {
   void make_tiles() {
     const int64_t groups = (w.in + kQGroup - 1) / kQGroup, chunks = (w.out + 15) / 16;
     const int64_t n_tiles = groups * chunks, out = w.out;
-    auto pos = [&](int64_t i, int64_t o) {
-      return (i / kQGroup * chunks + o / 16) * kTileBytes + 64 * ((i % kQGroup) / 4) +
-             4 * (o % 16) + i % 4;
-    };
     const bool sparse = w.kind == kSI8;
+    // W^T[i, 16c + l] lies at row_at(i) + kTileBytes * c + 4 * l
+    auto row_at = [&](int64_t i) {
+      return i / kQGroup * chunks * kTileBytes + 64 * ((i % kQGroup) / 4) + i % 4;
+    };
     std::vector<uint8_t> dense(static_cast<size_t>(n_tiles * kTileBytes), 128);
     std::vector<uint8_t> set(sparse ? dense.size() : 0, 0);
     const auto* v = static_cast<const int8_t*>(w.values);
-    for (int64_t i = 0; i < w.in; ++i) {
-      if (!sparse) {
-        for (int64_t o = 0; o < out; ++o) dense[pos(i, o)] = static_cast<uint8_t>(v[i * out + o] + 128);
-        continue;
-      }
-      const uint8_t* m = w.mask + i * (out / 8);  // set bits take the row's values in turn
-      int64_t p = sparse_start(w, i, 0);
-      for (int64_t o = 0; o < out; o += 8)
-        for (unsigned mb = m[o / 8]; mb; mb &= mb - 1, ++p) {
-          const int64_t at = pos(i, o + __builtin_ctz(mb));
-          dense[at] = static_cast<uint8_t>(v[p] + 128);
-          set[at] = 1;
+    const int64_t n_values = values.numel();
+    at::parallel_for(0, w.in, 64, [&](int64_t i0, int64_t i1) {  // rows fill disjoint bytes
+      for (int64_t i = i0; i < i1; ++i) {
+        uint8_t* d = dense.data() + row_at(i);
+        if (!sparse) {
+          for (int64_t o = 0; o < out; ++o)
+            d[o / 16 * kTileBytes + 4 * (o % 16)] = static_cast<uint8_t>(v[i * out + o] + 128);
+          continue;
         }
-      TORCH_CHECK(p <= values.numel(), "the mask sets more weights than there are values");
-    }
+        uint8_t* f = set.data() + row_at(i);
+        const uint8_t* m = w.mask + i * (out / 8);  // set bits take the row's values in turn
+        int64_t p = sparse_start(w, i, 0);
+        for (int64_t o = 0; o < out; o += 8)
+          for (unsigned mb = m[o / 8]; mb; mb &= mb - 1, ++p) {
+            const int64_t oo = o + __builtin_ctz(mb), at = oo / 16 * kTileBytes + 4 * (oo % 16);
+            TORCH_CHECK(p < n_values, "the mask sets more weights than there are values");
+            d[at] = static_cast<uint8_t>(v[p] + 128);
+            f[at] = 1;
+          }
+      }
+    });
     if (!sparse) {
       tiles = torch::empty({static_cast<int64_t>(dense.size())}, torch::kByte);
       std::copy(dense.begin(), dense.end(), tiles.data_ptr<uint8_t>());
       w.tiles = tiles.data_ptr<uint8_t>();
       return;
     }
-    const int64_t nnz = std::count(set.begin(), set.end(), 1);
-    tiles = torch::zeros({n_tiles * 64 + nnz + 64}, torch::kByte);  // + tiles_vnni's overread
+    // per tile: 8 masks of 8 bytes, then its set positions' bytes in order
     tile_at = torch::empty({n_tiles}, torch::kLong);
-    uint8_t* t = tiles.data_ptr<uint8_t>();
     int64_t* ta = tile_at.data_ptr<int64_t>();
-    int64_t cur = 0;
-    for (int64_t k = 0; k < n_tiles; ++k) {
-      ta[k] = cur;
-      uint8_t* vals = t + cur + 64;
-      for (int64_t st = 0; st < kQGroup / 4; ++st) {
-        uint64_t m = 0;
-        for (int64_t b = 0; b < 64; ++b) {
-          const size_t at = static_cast<size_t>(k * kTileBytes + 64 * st + b);
-          if (!set[at]) continue;
-          m |= 1ull << b;
-          *vals++ = dense[at];
-        }
-        std::memcpy(t + cur + 8 * st, &m, 8);
-      }
-      cur = vals - t;
+    at::parallel_for(0, n_tiles, 256, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k)
+        ta[k] = 64 + std::count(set.begin() + k * kTileBytes, set.begin() + (k + 1) * kTileBytes, 1);
+    });
+    int64_t total = 0;
+    for (int64_t k = 0; k < n_tiles; ++k) {  // sizes to starts
+      const int64_t size = ta[k];
+      ta[k] = total;
+      total += size;
     }
+    tiles = torch::zeros({total + 64}, torch::kByte);  // + 64: tiles_vnni's full last load
+    uint8_t* t = tiles.data_ptr<uint8_t>();
+    at::parallel_for(0, n_tiles, 256, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        uint8_t* vals = t + ta[k] + 64;
+        for (int64_t st = 0; st < kQGroup / 4; ++st) {
+          uint64_t m = 0;
+          for (int64_t b = 0; b < 64; ++b) {
+            const size_t at = static_cast<size_t>(k * kTileBytes + 64 * st + b);
+            if (!set[at]) continue;
+            m |= 1ull << b;
+            *vals++ = dense[at];
+          }
+          std::memcpy(t + ta[k] + 8 * st, &m, 8);
+        }
+      }
+    });
     w.tiles = t;
     w.tile_at = ta;
   }
@@ -1499,8 +1552,8 @@ struct PackedWeight {
     w.offsets = up;
   }
 
-  // `with_tiles`: also lay dense int8 out for tiles_vnni (on CPUs with VNNI), for a
-  // weight whose decode calls keep every input channel.
+  // `with_tiles`: also lay int8 kinds out for tiles_vnni (where the VNNI kernels are in
+  // use), for a weight whose decode calls keep every input channel.
   PackedWeight(int64_t kind, int64_t out, int64_t in, int64_t group, torch::Tensor values_,
                torch::Tensor scale_, torch::Tensor mask_, torch::Tensor offsets_,
                bool with_tiles)
@@ -1541,7 +1594,17 @@ struct PackedWeight {
       TORCH_CHECK(values.numel() * values.element_size() == in * per_row,
                   "values do not match the weight's shape");
     }
-    if ((kind == kI8 || kind == kSI8) && with_tiles && cpu_has_vnni()) make_tiles();
+    if ((kind == kI8 || kind == kSI8) && with_tiles && g_vnni) make_tiles();
+  }
+
+  // Drop the row layout once tiles exist: the weight then serves the VNNI kernels' calls
+  // that keep every channel, and `dequantize`, from one copy in RAM.
+  void release_rows() {
+    TORCH_CHECK(w.tiles, "no tiles: release_rows needs a weight built with tiles on VNNI");
+    values = mask = offsets = units = torch::Tensor();
+    w.values = nullptr;
+    w.mask = nullptr;
+    w.offsets = nullptr;
   }
 };
 
@@ -1567,6 +1630,15 @@ std::tuple<torch::Tensor, int64_t> gemv(const torch::Tensor& x, const PackedWeig
 // matmuls over this, "load sparse, compute dense"; the tensor lives for one call).
 torch::Tensor dequantize(const PackedWeight& pw) {
   const Weight& w = pw.w;
+#if SPARSELLM_X86
+  if (!w.values) {  // rows released: read the tiles (they exist only where VNNI does)
+    auto t = torch::zeros({w.in, w.out}, torch::TensorOptions().dtype(torch::kFloat));
+    at::parallel_for(0, (w.in + kQGroup - 1) / kQGroup, 1, [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g) dequantize_tile_group(w, g, t.data_ptr<float>());
+    });
+    return t;
+  }
+#endif
   auto t = torch::zeros({w.in, w.out}, torch::TensorOptions().dtype(torch::kFloat));
   float* tp = t.data_ptr<float>();
   at::parallel_for(0, w.in, 16, [&](int64_t i0, int64_t i1) {
@@ -1579,6 +1651,39 @@ torch::Tensor dequantize(const PackedWeight& pw) {
     }
   });
   return t;
+}
+
+// Rows `ids` of W (out, in), i.e. columns of W^T, fp32 times their scales, read from a
+// weight's tiles: a tied LM head whose row layout was released is still the embedding.
+torch::Tensor tile_rows(const PackedWeight& pw, const torch::Tensor& ids) {
+  const Weight& w = pw.w;
+  TORCH_CHECK(w.tiles, "a weight with tiles expected");
+  const auto idc = ids.contiguous();
+  TORCH_CHECK(idc.scalar_type() == torch::kLong, "int64 ids expected");
+  const int64_t n = idc.numel(), chunks = (w.out + 15) / 16;
+  const int64_t* id = idc.data_ptr<int64_t>();
+  for (int64_t k = 0; k < n; ++k) TORCH_CHECK(id[k] >= 0 && id[k] < w.out, "id out of range");
+  auto out = torch::empty({n, w.in}, torch::TensorOptions().dtype(torch::kFloat));
+  float* y = out.data_ptr<float>();
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t c = id[k] / 16, l = id[k] % 16;
+    const float s = w.scale[id[k]];
+    for (int64_t i = 0; i < w.in; ++i) {
+      const int64_t tile = i / kQGroup * chunks + c, st = (i % kQGroup) / 4, b = 4 * l + i % 4;
+      int byte = 128;  // a clear mask bit: weight 0
+      if (w.kind == kSI8) {
+        const uint8_t* p = w.tiles + w.tile_at[tile];
+        const auto* mk = reinterpret_cast<const uint64_t*>(p);
+        const uint8_t* vals = p + 64;
+        for (int64_t t = 0; t < st; ++t) vals += __builtin_popcountll(mk[t]);
+        if ((mk[st] >> b) & 1) byte = vals[__builtin_popcountll(mk[st] & ((1ull << b) - 1))];
+      } else {
+        byte = w.tiles[tile * kTileBytes + 64 * st + b];
+      }
+      y[k * w.in + i] = static_cast<float>(byte - 128) * s;
+    }
+  }
+  return out;
 }
 
 std::string isa_in_use() {
@@ -1948,8 +2053,8 @@ class Decoder {
         const float* q = qkv + r * heads * d + h * d;
         const float* K = kp + (where.seq[r] * hk_ + g) * max_len * d;
         const float* V = vp + (where.seq[r] * hk_ + g) * max_len * d;
-#if SPARSELLM_X86
         float* o = att + (r * hq_ + h) * d;
+#if SPARSELLM_X86
         if (vec && attend_one_avx512(q, K, V, n, d, vis, scale, sc.data(), o)) continue;
 #endif
         float m = -std::numeric_limits<float>::infinity();
@@ -2020,9 +2125,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                return (pw.tiles.defined() ? pw.tiles.numel() : 0) +
                                       (pw.tile_at.defined() ? 8 * pw.tile_at.numel() : 0);
                              },
-                             "bytes held beside the packed tensors (int8 tiles)");
+                             "bytes held beside the packed tensors (int8 tiles)")
+      .def("release_rows", &PackedWeight::release_rows,
+           "drop the row layout, keeping the tiles (dense VNNI calls and dequantize only)");
   m.def("gemv", &gemv, "thresholded input-skipping GEMV over a packed weight (CPU)");
   m.def("dequantize", &dequantize, "a packed weight as W^T (in, out) fp32");
+  m.def("tile_rows", &tile_rows, "rows ids of W (columns of W^T) fp32, from a weight's tiles");
   m.def("isa", &isa_in_use, "the kernels in use: avx512vnni, avx512, avx2 or portable");
   m.def("set_isa", &set_isa, "choose the kernels: auto, avx512vnni, avx512, avx2 or portable");
   py::class_<Decoder>(m, "Decoder")
