@@ -54,6 +54,18 @@ bool g_vnni = false;    // int8 kinds by integer dot products on int8 activation
 
 // Kept channels of a row per activation scale on the VNNI path (llama.cpp's Q8_0 block).
 constexpr int64_t kQGroup = 32;
+// `case R: CALL(R); break;` for R = 1..8. Kernels that keep R activation rows' sums in
+// registers take R as a template argument; a switch on the run-time count picks one.
+#define SPARSELLM_CASES_1_TO_8(CALL) \
+  case 1: CALL(1); break;            \
+  case 2: CALL(2); break;            \
+  case 3: CALL(3); break;            \
+  case 4: CALL(4); break;            \
+  case 5: CALL(5); break;            \
+  case 6: CALL(6); break;            \
+  case 7: CALL(7); break;            \
+  case 8: CALL(8); break;
+
 // Bytes of one tile of `make_tiles`: a group of kQGroup rows times 16 outputs.
 constexpr int64_t kTileBytes = kQGroup * 16;
 
@@ -619,18 +631,8 @@ template <int K, class T, class Load>
 void dense_tile_rows(int64_t rows, const T* const* wr, int64_t jn, int64_t o, const float* vp,
                      int64_t vstride, float* acc, int64_t astride, Load load, bool fetch) {
   switch (rows) {
-#define SPARSELLM_TILE(R)                                                        \
-  case R:                                                                        \
-    dense_tile<R, K>(wr, jn, o, vp, vstride, acc, astride, load, fetch);         \
-    break;
-    SPARSELLM_TILE(1)
-    SPARSELLM_TILE(2)
-    SPARSELLM_TILE(3)
-    SPARSELLM_TILE(4)
-    SPARSELLM_TILE(5)
-    SPARSELLM_TILE(6)
-    SPARSELLM_TILE(7)
-    SPARSELLM_TILE(8)
+#define SPARSELLM_TILE(R) dense_tile<R, K>(wr, jn, o, vp, vstride, acc, astride, load, fetch)
+    SPARSELLM_CASES_1_TO_8(SPARSELLM_TILE)
 #undef SPARSELLM_TILE
     default:
       break;
@@ -1156,18 +1158,8 @@ void tiles_vnni(const Weight& w, float* acc, const int8_t* qv, const float* qs, 
         const __mmask16 k = o1 - o >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (o1 - o)) - 1);
         float* y = acc + r0 * astride + o;
         switch (rn) {
-#define SPARSELLM_TILE(R)                                                \
-  case R:                                                                \
-    tile_dot<R, kSparse>(p, a, corr, sc, y, astride, k);                 \
-    break;
-          SPARSELLM_TILE(1)
-          SPARSELLM_TILE(2)
-          SPARSELLM_TILE(3)
-          SPARSELLM_TILE(4)
-          SPARSELLM_TILE(5)
-          SPARSELLM_TILE(6)
-          SPARSELLM_TILE(7)
-          SPARSELLM_TILE(8)
+#define SPARSELLM_TILE(R) tile_dot<R, kSparse>(p, a, corr, sc, y, astride, k)
+          SPARSELLM_CASES_1_TO_8(SPARSELLM_TILE)
 #undef SPARSELLM_TILE
           default:
             break;
