@@ -170,31 +170,36 @@ def test_vnni_int8_tiles_give_the_row_kernels_bits(
     """The tiled layout changes how int8 kinds are read, not what is computed: for 1 to
     8 rows (a decode step, a batch, a verification pass) its outputs are bit-identical
     to the row-layout VNNI kernels', and each row's to what it gets alone."""
-    with native_isa("avx512vnni") as mod:
-        g = torch.Generator().manual_seed(seed)
-        w = torch.randn(n_out, n_in, generator=g)
-        if kind == "sparse-int8":
-            if n_out % 16:
-                pytest.skip("bitmask kinds need out % 16 == 0")
-            w[torch.rand(n_out, n_in, generator=g) < 0.6] = 0
-        w[:, 0] = 127.0 * torch.sign(torch.randn(n_out, generator=g))
-        p = pack(w, kind)
-        assert {-127, 127} <= set(p.values.unique().tolist())
-        rows, tiles = native_weight(mod, p), native_weight(mod, p, tiles=True)
-        groups, chunks = -(-n_in // 32), -(-n_out // 16)
-        nnz = int((w != 0).sum())
-        want_bytes = groups * chunks * (32 * 16 if kind == "int8" else 64 + 8) + (
-            0 if kind == "int8" else nnz + 64  # + 64 bytes of padding
-        )
-        assert tiles.extra_bytes == want_bytes
-        bias = torch.randn(n_out, generator=g)
-        x = torch.randn(8, n_in, generator=g)
-        for b in (1, 3, 8):
-            want = mod.gemv(x[:b], rows, torch.empty(0), -1.0, bias)[0]
-            got = mod.gemv(x[:b], tiles, torch.empty(0), -1.0, bias)[0]
-            assert torch.equal(got, want)
-            alone = mod.gemv(x[b - 1 : b], tiles, torch.empty(0), -1.0, bias)[0]
-            assert torch.equal(got[b - 1 : b], alone)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # outputs >= 2048 per thread split by column (4999, 9000)
+    try:
+        with native_isa("avx512vnni") as mod:
+            g = torch.Generator().manual_seed(seed)
+            w = torch.randn(n_out, n_in, generator=g)
+            if kind == "sparse-int8":
+                if n_out % 16:
+                    pytest.skip("bitmask kinds need out % 16 == 0")
+                w[torch.rand(n_out, n_in, generator=g) < 0.6] = 0
+            w[:, 0] = 127.0 * torch.sign(torch.randn(n_out, generator=g))
+            p = pack(w, kind)
+            assert {-127, 127} <= set(p.values.unique().tolist())
+            rows, tiles = native_weight(mod, p), native_weight(mod, p, tiles=True)
+            groups, chunks = -(-n_in // 32), -(-n_out // 16)
+            nnz = int((w != 0).sum())
+            want_bytes = groups * chunks * (32 * 16 if kind == "int8" else 64 + 8) + (
+                0 if kind == "int8" else nnz + 64  # + 64 bytes of padding
+            )
+            assert tiles.extra_bytes == want_bytes
+            bias = torch.randn(n_out, generator=g)
+            x = torch.randn(8, n_in, generator=g)
+            for b in (1, 3, 8):
+                want = mod.gemv(x[:b], rows, torch.empty(0), -1.0, bias)[0]
+                got = mod.gemv(x[:b], tiles, torch.empty(0), -1.0, bias)[0]
+                assert torch.equal(got, want)
+                alone = mod.gemv(x[b - 1 : b], tiles, torch.empty(0), -1.0, bias)[0]
+                assert torch.equal(got[b - 1 : b], alone)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("kind", ["int8", "sparse-int8"])

@@ -119,6 +119,7 @@ def build_runtime(loaded: Any, fmt: str | None, max_len: int) -> tuple[Any, str]
     if loaded.packed is not None:
         rt = DecodeRuntime(loaded.model, max_len=max_len, packed=loaded.packed)
         name = loaded.info.get("format", "packed")
+        loaded.packed = None  # the runtime holds the weights (tiles may have replaced rows)
     else:
         rt = DecodeRuntime(loaded.model, max_len=max_len, fmt=fmt or "fp32")
         name = fmt or "fp32"

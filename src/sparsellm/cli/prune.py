@@ -345,6 +345,7 @@ def deployed(dense: Any, prep: Any, out: Path, fmt: str, result: Result) -> dict
         f"pruned {fmt}, sparsellm runtime": {"disk_bytes": dir_bytes(out), "ppl": ppl},
     }
     packed_rt = DecodeRuntime(reloaded.model, max_len=256, packed=reloaded.packed)
+    reloaded.packed = None  # the runtime holds the weights (tiles may have replaced rows)
     runtimes = {f"pruned {fmt}, sparsellm runtime": packed_rt}
     jobs: dict[str, Any] = {}
     new = 64

@@ -158,14 +158,18 @@ class DecodeRuntime:
         self._names = {}
         self.native = native_kernel() if native else None
         tied = self.embed_packed is not None and self.embed_packed is self.lm_head.packed
+        # a ReLU model's down projections skip their exact zeros on sparse steps (see
+        # _build_decoder): they keep the row layout, which skips
+        relu_down = {id(ly.mlp.down) for ly in self.layers} if self._relu() else set()
         for proj in self._all_projs():
-            proj.bind(self.native)
+            proj.bind(self.native, tiles=id(proj) not in relu_down)
         # a tied head whose rows went to tiles is the embedding from there (see _embed;
         # kept apart from lm_head, which a draft may swap for a smaller one)
         self._embed_tiles: Any = None
         if tied and self.lm_head.tiled:
             self._embed_tiles = self.lm_head.native_w
             self.embed_packed = self.lm_head.packed
+        self._packed = None  # the projections hold what they need (their rows may be freed)
         self.cos, self.sin = self._rope()
         self._decoder: Any = None  # the native whole-step decoder, built by `reset`
         self._counts = torch.zeros(4 * len(self.layers), 2, dtype=torch.int64)

@@ -85,17 +85,18 @@ class Proj:
             return self.native.dequantize(self.native_w).t()
         return unpack(self.packed)
 
-    def bind(self, native: Any) -> None:
+    def bind(self, native: Any, tiles: bool = True) -> None:
         """Use the compiled extension (or None for pure torch).
 
-        Without a skipping rule every decode call keeps every channel, so where the VNNI
-        kernels are in use int8 kinds get tiles (see `native_weight`) and give up the
-        row layout: RAM then holds one copy, and `packed` keeps only the row scales."""
+        Without a skipping rule every decode call keeps every channel, so (with `tiles`,
+        where the VNNI kernels are in use) int8 kinds get tiles (see `native_weight`) and
+        give up the row layout: RAM then holds one copy, and `packed` keeps only the row
+        scales. `tiles=False` keeps the rows for a caller that skips channels anyway."""
         self.native = native
         if native is None:
             self.native_w = None
             return
-        self.native_w = native_weight(native, self.packed, tiles=self.rule is None)
+        self.native_w = native_weight(native, self.packed, tiles=tiles and self.rule is None)
         if self.native_w.extra_bytes:
             self.native_w.release_rows()
             self.packed = replace(

@@ -1068,7 +1068,7 @@ void sparse_vnni_row(const Weight& w, float* acc, const int64_t* ip, const int8_
 
 // How far ahead the tile kernels prefetch, in dense tiles (4 KB), into L2. On an AMD
 // EPYC (2 threads, the default model's 120 block projections in a row, cold) dense int8
-// tiles ran at 24-26 GB/s with it, 20 with the same prefetch into L1 and 24 without;
+// tiles ran at 24-26 GB/s with it and ~20 with the same prefetch into L1 or with none;
 // 4 to 64 tiles ahead ran alike.
 constexpr int64_t kPfTiles = 8;
 
