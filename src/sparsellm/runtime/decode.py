@@ -539,13 +539,13 @@ class DecodeRuntime:
 
     def weight_bytes(self) -> int:
         """Bytes of packed weights a decode step reads (block projections and LM head)."""
-        return sum(p.read_bytes for p in self._all_projs())
+        return sum(p.nbytes for p in self._all_projs())
 
     def resident_bytes(self) -> int:
         """Bytes of weights this runtime keeps for decoding: its packed projections, the
         model tensors fp32 projections share, the embedding (unless read from the packed
         head) and the norms."""
-        total = sum(p.held_bytes for p in self._all_projs())
+        total = self.weight_bytes()
         total += sum(
             p.weight_fp32.numel() * 4 for p in self._all_projs() if p.weight_fp32 is not None
         )

@@ -215,8 +215,8 @@ def native_weight(ext: Any, p: Packed, tiles: bool = False) -> Any:
     kernels are in use, int8 and bitmask-int8 are also laid out as those kernels read
     them (tiles of 32 input rows times 16 outputs, 4 rows interleaved per 32-bit lane,
     each tile's mask beside its values), `extra_bytes` of them. `release_rows()` then
-    drops the row layout, which only calls that skip input channels, other kernels and
-    nothing else need (see `Proj.bind`)."""
+    drops the row layout, which only calls that skip input channels and the other
+    kernels need (see `Proj.bind`)."""
     out, inp = p.shape
     return ext.PackedWeight(
         KIND_CODES[p.kind],

@@ -109,18 +109,9 @@ class Proj:
         return self.native_w is not None and self.native_w.extra_bytes > 0
 
     @property
-    def read_bytes(self) -> int:
-        """Bytes of the weight one decode step reads: its tiles and scales, or its packed
-        tensors."""
-        if not self.tiled:
-            return self.packed.nbytes
-        scale = self.packed.scale
-        return self.native_w.extra_bytes + (0 if scale is None else scale.numel() * 4)
-
-    @property
-    def held_bytes(self) -> int:
-        """Bytes of the weight this projection keeps: the packed tensors (rows released:
-        only the scales) and the tiles."""
+    def nbytes(self) -> int:
+        """Bytes of the weight this projection keeps, which a decode step reads: its
+        packed tensors (once tiled, only the scales are left) and its tiles."""
         return self.packed.nbytes + (self.native_w.extra_bytes if self.tiled else 0)
 
     @classmethod

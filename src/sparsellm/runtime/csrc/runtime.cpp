@@ -120,6 +120,11 @@ struct Weight {
 };
 
 inline bool sparse_kind(int64_t k) { return k >= kSBF16; }
+
+// Where tile `tile` (group g, chunk c: g * chunks + c) of a weight's tiles starts.
+inline const uint8_t* tile_start(const Weight& w, int64_t tile) {
+  return w.tiles + (w.kind == kSI8 ? w.tile_at[tile] : tile * kTileBytes);
+}
 inline bool row_scaled(int64_t k) { return k == kI8 || k == kSI8; }  // scale[o] at the end
 
 inline float bf16_to_f32(uint16_t h) {
@@ -1090,6 +1095,19 @@ inline void group_activations(const int8_t* q, int64_t cnt, float s, __m512i* a,
   sc = _mm512_set1_ps(s);
 }
 
+// Step t of a tile as the 64 bytes vpdpbusd multiplies: a dense tile's as they lie at
+// p + 64t; a bitmask tile's packed values at p (advanced past them) expanded to its 64
+// mask bits mk[t], 128 (weight 0) where a bit is clear. The expansion loads a full 64
+// bytes: what lies past the step's values is not expanded (the buffer ends with 64
+// bytes of padding).
+inline __m512i tile_step(const uint8_t*& p, const uint64_t* mk, int64_t t, bool sparse) {
+  if (!sparse) return _mm512_loadu_si512(p + 64 * t);
+  const __m512i v = _mm512_mask_expand_epi8(_mm512_set1_epi8(static_cast<char>(128)), mk[t],
+                                            _mm512_loadu_si512(p));
+  p += __builtin_popcountll(mk[t]);
+  return v;
+}
+
 // One tile (the chunk of 16 outputs whose tile starts at p) times R activation rows,
 // folded into acc: y[r] += sc[r] * (sum over the tile - corr[r]). A step's 64 bytes are
 // what vpdpbusd multiplies as they lie (dense), or its 64 mask bits expand its packed
@@ -1106,19 +1124,10 @@ inline void tile_dot(const uint8_t* p, const __m512i (*a)[kQGroup / 4], const __
   __m512i sum[R][NP];
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < NP; ++i) sum[r][i] = _mm512_setzero_si512();
-  [[maybe_unused]] const auto* mk = reinterpret_cast<const uint64_t*>(p);
+  const auto* mk = reinterpret_cast<const uint64_t*>(p);
   if constexpr (kSparse) p += 64;
   for (int t = 0; t < kQGroup / 4; ++t) {
-    __m512i v;
-    if constexpr (kSparse) {
-      // a full 64-byte load: what lies past the step's values is not expanded (the
-      // buffer ends with 64 bytes of padding)
-      v = _mm512_mask_expand_epi8(_mm512_set1_epi8(static_cast<char>(128)), mk[t],
-                                  _mm512_loadu_si512(p));
-      p += __builtin_popcountll(mk[t]);
-    } else {
-      v = _mm512_loadu_si512(p + 64 * t);
-    }
+    const __m512i v = tile_step(p, mk, t, kSparse);
     for (int r = 0; r < R; ++r) sum[r][t % NP] = _mm512_dpbusd_epi32(sum[r][t % NP], v, a[r][t]);
   }
   for (int r = 0; r < R; ++r) {
@@ -1153,8 +1162,7 @@ void tiles_vnni(const Weight& w, float* acc, const int8_t* qv, const float* qs, 
         group_activations(qv + (r0 + r) * vstride + g0, cnt, qs[(r0 + r) * qstride + g], a[r],
                           corr[r], sc[r]);
       for (int64_t o = o0; o < o1; o += 16) {
-        const int64_t tile = g * chunks + o / 16;
-        const uint8_t* p = w.tiles + (kSparse ? w.tile_at[tile] : tile * kTileBytes);
+        const uint8_t* p = tile_start(w, g * chunks + o / 16);
         const __mmask16 k = o1 - o >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (o1 - o)) - 1);
         float* y = acc + r0 * astride + o;
         switch (rn) {
@@ -1176,21 +1184,13 @@ void dequantize_tile_group(const Weight& w, int64_t g, float* tp) {
   const int64_t chunks = (w.out + 15) / 16;
   const bool sparse = w.kind == kSI8;
   for (int64_t o = 0; o < w.out; o += 16) {
-    const int64_t tile = g * chunks + o / 16;
     const __mmask16 k = w.out - o >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (w.out - o)) - 1);
     const __m512 sc = _mm512_maskz_loadu_ps(k, w.scale + o);
-    const uint8_t* p = w.tiles + (sparse ? w.tile_at[tile] : tile * kTileBytes);
+    const uint8_t* p = tile_start(w, g * chunks + o / 16);
     const auto* mk = reinterpret_cast<const uint64_t*>(p);
     if (sparse) p += 64;
     for (int64_t st = 0; st < kQGroup / 4; ++st) {
-      __m512i v;
-      if (sparse) {
-        v = _mm512_mask_expand_epi8(_mm512_set1_epi8(static_cast<char>(128)), mk[st],
-                                    _mm512_loadu_si512(p));
-        p += __builtin_popcountll(mk[st]);
-      } else {
-        v = _mm512_loadu_si512(p + 64 * st);
-      }
+      const __m512i v = tile_step(p, mk, st, sparse);
       for (int64_t r = 0; r < 4 && kQGroup * g + 4 * st + r < w.in; ++r) {
         // byte r of each lane is row 4st + r's weight of one output, plus 128
         const __m512i b = _mm512_and_si512(_mm512_srlv_epi32(v, _mm512_set1_epi32(8 * r)),
@@ -1203,8 +1203,9 @@ void dequantize_tile_group(const Weight& w, int64_t g, float* tp) {
   }
 }
 
-// The VNNI kernels of an int8 / bitmask-int8 weight (arguments as dense_vnni's); false
-// for other kinds. Bitmask rows go one at a time: a batch re-reads their weights.
+// The VNNI kernels of an int8 / bitmask-int8 weight (arguments as dense_vnni's; `every`:
+// the rows keep every channel, so tiles serve them where the weight has them); false for
+// other kinds. The bitmask row kernel takes rows one at a time: a batch re-reads them.
 bool int8_vnni(const Weight& w, float* acc, const int64_t* ip, const int8_t* qv,
                const float* qs, int64_t j0, int64_t j1, int64_t o0, int64_t o1, int64_t nb,
                int64_t vstride, int64_t qstride, int64_t astride, bool every) {
@@ -1444,8 +1445,8 @@ struct PackedWeight {
   torch::Tensor tiles, tile_at;  // int8 kinds on VNNI CPUs (see make_tiles)
   Weight w;
 
-  // Int8 kinds rearranged for the tile kernels, a second copy of the weight (the row
-  // layout stays for the kernels that skip input channels). Per group of kQGroup rows
+  // Int8 kinds rearranged for the tile kernels: a second copy of the weight until
+  // `release_rows` drops the row layout. Per group of kQGroup rows
   // and 16 outputs (group-major), a tile of kQGroup / 4 steps of 64 bytes: byte 4l + r of
   // step t is W^T[kQGroup g + 4t + r, 16c + l] + 128 (128, weight 0, past the edge).
   // Bitmask int8 keeps, per tile, its steps' 64-bit masks (8 x 8 bytes) followed by the
@@ -1458,13 +1459,17 @@ struct PackedWeight {
     auto row_at = [&](int64_t i) {
       return i / kQGroup * chunks * kTileBytes + 64 * ((i % kQGroup) / 4) + i % 4;
     };
-    std::vector<uint8_t> dense(static_cast<size_t>(n_tiles * kTileBytes), 128);
-    std::vector<uint8_t> set(sparse ? dense.size() : 0, 0);
+    // dense int8 fills its tiles in place; bitmask fills a dense image and marks its set
+    // bytes, then packs both
+    std::vector<uint8_t> image(sparse ? static_cast<size_t>(n_tiles * kTileBytes) : 0, 128);
+    std::vector<uint8_t> set(image.size(), 0);
+    if (!sparse) tiles = torch::full({n_tiles * kTileBytes}, 128, torch::kByte);
+    uint8_t* dense = sparse ? image.data() : tiles.data_ptr<uint8_t>();
     const auto* v = static_cast<const int8_t*>(w.values);
     const int64_t n_values = values.numel();
     at::parallel_for(0, w.in, 64, [&](int64_t i0, int64_t i1) {  // rows fill disjoint bytes
       for (int64_t i = i0; i < i1; ++i) {
-        uint8_t* d = dense.data() + row_at(i);
+        uint8_t* d = dense + row_at(i);
         if (!sparse) {
           for (int64_t o = 0; o < out; ++o)
             d[o / 16 * kTileBytes + 4 * (o % 16)] = static_cast<uint8_t>(v[i * out + o] + 128);
@@ -1483,9 +1488,7 @@ struct PackedWeight {
       }
     });
     if (!sparse) {
-      tiles = torch::empty({static_cast<int64_t>(dense.size())}, torch::kByte);
-      std::copy(dense.begin(), dense.end(), tiles.data_ptr<uint8_t>());
-      w.tiles = tiles.data_ptr<uint8_t>();
+      w.tiles = dense;
       return;
     }
     // per tile: 8 masks of 8 bytes, then its set positions' bytes in order
@@ -1622,17 +1625,16 @@ std::tuple<torch::Tensor, int64_t> gemv(const torch::Tensor& x, const PackedWeig
 // matmuls over this, "load sparse, compute dense"; the tensor lives for one call).
 torch::Tensor dequantize(const PackedWeight& pw) {
   const Weight& w = pw.w;
+  auto t = torch::zeros({w.in, w.out}, torch::TensorOptions().dtype(torch::kFloat));
+  float* tp = t.data_ptr<float>();
 #if SPARSELLM_X86
   if (!w.values) {  // rows released: read the tiles (they exist only where VNNI does)
-    auto t = torch::zeros({w.in, w.out}, torch::TensorOptions().dtype(torch::kFloat));
     at::parallel_for(0, (w.in + kQGroup - 1) / kQGroup, 1, [&](int64_t g0, int64_t g1) {
-      for (int64_t g = g0; g < g1; ++g) dequantize_tile_group(w, g, t.data_ptr<float>());
+      for (int64_t g = g0; g < g1; ++g) dequantize_tile_group(w, g, tp);
     });
     return t;
   }
 #endif
-  auto t = torch::zeros({w.in, w.out}, torch::TensorOptions().dtype(torch::kFloat));
-  float* tp = t.data_ptr<float>();
   at::parallel_for(0, w.in, 16, [&](int64_t i0, int64_t i1) {
     const float one = 1.0f;
     for (int64_t i = i0; i < i1; ++i) {
@@ -1663,14 +1665,14 @@ torch::Tensor tile_rows(const PackedWeight& pw, const torch::Tensor& ids) {
     for (int64_t i = 0; i < w.in; ++i) {
       const int64_t tile = i / kQGroup * chunks + c, st = (i % kQGroup) / 4, b = 4 * l + i % 4;
       int byte = 128;  // a clear mask bit: weight 0
+      const uint8_t* p = tile_start(w, tile);
       if (w.kind == kSI8) {
-        const uint8_t* p = w.tiles + w.tile_at[tile];
         const auto* mk = reinterpret_cast<const uint64_t*>(p);
         const uint8_t* vals = p + 64;
         for (int64_t t = 0; t < st; ++t) vals += __builtin_popcountll(mk[t]);
         if ((mk[st] >> b) & 1) byte = vals[__builtin_popcountll(mk[st] & ((1ull << b) - 1))];
       } else {
-        byte = w.tiles[tile * kTileBytes + 64 * st + b];
+        byte = p[64 * st + b];
       }
       y[k * w.in + i] = static_cast<float>(byte - 128) * s;
     }
