@@ -105,13 +105,14 @@ def test_native_kernel_equals_masked_reference(
     w[torch.rand(n_out, n_in, generator=g) < 0.5] = 0  # pruned weights
     x, scale = torch.randn(b, n_in, generator=g), torch.rand(n_in, generator=g)
     p = pack(w, kind, group=32)
-    nw = native_weight(ext, p, tiles=True)  # dense int8 on VNNI: tiles; thresholded: rows
+    nw = native_weight(ext, p, tiles=True)  # int8 / int4 on VNNI: tiles; thresholded: rows
     ref_w = unpack(p)
     # fp32 sums of n_in unit-variance products, added in a different order than BLAS:
     # rounding grows like sqrt(n_in) (2e-5 seen at n_in=517 on an EPYC); a wrong or
     # missed weight would be off by O(1)
     tol = {"rtol": 1e-5, "atol": 5e-6 * n_in**0.5}
-    # int8 kinds on VNNI multiply int8 activations: the reference takes the same ones
+    # int8 kinds on VNNI multiply int8 activations, and so do int4's tiles (dense calls):
+    # the reference takes the same ones
     a8 = ext.isa() == "avx512vnni" and kind in ("int8", "sparse-int8")
     y, kept = ext.gemv(x, nw, scale, 0.4, bias)
     keep = x.abs() * scale > 0.4
@@ -119,6 +120,8 @@ def test_native_kernel_equals_masked_reference(
     torch.testing.assert_close(y, masked_linear_reference(xk, ref_w, keep, bias), **tol)
     assert kept == int(keep.sum())
     y, kept = ext.gemv(x, nw, torch.empty(0), -1.0, torch.empty(0))  # dense
+    a8 |= ext.isa() == "avx512vnni" and kind == "int4"
+    assert (nw.extra_bytes > 0) == a8  # the kinds with tiles
     xd = quantized_activations(x, torch.ones_like(keep)) if a8 else x
     torch.testing.assert_close(y, F.linear(xd, ref_w), **tol)
     assert kept == b * n_in
@@ -202,7 +205,49 @@ def test_vnni_int8_tiles_give_the_row_kernels_bits(
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("kind", ["int8", "sparse-int8"])
+@pytest.mark.parametrize(
+    ("seed", "n_in", "n_out", "group"),
+    # weight groups of 1, 2 and 4 tiles, a short last activation group (517), a short
+    # last weight group (300 = 2 x 128 + 44), outputs split over threads (4864)
+    [(0, 64, 48, 32), (1, 517, 352, 64), (2, 300, 96, 128), (3, 70, 4864, 128)],
+)
+def test_vnni_int4_tiles_multiply_int8_activations(
+    seed: int, n_in: int, n_out: int, group: int
+) -> None:
+    """Int4 tiles (group a multiple of 32) on VNNI: each activation group's int32 sum of
+    q_x * q_w times the activation scale and the weight group's scale, i.e. the product of
+    the quantized activations with the dequantized weight; every row gets the bits it gets
+    alone, and the rows' own kernels (a call that skips channels) are unchanged."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with native_isa("avx512vnni") as mod:
+            g = torch.Generator().manual_seed(seed)
+            w = torch.randn(n_out, n_in, generator=g)
+            w[:, 0] = 8.0  # q = 7 and -7 at each group's largest weight
+            p = pack(w, "int4", group=group)
+            rows, tiles = native_weight(mod, p), native_weight(mod, p, tiles=True)
+            assert rows.extra_bytes == 0
+            assert tiles.extra_bytes == -(-n_in // 32) * (n_out // 16) * 256
+            x = torch.randn(8, n_in, generator=g)
+            bias = torch.randn(n_out, generator=g)
+            got = mod.gemv(x, tiles, torch.empty(0), -1.0, bias)[0]
+            xq = quantized_activations(x, torch.ones_like(x, dtype=torch.bool))
+            torch.testing.assert_close(got, F.linear(xq, unpack(p), bias), rtol=1e-5, atol=1e-4)
+            fp32 = mod.gemv(x, rows, torch.empty(0), -1.0, bias)[0]
+            assert not torch.equal(got, fp32)  # the row kernels multiply fp32 activations
+            for b in (1, 3):
+                alone = mod.gemv(x[b - 1 : b], tiles, torch.empty(0), -1.0, bias)[0]
+                assert torch.equal(got[b - 1 : b], alone)
+            scale = torch.rand(n_in, generator=g)
+            assert torch.equal(
+                mod.gemv(x, tiles, scale, 0.3, bias)[0], mod.gemv(x, rows, scale, 0.3, bias)[0]
+            )
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("kind", ["int8", "sparse-int8", "int4"])
 def test_released_rows_leave_tiles_that_serve_dense_vnni_calls_only(kind: str) -> None:
     """After `release_rows` a weight keeps its tiles: dense calls and `dequantize` give
     what they gave before, and `tile_rows` the rows of W; a call that skips channels,
@@ -271,8 +316,8 @@ def test_native_weight_rejects_offsets_that_contradict_the_mask() -> None:
         native_weight(mod, p)
 
 
-@pytest.mark.parametrize("kind", ["fp32", "bf16", "int8", "sparse-bf16", "sparse-int8"])
-@pytest.mark.parametrize(("n_in", "n_out"), [(70, 200), (300, 5000)])  # narrow, wide
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "int8", "int4", "sparse-bf16", "sparse-int8"])
+@pytest.mark.parametrize(("n_in", "n_out"), [(70, 208), (300, 5000)])  # narrow, wide
 def test_rows_are_batch_and_isa_invariant(kind: str, n_in: int, n_out: int) -> None:
     """A row's product with every channel kept is bit-identical whatever rows share the
     call (a speculative pass verifies 1-16 tokens at once and must reproduce plain decoding
@@ -285,8 +330,8 @@ def test_rows_are_batch_and_isa_invariant(kind: str, n_in: int, n_out: int) -> N
     if mod is None:
         pytest.skip("no C++ compiler here")
     g = torch.Generator().manual_seed(0)
-    if kind.startswith("sparse-"):
-        n_out -= n_out % 16  # bitmask kinds need out % 16 == 0
+    if kind.startswith("sparse-") or kind == "int4":
+        n_out -= n_out % 16  # bitmask and int4 kinds need out % 16 == 0
     w = torch.randn(n_out, n_in, generator=g)
     w[torch.rand(n_out, n_in, generator=g) < 0.5] = 0
     nw = native_weight(mod, pack(w, kind), tiles=True)  # VNNI: tiles; the rest: rows
@@ -305,8 +350,9 @@ def test_rows_are_batch_and_isa_invariant(kind: str, n_in: int, n_out: int) -> N
                 assert torch.equal(together, alone[:nb]), (isa, nb)
         finally:
             mod.set_isa("auto")
-        # VNNI int8 kinds multiply int8 activations: batch-invariant, not equal to the rest
-        if not (isa == "avx512vnni" and "int8" in kind):
+        # VNNI int8 kinds (and int4 tiles) multiply int8 activations: batch-invariant, not
+        # equal to the rest
+        if not (isa == "avx512vnni" and kind in ("int8", "sparse-int8", "int4")):
             results.append(alone)
     if not results:
         pytest.skip("no vector ISA on this CPU")

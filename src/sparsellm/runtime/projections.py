@@ -89,9 +89,10 @@ class Proj:
         """Use the compiled extension (or None for pure torch).
 
         Without a skipping rule every decode call keeps every channel, so (with `tiles`,
-        where the VNNI kernels are in use) int8 kinds get tiles (see `native_weight`) and
-        give up the row layout: RAM then holds one copy, and `packed` keeps only the row
-        scales. `tiles=False` keeps the rows for a caller that skips channels anyway."""
+        where the VNNI kernels are in use) int8 kinds and int4 get tiles (see
+        `native_weight`) and give up the row layout: RAM then holds one copy, and `packed`
+        keeps only the scales. `tiles=False` keeps the rows for a caller that skips
+        channels anyway."""
         self.native = native
         if native is None:
             self.native_w = None

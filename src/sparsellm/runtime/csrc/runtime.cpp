@@ -123,7 +123,7 @@ inline bool sparse_kind(int64_t k) { return k >= kSBF16; }
 
 // Where tile `tile` (group g, chunk c: g * chunks + c) of a weight's tiles starts.
 inline const uint8_t* tile_start(const Weight& w, int64_t tile) {
-  return w.tiles + (w.kind == kSI8 ? w.tile_at[tile] : tile * kTileBytes);
+  return w.tiles + (w.kind == kSI8 ? w.tile_at[tile] : tile * (w.kind == kI4 ? kTileBytes / 2 : kTileBytes));
 }
 inline bool row_scaled(int64_t k) { return k == kI8 || k == kSI8; }  // scale[o] at the end
 
@@ -1079,9 +1079,10 @@ constexpr int64_t kPfTiles = 8;
 
 // One row's quantized activations of a group (cnt <= kQGroup of them at q, scale s) as
 // the tile kernels multiply them: step t's four (signed) bytes broadcast to every lane,
-// the 128 * sum q that the weights' +128 offset adds to each output, and the scale.
-inline void group_activations(const int8_t* q, int64_t cnt, float s, __m512i* a, __m512i& corr,
-                              __m512& sc) {
+// the offset * sum q that the weights' unsigned offset (int8 128, int4 8) adds to each
+// output, and the scale.
+inline void group_activations(const int8_t* q, int64_t cnt, float s, int32_t offset, __m512i* a,
+                              __m512i& corr, __m512& sc) {
   int32_t sum = 0;
   for (int64_t t = 0; t < kQGroup / 4; ++t) {
     uint32_t word = 0;
@@ -1091,7 +1092,7 @@ inline void group_activations(const int8_t* q, int64_t cnt, float s, __m512i* a,
     }
     a[t] = _mm512_set1_epi32(static_cast<int>(word));
   }
-  corr = _mm512_set1_epi32(128 * sum);
+  corr = _mm512_set1_epi32(offset * sum);
   sc = _mm512_set1_ps(s);
 }
 
@@ -1115,27 +1116,51 @@ inline __m512i tile_step(const uint8_t*& p, const uint64_t* mk, int64_t t, bool 
 // sums a row: one vpdpbusd waits for the previous one's result (5 cycles on an AMD
 // EPYC), so a single chain of 8 per tile ran at a third of the loads' pace; integer
 // sums in any order are the same, so this changes no bit.
-template <int R, bool kSparse>
+//
+// kNib (int4, half-size tiles): a step's 64 bytes hold two int8 steps' bytes, step 2t in
+// the low nibbles and 2t + 1 in the high ones, each q + 8; `ws` points at the tile's 16
+// outputs' scales of its weight group, which multiply the activation scale.
+template <int R, bool kSparse, bool kNib>
 inline void tile_dot(const uint8_t* p, const __m512i (*a)[kQGroup / 4], const __m512i* corr,
-                      const __m512* sc, float* acc, int64_t astride, __mmask16 k) {
+                      const __m512* sc, const float* ws, float* acc, int64_t astride,
+                      __mmask16 k) {
   constexpr int NP = R >= 4 ? 1 : 4 / R;
-  for (int64_t f = 0; f < kTileBytes; f += 64)
-    _mm_prefetch(reinterpret_cast<const char*>(p + kPfTiles * kTileBytes + f), _MM_HINT_T1);
+  constexpr int64_t kBytes = kNib ? kTileBytes / 2 : kTileBytes;
+  for (int64_t f = 0; f < kBytes; f += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(p + kPfTiles * kBytes + f), _MM_HINT_T1);
   __m512i sum[R][NP];
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < NP; ++i) sum[r][i] = _mm512_setzero_si512();
-  const auto* mk = reinterpret_cast<const uint64_t*>(p);
-  if constexpr (kSparse) p += 64;
-  for (int t = 0; t < kQGroup / 4; ++t) {
-    const __m512i v = tile_step(p, mk, t, kSparse);
-    for (int r = 0; r < R; ++r) sum[r][t % NP] = _mm512_dpbusd_epi32(sum[r][t % NP], v, a[r][t]);
+  if constexpr (kNib) {
+    const __m512i low = _mm512_set1_epi8(15);
+    for (int t = 0; t < kQGroup / 8; ++t) {
+      const __m512i v = _mm512_loadu_si512(p + 64 * t);
+      const __m512i lo = _mm512_and_si512(v, low);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      for (int r = 0; r < R; ++r) {
+        sum[r][(2 * t) % NP] = _mm512_dpbusd_epi32(sum[r][(2 * t) % NP], lo, a[r][2 * t]);
+        sum[r][(2 * t + 1) % NP] =
+            _mm512_dpbusd_epi32(sum[r][(2 * t + 1) % NP], hi, a[r][2 * t + 1]);
+      }
+    }
+  } else {
+    const auto* mk = reinterpret_cast<const uint64_t*>(p);
+    if constexpr (kSparse) p += 64;
+    for (int t = 0; t < kQGroup / 4; ++t) {
+      const __m512i v = tile_step(p, mk, t, kSparse);
+      for (int r = 0; r < R; ++r)
+        sum[r][t % NP] = _mm512_dpbusd_epi32(sum[r][t % NP], v, a[r][t]);
+    }
   }
+  __m512 wsv = _mm512_set1_ps(1.0f);
+  if constexpr (kNib) wsv = _mm512_maskz_loadu_ps(k, ws);
   for (int r = 0; r < R; ++r) {
     __m512i total = sum[r][0];
     for (int i = 1; i < NP; ++i) total = _mm512_add_epi32(total, sum[r][i]);
     float* y = acc + r * astride;
     const __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(total, corr[r]));
-    _mm512_mask_storeu_ps(y, k, _mm512_fmadd_ps(f, sc[r], _mm512_maskz_loadu_ps(k, y)));
+    const __m512 s = kNib ? _mm512_mul_ps(sc[r], wsv) : sc[r];
+    _mm512_mask_storeu_ps(y, k, _mm512_fmadd_ps(f, s, _mm512_maskz_loadu_ps(k, y)));
   }
 }
 
@@ -1145,7 +1170,7 @@ inline void tile_dot(const uint8_t* p, const __m512i (*a)[kQGroup / 4], const __
 // order. The weights are stored plus 128 (unsigned), so a step computes sum (w + 128) q
 // and the group's sum is that minus 128 * sum q: exactly the int32 that dense_vnni and
 // sparse_vnni_row fold, in the same group order, so these give their bits.
-template <bool kSparse>
+template <bool kSparse, bool kNib>
 void tiles_vnni(const Weight& w, float* acc, const int8_t* qv, const float* qs, int64_t j0,
                 int64_t j1, int64_t o0, int64_t o1, int64_t nb, int64_t vstride,
                 int64_t qstride, int64_t astride) {
@@ -1159,14 +1184,17 @@ void tiles_vnni(const Weight& w, float* acc, const int8_t* qv, const float* qs, 
       __m512i corr[kRows];
       __m512 sc[kRows];
       for (int64_t r = 0; r < rn; ++r)
-        group_activations(qv + (r0 + r) * vstride + g0, cnt, qs[(r0 + r) * qstride + g], a[r],
-                          corr[r], sc[r]);
+        group_activations(qv + (r0 + r) * vstride + g0, cnt, qs[(r0 + r) * qstride + g],
+                          kNib ? 8 : 128, a[r], corr[r], sc[r]);
+      // int4: the scales of the weight group these rows are in (group % kQGroup == 0)
+      const float* ws = kNib ? w.scale + g0 / w.group * w.out : nullptr;
       for (int64_t o = o0; o < o1; o += 16) {
         const uint8_t* p = tile_start(w, g * chunks + o / 16);
         const __mmask16 k = o1 - o >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (o1 - o)) - 1);
         float* y = acc + r0 * astride + o;
         switch (rn) {
-#define SPARSELLM_TILE(R) tile_dot<R, kSparse>(p, a, corr, sc, y, astride, k)
+#define SPARSELLM_TILE(R) \
+  tile_dot<R, kSparse, kNib>(p, a, corr, sc, kNib ? ws + o : nullptr, y, astride, k)
           SPARSELLM_CASES_1_TO_8(SPARSELLM_TILE)
 #undef SPARSELLM_TILE
           default:
@@ -1183,6 +1211,22 @@ void tiles_vnni(const Weight& w, float* acc, const int8_t* qv, const float* qs, 
 void dequantize_tile_group(const Weight& w, int64_t g, float* tp) {
   const int64_t chunks = (w.out + 15) / 16;
   const bool sparse = w.kind == kSI8;
+  if (w.kind == kI4) {  // nibbles q + 8 times the weight group's scales
+    const float* ws = w.scale + kQGroup * g / w.group * w.out;
+    for (int64_t o = 0; o < w.out; o += 16) {  // int4: out % 16 == 0
+      const __m512 sc = _mm512_loadu_ps(ws + o);
+      const uint8_t* p = tile_start(w, g * chunks + o / 16);
+      for (int64_t i = kQGroup * g; i < std::min(w.in, kQGroup * (g + 1)); ++i) {
+        const int64_t at = i % kQGroup, shift = 8 * (at % 4) + 4 * ((at % 8) / 4);
+        const __m512i v = _mm512_loadu_si512(p + 64 * (at / 8));
+        const __m512i b = _mm512_and_si512(_mm512_srli_epi32(v, static_cast<unsigned>(shift)),
+                                           _mm512_set1_epi32(15));
+        const __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(b, _mm512_set1_epi32(8)));
+        _mm512_storeu_ps(tp + i * w.out + o, _mm512_mul_ps(f, sc));
+      }
+    }
+    return;
+  }
   for (int64_t o = 0; o < w.out; o += 16) {
     const __mmask16 k = w.out - o >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (w.out - o)) - 1);
     const __m512 sc = _mm512_maskz_loadu_ps(k, w.scale + o);
@@ -1203,16 +1247,18 @@ void dequantize_tile_group(const Weight& w, int64_t g, float* tp) {
   }
 }
 
-// The VNNI kernels of an int8 / bitmask-int8 weight (arguments as dense_vnni's; `every`:
-// the rows keep every channel, so tiles serve them where the weight has them); false for
-// other kinds. The bitmask row kernel takes rows one at a time: a batch re-reads them.
+// The VNNI kernels of an int8 / bitmask-int8 weight, or of an int4 one's tiles (arguments
+// as dense_vnni's; `every`: the rows keep every channel, so tiles serve them where the
+// weight has them); false for other kinds. The bitmask row kernel takes rows one at a time: a batch re-reads them.
 bool int8_vnni(const Weight& w, float* acc, const int64_t* ip, const int8_t* qv,
                const float* qs, int64_t j0, int64_t j1, int64_t o0, int64_t o1, int64_t nb,
                int64_t vstride, int64_t qstride, int64_t astride, bool every) {
   if (w.kind == kI8 && w.tiles && every) {
-    tiles_vnni<false>(w, acc, qv, qs, j0, j1, o0, o1, nb, vstride, qstride, astride);
+    tiles_vnni<false, false>(w, acc, qv, qs, j0, j1, o0, o1, nb, vstride, qstride, astride);
   } else if (w.kind == kSI8 && w.tiles && every) {
-    tiles_vnni<true>(w, acc, qv, qs, j0, j1, o0, o1, nb, vstride, qstride, astride);
+    tiles_vnni<true, false>(w, acc, qv, qs, j0, j1, o0, o1, nb, vstride, qstride, astride);
+  } else if (w.kind == kI4 && w.tiles && every) {
+    tiles_vnni<false, true>(w, acc, qv, qs, j0, j1, o0, o1, nb, vstride, qstride, astride);
   } else if (w.kind == kI8) {
     dense_vnni(w, acc, ip, qv, qs, j0, j1, o0, o1, nb, vstride, qstride, astride);
   } else if (w.kind == kSI8) {
@@ -1357,7 +1403,8 @@ int64_t gemv_into(const float* xp, int64_t b, const Weight& w, const float* sp, 
   const int64_t* st = s.start.data();
   const int nt = at::get_num_threads();
 #if SPARSELLM_X86
-  const bool a8 = g_vnni && (w.kind == kI8 || w.kind == kSI8);
+  // int4 only through its tiles, which calls that skip channels do not use
+  const bool a8 = g_vnni && (w.kind == kI8 || w.kind == kSI8 || (w.kind == kI4 && w.tiles && shared));
 #else
   const bool a8 = false;
 #endif
@@ -1445,8 +1492,10 @@ struct PackedWeight {
   torch::Tensor tiles, tile_at;  // int8 kinds on VNNI CPUs (see make_tiles)
   Weight w;
 
-  // Int8 kinds rearranged for the tile kernels: a second copy of the weight until
-  // `release_rows` drops the row layout. Per group of kQGroup rows
+  // Int8 kinds (and int4 whose group is a multiple of kQGroup) rearranged for the tile
+  // kernels: a second copy of the weight until `release_rows` drops the row layout.
+  // Int4 tiles are half the size: byte 4l + r of step t holds rows 8t + r (low nibble)
+  // and 8t + 4 + r (high) of output 16c + l, each q + 8 (see tile_dot). Per group of kQGroup rows
   // and 16 outputs (group-major), a tile of kQGroup / 4 steps of 64 bytes: byte 4l + r of
   // step t is W^T[kQGroup g + 4t + r, 16c + l] + 128 (128, weight 0, past the edge).
   // Bitmask int8 keeps, per tile, its steps' 64-bit masks (8 x 8 bytes) followed by the
@@ -1454,6 +1503,25 @@ struct PackedWeight {
   void make_tiles() {
     const int64_t groups = (w.in + kQGroup - 1) / kQGroup, chunks = (w.out + 15) / 16;
     const int64_t n_tiles = groups * chunks, out = w.out;
+    if (w.kind == kI4) {  // nibbles as stored per row: output o of a 16-block at o % 8, high past 8
+      tiles = torch::full({n_tiles * kTileBytes / 2}, 0x88, torch::kByte);  // 8: weight 0
+      uint8_t* t = tiles.data_ptr<uint8_t>();
+      const auto* v = static_cast<const uint8_t*>(w.values);
+      at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {  // a group's bytes are its own
+        for (int64_t i = g0 * kQGroup; i < std::min(w.in, g1 * kQGroup); ++i) {
+          const int64_t at = i % kQGroup, shift = 4 * ((at % 8) / 4);
+          uint8_t* d = t + i / kQGroup * chunks * (kTileBytes / 2) + 64 * (at / 8) + at % 4;
+          for (int64_t o = 0; o < out; ++o) {
+            const uint8_t byte = v[i * (out / 2) + o / 16 * 8 + o % 8];
+            const uint8_t nib = (o % 16) < 8 ? (byte & 15) : (byte >> 4);
+            uint8_t& b = d[o / 16 * (kTileBytes / 2) + 4 * (o % 16)];
+            b = static_cast<uint8_t>((b & ~(15 << shift)) | (nib << shift));
+          }
+        }
+      });
+      w.tiles = t;
+      return;
+    }
     const bool sparse = w.kind == kSI8;
     // W^T[i, 16c + l] lies at row_at(i) + kTileBytes * c + 4 * l
     auto row_at = [&](int64_t i) {
@@ -1589,7 +1657,9 @@ struct PackedWeight {
       TORCH_CHECK(values.numel() * values.element_size() == in * per_row,
                   "values do not match the weight's shape");
     }
-    if ((kind == kI8 || kind == kSI8) && with_tiles && g_vnni) make_tiles();
+    if ((kind == kI8 || kind == kSI8 || (kind == kI4 && group % kQGroup == 0)) && with_tiles &&
+        g_vnni)
+      make_tiles();
   }
 
   // Drop the row layout once tiles exist: the weight then serves the VNNI kernels' calls
@@ -1666,6 +1736,11 @@ torch::Tensor tile_rows(const PackedWeight& pw, const torch::Tensor& ids) {
       const int64_t tile = i / kQGroup * chunks + c, st = (i % kQGroup) / 4, b = 4 * l + i % 4;
       int byte = 128;  // a clear mask bit: weight 0
       const uint8_t* p = tile_start(w, tile);
+      if (w.kind == kI4) {  // step st / 2's nibble, times the weight group's scale
+        const int nib = (p[64 * (st / 2) + b] >> (4 * (st % 2))) & 15;
+        y[k * w.in + i] = static_cast<float>(nib - 8) * w.scale[i / w.group * w.out + id[k]];
+        continue;
+      }
       if (w.kind == kSI8) {
         const auto* mk = reinterpret_cast<const uint64_t*>(p);
         const uint8_t* vals = p + 64;
