@@ -16,9 +16,9 @@ What it measures, per model, in one run with nothing else on the machine:
    (dequantized, in fp32), and "decode ppl" / "decode KL to dense" of the same windows
    read by our decode kernels (16 tokens per verification-style pass, each row's bits
    those of plain decoding): where the CPU has AVX-512 VNNI the int8 kinds multiply
-   int8-quantized activations, which the dequantized model does not show. There, int8
-   and 50% sparse-int8 also decode with fp32 activations ("..., fp32 activations" rows,
-   alternated with the rest).
+   int8-quantized activations (and so do int4's tiles), which the dequantized model does
+   not show. There, int8, int4 and 50% sparse-int8 also decode with fp32 activations
+   ("..., fp32 activations" rows, alternated with the rest).
 
 Setup once: python3 -m venv bench/.venv-llamacpp &&
 CMAKE_ARGS="-DGGML_NATIVE=ON" bench/.venv-llamacpp/bin/pip install llama-cpp-python
@@ -218,12 +218,12 @@ def main() -> None:
     jobs = {name: (lambda n=name: ours(n)) for name in runtimes}
     ext = native_kernel()
     isa = ext.isa()
-    # On VNNI CPUs the int8 kinds multiply int8 activations from tiles: the same weights
+    # On VNNI CPUs int8 kinds and int4 multiply int8 activations from tiles: the same weights
     # with fp32 activations (the float kernels, over the row layout: runtimes built with
     # them in use), alternated with the rest, show what that buys.
     if isa == "avx512vnni":
         for name, key, fmt in configs:
-            if name not in ("ours int8", "50% sparse-int8"):
+            if name not in ("ours int8", "ours int4 g128", "50% sparse-int8"):
                 continue
             row = f"{name}, fp32 activations"
             ext.set_isa("avx512")
