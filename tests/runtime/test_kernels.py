@@ -300,6 +300,10 @@ def test_native_weight_rejects_mismatched_parts() -> None:
     p.values = p.values[:8]  # truncated
     with pytest.raises(RuntimeError, match="shape"):
         native_weight(mod, p)
+    # int4 of 8 outputs (which formats.pack refuses) would be read 16 outputs at a time
+    with pytest.raises(RuntimeError, match="out % 16"):
+        mod.PackedWeight(3, 8, 32, 32, torch.zeros(32 * 4, dtype=torch.uint8),
+                         torch.ones(1, 8), torch.empty(0), torch.empty(0), True)  # fmt: skip
 
 
 def test_native_weight_rejects_offsets_that_contradict_the_mask() -> None:

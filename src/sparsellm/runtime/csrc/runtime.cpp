@@ -1633,7 +1633,10 @@ struct PackedWeight {
       TORCH_CHECK(scale.scalar_type() == torch::kFloat, "fp32 scales expected");
       w.scale = scale.data_ptr<float>();
     }
-    if (kind == kI4 || kind == kSI4) TORCH_CHECK(group > 0, "int4 needs a group");
+    if (kind == kI4 || kind == kSI4) {  // the kernels read 16 outputs' nibbles at a time
+      TORCH_CHECK(group > 0, "int4 needs a group");
+      TORCH_CHECK(out % 16 == 0, "int4 needs out % 16 == 0");
+    }
     if (kind == kI8 || kind == kSI8) {  // the VNNI kernels negate weights: -128 has no negative
       TORCH_CHECK(values.scalar_type() == torch::kChar || values.scalar_type() == torch::kByte,
                   "int8 values expected");
