@@ -216,9 +216,9 @@ def native_weight(ext: Any, p: Packed, tiles: bool = False) -> Any:
     them (tiles of 32 input rows times 16 outputs, 4 rows interleaved per 32-bit lane,
     each tile's mask beside its values), `extra_bytes` of them; so is int4 whose group is
     a multiple of 32 (two nibbles a byte: its dense calls then multiply int8 activations,
-    as int8's do, where its rows multiply fp32 ones). `release_rows()` then
-    drops the row layout, which only calls that skip input channels and the other
-    kernels need (see `Proj.bind`)."""
+    as int8's do, where its rows multiply fp32 ones). `release_rows()` then drops the row
+    layout, which only calls that skip input channels and the other kernels need (see
+    `Proj.bind`)."""
     out, inp = p.shape
     return ext.PackedWeight(
         KIND_CODES[p.kind],

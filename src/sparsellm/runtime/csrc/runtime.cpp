@@ -115,7 +115,7 @@ struct Weight {
   const float* scale = nullptr;
   const uint8_t* mask = nullptr;
   const int64_t* offsets = nullptr;
-  const uint8_t* tiles = nullptr;     // int8 kinds on VNNI CPUs: see `make_tiles`
+  const uint8_t* tiles = nullptr;     // int8 kinds and int4 on VNNI CPUs: see `make_tiles`
   const int64_t* tile_at = nullptr;  // bitmask int8: where each tile starts in `tiles`
 };
 
@@ -123,8 +123,20 @@ inline bool sparse_kind(int64_t k) { return k >= kSBF16; }
 
 // Where tile `tile` (group g, chunk c: g * chunks + c) of a weight's tiles starts.
 inline const uint8_t* tile_start(const Weight& w, int64_t tile) {
-  return w.tiles + (w.kind == kSI8 ? w.tile_at[tile] : tile * (w.kind == kI4 ? kTileBytes / 2 : kTileBytes));
+  if (w.kind == kSI8) return w.tiles + w.tile_at[tile];
+  return w.tiles + tile * (w.kind == kI4 ? kTileBytes / 2 : kTileBytes);
 }
+
+// Nibble (q + 8) of output o in an int4 row: 16 outputs share 8 bytes, output k of a
+// block in byte k's low nibble, output k + 8 in its high one.
+inline int i4_row_nibble(const uint8_t* row, int64_t o) {
+  const uint8_t byte = row[(o / 16) * 8 + (o % 8)];
+  return (o % 16) < 8 ? (byte & 15) : (byte >> 4);
+}
+// Where row `at` (0 .. kQGroup - 1) of a group lies in an int4 tile: in step at / 8, at
+// byte 4l + at % 4 for output l, shifted by this (the high nibble for at % 8 >= 4).
+inline int64_t i4_tile_byte(int64_t at) { return 64 * (at / 8) + at % 4; }
+inline int i4_tile_shift(int64_t at) { return static_cast<int>(4 * ((at % 8) / 4)); }
 inline bool row_scaled(int64_t k) { return k == kI8 || k == kSI8; }  // scale[o] at the end
 
 inline float bf16_to_f32(uint16_t h) {
@@ -168,11 +180,8 @@ void rows_portable(const Weight& w, float* acc, const int64_t* ip, const float* 
       case kI4: {
         const uint8_t* r = static_cast<const uint8_t*>(w.values) + i * (out / 2);
         const float* s = w.scale + (i / w.group) * out;
-        for (int64_t o = o0; o < o1; ++o) {
-          const uint8_t byte = r[(o / 16) * 8 + (o % 8)];
-          const int q = ((o % 16) < 8 ? (byte & 15) : (byte >> 4)) - 8;
-          acc[o] += v * s[o] * static_cast<float>(q);
-        }
+        for (int64_t o = o0; o < o1; ++o)
+          acc[o] += v * s[o] * static_cast<float>(i4_row_nibble(r, o) - 8);
         break;
       }
       default: {  // bitmask kinds: per mask byte, one packed value per set bit
@@ -1169,7 +1178,9 @@ inline void tile_dot(const uint8_t* p, const __m512i (*a)[kQGroup / 4], const __
 // sign fix-up: one vpdpbusd per 64 weight positions, a group's tiles read in address
 // order. The weights are stored plus 128 (unsigned), so a step computes sum (w + 128) q
 // and the group's sum is that minus 128 * sum q: exactly the int32 that dense_vnni and
-// sparse_vnni_row fold, in the same group order, so these give their bits.
+// sparse_vnni_row fold, in the same group order, so these give their bits. kNib: int4's
+// half-size tiles (q + 8, so minus 8 * sum q), each tile's sum times its weight group's
+// scales as well.
 template <bool kSparse, bool kNib>
 void tiles_vnni(const Weight& w, float* acc, const int8_t* qv, const float* qs, int64_t j0,
                 int64_t j1, int64_t o0, int64_t o1, int64_t nb, int64_t vstride,
@@ -1217,8 +1228,10 @@ void dequantize_tile_group(const Weight& w, int64_t g, float* tp) {
       const __m512 sc = _mm512_loadu_ps(ws + o);
       const uint8_t* p = tile_start(w, g * chunks + o / 16);
       for (int64_t i = kQGroup * g; i < std::min(w.in, kQGroup * (g + 1)); ++i) {
-        const int64_t at = i % kQGroup, shift = 8 * (at % 4) + 4 * ((at % 8) / 4);
-        const __m512i v = _mm512_loadu_si512(p + 64 * (at / 8));
+        // lane l's 32 bits hold output l's bytes: row at's byte at % 4, nibble by shift
+        const int64_t at = i % kQGroup;
+        const int shift = 8 * static_cast<int>(at % 4) + i4_tile_shift(at);
+        const __m512i v = _mm512_loadu_si512(p + i4_tile_byte(at) - at % 4);
         const __m512i b = _mm512_and_si512(_mm512_srli_epi32(v, static_cast<unsigned>(shift)),
                                            _mm512_set1_epi32(15));
         const __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(b, _mm512_set1_epi32(8)));
@@ -1249,7 +1262,8 @@ void dequantize_tile_group(const Weight& w, int64_t g, float* tp) {
 
 // The VNNI kernels of an int8 / bitmask-int8 weight, or of an int4 one's tiles (arguments
 // as dense_vnni's; `every`: the rows keep every channel, so tiles serve them where the
-// weight has them); false for other kinds. The bitmask row kernel takes rows one at a time: a batch re-reads them.
+// weight has them); false for other kinds. The bitmask row kernel takes rows one at a
+// time: a batch re-reads them.
 bool int8_vnni(const Weight& w, float* acc, const int64_t* ip, const int8_t* qv,
                const float* qs, int64_t j0, int64_t j1, int64_t o0, int64_t o1, int64_t nb,
                int64_t vstride, int64_t qstride, int64_t astride, bool every) {
@@ -1404,7 +1418,8 @@ int64_t gemv_into(const float* xp, int64_t b, const Weight& w, const float* sp, 
   const int nt = at::get_num_threads();
 #if SPARSELLM_X86
   // int4 only through its tiles, which calls that skip channels do not use
-  const bool a8 = g_vnni && (w.kind == kI8 || w.kind == kSI8 || (w.kind == kI4 && w.tiles && shared));
+  const bool a8 =
+      g_vnni && (w.kind == kI8 || w.kind == kSI8 || (w.kind == kI4 && w.tiles && shared));
 #else
   const bool a8 = false;
 #endif
@@ -1489,33 +1504,35 @@ void rms_norm(const float* xp, int64_t b, int64_t n, const float* wp, double eps
 struct PackedWeight {
   torch::Tensor values, scale, mask, offsets;
   torch::Tensor units;  // bitmask kinds (in, n_units): row i's start at output u * kUnit
-  torch::Tensor tiles, tile_at;  // int8 kinds on VNNI CPUs (see make_tiles)
+  torch::Tensor tiles, tile_at;  // int8 kinds and int4 on VNNI CPUs (see make_tiles)
   Weight w;
 
   // Int8 kinds (and int4 whose group is a multiple of kQGroup) rearranged for the tile
-  // kernels: a second copy of the weight until `release_rows` drops the row layout.
-  // Int4 tiles are half the size: byte 4l + r of step t holds rows 8t + r (low nibble)
-  // and 8t + 4 + r (high) of output 16c + l, each q + 8 (see tile_dot). Per group of kQGroup rows
-  // and 16 outputs (group-major), a tile of kQGroup / 4 steps of 64 bytes: byte 4l + r of
-  // step t is W^T[kQGroup g + 4t + r, 16c + l] + 128 (128, weight 0, past the edge).
+  // kernels: a second copy of the weight until `release_rows` drops the row layout. Per
+  // group of kQGroup rows and 16 outputs (group-major), a tile of kQGroup / 4 steps of 64
+  // bytes: byte 4l + r of step t is W^T[kQGroup g + 4t + r, 16c + l] + 128 (128, weight
+  // 0, past the edge). Int4 tiles are half the size: byte 4l + r of step t holds rows
+  // 8t + r (low nibble) and 8t + 4 + r (high) of output 16c + l, each q + 8 (8 past the
+  // edge; see i4_tile_byte and tile_dot).
   // Bitmask int8 keeps, per tile, its steps' 64-bit masks (8 x 8 bytes) followed by the
   // set positions' bytes in order, the tile's start in tile_at.
   void make_tiles() {
     const int64_t groups = (w.in + kQGroup - 1) / kQGroup, chunks = (w.out + 15) / 16;
     const int64_t n_tiles = groups * chunks, out = w.out;
-    if (w.kind == kI4) {  // nibbles as stored per row: output o of a 16-block at o % 8, high past 8
+    if (w.kind == kI4) {
       tiles = torch::full({n_tiles * kTileBytes / 2}, 0x88, torch::kByte);  // 8: weight 0
       uint8_t* t = tiles.data_ptr<uint8_t>();
       const auto* v = static_cast<const uint8_t*>(w.values);
-      at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {  // a group's bytes are its own
+      // a task owns whole groups: the two rows that share a byte are in one group
+      at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
         for (int64_t i = g0 * kQGroup; i < std::min(w.in, g1 * kQGroup); ++i) {
-          const int64_t at = i % kQGroup, shift = 4 * ((at % 8) / 4);
-          uint8_t* d = t + i / kQGroup * chunks * (kTileBytes / 2) + 64 * (at / 8) + at % 4;
+          const int64_t at = i % kQGroup;
+          const int shift = i4_tile_shift(at);
+          uint8_t* d = t + i / kQGroup * chunks * (kTileBytes / 2) + i4_tile_byte(at);
           for (int64_t o = 0; o < out; ++o) {
-            const uint8_t byte = v[i * (out / 2) + o / 16 * 8 + o % 8];
-            const uint8_t nib = (o % 16) < 8 ? (byte & 15) : (byte >> 4);
             uint8_t& b = d[o / 16 * (kTileBytes / 2) + 4 * (o % 16)];
-            b = static_cast<uint8_t>((b & ~(15 << shift)) | (nib << shift));
+            b = static_cast<uint8_t>((b & ~(15 << shift)) |
+                                     (i4_row_nibble(v + i * (out / 2), o) << shift));
           }
         }
       });
@@ -1564,7 +1581,8 @@ struct PackedWeight {
     int64_t* ta = tile_at.data_ptr<int64_t>();
     at::parallel_for(0, n_tiles, 256, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k)
-        ta[k] = 64 + std::count(set.begin() + k * kTileBytes, set.begin() + (k + 1) * kTileBytes, 1);
+        ta[k] = 64 + std::count(set.begin() + k * kTileBytes,
+                                set.begin() + (k + 1) * kTileBytes, 1);
     });
     int64_t total = 0;
     for (int64_t k = 0; k < n_tiles; ++k) {  // sizes to starts
@@ -1615,8 +1633,8 @@ struct PackedWeight {
     w.offsets = up;
   }
 
-  // `with_tiles`: also lay int8 kinds out for tiles_vnni (where the VNNI kernels are in
-  // use), for a weight whose decode calls keep every input channel.
+  // `with_tiles`: also lay int8 kinds and int4 out for tiles_vnni (where the VNNI kernels
+  // are in use), for a weight whose decode calls keep every input channel.
   PackedWeight(int64_t kind, int64_t out, int64_t in, int64_t group, torch::Tensor values_,
                torch::Tensor scale_, torch::Tensor mask_, torch::Tensor offsets_,
                bool with_tiles)
@@ -1739,8 +1757,9 @@ torch::Tensor tile_rows(const PackedWeight& pw, const torch::Tensor& ids) {
       const int64_t tile = i / kQGroup * chunks + c, st = (i % kQGroup) / 4, b = 4 * l + i % 4;
       int byte = 128;  // a clear mask bit: weight 0
       const uint8_t* p = tile_start(w, tile);
-      if (w.kind == kI4) {  // step st / 2's nibble, times the weight group's scale
-        const int nib = (p[64 * (st / 2) + b] >> (4 * (st % 2))) & 15;
+      if (w.kind == kI4) {  // the row's nibble, times the weight group's scale
+        const int64_t at = i % kQGroup;
+        const int nib = (p[i4_tile_byte(at) + 4 * l] >> i4_tile_shift(at)) & 15;
         y[k * w.in + i] = static_cast<float>(nib - 8) * w.scale[i / w.group * w.out + id[k]];
         continue;
       }
@@ -2197,7 +2216,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                return (pw.tiles.defined() ? pw.tiles.numel() : 0) +
                                       (pw.tile_at.defined() ? 8 * pw.tile_at.numel() : 0);
                              },
-                             "bytes held beside the packed tensors (int8 tiles)")
+                             "bytes held beside the packed tensors (int8 / int4 tiles)")
       .def("release_rows", &PackedWeight::release_rows,
            "drop the row layout, keeping the tiles (dense VNNI calls and dequantize only)");
   m.def("gemv", &gemv, "thresholded input-skipping GEMV over a packed weight (CPU)");
