@@ -363,6 +363,38 @@ def test_rows_are_batch_and_isa_invariant(kind: str, n_in: int, n_out: int) -> N
     assert all(torch.equal(r, results[0]) for r in results)
 
 
+@pytest.mark.parametrize("n_in", [16, 70, 517])
+def test_thresholded_selection_is_the_same_on_every_isa(n_in: int) -> None:
+    """AVX-512 selects the kept channels with a compare and a compress, 16 at a time; it
+    must keep exactly the channels the portable loop keeps, in the same order (the order
+    fixes the fp32 sums and the int8 activation groups). Ties at the threshold (|x| * s
+    == thr, not kept), zeros, NaN and a tail past the last 16 are in the input; with the
+    same kernels behind it (fp32 rows: AVX-512 lanes repeat AVX2's operations) the
+    outputs are then bit-identical."""
+    g = torch.Generator().manual_seed(n_in)
+    w = torch.randn(96, n_in, generator=g)
+    nw_args = pack(w, "fp32")
+    x = torch.randn(3, n_in, generator=g)
+    x[0, ::5] = 0.5  # with scale 1 below: exactly at the threshold
+    x[1, ::7] = 0.0
+    x[2, 3] = float("nan")
+    x[2, ::11] = -0.5
+    scale = torch.ones(n_in)
+    scale[1::2] = 2.0
+    outs = {}
+    for isa in ["avx512", "avx2", "portable"]:
+        with native_isa(isa) as mod:
+            nw = native_weight(mod, nw_args)
+            outs[isa] = mod.gemv(x, nw, scale, 0.5, torch.empty(0))
+    keep = x.abs() * scale > 0.5
+    for isa, (_, kept) in outs.items():
+        assert kept == int(keep.sum()), isa
+    if "avx512" in outs and "avx2" in outs:
+        assert torch.equal(outs["avx512"][0], outs["avx2"][0])
+    ref = masked_linear_reference(torch.nan_to_num(x), w, keep)
+    torch.testing.assert_close(outs["portable"][0], ref, rtol=1e-5, atol=1e-4)
+
+
 def test_the_extension_compiles_without_x86_kernels(tmp_path: Path) -> None:
     """Other CPUs (ARM) build only the portable kernels: that build must compile too,
     though no CPU here runs it (a syntax-only compile with the x86 paths switched off)."""

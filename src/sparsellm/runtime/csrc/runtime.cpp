@@ -694,6 +694,37 @@ int64_t dense_tiles(const Weight& w, float* acc, const int64_t* ip, const float*
   });
 }
 
+// A row's kept channels (|x_i| * s_i > thr; indices to idx, values to val, in order;
+// returns how many) on AVX-512, 16 channels at a time: a compare gives the kept lanes, a
+// register compress packs them (not a compress to memory, which is microcoded on AMD
+// Zen 4), stored whole, so idx and val need 16 entries of slack past the last kept one.
+// The same float test as the portable loop: the same channels in the same order. Why:
+// that loop's branch per channel mispredicts about half the time under TEAL's
+// thresholds; perf put 5% of TEAL decode samples in it, on the calling thread while the
+// other waited, and this path decoded TEAL 40% + 50% sparse-int8 7.6% faster (default
+// model, AMD EPYC, 2 threads, medians of 5 alternated runs: 180.5 against 167.8 tok/s).
+int64_t select_avx512(const float* x, int64_t in, const float* sp, float thr, int64_t* idx,
+                      float* val) {
+  const __m512 t = _mm512_set1_ps(thr), one = _mm512_set1_ps(1.0f);
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  int64_t n = 0;
+  for (int64_t i = 0; i < in; i += 16) {
+    const __mmask16 k = in - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (in - i)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(k, x + i);
+    const __m512 s = sp ? _mm512_maskz_loadu_ps(k, sp + i) : one;
+    const __mmask16 m =
+        _mm512_mask_cmp_ps_mask(k, _mm512_mul_ps(_mm512_abs_ps(v), s), t, _CMP_GT_OQ);
+    if (!m) continue;
+    _mm512_storeu_ps(val + n, _mm512_maskz_compress_ps(m, v));
+    const __m512i c = _mm512_maskz_compress_epi32(
+        m, _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(i))));
+    _mm512_storeu_si512(idx + n, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(c)));
+    _mm512_storeu_si512(idx + n + 8, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(c, 1)));
+    n += __builtin_popcount(m);
+  }
+  return n;
+}
+
 #pragma GCC pop_options
 #endif  // SPARSELLM_X86
 
@@ -1401,8 +1432,19 @@ int64_t gemv_into(const float* xp, int64_t b, const Weight& w, const float* sp, 
     n = b * in;
     for (int64_t r = 0; r < b; ++r) s.start[r + 1] = (r + 1) * in;
   }
+  if (!shared) {  // 16 entries of slack for select_avx512's whole-vector stores
+    s.idx.resize(static_cast<size_t>(b * in + 16));
+    s.val.resize(static_cast<size_t>(b * in + 16));
+  }
   for (int64_t r = 0; r < b && !shared; ++r) {
     const float* xr = xp + r * in;
+#if SPARSELLM_X86
+    if (g_avx512) {
+      n += select_avx512(xr, in, sp, thr, s.idx.data() + n, s.val.data() + n);
+      s.start[r + 1] = n;
+      continue;
+    }
+#endif
     for (int64_t i = 0; i < in; ++i) {
       const float v = xr[i];
       if (std::fabs(v) * (sp ? sp[i] : 1.0f) > thr) {
