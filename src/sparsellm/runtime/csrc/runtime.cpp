@@ -1422,8 +1422,9 @@ int64_t gemv_into(const float* xp, int64_t b, const Weight& w, const float* sp, 
   // every channel kept (a dense call): all rows share the channel list, so they go
   // through the kernels together and the weights are read once (see rows_multi)
   const bool shared = thr < 0;
-  s.idx.resize(static_cast<size_t>(b * in));
-  s.val.resize(static_cast<size_t>(b * in));
+  // 16 entries of slack for select_avx512's whole-vector stores
+  s.idx.resize(static_cast<size_t>(b * in + 16));
+  s.val.resize(static_cast<size_t>(b * in + 16));
   s.start.assign(static_cast<size_t>(b + 1), 0);
   int64_t n = 0;
   if (shared) {  // the kernels read only the first row's channel list: 0 .. in - 1
@@ -1431,10 +1432,6 @@ int64_t gemv_into(const float* xp, int64_t b, const Weight& w, const float* sp, 
     std::copy_n(xp, b * in, s.val.data());
     n = b * in;
     for (int64_t r = 0; r < b; ++r) s.start[r + 1] = (r + 1) * in;
-  }
-  if (!shared) {  // 16 entries of slack for select_avx512's whole-vector stores
-    s.idx.resize(static_cast<size_t>(b * in + 16));
-    s.val.resize(static_cast<size_t>(b * in + 16));
   }
   for (int64_t r = 0; r < b && !shared; ++r) {
     const float* xr = xp + r * in;
