@@ -39,6 +39,7 @@ from provenance import write_result  # noqa: E402
 
 from sparsellm.data.corpora import resolve_corpus, token_windows  # noqa: E402
 from sparsellm.integrations.transformers import observe_forward  # noqa: E402
+from sparsellm.methods.attention.prefill import pooled_block_probs  # noqa: E402
 from sparsellm.methods.attention.seer import (  # noqa: E402
     GateTraining,
     Seer,
@@ -51,12 +52,18 @@ from sparsellm.models.load import load_model  # noqa: E402
 from sparsellm.report.markdown import table  # noqa: E402
 
 
-def pooled_scores(qf: torch.Tensor, kf: torch.Tensor) -> torch.Tensor:
-    """``block_topk``'s estimate from the same features: the group's mean-pooled query
-    against the mean-pooled key (the last third of the key features)."""
-    hkv, d = kf.shape[1], qf.shape[-1]
-    q = qf.reshape(qf.shape[0], hkv, -1, *qf.shape[2:]).mean(2)
-    return q @ kf[..., 2 * d :].transpose(-1, -2)
+class HeldOut(GateTraining):
+    """Collects held-out features and targets (never fits), and ``block_topk``'s own
+    estimate of the same windows: post-RoPE mean-pooled queries against keys."""
+
+    def __init__(self, base: Seer) -> None:
+        super().__init__(base)
+        self.pooled: dict[int, list[torch.Tensor]] = {}
+
+    def observe(self, layer: int, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
+        super().observe(layer, query, key, scale)
+        estimate = pooled_block_probs(query.float(), key.float(), self.base.block)
+        self.pooled.setdefault(layer, []).append(estimate)
 
 
 def main() -> None:
@@ -65,7 +72,7 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=4096, help="tokens per window")
     ap.add_argument("--train-windows", type=int, default=8, help="C4 training windows")
     ap.add_argument("--eval-windows", type=int, default=4, help="held-out wiki windows")
-    ap.add_argument("--dim", type=int, default=16, help="gate projection width per head")
+    ap.add_argument("--dim", type=int, default=64, help="gate projection width per head")
     ap.add_argument("--steps", type=int, default=300, help="Adam steps per layer")
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--densities", default="0.125,0.25,0.5", help="kept fraction of blocks")
@@ -79,6 +86,7 @@ def main() -> None:
     model, tok = load_model(args.model)
     model.eval()
     base = Seer(blocks=args.blocks, dim=args.dim, steps=args.steps, lr=args.lr)
+    base = base.bind(model.config)  # the rotary base the gate undoes
 
     t0 = time.perf_counter()
     training = base.calibration(args.length)
@@ -90,7 +98,7 @@ def main() -> None:
     train_s = time.perf_counter() - t0
     print(f"gates trained in {train_s:.0f} s", flush=True)
 
-    held = GateTraining(trained)  # collects held-out features and targets, never fits
+    held = HeldOut(trained)
     for row in token_windows(tok, resolve_corpus("wiki"), args.eval_windows, args.length):
         observe_forward(model, row[None], held)
     metrics = {"recall": recall_at_density, "mass recall": mass_recall_at_density}
@@ -109,11 +117,12 @@ def main() -> None:
                 by_layer = []
                 for layer, data in sorted(source.items()):
                     got = []
-                    for qf, kf, truth in data:
+                    for i, (qf, kf, truth) in enumerate(data):
                         if gated:
-                            scores = gate_log_probs(trained.gates[layer], qf, kf)
+                            gate = trained.gates[layer]
+                            scores = gate_log_probs(gate, qf, kf, trained.theta, trained.block)
                         else:
-                            scores = pooled_scores(qf, kf)
+                            scores = held.pooled[layer][i]
                         got.append(fn(scores, truth, density))
                     by_layer.append(round(sum(got) / len(got), 4))
                 per_layer.setdefault(estimator, {})[f"{metric}@{density:g}"] = by_layer

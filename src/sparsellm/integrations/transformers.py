@@ -358,7 +358,7 @@ def calibrate(
 ) -> AttentionConfig:
     """`method` with its calibrated table (MInference's patterns, MoA's spans, Double
     Sparsity's channels) filled from one forward over calibration `ids` (1, L)."""
-    method = attention_config(method)
+    method = _bound(attention_config(method), model)
     return run_calibration(model, ids, method.calibration(ids.shape[1]))
 
 

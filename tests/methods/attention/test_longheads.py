@@ -11,13 +11,8 @@ import torch.nn.functional as F
 
 from sparsellm.errors import SparseLLMError
 from sparsellm.integrations.transformers import sparse_attention
-from sparsellm.methods.attention.longheads import (
-    LongHeads,
-    chunk_keys,
-    rope_angles,
-    rotate,
-    select_chunks,
-)
+from sparsellm.methods.attention.longheads import LongHeads, chunk_keys, select_chunks
+from sparsellm.methods.attention.rope import rope_angles, rotate
 from sparsellm.models.tiny import tiny_config, tiny_model
 
 G = torch.Generator().manual_seed(0)

@@ -59,7 +59,7 @@ def _changed(cls: type) -> dict[str, typing.Any]:
     out = {}
     for f in dataclasses.fields(cls):
         if f.name in spec_keys(cls) and hints[f.name] is not str:  # a path: no invented one
-            out[f.name] = f.default + (0.5 if hints[f.name] is float else 3)
+            out[f.name] = f.default + (0.5 if hints[f.name] is float else 4)  # even: seer's dim
     return out
 
 

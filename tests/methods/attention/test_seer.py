@@ -13,6 +13,7 @@ from sparsellm.config import from_spec
 from sparsellm.errors import SparseLLMError
 from sparsellm.integrations.transformers import run_calibration, sparse_attention
 from sparsellm.methods.attention import patterns as P
+from sparsellm.methods.attention.rope import rope_angles, rotate
 from sparsellm.methods.attention.seer import (
     BUCKETS,
     Seer,
@@ -28,12 +29,33 @@ from sparsellm.methods.attention.seer import (
 )
 from sparsellm.models.tiny import tiny_model
 
+THETA = 10000.0
+
 
 def test_gate_features_pool_queries_by_mean_and_keys_by_max_min_mean() -> None:
-    key = torch.tensor([1.0, 5.0, -2.0, 4.0, 3.0]).view(1, 1, 5, 1)  # blocks {1,5} {-2,4} {3}
-    qf, kf = gate_features(key, key, 2)
-    assert qf.flatten().tolist() == [3.0, 1.0, 3.0]
-    assert kf[0, 0].tolist() == [[5.0, 1.0, 3.0], [4.0, -2.0, 1.0], [3.0, 3.0, 3.0]]
+    # position-free keys (x, 0), blocks {1,5} {-2,4} {3}, handed over rotated to 0..4
+    pre = torch.tensor([1.0, 5.0, -2.0, 4.0, 3.0]).view(1, 1, 5, 1)
+    pre = torch.cat([pre, torch.zeros_like(pre)], -1)
+    key = rotate(pre, rope_angles(torch.arange(5), 500.0, 2))
+    qf, kf = gate_features(key, key, 2, 500.0)
+    torch.testing.assert_close(qf[0, 0, :, 0], torch.tensor([3.0, 1.0, 3.0]))
+    by_hand = torch.tensor([[5.0, 1.0, 3.0], [4.0, -2.0, 1.0], [3.0, 3.0, 3.0]])
+    torch.testing.assert_close(kf[0, 0, :, 0::2], by_hand)
+    torch.testing.assert_close(kf[0, 0, :, 1::2], torch.zeros(3, 3), atol=1e-6, rtol=0)
+
+
+def test_gate_features_pool_the_position_free_vectors() -> None:
+    # one vector rotated to positions 0..7: post-RoPE its block mean shrinks (the pairs
+    # turn), undone it pools back to itself; any other base leaves a residue
+    d, theta = 8, 100.0
+    v = torch.randn(d, generator=torch.Generator().manual_seed(0))
+    post = rotate(v.expand(1, 1, 8, d), rope_angles(torch.arange(8), theta, d))
+    qf, kf = gate_features(post, post, 4, theta)
+    torch.testing.assert_close(qf[0, 0], v.expand(2, d), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kf[0, 0], v.repeat(3).expand(2, 3 * d), atol=1e-5, rtol=1e-5)
+    assert (post[0, 0, :4].mean(0) - v).abs().max() > 0.1
+    wrong, _ = gate_features(post, post, 4, 2 * theta)
+    assert (wrong[0, 0] - v).abs().max() > 0.1
 
 
 def test_block_truth_is_the_max_pooled_attention_renormalised_per_row() -> None:
@@ -91,19 +113,19 @@ def test_fit_gate_recovers_a_planted_gate() -> None:
     g = torch.Generator().manual_seed(0)
     bias = torch.zeros(2, BUCKETS)
     bias[:, 0] = 2.0  # both heads favour the diagonal block
-    true = (torch.randn(2, 4, 3, generator=g), torch.randn(1, 12, 3, generator=g), bias)
+    true = (torch.randn(2, 4, 4, generator=g), torch.randn(1, 12, 4, generator=g), bias)
     data = []
     for _ in range(4):
         qf, kf = torch.randn(1, 2, 16, 4, generator=g), torch.randn(1, 1, 16, 12, generator=g)
-        truth = gate_log_probs(true, qf, kf).exp() * P.causal_blocks(16)
+        truth = gate_log_probs(true, qf, kf, THETA, 16).exp() * P.causal_blocks(16)
         data.append((qf, kf, truth))
-    start = fit_gate(data, dim=3, steps=0, lr=0.05)
-    fitted = fit_gate(data, dim=3, steps=300, lr=0.05)
+    start = fit_gate(data, dim=4, steps=0, lr=0.05, theta=THETA, block=16)
+    fitted = fit_gate(data, dim=4, steps=300, lr=0.05, theta=THETA, block=16)
     qf, kf, truth = data[0]
-    before = kl_to_truth(truth, gate_log_probs(start, qf, kf))
-    after = kl_to_truth(truth, gate_log_probs(fitted, qf, kf))
+    before = kl_to_truth(truth, gate_log_probs(start, qf, kf, THETA, 16))
+    after = kl_to_truth(truth, gate_log_probs(fitted, qf, kf, THETA, 16))
     assert after < 0.1 * before
-    assert recall_at_density(gate_log_probs(fitted, qf, kf), truth, 0.25) > 0.9
+    assert recall_at_density(gate_log_probs(fitted, qf, kf, THETA, 16), truth, 0.25) > 0.9
 
 
 def _ids(length: int, seed: int = 0) -> torch.Tensor:
@@ -119,7 +141,9 @@ def test_calibrated_gate_runs_full_budget_exactly_and_sparse_budget_differently(
     spec = "seer:sink=0,window=16,block=16,min_length=0,steps=20"
     cfg = from_spec(spec, family="prefill")
     assert cfg.needs_calibration()
-    trained = run_calibration(model, _ids(128, seed=1), cfg.calibration(128))
+    with pytest.raises(SparseLLMError, match="rotary base"):
+        cfg.calibration(128)  # unbound: the gate could not undo the model's RoPE
+    trained = run_calibration(model, _ids(128, seed=1), cfg.bind(model.config).calibration(128))
     assert not trained.needs_calibration()
     with torch.no_grad():
         dense = model(ids).logits
@@ -131,7 +155,7 @@ def test_calibrated_gate_runs_full_budget_exactly_and_sparse_budget_differently(
     assert torch.isfinite(sparse).all() and not torch.allclose(sparse, dense, atol=1e-4)
     path = str(tmp_path / "gates.safetensors")
     save_gates(trained, path)
-    loaded = from_spec(f"{spec},blocks=1,gate={path}", family="prefill")
+    loaded = from_spec(f"{spec},blocks=1,gate={path}", family="prefill").bind(model.config)
     layer = next(i for i, gate in enumerate(trained.gates) if gate is not None)
     (hq, d, _), hkv = trained.gates[layer][0].shape, trained.gates[layer][1].shape[0]
     q, k = torch.randn(1, hq, 200, d), torch.randn(1, hkv, 200, d)
@@ -146,3 +170,36 @@ def test_missing_gates_and_short_calibration_are_refused(tmp_path) -> None:
         Seer(gate=str(tmp_path / "none.safetensors"))
     with pytest.raises(SparseLLMError, match=">= 256 tokens"):
         Seer().calibration(100)
+    with pytest.raises(SparseLLMError, match="even"):
+        Seer(dim=15)
+    with pytest.raises(SparseLLMError, match="rotary base"):
+        Seer(
+            gates=((torch.zeros(1, 2, 2), torch.zeros(1, 6, 2), torch.zeros(1, BUCKETS)),)
+        ).block_mask(torch.zeros(1, 1, 256, 2), torch.zeros(1, 1, 256, 2), 0)
+
+
+def test_gates_saved_before_pre_rope_features_are_refused(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    path = str(tmp_path / "old.safetensors")
+    save_file({"0.wq": torch.zeros(1)}, path, metadata={"method": "seer", "layers": "1"})
+    with pytest.raises(SparseLLMError, match="post-RoPE features: train them again"):
+        Seer(gate=path)
+
+
+def test_gate_scores_depend_on_the_block_distance_not_the_position() -> None:
+    # the same pooled content in every block: the gate's logits, before the softmax, are
+    # a function of i - j only (its RoPE and its distance bias are both relative)
+    g = torch.Generator().manual_seed(1)
+    gate = (torch.randn(1, 4, 6, generator=g), torch.randn(1, 12, 6, generator=g),
+            torch.randn(1, BUCKETS, generator=g))  # fmt: skip
+    qf = torch.randn(4, generator=g).expand(1, 1, 10, 4)
+    kf = torch.randn(12, generator=g).expand(1, 1, 10, 12)
+    lp = gate_log_probs(gate, qf, kf, THETA, 16)[0, 0]
+    # a row's log-softmax is its logits less one constant: lp[i, i-d] - lp[i, i] = f(d) - f(0)
+    by_distance = []
+    for d in range(1, 6):
+        diffs = torch.stack([lp[i, i - d] - lp[i, i] for i in range(d, 10)])
+        torch.testing.assert_close(diffs, diffs[:1].expand_as(diffs), atol=1e-4, rtol=1e-4)
+        by_distance.append(diffs[0])
+    assert torch.stack(by_distance).std() > 0.01  # and it does depend on the distance

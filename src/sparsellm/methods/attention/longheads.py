@@ -28,23 +28,9 @@ import torch.nn.functional as F
 from sparsellm.errors import SparseLLMError
 from sparsellm.methods.attention import patterns as P
 from sparsellm.methods.attention.protocols import PrefillConfig, attention_method
+from sparsellm.methods.attention.rope import rope_angles, rope_theta, rotate, unrotate
 
 QUERY_CHUNKS = 8  # selective query chunks computed per batch (bounds the gathered keys)
-
-
-def rope_angles(positions: torch.Tensor, theta: float, dim: int) -> torch.Tensor:
-    """(len(positions), dim) rotary angles in transformers' half-split layout."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-    freqs = positions.double()[:, None] * inv_freq[None, :]
-    return torch.cat([freqs, freqs], -1)
-
-
-def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Apply the rotary rotation by `angles` (…, T, D) to `x` (…, T, D); negative angles
-    undo it."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
-    return x * angles.cos().to(x.dtype) + rotated * angles.sin().to(x.dtype)
 
 
 def chunk_keys(q: torch.Tensor, k: torch.Tensor, block: int) -> torch.Tensor:
@@ -97,15 +83,7 @@ class LongHeads(PrefillConfig):
     def bind(self, config: Any) -> LongHeads:
         if self.theta:
             return self
-        params = getattr(config, "rope_parameters", None) or {
-            "rope_theta": getattr(config, "rope_theta", None)
-        }
-        params = params.get("full_attention", params)
-        if params.get("rope_type", "default") != "default" or not params.get("rope_theta"):
-            raise SparseLLMError(
-                f"longheads re-rotates keys with plain RoPE; this model's rotary is {params}"
-            )
-        return replace(self, theta=float(params["rope_theta"]))
+        return replace(self, theta=rope_theta(config, self.name))
 
     def block_mask(self, query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tensor:
         nb = P.n_blocks(query.shape[2], self.block)
@@ -120,9 +98,8 @@ class LongHeads(PrefillConfig):
         b, hq, length, d = query.shape
         hkv = key.shape[1]
         pad = P.n_blocks(length, self.block) * self.block - length
-        angles = -rope_angles(torch.arange(length), self.theta, d)
-        q = F.pad(rotate(query.float(), angles), (0, 0, 0, pad))
-        k = F.pad(rotate(key.float(), angles), (0, 0, 0, pad))
+        q = F.pad(unrotate(query.float(), self.theta), (0, 0, 0, pad))
+        k = F.pad(unrotate(key.float(), self.theta), (0, 0, 0, pad))
         q = q.reshape(b, hkv, hq // hkv, -1, d)
         reps = chunk_keys(q, k, self.block)
         q_bar = q.unflatten(3, (-1, self.block)).mean(4)

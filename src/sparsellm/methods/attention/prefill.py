@@ -72,7 +72,7 @@ def _slash_sums(attn: torch.Tensor) -> torch.Tensor:
     return got.masked_fill(key_at < 0, 0.0).sum(-2)
 
 
-def _pooled_block_probs(query: torch.Tensor, key: torch.Tensor, block: int) -> torch.Tensor:
+def pooled_block_probs(query: torch.Tensor, key: torch.Tensor, block: int) -> torch.Tensor:
     """Causal softmax over key blocks of pooled-query · pooled-key, per KV head."""
     qp = group_sum(pool(query, block), key.shape[1]) / (query.shape[1] // key.shape[1])
     kp = pool(key, block)
@@ -176,7 +176,7 @@ class BlockTopK(PrefillConfig):
     tail: int = 0
 
     def block_mask(self, query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tensor:
-        probs = _pooled_block_probs(query, key, self.block)
+        probs = pooled_block_probs(query, key, self.block)
         nb = probs.shape[-1]
         always = P.sink_window_tokens(nb, self.sink, self.window, self.block)
         return P.topk_blocks(probs, self.blocks, always)
@@ -236,7 +236,7 @@ class FlexPrefill(PrefillConfig):
         padded = torch.nn.functional.pad(attn, (0, nb * bs - length))
         true_blocks = padded.reshape(*attn.shape[:-1], nb, bs).sum(-1).mean(-2)  # (B,Hkv,nb)
         true_blocks = true_blocks / true_blocks.sum(-1, keepdim=True)
-        probs = _pooled_block_probs(query, key, bs)  # (B, Hkv, nb, nb)
+        probs = pooled_block_probs(query, key, bs)  # (B, Hkv, nb, nb)
         est = probs[..., -1, :]
         mid = (est + true_blocks) / 2
         kl = lambda p: (p * (p.clamp_min(1e-12) / mid.clamp_min(1e-12)).log()).sum(-1)  # noqa: E731

@@ -1,19 +1,23 @@
 """SeerAttention (Gao et al., 2024): a small learned gate predicts block-level attention.
 
 The frozen model's attention is left alone; only the gate learns, by self-distillation.
-Per full-attention layer the gate pools each block of queries (mean) and each block of
-keys (max, min and mean, concatenated), projects both per head to a few dimensions and
-scores every causal (query block, key block) pair by their dot product. Its target is
-the model's own attention map pooled to blocks: the exact causal softmax, max-pooled over
-each block pair and renormalised per query block, so a block holding one sharp match
-scores high. The loss is the KL divergence from that target to the gate's softmax. At
-prefill the gate's top `blocks` key blocks per query block (plus the sink and the local
-window, the same budget as ``block_topk:blocks=N``) run on the shared block-sparse kernel.
+Per full-attention layer the gate pools each block of position-free queries (mean) and
+keys (max, min and mean, concatenated), projects both per head to `dim` dimensions,
+rotates the projections by RoPE at their blocks' positions, and scores every causal
+(query block, key block) pair by their dot product. Pooling before RoPE matters: a mean
+over a block of rotated vectors cancels the dimensions that turn fast, and what they held
+never reaches the gate. Its target is the model's own attention map pooled to blocks: the
+exact causal softmax, max-pooled over each block pair and renormalised per query block, so
+a block holding one sharp match scores high. The loss is the KL divergence from that
+target to the gate's softmax. At prefill the gate's top `blocks` key blocks per query
+block (plus the sink and the local window, the same budget as ``block_topk:blocks=N``) run
+on the shared block-sparse kernel.
 
 Training data comes from the calibration protocol: `GateTraining` observes the post-RoPE
-query and key of every full-attention layer during ordinary forwards and stores only the
-pooled features and the pooled target, then fits each layer's gate alone (the layers'
-losses are independent: no gradient passes through the model).
+query and key of every full-attention layer during ordinary forwards, undoes the rotation
+(the method is bound to the model's rotary base first) and stores only the pooled features
+and the pooled target, then fits each layer's gate alone (the layers' losses are
+independent: no gradient passes through the model).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -30,10 +34,12 @@ from sparsellm.errors import SparseLLMError
 from sparsellm.methods.attention import patterns as P
 from sparsellm.methods.attention.prefill import pool
 from sparsellm.methods.attention.protocols import PrefillConfig, attention_method
+from sparsellm.methods.attention.rope import rope_angles, rope_theta, rotate, unrotate
 from sparsellm.models.adapters import full_attention_layers, get_blocks
 
 Gate = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # wq (Hq, D, G), wk (Hkv, 3D, G), bias
 BUCKETS = 17  # distance buckets 0, 1, 2-3, 4-7, ... (block distances up to 2^16)
+FEATURES = "pre-rope"  # what saved gates were trained on (older files pooled post-RoPE)
 
 
 def distance_buckets(nb: int) -> torch.Tensor:
@@ -55,11 +61,13 @@ def _padded_blocks(x: torch.Tensor, block: int, fill: float) -> torch.Tensor:
 
 
 def gate_features(
-    query: torch.Tensor, key: torch.Tensor, block: int
+    query: torch.Tensor, key: torch.Tensor, block: int, theta: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gate's inputs: mean-pooled query blocks ``(B, Hq, nb, D)`` and key blocks pooled
-    by max, min and mean ``(B, Hkv, nb, 3D)`` (max and min keep a single outlying key
-    visible that a mean would wash out)."""
+    """The gate's inputs from post-RoPE `query` and `key` at positions 0 … L-1 (rotary
+    base `theta`): the rotation undone, mean-pooled query blocks ``(B, Hq, nb, D)`` and key
+    blocks pooled by max, min and mean ``(B, Hkv, nb, 3D)`` (max and min keep a single
+    outlying key visible that a mean would wash out)."""
+    query, key = unrotate(query, theta), unrotate(key, theta)
     kmax = _padded_blocks(key, block, float("-inf")).amax(3)
     kmin = _padded_blocks(key, block, float("inf")).amin(3)
     return pool(query, block), torch.cat([kmax, kmin, pool(key, block)], -1)
@@ -71,7 +79,8 @@ def block_truth(
     """The distillation target ``(B, Hkv, nb, nb)``: the exact causal attention max-pooled
     over each (query block, key block) pair, each query block's row renormalised to sum to
     one, averaged over the GQA group. Computed `chunk` query blocks at a time so an 8k map
-    never exists whole."""
+    never exists whole, each against the keys it can see only (half the work of a square
+    map)."""
     b, hq, length, _ = query.shape
     hkv = key.shape[1]
     nb = P.n_blocks(length, block)
@@ -79,27 +88,34 @@ def block_truth(
     rows = []
     for start in range(0, nb, chunk):
         lo, hi = start * block, min((start + chunk) * block, length)
-        s = (query[:, :, lo:hi] @ k.transpose(-1, -2)) * scale
+        s = (query[:, :, lo:hi] @ k[:, :, :hi].transpose(-1, -2)) * scale
         qpos = torch.arange(lo, hi)[:, None]
-        s = s.masked_fill(torch.arange(length)[None, :] > qpos, float("-inf"))
+        s = s.masked_fill(torch.arange(hi)[None, :] > qpos, float("-inf"))
         p = torch.softmax(s, -1)
-        rb = P.n_blocks(hi - lo, block)
-        p = torch.nn.functional.pad(p, (0, nb * block - length, 0, rb * block - (hi - lo)))
-        p = p.reshape(b, hq, rb, block, nb, block).amax((3, 5))
+        rb, kb = P.n_blocks(hi - lo, block), P.n_blocks(hi, block)
+        p = torch.nn.functional.pad(p, (0, kb * block - hi, 0, rb * block - (hi - lo)))
+        p = p.reshape(b, hq, rb, block, kb, block).amax(5).amax(3)
+        p = torch.nn.functional.pad(p, (0, nb - kb))  # key blocks past the chunk: zero
         rows.append(p / p.sum(-1, keepdim=True))
     out = torch.cat(rows, 2)
     return out.reshape(b, hkv, hq // hkv, nb, nb).mean(2)
 
 
-def gate_log_probs(gate: Gate, qf: torch.Tensor, kf: torch.Tensor) -> torch.Tensor:
+def gate_log_probs(
+    gate: Gate, qf: torch.Tensor, kf: torch.Tensor, theta: float, block: int
+) -> torch.Tensor:
     """Log of the gate's block distribution ``(B, Hkv, nb, nb)`` (0 off the causal
-    triangle): each query head scores the key blocks of its KV head, the softmaxes are
-    averaged over the group, as the target is."""
+    triangle): the projections are rotated by RoPE (base `theta`, over the gate's own
+    width) at their blocks' first positions, so a score depends on the block distance as
+    the model's own attention does; each query head scores the key blocks of its KV head,
+    the softmaxes are averaged over the group, as the target is. A learned bias per head
+    and log2 distance bucket adds what the rotation leaves out (recency)."""
     wq, wk, bias = gate
     hq, hkv = wq.shape[0], wk.shape[0]
-    qg = torch.einsum("bhnd,hdg->bhng", qf, wq)
-    kg = torch.einsum("bhnd,hdg->bhng", kf, wk).repeat_interleave(hq // hkv, 1)
-    nb = qg.shape[2]
+    nb = qf.shape[2]
+    angles = rope_angles(torch.arange(nb) * block, theta, wq.shape[-1])
+    qg = rotate(torch.einsum("bhnd,hdg->bhng", qf, wq), angles)
+    kg = rotate(torch.einsum("bhnd,hdg->bhng", kf, wk), angles).repeat_interleave(hq // hkv, 1)
     s = (qg @ kg.transpose(-1, -2)) / math.sqrt(wq.shape[-1])
     s = s + bias[:, distance_buckets(nb)]
     causal = P.causal_blocks(nb, s.device)
@@ -121,6 +137,8 @@ def fit_gate(
     dim: int,
     steps: int,
     lr: float,
+    theta: float,
+    block: int,
     seed: int = 0,
 ) -> Gate:
     """One layer's gate fitted by Adam on every observed window's (query features, key
@@ -140,7 +158,8 @@ def fit_gate(
         for _ in range(steps):
             opt.zero_grad()
             loss = sum(
-                kl_to_truth(t, gate_log_probs((wq, wk, bias), q / qs, k / ks)) for q, k, t in data
+                kl_to_truth(t, gate_log_probs((wq, wk, bias), q / qs, k / ks, theta, block))
+                for q, k, t in data
             )
             (loss / len(data)).backward()
             opt.step()
@@ -185,7 +204,8 @@ def mass_recall_at_density(scores: torch.Tensor, truth: torch.Tensor, density: f
 class Seer(PrefillConfig):
     """SeerAttention: `blocks` key blocks per query block chosen by a gate learned from the
     model's own attention (calibration trains it), plus the sink block and the local
-    window. ``gate=PATH`` loads gates saved by `save_gates` instead of training."""
+    window. ``gate=PATH`` loads gates saved by `save_gates` instead of training. `theta`
+    is the model's rotary base, read from its config when the method is bound."""
 
     name: ClassVar[str] = "seer"
 
@@ -195,23 +215,37 @@ class Seer(PrefillConfig):
     block: int = 64
     min_length: int = 2048
     tail: int = 0
-    dim: int = 16
+    dim: int = 64
     steps: int = 300
     lr: float = 0.01
     gate: str = ""
+    theta: float = 0.0
     gates: tuple[Gate | None, ...] = field(default=(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.dim < 2 or self.dim % 2:
+            raise SparseLLMError("seer: dim must be even (the gate rotates pairs) and >= 2")
         if self.gate and not self.gates:
             object.__setattr__(self, "gates", load_gates(self.gate))
+
+    def bind(self, config: Any) -> Seer:
+        return self if self.theta else dataclasses.replace(self, theta=rope_theta(config, "seer"))
+
+    def _theta(self) -> float:
+        if not self.theta:
+            raise SparseLLMError(
+                "seer needs the model's rotary base: bind it (sparse_attention does)"
+            )
+        return self.theta
 
     def block_mask(self, query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tensor:
         gate = self.gates[layer] if layer < len(self.gates) else None
         if gate is None:
             raise SparseLLMError(f"seer has no gate for layer {layer}: calibrate it first")
-        qf, kf = gate_features(query, key, self.block)
-        scores = gate_log_probs(gate, qf.float(), kf.float())
+        theta = self._theta()
+        qf, kf = gate_features(query.float(), key.float(), self.block, theta)
+        scores = gate_log_probs(gate, qf, kf, theta, self.block)
         nb = scores.shape[-1]
         always = P.sink_window_tokens(nb, self.sink, self.window, self.block)
         return P.topk_blocks(scores, self.blocks, always)
@@ -222,6 +256,7 @@ class Seer(PrefillConfig):
     def calibration(self, tokens: int) -> GateTraining:
         if tokens < 4 * self.block:
             raise SparseLLMError(f"seer's gate trains on >= {4 * self.block} tokens")
+        self._theta()
         return GateTraining(self)
 
 
@@ -237,7 +272,7 @@ class GateTraining:
     def observe(self, layer: int, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
         t0 = time.perf_counter()
         q, k = query.float(), key.float()
-        qf, kf = gate_features(q, k, self.base.block)
+        qf, kf = gate_features(q, k, self.base.block, self.base.theta)
         truth = block_truth(q, k, self.base.block, scale)
         self.data.setdefault(layer, []).append((qf, kf, truth))
         self.seconds += time.perf_counter() - t0
@@ -250,7 +285,9 @@ class GateTraining:
         t0 = time.perf_counter()
         b = self.base
         gates = tuple(
-            fit_gate(self.data[i], b.dim, b.steps, b.lr, seed=i) if i in self.data else None
+            fit_gate(self.data[i], b.dim, b.steps, b.lr, b.theta, b.block, seed=i)
+            if i in self.data
+            else None
             for i in range(len(get_blocks(model)))
         )
         self.seconds += time.perf_counter() - t0
@@ -266,7 +303,8 @@ def save_gates(config: Seer, path: str) -> None:
         if g is not None:
             for part, t in zip(("wq", "wk", "bias"), g, strict=True):
                 tensors[f"{i}.{part}"] = t.contiguous()
-    save_file(tensors, path, metadata={"method": "seer", "layers": str(len(config.gates))})
+    meta = {"method": "seer", "layers": str(len(config.gates)), "features": FEATURES}
+    save_file(tensors, path, metadata=meta)
 
 
 def load_gates(path: str) -> tuple[Gate | None, ...]:
@@ -278,6 +316,10 @@ def load_gates(path: str) -> tuple[Gate | None, ...]:
             meta = f.metadata() or {}
             if meta.get("method") != "seer":
                 raise SparseLLMError(f"{path} holds no seer gates")
+            if meta.get("features") != FEATURES:
+                raise SparseLLMError(
+                    f"{path} holds seer gates trained on post-RoPE features: train them again"
+                )
             names = set(f.keys())
             return tuple(
                 tuple(f.get_tensor(f"{i}.{part}") for part in ("wq", "wk", "bias"))
