@@ -19,8 +19,8 @@ GQA group, so the heads of a group share one selection (one KV head is read once
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from sparsellm.errors import SparseLLMError
 from sparsellm.methods.attention import patterns as P
 from sparsellm.methods.attention.protocols import PrefillConfig, attention_method
-from sparsellm.methods.attention.rope import rope_angles, rope_theta, rotate, unrotate
+from sparsellm.methods.attention.rope import RotaryBound, rope_angles, rotate, unrotate
 
 QUERY_CHUNKS = 8  # selective query chunks computed per batch (bounds the gathered keys)
 
@@ -61,7 +61,7 @@ def select_chunks(q: torch.Tensor, reps: torch.Tensor, slots: int) -> torch.Tens
 
 @attention_method
 @dataclass(frozen=True)
-class LongHeads(PrefillConfig):
+class LongHeads(RotaryBound, PrefillConfig):
     """LongHeads: per-head chunk selection with positions remapped into `length`."""
 
     name: ClassVar[str] = "longheads"
@@ -80,11 +80,6 @@ class LongHeads(PrefillConfig):
                 "the own chunk)"
             )
 
-    def bind(self, config: Any) -> LongHeads:
-        if self.theta:
-            return self
-        return replace(self, theta=rope_theta(config, self.name))
-
     def block_mask(self, query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tensor:
         nb = P.n_blocks(query.shape[2], self.block)
         return P.selected_blocks(self._select(query, key)[2], nb)
@@ -93,13 +88,12 @@ class LongHeads(PrefillConfig):
         self, query: torch.Tensor, key: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Position-free padded queries (B, Hkv, g, L', D) and keys, and the selection."""
-        if not self.theta:
-            raise SparseLLMError("longheads needs the model's rotary base: use sparse_attention")
+        theta = self.rotary_base()
         b, hq, length, d = query.shape
         hkv = key.shape[1]
         pad = P.n_blocks(length, self.block) * self.block - length
-        q = F.pad(unrotate(query.float(), self.theta), (0, 0, 0, pad))
-        k = F.pad(unrotate(key.float(), self.theta), (0, 0, 0, pad))
+        q = F.pad(unrotate(query.float(), theta), (0, 0, 0, pad))
+        k = F.pad(unrotate(key.float(), theta), (0, 0, 0, pad))
         q = q.reshape(b, hkv, hq // hkv, -1, d)
         reps = chunk_keys(q, k, self.block)
         q_bar = q.unflatten(3, (-1, self.block)).mean(4)

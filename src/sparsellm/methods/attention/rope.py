@@ -8,7 +8,8 @@ rotary base, which `rope_theta` reads from its config when the method is bound.
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Self
 
 import torch
 
@@ -46,3 +47,24 @@ def rope_theta(config: Any, method: str) -> float:
     if params.get("rope_type", "default") != "default" or not params.get("rope_theta"):
         raise SparseLLMError(f"{method} undoes plain RoPE; this model's rotary is {params}")
     return float(params["rope_theta"])
+
+
+class RotaryBound:
+    """For a prefill config with a ``theta: float = 0.0`` field: `bind` fills it from the
+    model's config (`PrefillConfig.bind`'s hook, which `sparse_attention` and `calibrate`
+    call), and `rotary_base` is what the method reads, refused while it is still 0."""
+
+    name: str
+    theta: float
+
+    def bind(self, config: Any) -> Self:
+        if self.theta:
+            return self
+        return dataclasses.replace(self, theta=rope_theta(config, self.name))  # type: ignore[type-var]
+
+    def rotary_base(self) -> float:
+        if not self.theta:
+            raise SparseLLMError(
+                f"{self.name} needs the model's rotary base: bind it (sparse_attention does)"
+            )
+        return self.theta

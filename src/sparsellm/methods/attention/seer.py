@@ -26,7 +26,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -34,7 +34,7 @@ from sparsellm.errors import SparseLLMError
 from sparsellm.methods.attention import patterns as P
 from sparsellm.methods.attention.prefill import pool
 from sparsellm.methods.attention.protocols import PrefillConfig, attention_method
-from sparsellm.methods.attention.rope import rope_angles, rope_theta, rotate, unrotate
+from sparsellm.methods.attention.rope import RotaryBound, rope_angles, rotate, unrotate
 from sparsellm.models.adapters import full_attention_layers, get_blocks
 
 Gate = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # wq (Hq, D, G), wk (Hkv, 3D, G), bias
@@ -201,7 +201,7 @@ def mass_recall_at_density(scores: torch.Tensor, truth: torch.Tensor, density: f
 
 @attention_method
 @dataclass(frozen=True)
-class Seer(PrefillConfig):
+class Seer(RotaryBound, PrefillConfig):
     """SeerAttention: `blocks` key blocks per query block chosen by a gate learned from the
     model's own attention (calibration trains it), plus the sink block and the local
     window. ``gate=PATH`` loads gates saved by `save_gates` instead of training. `theta`
@@ -229,21 +229,11 @@ class Seer(PrefillConfig):
         if self.gate and not self.gates:
             object.__setattr__(self, "gates", load_gates(self.gate))
 
-    def bind(self, config: Any) -> Seer:
-        return self if self.theta else dataclasses.replace(self, theta=rope_theta(config, "seer"))
-
-    def _theta(self) -> float:
-        if not self.theta:
-            raise SparseLLMError(
-                "seer needs the model's rotary base: bind it (sparse_attention does)"
-            )
-        return self.theta
-
     def block_mask(self, query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tensor:
         gate = self.gates[layer] if layer < len(self.gates) else None
         if gate is None:
             raise SparseLLMError(f"seer has no gate for layer {layer}: calibrate it first")
-        theta = self._theta()
+        theta = self.rotary_base()
         qf, kf = gate_features(query.float(), key.float(), self.block, theta)
         scores = gate_log_probs(gate, qf, kf, theta, self.block)
         nb = scores.shape[-1]
@@ -256,7 +246,7 @@ class Seer(PrefillConfig):
     def calibration(self, tokens: int) -> GateTraining:
         if tokens < 4 * self.block:
             raise SparseLLMError(f"seer's gate trains on >= {4 * self.block} tokens")
-        self._theta()
+        self.rotary_base()  # the gate undoes the model's RoPE while it observes
         return GateTraining(self)
 
 
