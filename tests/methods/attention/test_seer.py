@@ -72,9 +72,24 @@ def test_block_truth_is_the_max_pooled_attention_renormalised_per_row() -> None:
         )
         expect += pooled / pooled.sum(-1, keepdim=True) / 2
     for chunk in (1, 8):
-        got = block_truth(q, k, 2, scale, chunk=chunk)
+        got = block_truth(q, k, 2, scale, chunk=chunk)["max"]
         torch.testing.assert_close(got[0, 0], expect)
     assert got[0, 0].triu(1).abs().sum() == 0
+
+
+def test_mass_target_is_the_block_share_of_attention_by_hand() -> None:
+    # equal scores: query i spreads 1/(i+1) over keys 0..i. Query block 0 (queries 0, 1)
+    # gives key block 0 everything; query block 1: query 2 gives blocks (2/3, 1/3), query
+    # 3 (1/2, 1/2), so their mean (7/12, 5/12). A 5th query (a partial block) alone: 2/5
+    # to each of blocks 0 and 1, 1/5 to block 2.
+    q, k = torch.zeros(1, 1, 5, 2), torch.zeros(1, 1, 5, 2)
+    for chunk in (1, 8):
+        got = block_truth(q, k, 2, 1.0, chunk=chunk, pools=("mass", "max"))
+        expect = torch.tensor([[1.0, 0, 0], [7 / 12, 5 / 12, 0], [0.4, 0.4, 0.2]])
+        torch.testing.assert_close(got["mass"][0, 0], expect)
+        assert set(got) == {"mass", "max"}
+    with pytest.raises(SparseLLMError, match="unknown target"):
+        block_truth(q, k, 2, 1.0, pools=("sum",))
 
 
 def test_kl_is_zero_at_the_target_and_positive_elsewhere() -> None:
@@ -172,6 +187,8 @@ def test_missing_gates_and_short_calibration_are_refused(tmp_path) -> None:
         Seer().calibration(100)
     with pytest.raises(SparseLLMError, match="even"):
         Seer(dim=15)
+    with pytest.raises(SparseLLMError, match="target must be one of mass, max"):
+        Seer(target="sum")
     with pytest.raises(SparseLLMError, match="rotary base"):
         Seer(
             gates=((torch.zeros(1, 2, 2), torch.zeros(1, 6, 2), torch.zeros(1, BUCKETS)),)
@@ -203,3 +220,22 @@ def test_gate_scores_depend_on_the_block_distance_not_the_position() -> None:
         torch.testing.assert_close(diffs, diffs[:1].expand_as(diffs), atol=1e-4, rtol=1e-4)
         by_distance.append(diffs[0])
     assert torch.stack(by_distance).std() > 0.01  # and it does depend on the distance
+
+
+def test_one_observation_fits_a_gate_per_target_and_refuses_an_unobserved_one() -> None:
+    from sparsellm.integrations.transformers import observe_forward
+    from sparsellm.methods.attention.seer import GateTraining
+
+    model = tiny_model("llama", 1)
+    base = Seer(block=16, min_length=0, steps=5).bind(model.config)
+    both = GateTraining(base, pools=("mass", "max"))
+    observe_forward(model, _ids(128), both)
+    by_target = {t: both.result(model, target=t) for t in ("mass", "max")}
+    assert [c.target for c in by_target.values()] == ["mass", "max"]
+    layer = next(i for i, gate in enumerate(by_target["max"].gates) if gate is not None)
+    assert not torch.equal(by_target["mass"].gates[layer][0], by_target["max"].gates[layer][0])
+    own = base.calibration(128)  # observes the base's own target only
+    assert own.pools == ("mass",)
+    observe_forward(model, _ids(128), own)
+    with pytest.raises(SparseLLMError, match="target max was not observed"):
+        own.result(model, target="max")

@@ -6,10 +6,14 @@ keys (max, min and mean, concatenated), projects both per head to `dim` dimensio
 rotates the projections by RoPE at their blocks' positions, and scores every causal
 (query block, key block) pair by their dot product. Pooling before RoPE matters: a mean
 over a block of rotated vectors cancels the dimensions that turn fast, and what they held
-never reaches the gate. Its target is the model's own attention map pooled to blocks: the
-exact causal softmax, max-pooled over each block pair and renormalised per query block, so
-a block holding one sharp match scores high. The loss is the KL divergence from that
-target to the gate's softmax. At prefill the gate's top `blocks` key blocks per query
+never reaches the gate. Its target is the model's own attention map pooled to blocks and
+renormalised per query block; the loss is the KL divergence from that target to the gate's
+softmax. The paper max-pools each block pair (``target=max``: a block holding one sharp
+match scores high); our default pools the attention mass (``target=mass``), the share of
+the query block's attention that the kernel keeps or drops with that block. Max-pooled
+ranks are set by single query-key pairs: even the exact attention mass misses a share of
+the max-ranked top blocks (``bench/seer.py`` measures how much), near-ties that barely
+change the output. At prefill the gate's top `blocks` key blocks per query
 block (plus the sink and the local window, the same budget as ``block_topk:blocks=N``) run
 on the shared block-sparse kernel.
 
@@ -40,6 +44,7 @@ from sparsellm.models.adapters import full_attention_layers, get_blocks
 Gate = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # wq (Hq, D, G), wk (Hkv, 3D, G), bias
 BUCKETS = 17  # distance buckets 0, 1, 2-3, 4-7, ... (block distances up to 2^16)
 FEATURES = "pre-rope"  # what saved gates were trained on (older files pooled post-RoPE)
+TARGETS = ("mass", "max")  # the block maps a gate can learn (see block_truth)
 
 
 def distance_buckets(nb: int) -> torch.Tensor:
@@ -74,18 +79,29 @@ def gate_features(
 
 
 def block_truth(
-    query: torch.Tensor, key: torch.Tensor, block: int, scale: float, chunk: int = 8
-) -> torch.Tensor:
-    """The distillation target ``(B, Hkv, nb, nb)``: the exact causal attention max-pooled
-    over each (query block, key block) pair, each query block's row renormalised to sum to
-    one, averaged over the GQA group. Computed `chunk` query blocks at a time so an 8k map
-    never exists whole, each against the keys it can see only (half the work of a square
-    map)."""
+    query: torch.Tensor,
+    key: torch.Tensor,
+    block: int,
+    scale: float,
+    chunk: int = 8,
+    pools: tuple[str, ...] = ("max",),
+) -> dict[str, torch.Tensor]:
+    """The distillation targets ``(B, Hkv, nb, nb)`` from the exact causal attention, one
+    per name in `pools`: ``max``, the paper's, max-pooled over each (query block, key
+    block) pair, so a block holding one sharp match scores high; ``mass``, the attention a
+    query block gives each key block (summed over its keys, averaged over its queries),
+    which is what the block-sparse kernel keeps or loses. Each query block's row is
+    renormalised to sum to one and averaged over the GQA group. Computed `chunk` query
+    blocks at a time so an 8k map never exists whole, each against the keys it can see
+    only (half the work of a square map)."""
+    unknown = set(pools) - set(TARGETS)
+    if unknown:
+        raise SparseLLMError(f"seer: unknown target {sorted(unknown)}; valid: {TARGETS}")
     b, hq, length, _ = query.shape
     hkv = key.shape[1]
     nb = P.n_blocks(length, block)
     k = key.repeat_interleave(hq // hkv, 1)
-    rows = []
+    rows: dict[str, list[torch.Tensor]] = {name: [] for name in pools}
     for start in range(0, nb, chunk):
         lo, hi = start * block, min((start + chunk) * block, length)
         s = (query[:, :, lo:hi] @ k[:, :, :hi].transpose(-1, -2)) * scale
@@ -94,11 +110,16 @@ def block_truth(
         p = torch.softmax(s, -1)
         rb, kb = P.n_blocks(hi - lo, block), P.n_blocks(hi, block)
         p = torch.nn.functional.pad(p, (0, kb * block - hi, 0, rb * block - (hi - lo)))
-        p = p.reshape(b, hq, rb, block, kb, block).amax(5).amax(3)
-        p = torch.nn.functional.pad(p, (0, nb - kb))  # key blocks past the chunk: zero
-        rows.append(p / p.sum(-1, keepdim=True))
-    out = torch.cat(rows, 2)
-    return out.reshape(b, hkv, hq // hkv, nb, nb).mean(2)
+        p = p.reshape(b, hq, rb, block, kb, block)
+        for name in pools:
+            # padded query rows are zero: they never raise a max, and a mass row is
+            # renormalised below, so the tail block's mean needs no correction
+            pooled = p.amax(5).amax(3) if name == "max" else p.sum(5).sum(3)
+            pooled = torch.nn.functional.pad(pooled, (0, nb - kb))  # keys past the chunk
+            rows[name].append(pooled / pooled.sum(-1, keepdim=True))
+    return {
+        name: torch.cat(r, 2).reshape(b, hkv, hq // hkv, nb, nb).mean(2) for name, r in rows.items()
+    }
 
 
 def gate_log_probs(
@@ -204,8 +225,9 @@ def mass_recall_at_density(scores: torch.Tensor, truth: torch.Tensor, density: f
 class Seer(RotaryBound, PrefillConfig):
     """SeerAttention: `blocks` key blocks per query block chosen by a gate learned from the
     model's own attention (calibration trains it), plus the sink block and the local
-    window. ``gate=PATH`` loads gates saved by `save_gates` instead of training. `theta`
-    is the model's rotary base, read from its config when the method is bound."""
+    window. ``gate=PATH`` loads gates saved by `save_gates` instead of training; `target`
+    is the block map the gate learns (``mass`` or the paper's ``max``, see `block_truth`).
+    `theta` is the model's rotary base, read from its config when the method is bound."""
 
     name: ClassVar[str] = "seer"
 
@@ -219,6 +241,7 @@ class Seer(RotaryBound, PrefillConfig):
     steps: int = 300
     lr: float = 0.01
     gate: str = ""
+    target: str = "mass"
     theta: float = 0.0
     gates: tuple[Gate | None, ...] = field(default=(), compare=False, repr=False)
 
@@ -226,6 +249,8 @@ class Seer(RotaryBound, PrefillConfig):
         super().__post_init__()
         if self.dim < 2 or self.dim % 2:
             raise SparseLLMError("seer: dim must be even (the gate rotates pairs) and >= 2")
+        if self.target not in TARGETS:
+            raise SparseLLMError(f"seer: target must be one of {', '.join(TARGETS)}")
         if self.gate and not self.gates:
             object.__setattr__(self, "gates", load_gates(self.gate))
 
@@ -250,36 +275,45 @@ class Seer(RotaryBound, PrefillConfig):
         return GateTraining(self)
 
 
+Observed = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]  # qf, kf, targets
+
+
 class GateTraining:
     """SeerAttention's `Calibration`: stores every observed forward's pooled features and
-    target per full-attention layer (any number of forwards), then fits each layer's gate."""
+    targets per full-attention layer (any number of forwards), then fits each layer's gate.
+    `pools` names the targets kept (the base's own by default; a bench comparing targets
+    keeps several from the same forwards and fits one gate per target)."""
 
-    def __init__(self, base: Seer) -> None:
+    def __init__(self, base: Seer, pools: tuple[str, ...] = ()) -> None:
         self.base = base
-        self.data: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        self.pools = pools or (base.target,)
+        self.data: dict[int, list[Observed]] = {}
         self.seconds = 0.0  # time spent on targets and fitting (the forwards excluded)
 
     def observe(self, layer: int, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
         t0 = time.perf_counter()
         q, k = query.float(), key.float()
         qf, kf = gate_features(q, k, self.base.block, self.base.theta)
-        truth = block_truth(q, k, self.base.block, scale)
-        self.data.setdefault(layer, []).append((qf, kf, truth))
+        targets = block_truth(q, k, self.base.block, scale, pools=self.pools)
+        self.data.setdefault(layer, []).append((qf, kf, targets))
         self.seconds += time.perf_counter() - t0
 
-    def result(self, model: torch.nn.Module) -> Seer:
-        """The base config with a fitted gate per full-attention layer (None for
-        sliding-window layers, which keep their own window under any method)."""
+    def result(self, model: torch.nn.Module, target: str = "") -> Seer:
+        """The base config (its `target` replaced by `target` if given) with a gate fitted
+        to that target per full-attention layer (None for sliding-window layers, which keep
+        their own window under any method)."""
         if sorted(self.data) != full_attention_layers(model):
             raise SparseLLMError("calibration did not reach every full-attention layer")
+        b = dataclasses.replace(self.base, target=target) if target else self.base
+        if b.target not in self.pools:
+            raise SparseLLMError(f"seer: target {b.target} was not observed ({self.pools})")
         t0 = time.perf_counter()
-        b = self.base
-        gates = tuple(
-            fit_gate(self.data[i], b.dim, b.steps, b.lr, b.theta, b.block, seed=i)
-            if i in self.data
-            else None
-            for i in range(len(get_blocks(model)))
-        )
+
+        def fit(layer: int) -> Gate:
+            data = [(qf, kf, t[b.target]) for qf, kf, t in self.data[layer]]
+            return fit_gate(data, b.dim, b.steps, b.lr, b.theta, b.block, seed=layer)
+
+        gates = tuple(fit(i) if i in self.data else None for i in range(len(get_blocks(model))))
         self.seconds += time.perf_counter() - t0
         return dataclasses.replace(b, gates=gates)
 
@@ -293,7 +327,12 @@ def save_gates(config: Seer, path: str) -> None:
         if g is not None:
             for part, t in zip(("wq", "wk", "bias"), g, strict=True):
                 tensors[f"{i}.{part}"] = t.contiguous()
-    meta = {"method": "seer", "layers": str(len(config.gates)), "features": FEATURES}
+    meta = {
+        "method": "seer",
+        "layers": str(len(config.gates)),
+        "features": FEATURES,
+        "target": config.target,  # what the gate learned (a record: prefill needs neither)
+    }
     save_file(tensors, path, metadata=meta)
 
 
