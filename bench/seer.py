@@ -50,6 +50,7 @@ from sparsellm.methods.attention.prefill import pooled_block_probs  # noqa: E402
 from sparsellm.methods.attention.seer import (  # noqa: E402
     TARGETS,
     GateTraining,
+    Observed,
     Seer,
     gate_log_probs,
     mass_recall_at_density,
@@ -114,6 +115,7 @@ def main() -> None:
     for target in TARGETS:
         t0 = time.perf_counter()
         trained[target] = training.result(model, target=target)
+        # the forwards computed both targets; a gate trained alone computes its own only
         train_s[target] = observe_s + time.perf_counter() - t0
         print(f"{target} gates trained in {train_s[target]:.0f} s", flush=True)
 
@@ -121,7 +123,7 @@ def main() -> None:
     for row in token_windows(tok, resolve_corpus("wiki"), args.eval_windows, args.length):
         observe_forward(model, row[None], held)
 
-    def gated(target: str) -> Callable[[int, int, tuple], torch.Tensor]:
+    def gated(target: str) -> Callable[[int, int, Observed], torch.Tensor]:
         cfg = trained[target]
         return lambda layer, i, obs: gate_log_probs(
             cfg.gates[layer], obs[0], obs[1], cfg.theta, cfg.block

@@ -16,6 +16,7 @@ from sparsellm.methods.attention import patterns as P
 from sparsellm.methods.attention.rope import rope_angles, rotate
 from sparsellm.methods.attention.seer import (
     BUCKETS,
+    GateTraining,
     Seer,
     block_truth,
     distance_buckets,
@@ -60,12 +61,13 @@ def test_gate_features_pool_the_position_free_vectors() -> None:
 
 def test_block_truth_is_the_max_pooled_attention_renormalised_per_row() -> None:
     torch.manual_seed(0)
-    q, k = torch.randn(1, 2, 6, 3), torch.randn(1, 1, 6, 3)  # two query heads share a KV head
+    # two query heads share a KV head; 5 tokens: the last blocks hold one query, one key
+    q, k = torch.randn(1, 2, 5, 3), torch.randn(1, 1, 5, 3)
     scale = 0.7
     expect = torch.zeros(3, 3)
     for h in range(2):
         s = (q[0, h] @ k[0, 0].T) * scale
-        s = s.masked_fill(torch.ones(6, 6).triu(1).bool(), float("-inf"))
+        s = s.masked_fill(torch.ones(5, 5).triu(1).bool(), float("-inf"))
         p = torch.softmax(s, -1)
         pooled = torch.tensor(
             [[p[2 * i : 2 * i + 2, 2 * j : 2 * j + 2].max() for j in range(3)] for i in range(3)]
@@ -81,14 +83,14 @@ def test_mass_target_is_the_block_share_of_attention_by_hand() -> None:
     # equal scores: query i spreads 1/(i+1) over keys 0..i. Query block 0 (queries 0, 1)
     # gives key block 0 everything; query block 1: query 2 gives blocks (2/3, 1/3), query
     # 3 (1/2, 1/2), so their mean (7/12, 5/12). A 5th query (a partial block) alone: 2/5
-    # to each of blocks 0 and 1, 1/5 to block 2.
-    q, k = torch.zeros(1, 1, 5, 2), torch.zeros(1, 1, 5, 2)
+    # to each of blocks 0 and 1, 1/5 to block 2. Two query heads, the same map: their mean.
+    q, k = torch.zeros(1, 2, 5, 2), torch.zeros(1, 1, 5, 2)
     for chunk in (1, 8):
         got = block_truth(q, k, 2, 1.0, chunk=chunk, pools=("mass", "max"))
         expect = torch.tensor([[1.0, 0, 0], [7 / 12, 5 / 12, 0], [0.4, 0.4, 0.2]])
         torch.testing.assert_close(got["mass"][0, 0], expect)
         assert set(got) == {"mass", "max"}
-    with pytest.raises(SparseLLMError, match="unknown target"):
+    with pytest.raises(SparseLLMError, match="unknown target sum; valid: mass, max"):
         block_truth(q, k, 2, 1.0, pools=("sum",))
 
 
@@ -187,8 +189,10 @@ def test_missing_gates_and_short_calibration_are_refused(tmp_path) -> None:
         Seer().calibration(100)
     with pytest.raises(SparseLLMError, match="even"):
         Seer(dim=15)
-    with pytest.raises(SparseLLMError, match="target must be one of mass, max"):
+    with pytest.raises(SparseLLMError, match="unknown target sum"):
         Seer(target="sum")
+    with pytest.raises(SparseLLMError, match="unknown target sum"):
+        GateTraining(Seer(), pools=("sum",))  # refused before any forward
     with pytest.raises(SparseLLMError, match="rotary base"):
         Seer(
             gates=((torch.zeros(1, 2, 2), torch.zeros(1, 6, 2), torch.zeros(1, BUCKETS)),)
@@ -224,7 +228,6 @@ def test_gate_scores_depend_on_the_block_distance_not_the_position() -> None:
 
 def test_one_observation_fits_a_gate_per_target_and_refuses_an_unobserved_one() -> None:
     from sparsellm.integrations.transformers import observe_forward
-    from sparsellm.methods.attention.seer import GateTraining
 
     model = tiny_model("llama", 1)
     base = Seer(block=16, min_length=0, steps=5).bind(model.config)
@@ -239,3 +242,19 @@ def test_one_observation_fits_a_gate_per_target_and_refuses_an_unobserved_one() 
     observe_forward(model, _ids(128), own)
     with pytest.raises(SparseLLMError, match="target max was not observed"):
         own.result(model, target="max")
+
+
+def test_loaded_gates_report_the_target_they_learned(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    gate = (torch.zeros(1, 2, 2), torch.zeros(1, 6, 2), torch.zeros(1, BUCKETS))
+    path = str(tmp_path / "max.safetensors")
+    save_gates(Seer(target="max", gates=(None, gate)), path)
+    loaded = Seer(gate=path)  # the default target is mass; the file's wins
+    assert loaded.target == "max" and loaded.gates[0] is None
+    assert torch.equal(loaded.gates[1][1], gate[1])
+    # written before targets were recorded: those gates learned the max-pooled map
+    tensors = {f"0.{part}": t for part, t in zip(("wq", "wk", "bias"), gate, strict=True)}
+    meta = {"method": "seer", "layers": "1", "features": "pre-rope"}
+    save_file(tensors, path, metadata=meta)
+    assert Seer(gate=path).target == "max"

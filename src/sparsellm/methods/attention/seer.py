@@ -11,11 +11,11 @@ renormalised per query block; the loss is the KL divergence from that target to 
 softmax. The paper max-pools each block pair (``target=max``: a block holding one sharp
 match scores high); our default pools the attention mass (``target=mass``), the share of
 the query block's attention that the kernel keeps or drops with that block. Max-pooled
-ranks are set by single query-key pairs: even the exact attention mass misses a share of
-the max-ranked top blocks (``bench/seer.py`` measures how much), near-ties that barely
-change the output. At prefill the gate's top `blocks` key blocks per query
-block (plus the sink and the local window, the same budget as ``block_topk:blocks=N``) run
-on the shared block-sparse kernel.
+ranks are set by single query-key pairs, and a block with one sharp match can hold less
+attention than its neighbours: even the exact attention mass misses a share of the
+max-ranked top blocks (``bench/seer.py`` measures how much). At prefill the gate's top
+`blocks` key blocks per query block (plus the sink and the local window, the same budget as
+``block_topk:blocks=N``) run on the shared block-sparse kernel.
 
 Training data comes from the calibration protocol: `GateTraining` observes the post-RoPE
 query and key of every full-attention layer during ordinary forwards, undoes the rotation
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -45,6 +44,15 @@ Gate = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # wq (Hq, D, G), wk (Hkv
 BUCKETS = 17  # distance buckets 0, 1, 2-3, 4-7, ... (block distances up to 2^16)
 FEATURES = "pre-rope"  # what saved gates were trained on (older files pooled post-RoPE)
 TARGETS = ("mass", "max")  # the block maps a gate can learn (see block_truth)
+
+
+def check_targets(names: tuple[str, ...]) -> None:
+    """Refuse a target name that `block_truth` cannot pool (one message everywhere)."""
+    unknown = sorted(set(names) - set(TARGETS))
+    if unknown:
+        raise SparseLLMError(
+            f"seer: unknown target {', '.join(unknown)}; valid: {', '.join(TARGETS)}"
+        )
 
 
 def distance_buckets(nb: int) -> torch.Tensor:
@@ -84,7 +92,7 @@ def block_truth(
     block: int,
     scale: float,
     chunk: int = 8,
-    pools: tuple[str, ...] = ("max",),
+    pools: tuple[str, ...] = TARGETS,
 ) -> dict[str, torch.Tensor]:
     """The distillation targets ``(B, Hkv, nb, nb)`` from the exact causal attention, one
     per name in `pools`: ``max``, the paper's, max-pooled over each (query block, key
@@ -94,9 +102,7 @@ def block_truth(
     renormalised to sum to one and averaged over the GQA group. Computed `chunk` query
     blocks at a time so an 8k map never exists whole, each against the keys it can see
     only (half the work of a square map)."""
-    unknown = set(pools) - set(TARGETS)
-    if unknown:
-        raise SparseLLMError(f"seer: unknown target {sorted(unknown)}; valid: {TARGETS}")
+    check_targets(pools)
     b, hq, length, _ = query.shape
     hkv = key.shape[1]
     nb = P.n_blocks(length, block)
@@ -249,10 +255,11 @@ class Seer(RotaryBound, PrefillConfig):
         super().__post_init__()
         if self.dim < 2 or self.dim % 2:
             raise SparseLLMError("seer: dim must be even (the gate rotates pairs) and >= 2")
-        if self.target not in TARGETS:
-            raise SparseLLMError(f"seer: target must be one of {', '.join(TARGETS)}")
+        check_targets((self.target,))
         if self.gate and not self.gates:
-            object.__setattr__(self, "gates", load_gates(self.gate))
+            gates, target = load_gates(self.gate)
+            object.__setattr__(self, "gates", gates)
+            object.__setattr__(self, "target", target)  # what the file's gates learned
 
     def block_mask(self, query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tensor:
         gate = self.gates[layer] if layer < len(self.gates) else None
@@ -287,16 +294,14 @@ class GateTraining:
     def __init__(self, base: Seer, pools: tuple[str, ...] = ()) -> None:
         self.base = base
         self.pools = pools or (base.target,)
+        check_targets(self.pools)  # here, not at the first forward hook
         self.data: dict[int, list[Observed]] = {}
-        self.seconds = 0.0  # time spent on targets and fitting (the forwards excluded)
 
     def observe(self, layer: int, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
-        t0 = time.perf_counter()
         q, k = query.float(), key.float()
         qf, kf = gate_features(q, k, self.base.block, self.base.theta)
         targets = block_truth(q, k, self.base.block, scale, pools=self.pools)
         self.data.setdefault(layer, []).append((qf, kf, targets))
-        self.seconds += time.perf_counter() - t0
 
     def result(self, model: torch.nn.Module, target: str = "") -> Seer:
         """The base config (its `target` replaced by `target` if given) with a gate fitted
@@ -307,14 +312,12 @@ class GateTraining:
         b = dataclasses.replace(self.base, target=target) if target else self.base
         if b.target not in self.pools:
             raise SparseLLMError(f"seer: target {b.target} was not observed ({self.pools})")
-        t0 = time.perf_counter()
 
         def fit(layer: int) -> Gate:
             data = [(qf, kf, t[b.target]) for qf, kf, t in self.data[layer]]
             return fit_gate(data, b.dim, b.steps, b.lr, b.theta, b.block, seed=layer)
 
         gates = tuple(fit(i) if i in self.data else None for i in range(len(get_blocks(model))))
-        self.seconds += time.perf_counter() - t0
         return dataclasses.replace(b, gates=gates)
 
 
@@ -331,13 +334,14 @@ def save_gates(config: Seer, path: str) -> None:
         "method": "seer",
         "layers": str(len(config.gates)),
         "features": FEATURES,
-        "target": config.target,  # what the gate learned (a record: prefill needs neither)
+        "target": config.target,  # what the gates learned: a loaded config reports it
     }
     save_file(tensors, path, metadata=meta)
 
 
-def load_gates(path: str) -> tuple[Gate | None, ...]:
-    """The per-layer gates saved by `save_gates` (None where a layer has none)."""
+def load_gates(path: str) -> tuple[tuple[Gate | None, ...], str]:
+    """The per-layer gates saved by `save_gates` (None where a layer has none) and the
+    target they learned (files written before targets were recorded learned ``max``)."""
     from safetensors import safe_open
 
     try:
@@ -350,11 +354,12 @@ def load_gates(path: str) -> tuple[Gate | None, ...]:
                     f"{path} holds seer gates trained on post-RoPE features: train them again"
                 )
             names = set(f.keys())
-            return tuple(
+            gates = tuple(
                 tuple(f.get_tensor(f"{i}.{part}") for part in ("wq", "wk", "bias"))
                 if f"{i}.wq" in names
                 else None
                 for i in range(int(meta["layers"]))
             )
+            return gates, meta.get("target", "max")
     except OSError as exc:
         raise SparseLLMError(f"cannot read seer gates {path}: {exc}") from exc
