@@ -255,11 +255,11 @@ class Seer(RotaryBound, PrefillConfig):
         super().__post_init__()
         if self.dim < 2 or self.dim % 2:
             raise SparseLLMError("seer: dim must be even (the gate rotates pairs) and >= 2")
-        check_targets((self.target,))
         if self.gate and not self.gates:
             gates, target = load_gates(self.gate)
             object.__setattr__(self, "gates", gates)
             object.__setattr__(self, "target", target)  # what the file's gates learned
+        check_targets((self.target,))  # the one check, for a given and a loaded target
 
     def block_mask(self, query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tensor:
         gate = self.gates[layer] if layer < len(self.gates) else None
